@@ -1,0 +1,116 @@
+//! The `PolicyEngine` trait: `check` before a call, `settle` after it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::clock::UnixMillis;
+use crate::denial::Denial;
+use crate::key::KeyId;
+use crate::money::Micros;
+use crate::provider::Provider;
+use crate::record::{KeyRecord, Reservation};
+
+/// What the proxy knows about a request before forwarding it.
+#[derive(Debug, Clone)]
+pub struct RequestFacts<'a> {
+    /// The HTTP method, uppercase.
+    pub method: &'a str,
+    /// The provider named by the path.
+    pub provider: Provider,
+    /// The canonical upstream path, exactly as it will be forwarded.
+    pub path: &'a str,
+    /// The model (from the body, or the path for Google), when present.
+    pub model: Option<&'a str>,
+    /// The output limit the client set (`max_tokens` and kin), when present.
+    pub max_output_tokens: Option<u64>,
+    /// Characters (not bytes) in the request body.
+    pub body_chars: u64,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+}
+
+/// Values for `X-RateLimit-*`, `Retry-After` and `X-Budget-Remaining-USD`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitHeaders {
+    /// The binding request limit of the current window (`X-RateLimit-Limit`).
+    pub limit: u64,
+    /// Requests left in that window after this one.
+    pub remaining: u64,
+    /// When that window resets (unix seconds).
+    pub reset_unix_secs: i64,
+    /// Seconds until the next admission, when rate limited.
+    pub retry_after_secs: Option<u64>,
+    /// What the key's budget has left, for budgeted keys.
+    pub budget_remaining: Option<Micros>,
+}
+
+/// Permission to forward one call, holding whatever must be released or
+/// settled afterwards. Dropping a grant without settling releases its
+/// parallel slot but not its reservation (the store's sweep charges it).
+#[derive(Debug)]
+pub struct Grant {
+    /// The key the call is made with.
+    pub key: KeyId,
+    /// The key's project.
+    pub project: String,
+    /// The budget reservation, for budgeted keys.
+    pub reservation: Option<Reservation>,
+    /// When set, the output limit to forward instead of the client's
+    /// (in-flight budget enforcement); announce it in a response header.
+    pub clamp_output_tokens: Option<u64>,
+    /// A denial evaluated but not enforced (shadow mode).
+    pub shadow_denial: Option<Denial>,
+    /// Rate-limit and budget header values.
+    pub headers: LimitHeaders,
+    /// The time the call was admitted.
+    pub admitted_at: UnixMillis,
+    /// Released on drop: the slot counted against `max_parallel`.
+    pub slot: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// How a call ended, as far as cost is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// The request never reached the provider: release the reservation.
+    NotSent,
+    /// The provider reported usage (possibly partial, for a cut stream).
+    Metered {
+        /// Input tokens.
+        tokens_in: u64,
+        /// Output tokens.
+        tokens_out: u64,
+    },
+    /// Sent, but nothing usable was metered: charge the reservation.
+    Unmetered,
+}
+
+/// What a settlement charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    /// The cost recorded against the key.
+    pub cost: Micros,
+    /// Input tokens counted.
+    pub tokens_in: u64,
+    /// Output tokens counted.
+    pub tokens_out: u64,
+}
+
+/// Decides whether a call may go ahead and settles it afterwards.
+#[async_trait]
+pub trait PolicyEngine: Send + Sync + 'static {
+    /// Checks `chain` (the key first, then its ancestors) against `facts` and
+    /// reserves what the call may cost. Errors are denials; the headers are
+    /// returned either way.
+    async fn check(
+        &self,
+        chain: &[Arc<KeyRecord>],
+        facts: &RequestFacts<'_>,
+    ) -> Result<Grant, (Denial, LimitHeaders)>;
+
+    /// Settles a granted call: turns its reservation into the real cost
+    /// (SPEC §3's failed-call rule for `NotSent`/`Unmetered`) and feeds token
+    /// rate limits. Never fails the caller: store errors are logged and the
+    /// reservation is left for the sweep to charge.
+    async fn settle(&self, grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge;
+}

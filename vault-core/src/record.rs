@@ -1,0 +1,208 @@
+//! What stores hold: key records, provider-key records, usage records and
+//! budget reservations.
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::UnixMillis;
+use crate::crypto::{ProviderKeyHint, Sealed};
+use crate::key::{KeyEnv, KeyHash, KeyId, KeyPrefix, ProviderKeyId};
+use crate::money::Micros;
+use crate::policy::Policy;
+use crate::provider::Provider;
+use crate::scope::Scopes;
+
+/// The project every key belongs to unless told otherwise.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// A key's stored status. `expired` is derived from `expires_at`, never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    /// Usable.
+    Active,
+    /// Revoked (directly or through an ancestor).
+    Revoked,
+    /// Past `expires_at`.
+    Expired,
+}
+
+impl KeyStatus {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Revoked => "revoked",
+            KeyStatus::Expired => "expired",
+        }
+    }
+}
+
+/// A virtual key as stored: everything of SPEC §1 but the key itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Public id, stable across rotation.
+    pub id: KeyId,
+    /// SHA-256 of the current secret.
+    pub hash: KeyHash,
+    /// Public prefix of the current secret.
+    pub prefix: KeyPrefix,
+    /// SHA-256 of the previous secret while a rotation's grace period runs.
+    pub previous_hash: Option<KeyHash>,
+    /// When the previous secret stops working.
+    pub previous_valid_until: Option<UnixMillis>,
+    /// Human name.
+    pub name: String,
+    /// Owning project.
+    pub project: String,
+    /// `live` or `test`.
+    pub env: KeyEnv,
+    /// Granted scopes.
+    pub scopes: Scopes,
+    /// The plan the policy was resolved from, if any.
+    pub plan: Option<String>,
+    /// The effective policy.
+    pub policy: Policy,
+    /// The parent, for sub-agent keys.
+    pub parent: Option<KeyId>,
+    /// Provider keys this key may use; empty means any of its project.
+    pub provider_keys: Vec<ProviderKeyId>,
+    /// Creation time.
+    pub created_at: UnixMillis,
+    /// Expiry, if any.
+    pub expires_at: Option<UnixMillis>,
+    /// Last proxied call.
+    pub last_used_at: Option<UnixMillis>,
+    /// Proxied calls so far.
+    pub request_count: u64,
+    /// Stored status (`active` or `revoked`).
+    pub status: KeyStatus,
+    /// When it was revoked.
+    pub revoked_at: Option<UnixMillis>,
+    /// Settled spend over the key's life.
+    pub spend: Micros,
+}
+
+impl KeyRecord {
+    /// The status as of `now`: revoked wins, then expiry.
+    pub fn status_at(&self, now: UnixMillis) -> KeyStatus {
+        match self.status {
+            KeyStatus::Revoked => KeyStatus::Revoked,
+            _ if self.expires_at.is_some_and(|e| now >= e) => KeyStatus::Expired,
+            s => s,
+        }
+    }
+}
+
+/// A stored provider key: sealed secret plus public metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderKeyRecord {
+    /// Public id, `pk_…`.
+    pub id: ProviderKeyId,
+    /// Owning project.
+    pub project: String,
+    /// The provider it authenticates to.
+    pub provider: Provider,
+    /// Human name.
+    pub name: String,
+    /// The envelope-encrypted secret.
+    pub sealed: Sealed,
+    /// `sk-...x7fQ`.
+    pub hint: ProviderKeyHint,
+    /// Creation time.
+    pub created_at: UnixMillis,
+}
+
+/// One proxied (or denied) call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// When the call started.
+    pub at: UnixMillis,
+    /// The virtual key.
+    pub key_id: KeyId,
+    /// Its project.
+    pub project: String,
+    /// The provider called.
+    pub provider: Option<Provider>,
+    /// `METHOD /path` as forwarded.
+    pub endpoint: String,
+    /// The model, when known.
+    pub model: Option<String>,
+    /// Input tokens.
+    pub tokens_in: u64,
+    /// Output tokens.
+    pub tokens_out: u64,
+    /// What was charged.
+    pub cost: Micros,
+    /// Milliseconds from request to end of response body.
+    pub latency_ms: u64,
+    /// HTTP status returned to the client.
+    pub status: u16,
+    /// The denial code, when the call was denied (or would have been, in shadow mode).
+    pub denial: Option<String>,
+    /// Whether the denial was only recorded (shadow mode).
+    pub shadow: bool,
+}
+
+/// Which usage records to return.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    /// Only this project.
+    pub project: Option<String>,
+    /// Only this key.
+    pub key_id: Option<KeyId>,
+    /// Only records at or after this time.
+    pub since: Option<UnixMillis>,
+    /// At most this many, newest first.
+    pub limit: Option<usize>,
+}
+
+/// One budget a reservation is held against: a key's cap in one period.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BudgetLine {
+    /// The key whose budget this is.
+    pub key: KeyId,
+    /// The cap.
+    pub limit: Micros,
+    /// Start of the period (0 for `total`).
+    pub period_start: UnixMillis,
+}
+
+/// Settled and reserved amounts of one budget line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BudgetUsage {
+    /// Settled spend in the period.
+    pub settled: Micros,
+    /// Held by unexpired reservations and child carve-outs.
+    pub reserved: Micros,
+}
+
+impl BudgetUsage {
+    /// What is left of `limit`.
+    pub fn remaining(&self, limit: Micros) -> Micros {
+        limit.saturating_sub(self.settled.saturating_add(self.reserved))
+    }
+}
+
+/// Opaque id of a held reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReservationId(pub u64);
+
+/// A reservation held against one budget line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Its id.
+    pub id: ReservationId,
+    /// The line it is held on (its period is the one it settles into).
+    pub line: BudgetLine,
+    /// The amount held.
+    pub amount: Micros,
+}
+
+/// A reservation's final cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    /// The reservation being settled.
+    pub reservation: Reservation,
+    /// The real cost; may exceed the amount held only through provider error.
+    pub actual: Micros,
+}

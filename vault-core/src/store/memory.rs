@@ -1,0 +1,4 @@
+//! (being written)
+/// In-memory store (being written).
+#[derive(Debug)]
+pub struct MemoryStore;

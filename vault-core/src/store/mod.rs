@@ -1,0 +1,156 @@
+//! Where keys, provider keys, usage and budgets live.
+//!
+//! [`KeyStore`] is the one trait every backend implements;
+//! [`MemoryStore`] (tests, embedding) and [`SqliteStore`] (the embedded
+//! default) both pass the same conformance suite (`tests/store_conformance.rs`).
+
+mod memory;
+mod sqlite;
+
+pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+
+use crate::clock::UnixMillis;
+use crate::crypto::Sealed;
+use crate::key::{KeyHash, KeyId, KeyPrefix, ProviderKeyId};
+use crate::money::Micros;
+use crate::record::{
+    BudgetLine, BudgetUsage, KeyRecord, ProviderKeyRecord, Reservation, Settlement, UsageFilter,
+    UsageRecord,
+};
+
+/// A store failure. Messages never contain a secret; backend messages may
+/// contain SQL and are for logs only, never for clients.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The record does not exist.
+    #[error("not found")]
+    NotFound,
+    /// A record with the same id or hash exists.
+    #[error("already exists")]
+    Conflict,
+    /// The budget line cannot cover the amount.
+    #[error("budget exceeded: {remaining} remaining")]
+    BudgetExceeded {
+        /// What was left.
+        remaining: Micros,
+    },
+    /// A stored row could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The backend failed (I/O, locking, SQL).
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+/// The storage every part of vaultgate shares.
+///
+/// Durability: key, provider-key and revocation writes are durable when they
+/// return. Budget operations are atomic: concurrent `reserve` calls on one
+/// line never together exceed its limit.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Inserts a key. With `carve`, atomically holds `carve.1` on the parent's
+    /// budget line `carve.0` for the child's life, failing with
+    /// [`StoreError::BudgetExceeded`] (and inserting nothing) if it does not fit.
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        carve: Option<(&BudgetLine, Micros)>,
+    ) -> Result<(), StoreError>;
+
+    /// Finds a key by the hash of its current secret or, during a rotation's
+    /// grace period, its previous one (the caller checks the grace deadline).
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Gets a key by id.
+    async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Lists keys, of one project or all, oldest first.
+    async fn list_keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Revokes a key and all its descendants in one transaction, settling the
+    /// carve-outs they hold on their parents at their actual spend. Returns
+    /// the ids newly revoked (empty if it was already revoked).
+    async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError>;
+
+    /// Gives a key a new secret; the previous one keeps working until
+    /// `grace_until` (if given).
+    async fn rotate_key(
+        &self,
+        id: &KeyId,
+        new_hash: &KeyHash,
+        new_prefix: &KeyPrefix,
+        grace_until: Option<UnixMillis>,
+    ) -> Result<(), StoreError>;
+
+    /// Inserts a provider key.
+    async fn insert_provider_key(&self, key: &ProviderKeyRecord) -> Result<(), StoreError>;
+
+    /// Gets a provider key by id.
+    async fn get_provider_key(
+        &self,
+        id: &ProviderKeyId,
+    ) -> Result<Option<ProviderKeyRecord>, StoreError>;
+
+    /// Lists provider keys, of one project or all, oldest first.
+    async fn list_provider_keys(
+        &self,
+        project: Option<&str>,
+    ) -> Result<Vec<ProviderKeyRecord>, StoreError>;
+
+    /// Removes a provider key; `false` if it did not exist.
+    async fn remove_provider_key(&self, id: &ProviderKeyId) -> Result<bool, StoreError>;
+
+    /// Replaces a provider key's sealed value if it still equals `expected`
+    /// (compare-and-swap, for master-key rotation); `false` if it changed.
+    async fn replace_sealed(
+        &self,
+        id: &ProviderKeyId,
+        expected: &Sealed,
+        new: &Sealed,
+    ) -> Result<bool, StoreError>;
+
+    /// Atomically reserves between `at_least` and `want` (as much as fits) on
+    /// `line`, held until settled or until `expires_at`. Fails with
+    /// [`StoreError::BudgetExceeded`] when not even `at_least` fits.
+    async fn reserve(
+        &self,
+        line: &BudgetLine,
+        want: Micros,
+        at_least: Micros,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<Reservation, StoreError>;
+
+    /// Settles reservations at their real cost, adding it to the line's period
+    /// and the key's lifetime spend. Settling one already settled or swept is
+    /// a no-op.
+    async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError>;
+
+    /// Settled and held amounts of a line at `now`.
+    async fn budget_usage(&self, line: &BudgetLine, now: UnixMillis)
+    -> Result<BudgetUsage, StoreError>;
+
+    /// Housekeeping at `now`: reservations past their expiry are charged in
+    /// full (the call may have reached the provider); carve-outs of children
+    /// that have expired are settled at the child's spend. Returns how many
+    /// were swept.
+    async fn sweep(&self, now: UnixMillis) -> Result<usize, StoreError>;
+
+    /// Appends usage records and updates each key's `last_used_at` and
+    /// `request_count` (denied calls count too).
+    async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError>;
+
+    /// Usage records, newest first.
+    async fn list_usage(&self, filter: &UsageFilter) -> Result<Vec<UsageRecord>, StoreError>;
+
+    /// Reads a metadata value (e.g. master-key rotation progress).
+    async fn get_meta(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Writes a metadata value durably.
+    async fn set_meta(&self, name: &str, value: &str) -> Result<(), StoreError>;
+}

@@ -1,0 +1,4 @@
+//! (being written)
+/// SQLite store (being written).
+#[derive(Debug)]
+pub struct SqliteStore;
