@@ -4,14 +4,27 @@
 //! wrapped by a master key; [`AesGcmEncryptor`] does it with ring's
 //! AES-256-GCM. The AAD binds each ciphertext to its record id, project and
 //! provider, so ciphertexts cannot be swapped between rows.
+//!
+//! The master key ([`MasterKey`]) comes from `VAULTGATE_MASTER_KEY` or the
+//! data directory's `master.key` ([`load_or_create_master_key`]). At every
+//! start, after opening the store, call [`verify_master_keys`]: it refuses a
+//! wrong or missing master key in one clear sentence. [`rotate_master_key`]
+//! re-wraps every record under a new master key, resumably.
 
 mod aes_gcm;
 mod master;
+mod rotation;
 mod secret;
+mod verify;
 
-pub use aes_gcm::AesGcmEncryptor;
-pub use master::{MasterKey, MasterKeyError, MasterKeyId, load_or_create_master_key};
+pub use aes_gcm::{AesGcmEncryptor, sealed_key_id};
+pub use master::{
+    MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyCheck, MasterKeyError, MasterKeyId,
+    MasterKeySource, load_or_create_master_key,
+};
+pub use rotation::{RotationError, RotationReport, rotate_master_key};
 pub use secret::{ProviderKeyHint, ProviderSecret, Sealed};
+pub use verify::{MASTER_KEY_CHECK_META, verify_master_key_check, verify_master_keys};
 
 use crate::provider::Provider;
 
@@ -69,4 +82,12 @@ pub trait Encryptor: Send + Sync {
 
     /// The id of the master key new seals use.
     fn current_key_id(&self) -> MasterKeyId;
+
+    /// The check values of every loaded master key, current first (see
+    /// [`MasterKeyCheck`]); start-up and rotation store and compare them.
+    /// The default, for encryptors without master keys, is none, which
+    /// skips the check.
+    fn master_key_checks(&self) -> Vec<MasterKeyCheck> {
+        Vec::new()
+    }
 }

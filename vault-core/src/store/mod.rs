@@ -132,8 +132,11 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError>;
 
     /// Settled and held amounts of a line at `now`.
-    async fn budget_usage(&self, line: &BudgetLine, now: UnixMillis)
-    -> Result<BudgetUsage, StoreError>;
+    async fn budget_usage(
+        &self,
+        line: &BudgetLine,
+        now: UnixMillis,
+    ) -> Result<BudgetUsage, StoreError>;
 
     /// Housekeeping at `now`: reservations past their expiry are charged in
     /// full (the call may have reached the provider); carve-outs of children
