@@ -4,6 +4,7 @@
 //! [`MemoryStore`] (tests, embedding) and [`SqliteStore`] (the embedded
 //! default) both pass the same conformance suite (`tests/store_conformance.rs`).
 
+mod budget;
 mod memory;
 mod sqlite;
 
