@@ -7,17 +7,29 @@ mod store_suite;
 
 use std::sync::Arc;
 
-use vault_core::store::MemoryStore;
+use tempfile::TempDir;
+use vault_core::store::{MemoryStore, SqliteStore};
 
 /// A store under test plus whatever must live as long as it.
 struct Harness {
     store: store_suite::Store,
+    _dir: Option<TempDir>,
 }
 
 impl Harness {
     fn memory() -> Self {
         Harness {
             store: Arc::new(MemoryStore::new()),
+            _dir: None,
+        }
+    }
+
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(&dir.path().join("data")).unwrap();
+        Harness {
+            store: Arc::new(store),
+            _dir: Some(dir),
         }
     }
 }
@@ -32,6 +44,17 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
                     let h = Harness::memory();
+                    store_suite::$case(h.store.clone()).await;
+                }
+            )*
+        }
+
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let h = Harness::sqlite();
                     store_suite::$case(h.store.clone()).await;
                 }
             )*

@@ -178,6 +178,9 @@ impl KeyStore for MemoryStore {
             return Err(StoreError::NotFound);
         }
         if let Some((line, amount)) = carve {
+            if !s.key_index.contains_key(&line.key) {
+                return Err(StoreError::NotFound);
+            }
             let usage = s.usage_of(&line.key, line.period_start);
             let remaining = usage.remaining(line.limit);
             check_carve_out(remaining, amount)?;

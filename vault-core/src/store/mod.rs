@@ -9,7 +9,7 @@ mod memory;
 mod sqlite;
 
 pub use memory::MemoryStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{DB_FILE_NAME, SqliteStore};
 
 use async_trait::async_trait;
 

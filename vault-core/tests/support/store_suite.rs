@@ -228,6 +228,16 @@ pub async fn keys_child_of_unknown_parent_is_not_found(store: Store) {
         Err(StoreError::NotFound)
     ));
     assert_eq!(store.get_key(&child.id).await.unwrap(), None);
+    // A carve-out from the line of a key that does not exist.
+    let orphan = key();
+    let ghost_line = line(&ghost, 1_000, 0);
+    assert!(matches!(
+        store
+            .insert_key(&orphan, Some((&ghost_line, Micros(1))))
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.get_key(&orphan.id).await.unwrap(), None);
 }
 
 pub async fn lifecycle_revoke_cascades_to_grandchildren(store: Store) {
