@@ -1,0 +1,800 @@
+//! What the policy needs from a request body, read without trusting it,
+//! and the few edits the proxy makes to it.
+//!
+//! [`inspect_request`] reads the model, the output limit, whether a stream
+//! is asked for and the body's size in characters. It refuses bodies a
+//! provider might read differently from us (THREATS E5, G2): duplicate keys
+//! (decoded, so `"m\u006fdel"` duplicates `model`; for Google, whose proto
+//! JSON accepts both spellings, `generation_config` duplicates
+//! `generationConfig`), non-integer or negative token limits, invalid UTF-8,
+//! nesting deeper than [`MAX_DEPTH`], and a body model that disagrees with
+//! the model in a Google path. Large values the policy does not need
+//! (messages) are skipped, never copied.
+//!
+//! [`rewrite_request`] clamps the output limit and asks for stream usage by
+//! editing bytes in place: everything it does not change stays exactly as
+//! the client sent it (key order, spacing, escapes), and when nothing needs
+//! changing it returns `None` and the body is forwarded untouched.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::fmt;
+use std::ops::Range;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+use crate::provider::{Provider, UsageFormat};
+
+/// Nesting deeper than this is refused (serde_json skips ignored values
+/// without a depth limit; providers refuse such bodies anyway).
+pub const MAX_DEPTH: usize = 128;
+
+/// The facts about a request the policy engine needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestInspection {
+    /// The model, decoded exactly as the provider reads it (no trimming or
+    /// case folding); for Google, from the path.
+    pub model: Option<String>,
+    /// The output limit the client set; for OpenAI-compatible bodies the
+    /// larger of `max_completion_tokens` and `max_tokens`.
+    pub max_output_tokens: Option<u64>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Unicode scalar values in the body.
+    pub body_chars: u64,
+    /// OpenAI-compatible `stream_options.include_usage == true`.
+    pub client_asked_usage: bool,
+    /// The field [`max_output_tokens`](Self::max_output_tokens) came from,
+    /// e.g. `max_tokens` or `generationConfig.maxOutputTokens`.
+    pub output_limit_field: Option<&'static str>,
+}
+
+/// A request body the policy cannot read safely (→ 400 `invalid_request`).
+/// Messages never quote the body beyond a truncated key name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// The body is not UTF-8.
+    #[error("request body is not valid UTF-8")]
+    InvalidUtf8,
+    /// The body is not JSON.
+    #[error("request body is not valid JSON ({0})")]
+    InvalidJson(String),
+    /// The body is JSON but not an object.
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    /// Nesting deeper than [`MAX_DEPTH`].
+    #[error("request body is nested more than {MAX_DEPTH} levels deep")]
+    TooDeep,
+    /// A key appears twice in the same object.
+    #[error("duplicate key {0:?} in request body")]
+    DuplicateKey(String),
+    /// A field the policy reads has the wrong type or value.
+    #[error("invalid value for {0}: expected {expected}", expected = expected_for(.0))]
+    InvalidField(&'static str),
+    /// The body names another model than the path.
+    #[error("model {body:?} in the body conflicts with model {path:?} in the path")]
+    ModelConflict {
+        /// The model in the path.
+        path: String,
+        /// The model in the body.
+        body: String,
+    },
+}
+
+fn expected_for(field: &str) -> &'static str {
+    match field {
+        "model" => "a string",
+        "stream" | "stream_options.include_usage" => "true or false",
+        "stream_options" | "generationConfig" => "an object",
+        _ => "a non-negative integer",
+    }
+}
+
+/// Reads the policy facts from a request. An empty (or all-whitespace)
+/// body yields no facts but the path's (GET requests). Call it only for
+/// JSON bodies; for other content types (multipart uploads) use
+/// [`count_chars`] alone.
+pub fn inspect_request(
+    provider: Provider,
+    path: &str,
+    body: &[u8],
+) -> Result<RequestInspection, BodyError> {
+    let google_path = (provider == Provider::Google)
+        .then(|| google_model_and_action(path))
+        .flatten();
+    let mut inspection = RequestInspection {
+        model: google_path.map(|(model, _)| model.to_owned()),
+        stream: google_path.is_some_and(|(_, action)| action == Some("streamGenerateContent")),
+        ..RequestInspection::default()
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        inspection.body_chars = count_chars(body);
+        return Ok(inspection);
+    }
+    let text = std::str::from_utf8(body).map_err(|_| BodyError::InvalidUtf8)?;
+    inspection.body_chars = text.chars().count() as u64;
+    check_depth(body)?;
+    let facts = parse_top(provider, text)?;
+
+    if let Some(body_model) = facts.model {
+        match &inspection.model {
+            Some(path_model) => {
+                let bare = body_model.strip_prefix("models/").unwrap_or(&body_model);
+                if bare != path_model {
+                    return Err(BodyError::ModelConflict {
+                        path: path_model.clone(),
+                        body: truncate(&body_model),
+                    });
+                }
+            }
+            None => inspection.model = Some(body_model),
+        }
+    }
+    match provider.usage_format() {
+        UsageFormat::OpenAi => {
+            inspection.stream = facts.stream.unwrap_or(false);
+            inspection.client_asked_usage = facts.include_usage == Some(true);
+            let (value, field) = match (facts.max_completion_tokens, facts.max_tokens) {
+                (Some(a), Some(b)) if b > a => (Some(b), "max_tokens"),
+                (Some(a), _) => (Some(a), "max_completion_tokens"),
+                (None, Some(b)) => (Some(b), "max_tokens"),
+                (None, None) => (None, ""),
+            };
+            inspection.max_output_tokens = value;
+            inspection.output_limit_field = value.map(|_| field);
+        }
+        UsageFormat::Anthropic | UsageFormat::Cohere => {
+            inspection.stream = facts.stream.unwrap_or(false);
+            inspection.max_output_tokens = facts.max_tokens;
+            inspection.output_limit_field = facts.max_tokens.map(|_| "max_tokens");
+        }
+        UsageFormat::Google => {
+            inspection.max_output_tokens = facts.max_output_tokens;
+            inspection.output_limit_field = facts
+                .max_output_tokens
+                .map(|_| "generationConfig.maxOutputTokens");
+        }
+    }
+    Ok(inspection)
+}
+
+/// Unicode scalar values in `body`, without allocating. For invalid UTF-8
+/// it counts every byte that does not continue a sequence.
+pub fn count_chars(body: &[u8]) -> u64 {
+    body.iter().filter(|&&b| (b & 0xC0) != 0x80).count() as u64
+}
+
+/// `(model, action)` from `/v1beta/models/{model}:{action}` or
+/// `/v1/models/{model}[:{action}]`.
+fn google_model_and_action(path: &str) -> Option<(&str, Option<&str>)> {
+    let path = path.split('?').next().unwrap_or(path);
+    let rest = path
+        .strip_prefix("/v1beta/models/")
+        .or_else(|| path.strip_prefix("/v1/models/"))?;
+    if rest.is_empty() || rest.contains('/') {
+        return None;
+    }
+    match rest.split_once(':') {
+        Some((model, action)) if !model.is_empty() => Some((model, Some(action))),
+        Some(_) => None,
+        None => Some((rest, None)),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Refuses nesting deeper than [`MAX_DEPTH`] in one pass, without recursion.
+fn check_depth(body: &[u8]) -> Result<(), BodyError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(BodyError::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Parsing: one pass with serde visitors, skipping what the policy ignores.
+
+/// The fields read from the top-level object.
+#[derive(Debug, Default)]
+struct Facts {
+    model: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    stream: Option<bool>,
+    include_usage: Option<bool>,
+}
+
+/// Carries our own error out of serde, and which field was being read when
+/// serde_json failed (so `1e400` for `max_tokens` names `max_tokens`).
+#[derive(Default)]
+struct ErrorSlot {
+    error: RefCell<Option<BodyError>>,
+    field: RefCell<Option<&'static str>>,
+}
+
+impl ErrorSlot {
+    fn fail<E: de::Error>(&self, error: BodyError) -> E {
+        *self.error.borrow_mut() = Some(error);
+        E::custom("rejected")
+    }
+}
+
+fn parse_top(provider: Provider, text: &str) -> Result<Facts, BodyError> {
+    let slot = ErrorSlot::default();
+    let mut de = serde_json::Deserializer::from_str(text);
+    let visitor = TopVisitor {
+        format: provider.usage_format(),
+        slot: &slot,
+    };
+    let result = (&mut de)
+        .deserialize_any(visitor)
+        .and_then(|facts| de.end().map(|()| facts));
+    result.map_err(|e| {
+        if let Some(error) = slot.error.take() {
+            return error;
+        }
+        if let Some(field) = slot.field.take() {
+            if e.is_data() || e.classify() == serde_json::error::Category::Syntax {
+                return BodyError::InvalidField(field);
+            }
+        }
+        BodyError::InvalidJson(format!(
+            "{} at line {} column {}",
+            category(&e),
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+fn category(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "unexpected value",
+        serde_json::error::Category::Eof => "unexpected end",
+    }
+}
+
+/// A decoded object key, borrowed when it had no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Google's proto JSON accepts `snake_case` and `lowerCamelCase` for the
+/// same field; both spellings map to the camel-case one.
+fn canonical_key(format: UsageFormat, key: Cow<'_, str>) -> Cow<'_, str> {
+    if format != UsageFormat::Google || !key.contains('_') {
+        return key;
+    }
+    let mut out = String::with_capacity(key.len());
+    let mut upper = false;
+    for c in key.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Walks an object's keys, refusing duplicates, handing each value to `on_value`.
+fn walk_object<'de, A: MapAccess<'de>>(
+    format: UsageFormat,
+    slot: &ErrorSlot,
+    mut map: A,
+    mut on_value: impl FnMut(&str, &mut A) -> Result<(), A::Error>,
+) -> Result<(), A::Error> {
+    let mut seen: HashSet<Cow<'de, str>> = HashSet::new();
+    while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+        let key = canonical_key(format, key);
+        if seen.contains(key.as_ref()) {
+            return Err(slot.fail(BodyError::DuplicateKey(truncate(&key))));
+        }
+        on_value(&key, &mut map)?;
+        *slot.field.borrow_mut() = None;
+        seen.insert(key);
+    }
+    Ok(())
+}
+
+struct TopVisitor<'s> {
+    format: UsageFormat,
+    slot: &'s ErrorSlot,
+}
+
+impl<'de> Visitor<'de> for TopVisitor<'_> {
+    type Value = Facts;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Facts, A::Error> {
+        let mut facts = Facts::default();
+        let (format, slot) = (self.format, self.slot);
+        let field = |name: &'static str| *slot.field.borrow_mut() = Some(name);
+        walk_object(format, slot, map, |key, map| {
+            match (format, key) {
+                (_, "model") => {
+                    field("model");
+                    facts.model = map.next_value::<Option<String>>()?;
+                }
+                (
+                    UsageFormat::OpenAi | UsageFormat::Anthropic | UsageFormat::Cohere,
+                    "max_tokens",
+                ) => {
+                    field("max_tokens");
+                    facts.max_tokens = map.next_value::<Option<TokenLimit>>()?.map(|t| t.0);
+                }
+                (UsageFormat::OpenAi, "max_completion_tokens") => {
+                    field("max_completion_tokens");
+                    facts.max_completion_tokens =
+                        map.next_value::<Option<TokenLimit>>()?.map(|t| t.0);
+                }
+                (UsageFormat::OpenAi | UsageFormat::Anthropic | UsageFormat::Cohere, "stream") => {
+                    field("stream");
+                    facts.stream = map.next_value::<Option<bool>>()?;
+                }
+                (UsageFormat::OpenAi, "stream_options") => {
+                    field("stream_options");
+                    let seed = NestedSeed {
+                        format,
+                        slot,
+                        kind: Nested::StreamOptions,
+                    };
+                    if let Some(NestedValue::Flag(flag)) = map.next_value_seed(OptionSeed(seed))? {
+                        facts.include_usage = flag;
+                    }
+                }
+                (UsageFormat::Google, "generationConfig") => {
+                    field("generationConfig");
+                    let seed = NestedSeed {
+                        format,
+                        slot,
+                        kind: Nested::GenerationConfig,
+                    };
+                    if let Some(NestedValue::Limit(limit)) =
+                        map.next_value_seed(OptionSeed(seed))?
+                    {
+                        facts.max_output_tokens = limit;
+                    }
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(facts)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Facts, A::Error> {
+        Err(self.slot.fail(BodyError::NotAnObject))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Facts, E> {
+        Err(self.slot.fail(BodyError::NotAnObject))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Facts, E> {
+        Err(self.slot.fail(BodyError::NotAnObject))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Facts, E> {
+        Err(self.slot.fail(BodyError::NotAnObject))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Facts, E> {
+        Err(self.slot.fail(BodyError::NotAnObject))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Facts, E> {
+        Err(self.slot.fail(BodyError::NotAnObject))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Facts, E> {
+        Err(self.slot.fail(BodyError::NotAnObject))
+    }
+}
+
+/// A token limit: a JSON integer ≥ 0 and nothing else (not `1.5`, `1e2`,
+/// `-1` or `"100"`).
+struct TokenLimit(u64);
+
+impl<'de> de::Deserialize<'de> for TokenLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct LimitVisitor;
+        impl Visitor<'_> for LimitVisitor {
+            type Value = TokenLimit;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a non-negative integer")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<TokenLimit, E> {
+                Ok(TokenLimit(v))
+            }
+        }
+        d.deserialize_u64(LimitVisitor)
+    }
+}
+
+/// `null` or the seed's object.
+struct OptionSeed<S>(S);
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for OptionSeed<S> {
+    type Value = Option<S::Value>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        struct OptionVisitor<S>(S);
+        impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for OptionVisitor<S> {
+            type Value = Option<S::Value>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("null or an object")
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                self.0.deserialize(d).map(Some)
+            }
+        }
+        d.deserialize_option(OptionVisitor(self.0))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Nested {
+    /// `stream_options`: yields `include_usage`.
+    StreamOptions,
+    /// `generationConfig`: yields `maxOutputTokens`.
+    GenerationConfig,
+}
+
+struct NestedSeed<'s> {
+    format: UsageFormat,
+    slot: &'s ErrorSlot,
+    kind: Nested,
+}
+
+/// What a nested object yields: `include_usage` or `maxOutputTokens`.
+enum NestedValue {
+    Flag(Option<bool>),
+    Limit(Option<u64>),
+}
+
+impl<'de> DeserializeSeed<'de> for NestedSeed<'_> {
+    type Value = NestedValue;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<NestedValue, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NestedSeed<'_> {
+    type Value = NestedValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<NestedValue, A::Error> {
+        let (slot, kind) = (self.slot, self.kind);
+        let mut flag = None;
+        let mut limit = None;
+        walk_object(self.format, slot, map, |key, map| {
+            match (kind, key) {
+                (Nested::StreamOptions, "include_usage") => {
+                    *slot.field.borrow_mut() = Some("stream_options.include_usage");
+                    flag = map.next_value::<Option<bool>>()?;
+                }
+                (Nested::GenerationConfig, "maxOutputTokens") => {
+                    *slot.field.borrow_mut() = Some("generationConfig.maxOutputTokens");
+                    limit = map.next_value::<Option<TokenLimit>>()?.map(|t| t.0);
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(match kind {
+            Nested::StreamOptions => NestedValue::Flag(flag),
+            Nested::GenerationConfig => NestedValue::Limit(limit),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rewriting: targeted byte edits, so untouched bytes stay the client's.
+
+/// Edits a request body before forwarding: with `clamp_output_tokens`, the
+/// provider's output limit becomes at most that value (set where absent;
+/// for OpenAI-compatible bodies every limit field present is lowered); with
+/// `add_include_usage` (OpenAI-compatible streams only; ignored for other
+/// providers), `stream_options.include_usage` becomes `true`, keeping the
+/// client's other stream options. Returns `None` when nothing changes,
+/// which is the common case: the body is then forwarded as it came.
+///
+/// The body is validated as [`inspect_request`] does (duplicate keys,
+/// depth, types) before any edit. When an output field is added to an
+/// OpenAI body without one, `openai` gets `max_completion_tokens` (its
+/// reasoning models refuse `max_tokens`) and the other compatible
+/// providers `max_tokens`.
+pub fn rewrite_request(
+    provider: Provider,
+    body: &[u8],
+    clamp_output_tokens: Option<u64>,
+    add_include_usage: bool,
+) -> Result<Option<Vec<u8>>, BodyError> {
+    let format = provider.usage_format();
+    let add_include_usage = add_include_usage && format == UsageFormat::OpenAi;
+    if clamp_output_tokens.is_none() && !add_include_usage {
+        return Ok(None);
+    }
+    let text = std::str::from_utf8(body).map_err(|_| BodyError::InvalidUtf8)?;
+    check_depth(body)?;
+    parse_top(provider, text)?;
+
+    let top = scan_object(body, skip_ws(body, 0))?;
+    let mut edits: Vec<(Range<usize>, String)> = Vec::new();
+    let mut top_inserts: Vec<String> = Vec::new();
+
+    if let Some(clamp) = clamp_output_tokens {
+        match format {
+            UsageFormat::OpenAi | UsageFormat::Anthropic | UsageFormat::Cohere => {
+                let fields: &[&str] = if format == UsageFormat::OpenAi {
+                    &["max_completion_tokens", "max_tokens"]
+                } else {
+                    &["max_tokens"]
+                };
+                let mut present = false;
+                for member in top
+                    .members
+                    .iter()
+                    .filter(|m| fields.contains(&m.key.as_ref()))
+                {
+                    present = true;
+                    clamp_value(body, &member.value, clamp, &mut edits)?;
+                }
+                if !present {
+                    let field = if provider == Provider::OpenAi {
+                        "max_completion_tokens"
+                    } else {
+                        "max_tokens"
+                    };
+                    top_inserts.push(format!("\"{field}\":{clamp}"));
+                }
+            }
+            UsageFormat::Google => {
+                let config = top
+                    .members
+                    .iter()
+                    .find(|m| canonical_key(format, Cow::Borrowed(&m.key)) == "generationConfig");
+                let inserted = format!("{{\"maxOutputTokens\":{clamp}}}");
+                match config {
+                    None => top_inserts.push(format!("\"generationConfig\":{inserted}")),
+                    Some(m) if &body[m.value.clone()] == b"null" => {
+                        edits.push((m.value.clone(), inserted))
+                    }
+                    Some(m) => {
+                        let inner = scan_object(body, m.value.start)?;
+                        let limit = inner.members.iter().find(|m| {
+                            canonical_key(format, Cow::Borrowed(&m.key)) == "maxOutputTokens"
+                        });
+                        match limit {
+                            Some(limit) => clamp_value(body, &limit.value, clamp, &mut edits)?,
+                            None => edits
+                                .push(insert_into(&inner, format!("\"maxOutputTokens\":{clamp}"))),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    if add_include_usage {
+        match top.members.iter().find(|m| m.key == "stream_options") {
+            None => top_inserts.push("\"stream_options\":{\"include_usage\":true}".to_owned()),
+            Some(m) if &body[m.value.clone()] == b"null" => {
+                edits.push((m.value.clone(), "{\"include_usage\":true}".to_owned()));
+            }
+            Some(m) => {
+                let inner = scan_object(body, m.value.start)?;
+                match inner.members.iter().find(|m| m.key == "include_usage") {
+                    Some(flag) if &body[flag.value.clone()] == b"true" => {}
+                    Some(flag) => edits.push((flag.value.clone(), "true".to_owned())),
+                    None => edits.push(insert_into(&inner, "\"include_usage\":true".to_owned())),
+                }
+            }
+        }
+    }
+
+    if !top_inserts.is_empty() {
+        edits.push(insert_into(&top, top_inserts.join(",")));
+    }
+    if edits.is_empty() {
+        return Ok(None);
+    }
+    edits.sort_by_key(|(range, _)| range.start);
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut at = 0;
+    for (range, text) in edits {
+        out.extend_from_slice(body.get(at..range.start).ok_or(BodyError::NotAnObject)?);
+        out.extend_from_slice(text.as_bytes());
+        at = range.end;
+    }
+    out.extend_from_slice(body.get(at..).unwrap_or_default());
+    Ok(Some(out))
+}
+
+/// Lowers the integer (or `null`) at `value` to `clamp` when above it.
+fn clamp_value(
+    body: &[u8],
+    value: &Range<usize>,
+    clamp: u64,
+    edits: &mut Vec<(Range<usize>, String)>,
+) -> Result<(), BodyError> {
+    let current: Option<u64> = serde_json::from_slice(&body[value.clone()])
+        .map_err(|_| BodyError::InvalidField("max_tokens"))?;
+    if current.is_none_or(|n| n > clamp) {
+        edits.push((value.clone(), clamp.to_string()));
+    }
+    Ok(())
+}
+
+/// An edit adding `member` as the first member of `object`.
+fn insert_into(object: &ObjectSpan, member: String) -> (Range<usize>, String) {
+    let at = object.open + 1;
+    let text = if object.members.is_empty() {
+        member
+    } else {
+        member + ","
+    };
+    (at..at, text)
+}
+
+/// One member of a scanned object: its decoded key and its value's bytes.
+struct Member {
+    key: String,
+    value: Range<usize>,
+}
+
+/// A scanned object: where its `{` is and its members.
+struct ObjectSpan {
+    open: usize,
+    members: Vec<Member>,
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while b.get(i).is_some_and(u8::is_ascii_whitespace) {
+        i += 1;
+    }
+    i
+}
+
+/// The members of the object starting at `open`. The body has been
+/// validated, so a surprise is reported as an error, never a panic.
+fn scan_object(b: &[u8], open: usize) -> Result<ObjectSpan, BodyError> {
+    let bad = || BodyError::NotAnObject;
+    if b.get(open) != Some(&b'{') {
+        return Err(bad());
+    }
+    let mut members = Vec::new();
+    let mut i = skip_ws(b, open + 1);
+    if b.get(i) == Some(&b'}') {
+        return Ok(ObjectSpan { open, members });
+    }
+    loop {
+        let key_start = i;
+        let key_end = skip_value(b, i)?;
+        let key: String = serde_json::from_slice(&b[key_start..key_end]).map_err(|_| bad())?;
+        i = skip_ws(b, key_end);
+        if b.get(i) != Some(&b':') {
+            return Err(bad());
+        }
+        let value_start = skip_ws(b, i + 1);
+        let value_end = skip_value(b, value_start)?;
+        members.push(Member {
+            key,
+            value: value_start..value_end,
+        });
+        i = skip_ws(b, value_end);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b'}') => return Ok(ObjectSpan { open, members }),
+            _ => return Err(bad()),
+        }
+    }
+}
+
+/// The end of the JSON value starting at `i`, without recursion.
+fn skip_value(b: &[u8], i: usize) -> Result<usize, BodyError> {
+    let bad = BodyError::NotAnObject;
+    let mut depth = 0usize;
+    let mut j = i;
+    loop {
+        let c = *b.get(j).ok_or(bad.clone())?;
+        match c {
+            b'"' => {
+                j += 1;
+                loop {
+                    match b.get(j).ok_or(bad.clone())? {
+                        b'\\' => j += 2,
+                        b'"' => break,
+                        _ => j += 1,
+                    }
+                }
+                j += 1;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                j += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.checked_sub(1).ok_or(bad.clone())?;
+                j += 1;
+            }
+            _ if depth == 0 => {
+                // A scalar: runs to the next delimiter.
+                while b
+                    .get(j)
+                    .is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace())
+                {
+                    j += 1;
+                }
+                return Ok(j);
+            }
+            _ => j += 1,
+        }
+        if depth == 0 {
+            return Ok(j);
+        }
+    }
+}
