@@ -1,7 +1,16 @@
 //! Policies (SPEC §3) and the engine that enforces them.
+//!
+//! - [`split_proxy_path`]: the one path canonicaliser (THREATS E1–E2).
+//! - [`parse_policy_yaml`] / [`load_policy_file`]: policy files.
+//! - [`PlanSet`]: named presets (`free`, `pro`, `enterprise`, custom).
+//! - [`check_child_policy`]: sub-agent keys are subsets of their parent.
+//! - [`RateLimiter`] and [`InFlight`]: request, token and concurrency limits.
+//! - [`DefaultEngine`]: the [`PolicyEngine`] that puts it all together.
 
+mod canonical;
 mod engine;
 mod model;
 
+pub use canonical::{PathError, split_proxy_path};
 pub use engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, RequestFacts};
 pub use model::{Budget, BudgetPeriod, EndpointRule, ModelGlob, PatternError, Policy, RateLimit};
