@@ -1,5 +1,18 @@
 //! The budget arithmetic every backend shares, so that `MemoryStore` and
 //! `SqliteStore` decide identically.
+//!
+//! The rules, as both backends implement them:
+//! - A line is (key, limit, period start). `settled` is kept per (key,
+//!   period start); `reserved` is every unsettled reservation on it plus the
+//!   carve-outs of children held on it; remaining = limit − settled − reserved.
+//! - A reservation past its `expires_at` still counts as reserved until it is
+//!   settled or swept: the sweep will charge it in full, so freeing it earlier
+//!   would let new reservations and the late charge together pass the limit.
+//! - Settling adds the real cost to the line's period and to the key's
+//!   lifetime `spend`. Settling a child's carve-out (on revocation or expiry)
+//!   charges the parent's line, and the parent's `spend`, with the child's
+//!   lifetime spend capped at the amount carved, deepest descendants first so
+//!   that grandchildren's spend reaches the root.
 
 use super::StoreError;
 use crate::money::Micros;

@@ -445,12 +445,11 @@ impl KeyStore for SqliteStore {
         let carve = carve.map(|(l, m)| (l.clone(), m));
         self.write(Durability::Full, move |tx| {
             let id = key.id.as_str();
-            if key_exists(tx, id)?
-                || hash_in_use(tx, &key.hash, "")?
-                || key.previous_hash.map_or(Ok(false), |h| {
-                    Ok::<_, StoreError>(h == key.hash || hash_in_use(tx, &h, "")?)
-                })?
-            {
+            let previous_taken = match key.previous_hash {
+                Some(h) => h == key.hash || hash_in_use(tx, &h, "")?,
+                None => false,
+            };
+            if previous_taken || key_exists(tx, id)? || hash_in_use(tx, &key.hash, "")? {
                 return Err(StoreError::Conflict);
             }
             if let Some(parent) = &key.parent
@@ -458,15 +457,15 @@ impl KeyStore for SqliteStore {
             {
                 return Err(StoreError::NotFound);
             }
-            if let Some((line, _)) = &carve
-                && !key_exists(tx, line.key.as_str())?
-            {
-                return Err(StoreError::NotFound);
+            if let Some((line, amount)) = &carve {
+                if !key_exists(tx, line.key.as_str())? {
+                    return Err(StoreError::NotFound);
+                }
+                let usage = line_usage(tx, line.key.as_str(), line.period_start.0)?;
+                check_carve_out(usage.remaining(line.limit), *amount)?;
             }
             insert_key_row(tx, &key)?;
             if let Some((line, amount)) = carve {
-                let usage = line_usage(tx, line.key.as_str(), line.period_start.0)?;
-                check_carve_out(usage.remaining(line.limit), amount)?;
                 tx.prepare_cached(
                     "INSERT INTO carve_outs (child_id, parent_id, period_start, amount)
                      VALUES (?1, ?2, ?3, ?4)",
