@@ -172,7 +172,7 @@ pub struct BudgetLine {
 pub struct BudgetUsage {
     /// Settled spend in the period.
     pub settled: Micros,
-    /// Held by unexpired reservations and child carve-outs.
+    /// Held by open reservations (until settled or swept) and child carve-outs.
     pub reserved: Micros,
 }
 

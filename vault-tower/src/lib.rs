@@ -1,1 +1,63 @@
-//! placeholder
+//! # vault-tower
+//!
+//! vaultgate as a [tower] `Layer`: [`VaultLayer`] wraps any
+//! `Service<http::Request<B>>` (an axum `Router`, a bare hyper service, the
+//! bundled [`Forwarder`]) in a [`Vault`] that, per request:
+//!
+//! 1. takes the virtual key from `Authorization: Bearer`, `x-api-key`,
+//!    `x-goog-api-key`, `api-key` or `?key=` (two different ones → 401),
+//! 2. finds it through a cache keyed by the full SHA-256 (revocations are seen
+//!    within [`KEY_CACHE_TTL`] across processes, at once on this one),
+//! 3. checks its policy and reserves the most the call can cost,
+//! 4. strips every client credential and hop-by-hop header, injects the
+//!    provider key the provider's way, and rewrites the URI to the configured
+//!    base URL (the client can never pick the host),
+//! 5. streams the response back through a [`MeteredBody`] that reads usage
+//!    as bytes pass and settles the call at end of body or on disconnect.
+//!
+//! `vpx_test_` keys are answered by the built-in [`MockProvider`], offline.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tower::ServiceBuilder;
+//! use vault_tower::{Forwarder, VaultContext, VaultLayer};
+//!
+//! # fn parts() -> (Arc<dyn vault_core::store::KeyStore>, Arc<dyn vault_core::crypto::Encryptor>, Arc<dyn vault_core::policy::PolicyEngine>) { unimplemented!() }
+//! # async fn run() {
+//! let (store, encryptor, engine) = parts();
+//! let ctx = VaultContext::builder(store, encryptor, engine).build();
+//! let proxy = ServiceBuilder::new()
+//!     .layer(VaultLayer::new(ctx))
+//!     .service(Forwarder::default());
+//! # let _ = proxy;
+//! # }
+//! ```
+
+pub mod admin;
+mod body;
+mod context;
+mod credentials;
+mod forward;
+mod future;
+mod layer;
+mod metrics;
+mod mock;
+mod response;
+mod service;
+pub mod server;
+mod sink;
+mod upstream;
+
+pub use body::{BoxError, MeteredBody};
+pub use context::{KEY_CACHE_TTL, RequestLimits, VaultContext, VaultContextBuilder};
+pub use forward::{ForwardBody, Forwarder, IdleTimeout, UpstreamFailure};
+pub use future::ResponseFuture;
+pub use layer::VaultLayer;
+pub use metrics::Metrics;
+pub use mock::{MockBody, MockProvider, MockTarget};
+pub use response::{
+    BUDGET_REMAINING, OUTPUT_TOKENS_CLAMPED, RATE_LIMIT_LIMIT, RATE_LIMIT_REMAINING,
+    RATE_LIMIT_RESET, SHADOW_DENIAL, add_limit_headers, denial_response,
+};
+pub use service::Vault;
+pub use upstream::{BadBaseUrl, Timeouts, Upstream, Upstreams};

@@ -1,0 +1,251 @@
+//! `MeteredBody`: passes response frames through as they arrive, meters
+//! usage as bytes pass, and settles the call at end of body *or* on drop
+//! (client disconnect), like tower-http's `on_early_drop`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use vault_core::crypto::ProviderSecret;
+use vault_core::meter::{HideUsageChunk, Usage, UsageMeter};
+use vault_core::policy::CallOutcome;
+
+use crate::mock::MockBody;
+use crate::sink::PendingCall;
+
+/// Errors a metered body can yield: the inner body's, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Largest error body redacted in full; larger ones are cut here.
+const REDACT_CAP: usize = 1 << 20;
+
+pin_project_lite::pin_project! {
+    #[project = SourceProj]
+    enum Source<B> {
+        Upstream { #[pin] body: B },
+        Mock { #[pin] body: MockBody },
+        Full { #[pin] body: Full<Bytes> },
+    }
+}
+
+/// What the body does besides passing bytes through.
+#[derive(Default)]
+pub(crate) struct Metering {
+    /// Reads usage from the bytes.
+    pub(crate) meter: Option<UsageMeter>,
+    /// Drops the usage-only SSE chunk vaultgate asked for.
+    pub(crate) hide: Option<HideUsageChunk>,
+    /// Whether a cut stream should end with an SSE error event.
+    pub(crate) sse: bool,
+    /// For non-streamed error bodies: buffer and redact the provider key.
+    pub(crate) redact: Option<Arc<ProviderSecret>>,
+    /// The call to settle at end or drop.
+    pub(crate) pending: Option<PendingCall>,
+}
+
+pin_project_lite::pin_project! {
+    /// The response body of [`Vault`](crate::Vault): the upstream's bytes,
+    /// unchanged and unbuffered (but for the hidden usage chunk and redacted
+    /// error bodies), metered as they pass. Settles its call when it ends or
+    /// is dropped.
+    pub struct MeteredBody<B> {
+        #[pin]
+        source: Source<B>,
+        metering: Metering,
+        redact_buf: Vec<u8>,
+        ended: bool,
+    }
+
+    impl<B> PinnedDrop for MeteredBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(call) = this.metering.pending.take() {
+                let outcome = outcome_of(this.metering.meter.as_mut(), false);
+                call.finish(outcome, true);
+            }
+        }
+    }
+}
+
+impl<B> MeteredBody<B> {
+    pub(crate) fn upstream(body: B, metering: Metering) -> Self {
+        Self::with_source(Source::Upstream { body }, metering)
+    }
+
+    pub(crate) fn mock(body: MockBody, metering: Metering) -> Self {
+        Self::with_source(Source::Mock { body }, metering)
+    }
+
+    /// A complete body made by vaultgate (denials), with nothing to meter.
+    pub(crate) fn full(body: Full<Bytes>) -> Self {
+        Self::with_source(Source::Full { body }, Metering::default())
+    }
+
+    fn with_source(source: Source<B>, metering: Metering) -> Self {
+        MeteredBody {
+            source,
+            metering,
+            redact_buf: Vec::new(),
+            ended: false,
+        }
+    }
+}
+
+fn outcome_of(meter: Option<&mut UsageMeter>, complete: bool) -> CallOutcome {
+    let usage: Option<Usage> = match meter {
+        Some(m) if complete => m.finish(),
+        Some(m) => m.seen(),
+        None => None,
+    };
+    match usage {
+        Some(u) => CallOutcome::Metered {
+            tokens_in: u.tokens_in,
+            tokens_out: u.tokens_out,
+        },
+        None => CallOutcome::Unmetered,
+    }
+}
+
+fn redact(buf: &[u8], secret: &str) -> Bytes {
+    if secret.is_empty() {
+        return Bytes::copy_from_slice(buf);
+    }
+    let needle = secret.as_bytes();
+    let mut out = Vec::with_capacity(buf.len());
+    let mut i = 0;
+    while i < buf.len() {
+        if buf[i..].starts_with(needle) {
+            out.extend_from_slice(b"[REDACTED]");
+            i += needle.len();
+        } else {
+            out.push(buf[i]);
+            i += 1;
+        }
+    }
+    Bytes::from(out)
+}
+
+/// The SSE event a cut stream ends with, so SDKs raise instead of hanging.
+const STREAM_ERROR_EVENT: &[u8] = b"event: error\ndata: {\"error\":{\"type\":\"upstream_error\",\"code\":\"upstream_timeout\",\"message\":\"the upstream stream was interrupted\"}}\n\n";
+
+impl<B> Body for MeteredBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            let polled: Option<Result<Frame<Bytes>, BoxError>> = match this.source.as_mut().project() {
+                SourceProj::Upstream { body } => {
+                    match body.poll_frame(cx) {
+                        Poll::Ready(r) => r.map(|r| r.map_err(Into::into)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                SourceProj::Mock { body } => match body.poll_frame(cx) {
+                    Poll::Ready(r) => r.map(|r| r.map_err(|e| match e {})),
+                    Poll::Pending => return Poll::Pending,
+                },
+                SourceProj::Full { body } => match body.poll_frame(cx) {
+                    Poll::Ready(r) => r.map(|r| r.map_err(|e| match e {})),
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            let m = &mut *this.metering;
+            match polled {
+                Some(Ok(frame)) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    };
+                    if let Some(meter) = m.meter.as_mut() {
+                        meter.feed(&frame);
+                    }
+                    if m.redact.is_some() {
+                        let room = REDACT_CAP.saturating_sub(this.redact_buf.len());
+                        this.redact_buf.extend_from_slice(&frame[..frame.len().min(room)]);
+                        continue;
+                    }
+                    let out = match m.hide.as_mut() {
+                        Some(hide) => Bytes::from(hide.push(&frame)),
+                        None => frame,
+                    };
+                    if out.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Some(Err(e)) => {
+                    *this.ended = true;
+                    if let Some(call) = m.pending.take() {
+                        let outcome = outcome_of(m.meter.as_mut(), false);
+                        call.finish(outcome, true);
+                    }
+                    if m.sse {
+                        tracing::warn!(error = %e, "upstream stream cut; ending the client stream with an error event");
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(STREAM_ERROR_EVENT)))));
+                    }
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    *this.ended = true;
+                    let tail = if let Some(secret) = m.redact.take() {
+                        redact(this.redact_buf, secret.expose_secret())
+                    } else if let Some(hide) = m.hide.as_mut() {
+                        Bytes::from(hide.finish())
+                    } else {
+                        Bytes::new()
+                    };
+                    if let Some(call) = m.pending.take() {
+                        let outcome = outcome_of(m.meter.as_mut(), true);
+                        call.finish(outcome, false);
+                    }
+                    if tail.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(tail))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let m = &self.metering;
+        if m.hide.is_some() || m.redact.is_some() {
+            return SizeHint::default();
+        }
+        match &self.source {
+            Source::Upstream { body } => body.size_hint(),
+            Source::Mock { body } => body.size_hint(),
+            Source::Full { body } => body.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_replaces_every_occurrence() {
+        let out = redact(b"{\"e\":\"bad key sk-abc, sk-abc\"}", "sk-abc");
+        assert_eq!(&out[..], b"{\"e\":\"bad key [REDACTED], [REDACTED]\"}");
+    }
+}

@@ -1,0 +1,293 @@
+//! `VaultContext`: what the layer and the management API share — the store,
+//! policy engine, encryptor, caches, usage worker and metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::sync::Cache;
+use vault_core::audit::AuditLog;
+use vault_core::clock::{SharedClock, SystemClock};
+use vault_core::crypto::Encryptor;
+use vault_core::key::{KeyFormat, KeyHash, KeyId};
+use vault_core::policy::PolicyEngine;
+use vault_core::provider::Provider;
+use vault_core::record::{KeyRecord, ProviderKeyRecord};
+use vault_core::store::{KeyStore, StoreError};
+
+use crate::metrics::Metrics;
+use crate::sink::UsageSink;
+use crate::upstream::Upstreams;
+
+/// How long a cached key record is trusted. A revocation made by another
+/// process sharing the store is seen within this bound (SPEC §5: 1 s); one
+/// made through this process's management API invalidates the cache at once.
+pub const KEY_CACHE_TTL: Duration = Duration::from_millis(900);
+
+/// Deepest sub-agent chain followed.
+const MAX_CHAIN_DEPTH: usize = 16;
+
+/// Limits on what a client may send.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Largest request body read, in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Longest wait for the whole request body (408 after).
+    pub body_timeout: Duration,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_body_bytes: 10 << 20,
+            body_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// State shared by [`Vault`](crate::Vault) services and the management API.
+/// Build one per process (inside a tokio runtime: it starts the usage worker).
+pub struct VaultContext {
+    pub(crate) store: Arc<dyn KeyStore>,
+    pub(crate) engine: Arc<dyn PolicyEngine>,
+    pub(crate) encryptor: Arc<dyn Encryptor>,
+    pub(crate) format: KeyFormat,
+    pub(crate) clock: SharedClock,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) limits: RequestLimits,
+    pub(crate) test_keys_use_mock: bool,
+    pub(crate) audit: Option<Arc<AuditLog>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) sink: UsageSink,
+    by_hash: Cache<KeyHash, Arc<KeyRecord>>,
+    by_id: Cache<KeyId, Arc<KeyRecord>>,
+    provider_keys: Cache<String, Arc<Vec<ProviderKeyRecord>>>,
+}
+
+impl std::fmt::Debug for VaultContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultContext")
+            .field("format", &self.format)
+            .field("upstreams", &self.upstreams)
+            .field("limits", &self.limits)
+            .field("test_keys_use_mock", &self.test_keys_use_mock)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`VaultContext`].
+pub struct VaultContextBuilder {
+    store: Arc<dyn KeyStore>,
+    engine: Arc<dyn PolicyEngine>,
+    encryptor: Arc<dyn Encryptor>,
+    format: KeyFormat,
+    clock: SharedClock,
+    upstreams: Upstreams,
+    limits: RequestLimits,
+    test_keys_use_mock: bool,
+    audit: Option<Arc<AuditLog>>,
+    cache_capacity: u64,
+}
+
+impl VaultContextBuilder {
+    /// The virtual-key format (default `vpx_live_`/`vpx_test_` + 24 base62).
+    pub fn key_format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The clock (tests pass a `ManualClock`).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Where each provider lives (default: the public base URLs).
+    pub fn upstreams(mut self, upstreams: Upstreams) -> Self {
+        self.upstreams = upstreams;
+        self
+    }
+
+    /// Request body limits.
+    pub fn request_limits(mut self, limits: RequestLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Whether `test` keys are answered by the mock provider (default true).
+    pub fn test_keys_use_mock(mut self, yes: bool) -> Self {
+        self.test_keys_use_mock = yes;
+        self
+    }
+
+    /// The audit log denied requests are written to.
+    pub fn audit(mut self, audit: Arc<AuditLog>) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// Most key records cached (default 100,000).
+    pub fn cache_capacity(mut self, n: u64) -> Self {
+        self.cache_capacity = n;
+        self
+    }
+
+    /// Builds the context and starts its usage worker on the current runtime.
+    pub fn build(self) -> Arc<VaultContext> {
+        let metrics = Arc::new(Metrics::default());
+        let sink = UsageSink::start(
+            self.store.clone(),
+            self.engine.clone(),
+            self.audit.clone(),
+            metrics.clone(),
+        );
+        Arc::new(VaultContext {
+            store: self.store,
+            engine: self.engine,
+            encryptor: self.encryptor,
+            format: self.format,
+            clock: self.clock,
+            upstreams: self.upstreams,
+            limits: self.limits,
+            test_keys_use_mock: self.test_keys_use_mock,
+            audit: self.audit,
+            metrics,
+            sink,
+            by_hash: Cache::builder().max_capacity(self.cache_capacity).time_to_live(KEY_CACHE_TTL).build(),
+            by_id: Cache::builder().max_capacity(self.cache_capacity).time_to_live(KEY_CACHE_TTL).build(),
+            provider_keys: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(KEY_CACHE_TTL)
+                .build(),
+        })
+    }
+}
+
+impl VaultContext {
+    /// Starts a builder from the three things every deployment chooses.
+    pub fn builder(
+        store: Arc<dyn KeyStore>,
+        encryptor: Arc<dyn Encryptor>,
+        engine: Arc<dyn PolicyEngine>,
+    ) -> VaultContextBuilder {
+        VaultContextBuilder {
+            store,
+            engine,
+            encryptor,
+            format: KeyFormat::default(),
+            clock: Arc::new(SystemClock),
+            upstreams: Upstreams::defaults(),
+            limits: RequestLimits::default(),
+            test_keys_use_mock: true,
+            audit: None,
+            cache_capacity: 100_000,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// The encryptor.
+    pub fn encryptor(&self) -> &Arc<dyn Encryptor> {
+        &self.encryptor
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// The key format.
+    pub fn key_format(&self) -> &KeyFormat {
+        &self.format
+    }
+
+    /// The audit log, if one is configured.
+    pub fn audit(&self) -> Option<&Arc<AuditLog>> {
+        self.audit.as_ref()
+    }
+
+    /// The metrics `/metrics` renders.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Forgets every cached key: call after revoking or rotating a key so the
+    /// next request on this node sees it at once.
+    pub fn invalidate_keys(&self) {
+        self.by_hash.invalidate_all();
+        self.by_id.invalidate_all();
+    }
+
+    /// Forgets cached provider-key lists: call after adding or removing one.
+    pub fn invalidate_provider_keys(&self) {
+        self.provider_keys.invalidate_all();
+    }
+
+    /// Waits until every usage record and settlement queued so far is written.
+    pub async fn flush(&self) {
+        self.sink.flush().await;
+    }
+
+    /// The key whose current (or grace-period) secret hashes to `hash`.
+    pub(crate) async fn key_by_hash(
+        &self,
+        hash: &KeyHash,
+    ) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        if let Some(hit) = self.by_hash.get(hash) {
+            return Ok(Some(hit));
+        }
+        let Some(found) = self.store.find_by_hash(hash).await? else {
+            return Ok(None);
+        };
+        let found = Arc::new(found);
+        self.by_hash.insert(*hash, found.clone());
+        self.by_id.insert(found.id.clone(), found.clone());
+        Ok(Some(found))
+    }
+
+    /// The key followed by its ancestors, nearest first.
+    pub(crate) async fn chain(&self, key: Arc<KeyRecord>) -> Result<Vec<Arc<KeyRecord>>, StoreError> {
+        let mut chain = vec![key];
+        while let Some(parent) = chain.last().and_then(|k| k.parent.clone()) {
+            if chain.len() > MAX_CHAIN_DEPTH {
+                return Err(StoreError::Corrupt("sub-agent chain too deep".to_owned()));
+            }
+            let rec = match self.by_id.get(&parent) {
+                Some(r) => r,
+                None => {
+                    let r = Arc::new(self.store.get_key(&parent).await?.ok_or(StoreError::NotFound)?);
+                    self.by_id.insert(parent, r.clone());
+                    r
+                }
+            };
+            chain.push(rec);
+        }
+        Ok(chain)
+    }
+
+    /// The provider key a virtual key uses for `provider`: the oldest of its
+    /// project's keys for that provider that the key's allowlist admits.
+    pub(crate) async fn provider_key_for(
+        &self,
+        key: &KeyRecord,
+        provider: Provider,
+    ) -> Result<Option<ProviderKeyRecord>, StoreError> {
+        let list = match self.provider_keys.get(&key.project) {
+            Some(l) => l,
+            None => {
+                let l = Arc::new(self.store.list_provider_keys(Some(&key.project)).await?);
+                self.provider_keys.insert(key.project.clone(), l.clone());
+                l
+            }
+        };
+        Ok(list
+            .iter()
+            .find(|pk| {
+                pk.provider == provider
+                    && (key.provider_keys.is_empty() || key.provider_keys.contains(&pk.id))
+            })
+            .cloned())
+    }
+}

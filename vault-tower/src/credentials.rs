@@ -1,0 +1,267 @@
+//! Finding the virtual key in a request, and removing every client
+//! credential before the request goes upstream.
+//!
+//! A key may arrive in `Authorization: Bearer`, `x-api-key`,
+//! `x-goog-api-key`, `api-key` or the `key` query parameter. Two different
+//! credentials in one request are refused, never "pick one" (THREATS A3).
+
+use http::HeaderMap;
+use http::header::{AUTHORIZATION, HeaderName};
+
+/// Header names that may carry a virtual key (besides `Authorization`).
+pub(crate) const KEY_HEADERS: [&str; 3] = ["x-api-key", "x-goog-api-key", "api-key"];
+
+/// What the request presented.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Presented<'a> {
+    /// No credential anywhere.
+    Missing,
+    /// Exactly one distinct credential.
+    One(&'a str),
+    /// Something unusable: two different credentials, a repeated header with
+    /// different values, a non-`Bearer` scheme, or non-UTF-8 bytes.
+    Invalid,
+}
+
+/// Collects every credential in headers and query and decides what was
+/// presented. The scheme is stripped exactly once with `strip_prefix`.
+pub(crate) fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Presented<'a> {
+    let mut found: Option<&'a str> = None;
+    let mut invalid = false;
+    fn note<'a>(found: &mut Option<&'a str>, invalid: &mut bool, value: &'a str) {
+        match found {
+            None => *found = Some(value),
+            Some(prev) if *prev == value => {}
+            Some(_) => *invalid = true,
+        }
+    }
+
+    for value in headers.get_all(AUTHORIZATION) {
+        let Ok(v) = value.to_str() else {
+            invalid = true;
+            continue;
+        };
+        // An empty value or a bare scheme presents nothing.
+        if v.trim().is_empty() || v.trim() == "Bearer" {
+            continue;
+        }
+        match v.strip_prefix("Bearer ") {
+            Some(token) if token.trim().is_empty() => {}
+            Some(token) => note(&mut found, &mut invalid, token),
+            None => invalid = true,
+        }
+    }
+    for name in KEY_HEADERS {
+        for value in headers.get_all(name) {
+            match value.to_str() {
+                Ok(v) if v.trim().is_empty() => {}
+                Ok(v) => note(&mut found, &mut invalid, v),
+                Err(_) => invalid = true,
+            }
+        }
+    }
+    if let Some(q) = query {
+        for pair in q.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if name == "key" && !value.is_empty() {
+                note(&mut found, &mut invalid, value);
+            }
+        }
+    }
+    match (invalid, found) {
+        (true, _) => Presented::Invalid,
+        (false, Some(k)) => Presented::One(k),
+        (false, None) => Presented::Missing,
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus every client credential and
+/// framing header the proxy recomputes.
+const STRIP_ALWAYS: [&str; 17] = [
+    "authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "api-key",
+    "proxy-authorization",
+    "cookie",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+    "forwarded",
+    "accept-encoding",
+];
+
+/// Removes client credentials, hop-by-hop headers (including those a
+/// `Connection` header names), framing and host headers, and `X-Forwarded-*`.
+/// Run *before* the provider credential is injected, so a `Connection:
+/// x-goog-api-key` can never strip the injected header (THREATS F2).
+pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in STRIP_ALWAYS {
+        headers.remove(name);
+    }
+    let forwarded: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
+    for name in forwarded {
+        headers.remove(name);
+    }
+}
+
+/// Removes only the exact `key` query parameter(s), keeping every other byte
+/// and the order of the rest (THREATS C4). `None` when nothing is left.
+pub(crate) fn strip_key_param(query: &str) -> Option<String> {
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(n, _)| n) != "key")
+        .collect();
+    let out = kept.join("&");
+    (!out.is_empty()).then_some(out)
+}
+
+/// Response headers that carry credentials and must never reach the client,
+/// whatever the upstream echoes (THREATS C5).
+const RESPONSE_CREDENTIAL_HEADERS: [&str; 7] = [
+    "authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "api-key",
+    "proxy-authorization",
+    "set-cookie",
+    "www-authenticate",
+];
+
+/// Removes credential and hop-by-hop headers from an upstream response, and
+/// any header whose value contains `secret`.
+pub(crate) fn strip_response_headers(headers: &mut HeaderMap, secret: Option<&str>) {
+    for name in RESPONSE_CREDENTIAL_HEADERS {
+        headers.remove(name);
+    }
+    for name in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"] {
+        headers.remove(name);
+    }
+    if let Some(secret) = secret.filter(|s| !s.is_empty()) {
+        let leaking: Vec<HeaderName> = headers
+            .iter()
+            .filter(|(_, v)| {
+                v.as_bytes()
+                    .windows(secret.len())
+                    .any(|w| w == secret.as_bytes())
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for name in leaking {
+            headers.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(*k, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn finds_the_key_in_each_place() {
+        assert_eq!(presented_key(&h(&[("authorization", "Bearer k1")]), None), Presented::One("k1"));
+        for name in KEY_HEADERS {
+            let mut m = HeaderMap::new();
+            m.insert(name, HeaderValue::from_static("k1"));
+            assert_eq!(presented_key(&m, None), Presented::One("k1"));
+        }
+        assert_eq!(presented_key(&HeaderMap::new(), Some("a=1&key=k1")), Presented::One("k1"));
+        assert_eq!(presented_key(&HeaderMap::new(), Some("monkey=k1")), Presented::Missing);
+    }
+
+    #[test]
+    fn boundary_missing_and_malformed() {
+        assert_eq!(presented_key(&HeaderMap::new(), None), Presented::Missing);
+        assert_eq!(presented_key(&h(&[("authorization", "")]), None), Presented::Missing);
+        assert_eq!(presented_key(&h(&[("authorization", "Bearer")]), None), Presented::Missing);
+        assert_eq!(presented_key(&h(&[("authorization", "Bearer   ")]), None), Presented::Missing);
+        assert_eq!(presented_key(&h(&[("authorization", "bearer k1")]), None), Presented::Invalid);
+        assert_eq!(presented_key(&h(&[("authorization", "Basic k1")]), None), Presented::Invalid);
+        // `Bearer Bearer k` strips once, leaving `Bearer k`, which fails key parsing.
+        assert_eq!(
+            presented_key(&h(&[("authorization", "Bearer Bearer k1")]), None),
+            Presented::One("Bearer k1")
+        );
+    }
+
+    #[test]
+    fn smuggling_two_credentials_are_refused() {
+        let m = h(&[("authorization", "Bearer k1"), ("x-api-key", "k2")]);
+        assert_eq!(presented_key(&m, None), Presented::Invalid);
+        let m = h(&[("authorization", "Bearer k1")]);
+        assert_eq!(presented_key(&m, Some("key=k2")), Presented::Invalid);
+        assert_eq!(presented_key(&HeaderMap::new(), Some("key=k1&key=k2")), Presented::Invalid);
+        let m = h(&[("x-api-key", "k1"), ("x-api-key", "k2")]);
+        assert_eq!(presented_key(&m, None), Presented::Invalid);
+        // The same key twice is one credential.
+        let m = h(&[("authorization", "Bearer k1"), ("x-api-key", "k1")]);
+        assert_eq!(presented_key(&m, None), Presented::One("k1"));
+    }
+
+    #[test]
+    fn smuggling_key_param_removal_is_surgical() {
+        assert_eq!(
+            strip_key_param("a=1&key=vpx&b=%26&monkey=2").as_deref(),
+            Some("a=1&b=%26&monkey=2")
+        );
+        assert_eq!(strip_key_param("KEY=x").as_deref(), Some("KEY=x"));
+        assert_eq!(strip_key_param("key"), None);
+        assert_eq!(strip_key_param("key=a&key=b"), None);
+        assert_eq!(strip_key_param("alt=sse&key=x").as_deref(), Some("alt=sse"));
+    }
+
+    #[test]
+    fn smuggling_connection_named_headers_are_stripped_first() {
+        let mut m = h(&[
+            ("connection", "close, x-custom"),
+            ("x-custom", "1"),
+            ("cookie", "a=b"),
+            ("proxy-authorization", "Basic x"),
+            ("x-forwarded-host", "evil.example"),
+            ("content-type", "application/json"),
+        ]);
+        strip_request_headers(&mut m);
+        assert_eq!(m.len(), 1);
+        assert!(m.contains_key("content-type"));
+    }
+
+    #[test]
+    fn leak_response_headers_echoing_the_secret_are_removed() {
+        let mut m = h(&[
+            ("x-goog-api-key", "sk-secret-123"),
+            ("location", "https://x/?key=sk-secret-123"),
+            ("content-type", "application/json"),
+        ]);
+        strip_response_headers(&mut m, Some("sk-secret-123"));
+        assert_eq!(m.len(), 1);
+    }
+}

@@ -1,0 +1,230 @@
+//! The default inner service: forwards the rewritten request with a pooled
+//! hyper-util client (HTTP/1.1 and HTTP/2, TLS by rustls with the `ring`
+//! provider), explicit timeouts, and no redirects followed.
+//!
+//! Failures become SPEC's 502/504 JSON responses carrying an
+//! [`UpstreamFailure`] extension, so the layer knows whether the request
+//! reached the provider (SPEC §3's failed-call rule).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::{Instant, Sleep};
+use vault_core::denial::Denial;
+
+use crate::response::denial_response;
+use crate::upstream::Timeouts;
+
+/// Marks a response that vaultgate made because the upstream failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamFailure {
+    /// Whether the request may have reached the provider (then the provider
+    /// may bill it, and the reservation is charged, not released).
+    pub sent: bool,
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Forwards requests whose URI is already absolute (set by the layer).
+/// Cheap to clone; clones share connection pools.
+#[derive(Clone)]
+pub struct Forwarder {
+    defaults: Timeouts,
+    clients: Arc<Mutex<HashMap<Duration, HttpsClient>>>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("defaults", &self.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Forwarder::new(Timeouts::default())
+    }
+}
+
+impl Forwarder {
+    /// A forwarder using `defaults` for requests that carry no [`Timeouts`]
+    /// extension.
+    pub fn new(defaults: Timeouts) -> Self {
+        Forwarder {
+            defaults,
+            clients: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// One pooled client per connect timeout (in practice one or two).
+    fn client(&self, connect_timeout: Duration) -> HttpsClient {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .entry(connect_timeout)
+            .or_insert_with(|| build_client(connect_timeout))
+            .clone()
+    }
+}
+
+fn build_client(connect_timeout: Duration) -> HttpsClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let https = match hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(provider)
+    {
+        Ok(b) => b,
+        // The ring provider always supports the safe default versions; fall
+        // back to the process default provider if that ever changes.
+        Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
+    }
+    .https_or_http()
+    .enable_http1()
+    .enable_http2()
+    .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .build(https)
+}
+
+impl tower_service::Service<Request<Full<Bytes>>> for Forwarder {
+    type Response = Response<ForwardBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let timeouts = req.extensions().get::<Timeouts>().copied().unwrap_or(self.defaults);
+        let client = self.client(timeouts.connect);
+        Box::pin(async move {
+            let host = req.uri().host().unwrap_or_default().to_owned();
+            match tokio::time::timeout(timeouts.response, client.request(req)).await {
+                Ok(Ok(resp)) => Ok(resp.map(|b| ForwardBody::upstream(b, timeouts.idle))),
+                Ok(Err(e)) => {
+                    let sent = !e.is_connect();
+                    tracing::warn!(upstream = %host, sent, error = %e, "upstream request failed");
+                    let d = Denial::UpstreamUnavailable(format!("the upstream {host} could not be reached"));
+                    Ok(failure(d, sent))
+                }
+                Err(_) => {
+                    tracing::warn!(upstream = %host, "upstream response timed out");
+                    let d = Denial::UpstreamTimeout(format!(
+                        "the upstream {host} did not answer within {} s",
+                        timeouts.response.as_secs()
+                    ));
+                    Ok(failure(d, true))
+                }
+            }
+        })
+    }
+}
+
+fn failure(d: Denial, sent: bool) -> Response<ForwardBody> {
+    let mut resp = denial_response(&d).map(ForwardBody::full);
+    resp.extensions_mut().insert(UpstreamFailure { sent });
+    resp
+}
+
+pin_project_lite::pin_project! {
+    /// The forwarder's response body: the upstream's, with an idle timeout,
+    /// or vaultgate's own error body.
+    // pin-project-lite cannot carry docs on variant fields.
+    #[allow(missing_docs)]
+    #[project = ForwardBodyProj]
+    pub enum ForwardBody {
+        /// Streaming from the upstream.
+        Upstream {
+            #[pin]
+            body: Incoming,
+            #[pin]
+            idle: Sleep,
+            idle_for: Duration,
+        },
+        /// A complete body made here.
+        Full {
+            #[pin]
+            body: Full<Bytes>,
+        },
+    }
+}
+
+impl ForwardBody {
+    fn upstream(body: Incoming, idle_for: Duration) -> Self {
+        ForwardBody::Upstream {
+            body,
+            idle: tokio::time::sleep(idle_for),
+            idle_for,
+        }
+    }
+
+    fn full(body: Full<Bytes>) -> Self {
+        ForwardBody::Full { body }
+    }
+}
+
+/// The upstream fell silent for longer than the idle timeout mid-body.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream was silent for longer than the idle timeout")]
+pub struct IdleTimeout;
+
+impl Body for ForwardBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project() {
+            ForwardBodyProj::Upstream { body, mut idle, idle_for } => match body.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    idle.as_mut().reset(Instant::now() + *idle_for);
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => match idle.poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout)))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
+            ForwardBodyProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ForwardBody::Upstream { body, .. } => body.is_end_stream(),
+            ForwardBody::Full { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ForwardBody::Upstream { body, .. } => body.size_hint(),
+            ForwardBody::Full { body } => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Responses vaultgate writes itself: SPEC error bodies and limit headers.
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{HeaderMap, Response, StatusCode};
+use http_body_util::Full;
+use vault_core::denial::Denial;
+use vault_core::policy::LimitHeaders;
+
+/// `X-RateLimit-Limit`.
+pub const RATE_LIMIT_LIMIT: &str = "x-ratelimit-limit";
+/// `X-RateLimit-Remaining`.
+pub const RATE_LIMIT_REMAINING: &str = "x-ratelimit-remaining";
+/// `X-RateLimit-Reset` (unix seconds).
+pub const RATE_LIMIT_RESET: &str = "x-ratelimit-reset";
+/// `X-Budget-Remaining-USD`, for budgeted keys.
+pub const BUDGET_REMAINING: &str = "x-budget-remaining-usd";
+/// Set when the output limit was lowered to what the budget affords.
+pub const OUTPUT_TOKENS_CLAMPED: &str = "x-vaultgate-max-output-tokens";
+/// Set in shadow mode when a request would have been denied (the code).
+pub const SHADOW_DENIAL: &str = "x-vaultgate-shadow-denial";
+
+/// The SPEC JSON error response for a denial.
+pub fn denial_response(d: &Denial) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(d.to_json())));
+    *resp.status_mut() =
+        StatusCode::from_u16(d.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Denial::RateLimited {
+        retry_after_secs, ..
+    } = d
+    {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+    }
+    resp
+}
+
+/// Adds `X-RateLimit-*` (and `X-Budget-Remaining-USD`, `Retry-After` where
+/// known). Every value is numeric, built by vaultgate (THREATS F3).
+pub fn add_limit_headers(headers: &mut HeaderMap, limits: &LimitHeaders) {
+    headers.insert(RATE_LIMIT_LIMIT, HeaderValue::from(limits.limit));
+    headers.insert(RATE_LIMIT_REMAINING, HeaderValue::from(limits.remaining));
+    headers.insert(RATE_LIMIT_RESET, HeaderValue::from(limits.reset_unix_secs));
+    if let Some(secs) = limits.retry_after_secs {
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let Some(left) = limits.budget_remaining
+        && let Ok(v) = HeaderValue::from_str(&left.to_usd_string())
+    {
+        headers.insert(BUDGET_REMAINING, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vault_core::money::Micros;
+
+    #[test]
+    fn denial_and_headers() {
+        let d = Denial::RateLimited {
+            message: "60 requests per minute".into(),
+            retry_after_secs: 7,
+        };
+        let mut r = denial_response(&d);
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "7");
+        add_limit_headers(
+            r.headers_mut(),
+            &LimitHeaders {
+                limit: 120,
+                remaining: 119,
+                reset_unix_secs: 1_700_000_000,
+                retry_after_secs: None,
+                budget_remaining: Some(Micros(4_990_000)),
+            },
+        );
+        assert_eq!(r.headers()["x-ratelimit-limit"], "120");
+        assert_eq!(r.headers()["x-ratelimit-remaining"], "119");
+        assert_eq!(r.headers()["x-ratelimit-reset"], "1700000000");
+        assert_eq!(r.headers()["x-budget-remaining-usd"], "4.990000");
+    }
+}

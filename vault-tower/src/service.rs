@@ -1,0 +1,487 @@
+//! `Vault<S>`: the request path of DESIGN.md as a tower `Service`.
+//!
+//! ```text
+//! request → extract virtual key → hash → cache / KeyStore → PolicyEngine::check
+//!         → choose provider + provider key → Encryptor::open → strip client
+//!           credentials, inject provider credential, rewrite URI → inner service
+//!           (or the mock provider for test keys)
+//! response ← limit headers ← MeteredBody meters usage and settles at end/drop
+//! ```
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, UPGRADE};
+use http::{Method, Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower_service::Service;
+use vault_core::audit::{AuditEvent, AuditKind};
+use vault_core::crypto::{Aad, ProviderSecret};
+use vault_core::denial::Denial;
+use vault_core::meter::{BodyKind, HideUsageChunk, RequestInspection, UsageMeter, inspect_request, rewrite_request};
+use vault_core::policy::{CallOutcome, Grant, LimitHeaders, RequestFacts, split_proxy_path};
+use vault_core::provider::{AuthStyle, Provider, UsageFormat};
+use vault_core::record::{KeyRecord, UsageRecord};
+
+use crate::body::{BoxError, MeteredBody, Metering};
+use crate::context::VaultContext;
+use crate::credentials::{Presented, presented_key, strip_key_param, strip_request_headers, strip_response_headers};
+use crate::forward::UpstreamFailure;
+use crate::future::ResponseFuture;
+use crate::mock::{MockProvider, MockTarget};
+use crate::response::{OUTPUT_TOKENS_CLAMPED, SHADOW_DENIAL, add_limit_headers, denial_response};
+
+/// The vaultgate middleware: see the [crate docs](crate). Denials are
+/// responses, never errors, and never reach the inner service.
+#[derive(Debug, Clone)]
+pub struct Vault<S> {
+    inner: S,
+    ctx: Arc<VaultContext>,
+}
+
+impl<S> Vault<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, ctx: Arc<VaultContext>) -> Self {
+        Vault { inner, ctx }
+    }
+
+    /// A [`VaultLayer`](crate::VaultLayer) over `ctx`.
+    pub fn layer(ctx: Arc<VaultContext>) -> crate::VaultLayer {
+        crate::VaultLayer::new(ctx)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Vault<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<MeteredBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // Use the service that was polled ready; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::new(Box::pin(handle(self.ctx.clone(), inner, req)))
+    }
+}
+
+/// What is known about the caller once the key is found, for denials that
+/// are attributed to it (usage record + audit event).
+struct Caller<'a> {
+    record: &'a KeyRecord,
+    provider: Option<Provider>,
+    endpoint: String,
+    model: Option<String>,
+}
+
+fn deny<B>(
+    ctx: &VaultContext,
+    denial: &Denial,
+    limits: Option<&LimitHeaders>,
+    caller: Option<Caller<'_>>,
+) -> Response<MeteredBody<B>> {
+    let mut resp = denial_response(denial).map(MeteredBody::full);
+    add_limit_headers(resp.headers_mut(), &limits.copied().unwrap_or_default());
+    if let Some(c) = caller {
+        let record = usage_record(ctx, c.record, c.provider, c.endpoint, c.model, denial.status());
+        let event = AuditEvent {
+            kind: AuditKind::RequestDenied,
+            actor: Some(c.record.id.to_string()),
+            target: Some(record.endpoint.clone()),
+            project: Some(c.record.project.clone()),
+            detail: serde_json::json!({"code": denial.code(), "status": denial.status(), "message": denial.message()}),
+        };
+        let mut record = record;
+        record.denial = Some(denial.code().to_owned());
+        ctx.sink.denied(record, Some(event));
+    } else {
+        tracing::debug!(code = denial.code(), "unauthenticated request denied");
+    }
+    resp
+}
+
+fn usage_record(
+    ctx: &VaultContext,
+    key: &KeyRecord,
+    provider: Option<Provider>,
+    endpoint: String,
+    model: Option<String>,
+    status: u16,
+) -> UsageRecord {
+    UsageRecord {
+        at: ctx.clock.now(),
+        key_id: key.id.clone(),
+        project: key.project.clone(),
+        provider,
+        endpoint,
+        model,
+        tokens_in: 0,
+        tokens_out: 0,
+        cost: vault_core::money::Micros::ZERO,
+        latency_ms: 0,
+        status,
+        denial: None,
+        shadow: false,
+    }
+}
+
+async fn handle<S, ReqBody, ResBody>(
+    ctx: Arc<VaultContext>,
+    mut inner: S,
+    req: Request<ReqBody>,
+) -> Result<Response<MeteredBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
+    S::Future: Send,
+    ReqBody: Body + From<Bytes> + Send,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send,
+    ResBody::Error: Into<BoxError>,
+{
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+
+    // Tunnels and protocol switches are never proxied (THREATS F4).
+    if parts.method == Method::CONNECT
+        || parts.method == Method::TRACE
+        || parts.headers.contains_key(UPGRADE)
+        || parts.extensions.get::<hyper::ext::Protocol>().is_some()
+    {
+        let d = Denial::MethodNotAllowed(format!("{} and protocol upgrades are not proxied", parts.method));
+        return Ok(deny(&ctx, &d, None, None));
+    }
+
+    // 1. The credential: exactly one, strictly parsed, before any lookup.
+    let hash = match presented_key(&parts.headers, parts.uri.query()) {
+        Presented::Missing => return Ok(deny(&ctx, &Denial::MissingApiKey, None, None)),
+        Presented::Invalid => return Ok(deny(&ctx, &Denial::InvalidApiKey, None, None)),
+        Presented::One(s) => match ctx.format.parse(s) {
+            Ok(key) => key.hash(),
+            Err(_) => return Ok(deny(&ctx, &Denial::InvalidApiKey, None, None)),
+        },
+    };
+    let record = match ctx.key_by_hash(&hash).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(deny(&ctx, &Denial::InvalidApiKey, None, None)),
+        Err(e) => {
+            tracing::error!(error = %e, "key lookup failed");
+            return Ok(deny(&ctx, &Denial::Internal, None, None));
+        }
+    };
+    let now = ctx.clock.now();
+    if record.hash != hash && record.previous_valid_until.is_none_or(|until| now >= until) {
+        // A rotated-out secret whose grace period is over.
+        return Ok(deny(&ctx, &Denial::InvalidApiKey, None, None));
+    }
+    let endpoint = format!("{} {}", parts.method, parts.uri.path());
+    let caller = |provider, endpoint: &str, model: Option<&str>| Caller {
+        record: &record,
+        provider,
+        endpoint: endpoint.to_owned(),
+        model: model.map(str::to_owned),
+    };
+
+    // 2. The provider and the canonical upstream path: checked and forwarded
+    //    byte for byte.
+    let (provider, path) = match split_proxy_path(parts.uri.path()) {
+        Ok(split) => split,
+        Err(e) => {
+            let d = Denial::InvalidRequest(e.to_string());
+            return Ok(deny(&ctx, &d, None, Some(caller(None, &endpoint, None))));
+        }
+    };
+    let path = path.to_owned();
+    let endpoint = format!("{} {}", parts.method, path);
+
+    // 3. The body: bounded in size and time, never compressed.
+    if parts
+        .headers
+        .get(CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() != b"identity")
+    {
+        let d = Denial::InvalidRequest("compressed request bodies are not accepted".to_owned());
+        return Ok(deny(&ctx, &d, None, Some(caller(Some(provider), &endpoint, None))));
+    }
+    let max = ctx.limits.max_body_bytes;
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        let d = Denial::RequestTooLarge(format!("the request body is larger than {max} bytes"));
+        return Ok(deny(&ctx, &d, None, Some(caller(Some(provider), &endpoint, None))));
+    }
+    let bytes = match tokio::time::timeout(ctx.limits.body_timeout, Limited::new(body, max).collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
+            let d = if e.downcast_ref::<LengthLimitError>().is_some() {
+                Denial::RequestTooLarge(format!("the request body is larger than {max} bytes"))
+            } else {
+                Denial::InvalidRequest("the request body could not be read".to_owned())
+            };
+            return Ok(deny(&ctx, &d, None, Some(caller(Some(provider), &endpoint, None))));
+        }
+        Err(_) => {
+            return Ok(deny(&ctx, &Denial::RequestTimeout, None, Some(caller(Some(provider), &endpoint, None))));
+        }
+    };
+    let inspection: RequestInspection = match inspect_request(provider, &path, &bytes) {
+        Ok(i) => i,
+        Err(e) => {
+            let d = Denial::InvalidRequest(e.to_string());
+            return Ok(deny(&ctx, &d, None, Some(caller(Some(provider), &endpoint, None))));
+        }
+    };
+    let model = inspection.model.clone();
+
+    // 4. The policy: scopes, allowlists, limits, budget reservation.
+    let chain = match ctx.chain(record.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "loading the key's ancestors failed");
+            return Ok(deny(&ctx, &Denial::Internal, None, Some(caller(Some(provider), &endpoint, model.as_deref()))));
+        }
+    };
+    let facts = RequestFacts {
+        method: parts.method.as_str(),
+        provider,
+        path: &path,
+        model: model.as_deref(),
+        max_output_tokens: inspection.max_output_tokens,
+        body_chars: inspection.body_chars,
+        stream: inspection.stream,
+    };
+    let grant: Grant = match ctx.engine.check(&chain, &facts).await {
+        Ok(g) => g,
+        Err((d, limits)) => {
+            return Ok(deny(&ctx, &d, Some(&limits), Some(caller(Some(provider), &endpoint, model.as_deref()))));
+        }
+    };
+    if let Some(shadow) = &grant.shadow_denial {
+        let mut r = usage_record(&ctx, &record, Some(provider), endpoint.clone(), model.clone(), 0);
+        r.denial = Some(shadow.code().to_owned());
+        r.shadow = true;
+        ctx.sink.denied(r, None);
+    }
+    let limits = grant.headers;
+    let pending_record = usage_record(&ctx, &record, Some(provider), endpoint.clone(), model.clone(), 0);
+    let not_sent = |ctx: &VaultContext, grant: Grant, d: Denial| {
+        let mut r = pending_record.clone();
+        r.status = d.status();
+        ctx.sink.settle_now(Some(grant), CallOutcome::NotSent, r);
+        let mut resp = denial_response(&d).map(MeteredBody::full);
+        add_limit_headers(resp.headers_mut(), &limits);
+        resp
+    };
+
+    // 5. The upstream and the provider credential (none for the mock).
+    let use_mock = record.env == vault_core::key::KeyEnv::Test && ctx.test_keys_use_mock;
+    let mut secret: Option<ProviderSecret> = None;
+    let mut upstream = None;
+    if !use_mock {
+        let Some(up) = ctx.upstreams.get(provider) else {
+            let d = Denial::UpstreamUnavailable(format!("no base_url is configured for provider {provider}"));
+            return Ok(not_sent(&ctx, grant, d));
+        };
+        upstream = Some(up.clone());
+        let pk = match ctx.provider_key_for(&record, provider).await {
+            Ok(Some(pk)) => pk,
+            Ok(None) => {
+                let d = Denial::ProviderNotAllowed(format!(
+                    "no {provider} provider key is available to this key in project {}",
+                    record.project
+                ));
+                return Ok(not_sent(&ctx, grant, d));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "loading provider keys failed");
+                return Ok(not_sent(&ctx, grant, Denial::Internal));
+            }
+        };
+        let aad = Aad {
+            record_id: pk.id.as_str(),
+            project: &pk.project,
+            provider: pk.provider,
+        };
+        match ctx.encryptor.open(&pk.sealed, &aad) {
+            Ok(s) => secret = Some(s),
+            Err(_) => {
+                tracing::error!(provider_key = %pk.id, "a provider key could not be decrypted");
+                return Ok(not_sent(&ctx, grant, Denial::Internal));
+            }
+        }
+    }
+
+    // 6. Rewrite: the body only when the policy clamps the output limit or
+    //    usage must be requested; headers always.
+    let add_usage = inspection.stream
+        && provider.usage_format() == UsageFormat::OpenAi
+        && !inspection.client_asked_usage;
+    let body = match rewrite_request(provider, &bytes, grant.clamp_output_tokens, add_usage) {
+        Ok(Some(rewritten)) => Bytes::from(rewritten),
+        Ok(None) => bytes,
+        Err(e) => return Ok(not_sent(&ctx, grant, Denial::InvalidRequest(e.to_string()))),
+    };
+    strip_request_headers(&mut parts.headers);
+    let query = parts.uri.query().and_then(strip_key_param);
+    let clamp = grant.clamp_output_tokens;
+    let shadow_code = grant.shadow_denial.as_ref().map(Denial::code);
+
+    let pending = crate::sink::PendingCall {
+        sink: ctx.sink.clone(),
+        grant: Some(grant),
+        record: pending_record.clone(),
+        started,
+    };
+
+    let (mut resp_parts, source) = if use_mock {
+        let mut mreq = Request::new(body);
+        *mreq.method_mut() = parts.method.clone();
+        *mreq.uri_mut() = match query.as_deref() {
+            Some(q) => format!("{path}?{q}").parse().unwrap_or_default(),
+            None => path.parse().unwrap_or_default(),
+        };
+        mreq.extensions_mut().insert(MockTarget(provider));
+        let resp = match MockProvider.call(mreq).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let (p, b) = resp.into_parts();
+        (p, Err(b))
+    } else {
+        let (Some(up), Some(secret)) = (upstream.as_ref(), secret.as_ref()) else {
+            return Ok(deny(&ctx, &Denial::Internal, None, None));
+        };
+        parts.uri = match up.uri_for(&path, query.as_deref()) {
+            Ok(u) => u,
+            Err(_) => {
+                pending.finish(CallOutcome::NotSent, false);
+                let mut resp = denial_response(&Denial::InvalidRequest("the request target is invalid".to_owned())).map(MeteredBody::full);
+                add_limit_headers(resp.headers_mut(), &limits);
+                return Ok(resp);
+            }
+        };
+        inject_credential(&mut parts.headers, provider, secret);
+        parts.extensions.insert(up.timeouts);
+        let req = Request::from_parts(parts, ReqBody::from(body));
+        let resp = inner.call(req).await?;
+        let (p, b) = resp.into_parts();
+        (p, Ok(b))
+    };
+
+    // 7. The response: strip echoed credentials, add limit headers, meter.
+    if let Some(failure) = resp_parts.extensions.get::<UpstreamFailure>().copied() {
+        let outcome = if failure.sent { CallOutcome::Unmetered } else { CallOutcome::NotSent };
+        let mut p = pending;
+        p.record.status = resp_parts.status.as_u16();
+        p.finish(outcome, false);
+        add_limit_headers(&mut resp_parts.headers, &limits);
+        let body = match source {
+            Ok(b) => MeteredBody::upstream(b, Metering::default()),
+            Err(b) => MeteredBody::mock(b, Metering::default()),
+        };
+        return Ok(Response::from_parts(resp_parts, body));
+    }
+    strip_response_headers(&mut resp_parts.headers, secret.as_ref().map(ProviderSecret::expose_secret));
+    add_limit_headers(&mut resp_parts.headers, &limits);
+    if let Some(n) = clamp {
+        resp_parts.headers.insert(HeaderName::from_static(OUTPUT_TOKENS_CLAMPED), HeaderValue::from(n));
+    }
+    if let Some(code) = shadow_code {
+        resp_parts.headers.insert(HeaderName::from_static(SHADOW_DENIAL), HeaderValue::from_static(code));
+    }
+    let sse = resp_parts
+        .headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let kind = if sse {
+        BodyKind::Sse
+    } else if inspection.stream && provider == Provider::Google {
+        BodyKind::JsonArrayStream
+    } else {
+        BodyKind::Json
+    };
+    let status = resp_parts.status;
+    let mut pending = pending;
+    pending.record.status = status.as_u16();
+    let redact = (status.as_u16() >= 400 && !sse)
+        .then_some(secret)
+        .flatten()
+        .map(Arc::new);
+    if redact.is_some() {
+        resp_parts.headers.remove(CONTENT_LENGTH);
+    }
+    let metering = Metering {
+        meter: Some(UsageMeter::new(provider.usage_format(), kind)),
+        hide: (add_usage && sse).then(|| HideUsageChunk::new(vault_core::meter::DEFAULT_EVENT_CAP)),
+        sse,
+        redact,
+        pending: Some(pending),
+    };
+    if add_usage && sse {
+        resp_parts.headers.remove(CONTENT_LENGTH);
+    }
+    let body = match source {
+        Ok(b) => MeteredBody::upstream(b, metering),
+        Err(b) => MeteredBody::mock(b, metering),
+    };
+    Ok(Response::from_parts(resp_parts, body))
+}
+
+/// Puts the provider credential where the provider expects it, marked
+/// sensitive so HTTP/2 never indexes it and `Debug` hides it.
+fn inject_credential(headers: &mut http::HeaderMap, provider: Provider, secret: &ProviderSecret) {
+    let raw = secret.expose_secret();
+    let (name, value) = match provider.auth_style() {
+        AuthStyle::Bearer => (http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {raw}"))),
+        AuthStyle::AnthropicApiKey => (HeaderName::from_static("x-api-key"), HeaderValue::from_str(raw)),
+        AuthStyle::GoogApiKey => (HeaderName::from_static("x-goog-api-key"), HeaderValue::from_str(raw)),
+        _ => (http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {raw}"))),
+    };
+    match value {
+        Ok(mut v) => {
+            v.set_sensitive(true);
+            headers.insert(name, v);
+        }
+        Err(_) => tracing::error!(%provider, "the provider key is not a valid header value"),
+    }
+    if provider.auth_style() == AuthStyle::AnthropicApiKey && !headers.contains_key("anthropic-version") {
+        headers.insert(
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static(Provider::ANTHROPIC_VERSION),
+        );
+    }
+}
