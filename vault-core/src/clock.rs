@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the unix epoch, UTC.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct UnixMillis(pub i64);
 
@@ -141,13 +143,28 @@ mod tests {
         // 2026-11-26T08:18:54Z
         let t = UnixMillis(1_795_681_134_000);
         assert_eq!(t.to_rfc3339(), "2026-11-26T08:18:54.000Z");
-        assert_eq!(t.start_of_utc_day().to_rfc3339(), "2026-11-26T00:00:00.000Z");
-        assert_eq!(t.start_of_utc_month().to_rfc3339(), "2026-11-01T00:00:00.000Z");
-        assert_eq!(t.start_of_next_utc_month().to_rfc3339(), "2026-12-01T00:00:00.000Z");
+        assert_eq!(
+            t.start_of_utc_day().to_rfc3339(),
+            "2026-11-26T00:00:00.000Z"
+        );
+        assert_eq!(
+            t.start_of_utc_month().to_rfc3339(),
+            "2026-11-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            t.start_of_next_utc_month().to_rfc3339(),
+            "2026-12-01T00:00:00.000Z"
+        );
         let dec = UnixMillis(1_798_675_200_000); // 2026-12-31T00:00:00Z
-        assert_eq!(dec.start_of_next_utc_month().to_rfc3339(), "2027-01-01T00:00:00.000Z");
+        assert_eq!(
+            dec.start_of_next_utc_month().to_rfc3339(),
+            "2027-01-01T00:00:00.000Z"
+        );
         let feb29 = UnixMillis(1_709_164_800_000); // 2024-02-29T00:00:00Z
-        assert_eq!(feb29.start_of_utc_month().to_rfc3339(), "2024-02-01T00:00:00.000Z");
+        assert_eq!(
+            feb29.start_of_utc_month().to_rfc3339(),
+            "2024-02-01T00:00:00.000Z"
+        );
         assert_eq!(UnixMillis(1001).ceil_secs(), 2);
         assert_eq!(UnixMillis(1000).ceil_secs(), 1);
     }

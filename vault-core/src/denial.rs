@@ -54,7 +54,10 @@ impl Denial {
     /// The HTTP status code.
     pub fn status(&self) -> u16 {
         match self {
-            Denial::MissingApiKey | Denial::InvalidApiKey | Denial::KeyRevoked | Denial::KeyExpired => 401,
+            Denial::MissingApiKey
+            | Denial::InvalidApiKey
+            | Denial::KeyRevoked
+            | Denial::KeyExpired => 401,
             Denial::PermissionDenied(_)
             | Denial::EndpointNotAllowed(_)
             | Denial::ModelNotAllowed(_)
@@ -113,7 +116,9 @@ impl Denial {
     /// The human message.
     pub fn message(&self) -> String {
         match self {
-            Denial::MissingApiKey | Denial::InvalidApiKey => "Invalid or missing API key".to_owned(),
+            Denial::MissingApiKey | Denial::InvalidApiKey => {
+                "Invalid or missing API key".to_owned()
+            }
             Denial::KeyRevoked => "API key has been revoked".to_owned(),
             Denial::KeyExpired => "API key has expired".to_owned(),
             Denial::ProjectMismatch => {

@@ -424,7 +424,11 @@ mod tests {
             let k = fmt().generate(env).unwrap();
             let s = k.expose_secret();
             assert_eq!(s.len(), 9 + 24);
-            assert!(s.starts_with(if env == KeyEnv::Live { "vpx_live_" } else { "vpx_test_" }));
+            assert!(s.starts_with(if env == KeyEnv::Live {
+                "vpx_live_"
+            } else {
+                "vpx_test_"
+            }));
             let parsed = fmt().parse(s).unwrap();
             assert_eq!(parsed.env(), env);
             assert_eq!(parsed.hash(), k.hash());

@@ -5,7 +5,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// An amount of US dollars in millionths (micro-dollars). Never a float.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Micros(pub u64);
 
@@ -89,9 +91,15 @@ mod tests {
     fn token_costs_round_up_and_saturate() {
         // 1 token at $0.15/M = 0.15 micro-dollars → 1.
         assert_eq!(Micros::for_tokens(1, Micros(150_000)), Micros(1));
-        assert_eq!(Micros::for_tokens(1_000_000, Micros(150_000)), Micros(150_000));
+        assert_eq!(
+            Micros::for_tokens(1_000_000, Micros(150_000)),
+            Micros(150_000)
+        );
         assert_eq!(Micros::for_tokens(u64::MAX, Micros(u64::MAX)), Micros::MAX);
-        assert_eq!(Micros(150_000).tokens_affordable(Micros(150_000)), Some(1_000_000));
+        assert_eq!(
+            Micros(150_000).tokens_affordable(Micros(150_000)),
+            Some(1_000_000)
+        );
         assert_eq!(Micros(1).tokens_affordable(Micros(0)), None);
         assert_eq!(Micros::MAX.saturating_add(Micros(1)), Micros::MAX);
         assert_eq!(Micros(1).saturating_sub(Micros(2)), Micros::ZERO);

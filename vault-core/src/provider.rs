@@ -66,7 +66,9 @@ pub enum UsageFormat {
 
 /// An unknown provider name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown provider {0:?}; known providers: openai, anthropic, google, mistral, groq, deepseek, cohere, xai, perplexity, bielik")]
+#[error(
+    "unknown provider {0:?}; known providers: openai, anthropic, google, mistral, groq, deepseek, cohere, xai, perplexity, bielik"
+)]
 pub struct UnknownProvider(pub String);
 
 impl Provider {

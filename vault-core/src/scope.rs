@@ -60,7 +60,9 @@ pub enum Scope {
 
 /// A scope string that names no known scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scope {0:?}; known scopes: chat:write, usage:read, audit:read, keys:manage, a family wildcard like keys:*, or *")]
+#[error(
+    "unknown scope {0:?}; known scopes: chat:write, usage:read, audit:read, keys:manage, a family wildcard like keys:*, or *"
+)]
 pub struct UnknownScope(pub String);
 
 impl Scope {
@@ -187,7 +189,16 @@ mod tests {
 
     #[test]
     fn unknown_scopes_are_named() {
-        for bad in ["chat:read", "keys", "admin", "", "*:*", "chat:write ", "CHAT:WRITE", "nope:*"] {
+        for bad in [
+            "chat:read",
+            "keys",
+            "admin",
+            "",
+            "*:*",
+            "chat:write ",
+            "CHAT:WRITE",
+            "nope:*",
+        ] {
             let e = Scopes::parse(&["usage:read", bad]).unwrap_err();
             assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
         }
@@ -196,11 +207,27 @@ mod tests {
     #[test]
     fn subsets() {
         let parent = Scopes::parse(&["chat:write", "usage:*"]).unwrap();
-        assert!(Scopes::parse(&["chat:write"]).unwrap().is_subset_of(&parent));
-        assert!(Scopes::parse(&["usage:read"]).unwrap().is_subset_of(&parent));
+        assert!(
+            Scopes::parse(&["chat:write"])
+                .unwrap()
+                .is_subset_of(&parent)
+        );
+        assert!(
+            Scopes::parse(&["usage:read"])
+                .unwrap()
+                .is_subset_of(&parent)
+        );
         assert!(!Scopes::parse(&["*"]).unwrap().is_subset_of(&parent));
-        assert!(!Scopes::parse(&["keys:manage"]).unwrap().is_subset_of(&parent));
+        assert!(
+            !Scopes::parse(&["keys:manage"])
+                .unwrap()
+                .is_subset_of(&parent)
+        );
         let all = Scopes::parse(&["*"]).unwrap();
-        assert!(Scopes::parse(&["keys:*", "chat:write"]).unwrap().is_subset_of(&all));
+        assert!(
+            Scopes::parse(&["keys:*", "chat:write"])
+                .unwrap()
+                .is_subset_of(&all)
+        );
     }
 }

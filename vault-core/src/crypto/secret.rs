@@ -119,7 +119,10 @@ mod tests {
         let s = ProviderSecret::new("sk-proj-abcdefghijklmnopx7fQ\n".to_owned());
         assert_eq!(s.expose_secret(), "sk-proj-abcdefghijklmnopx7fQ");
         assert_eq!(s.hint().as_str(), "sk-...x7fQ");
-        assert_eq!(ProviderSecret::new("short\r\n".into()).hint().as_str(), "...");
+        assert_eq!(
+            ProviderSecret::new("short\r\n".into()).hint().as_str(),
+            "..."
+        );
         assert!(!format!("{s:?}").contains("abcdefghijklmnop"));
         assert!(s.is_well_formed());
         assert!(!ProviderSecret::new("has space in it".into()).is_well_formed());

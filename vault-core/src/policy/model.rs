@@ -129,7 +129,9 @@ impl EndpointRule {
             .strip_prefix('/')
             .ok_or_else(|| err("the path must start with /"))?;
         if !path.bytes().all(|b| b.is_ascii_graphic()) || path.contains(['\\', '%', '?', '#']) {
-            return Err(err("the path may hold only printable ASCII, no \\ % ? or #"));
+            return Err(err(
+                "the path may hold only printable ASCII, no \\ % ? or #",
+            ));
         }
         let mut segments: Vec<String> = path.split('/').map(str::to_owned).collect();
         let rest = segments.last().is_some_and(|l| l == "**");
@@ -138,7 +140,9 @@ impl EndpointRule {
         }
         for seg in &segments {
             if seg.is_empty() || seg == "." || seg == ".." || seg.contains("**") {
-                return Err(err("segments must be non-empty, not . or .., and ** only as the last one"));
+                return Err(err(
+                    "segments must be non-empty, not . or .., and ** only as the last one",
+                ));
             }
         }
         Ok(EndpointRule {
@@ -332,7 +336,16 @@ mod tests {
         assert!(any.matches("GET", "/v1/models"));
         assert!(any.matches("DELETE", "/v1/files/x/y"));
         assert!(!any.matches("GET", "/v2/models"));
-        for bad in ["/v1", "post /v1", "POST v1", "POST /v1/../x", "POST /v1//x", "POST /a/**/b", "POST /v1%2f", "POST /a\\b"] {
+        for bad in [
+            "/v1",
+            "post /v1",
+            "POST v1",
+            "POST /v1/../x",
+            "POST /v1//x",
+            "POST /a/**/b",
+            "POST /v1%2f",
+            "POST /a\\b",
+        ] {
             assert!(EndpointRule::parse(bad).is_err(), "{bad}");
         }
     }
@@ -352,14 +365,30 @@ mod tests {
         let g = ModelGlob::parse("claude-3-5-haiku-*").unwrap();
         assert!(g.matches("claude-3-5-haiku-20241022"));
         assert!(!g.matches("claude-3-5-sonnet-20241022"));
-        assert!(!ModelGlob::parse("gpt-4o-mini").unwrap().matches("GPT-4O-MINI"));
-        assert!(!ModelGlob::parse("gpt-4o-mini").unwrap().matches(" gpt-4o-mini"));
+        assert!(
+            !ModelGlob::parse("gpt-4o-mini")
+                .unwrap()
+                .matches("GPT-4O-MINI")
+        );
+        assert!(
+            !ModelGlob::parse("gpt-4o-mini")
+                .unwrap()
+                .matches(" gpt-4o-mini")
+        );
         assert!(ModelGlob::parse("a b").is_err());
         let sub = ModelGlob::parse("claude-3-5-haiku-2024*").unwrap();
         assert!(sub.is_within(&g));
         assert!(!g.is_within(&sub));
-        assert!(ModelGlob::parse("x").unwrap().is_within(&ModelGlob::parse("*").unwrap()));
-        assert!(!ModelGlob::parse("*").unwrap().is_within(&ModelGlob::parse("x").unwrap()));
+        assert!(
+            ModelGlob::parse("x")
+                .unwrap()
+                .is_within(&ModelGlob::parse("*").unwrap())
+        );
+        assert!(
+            !ModelGlob::parse("*")
+                .unwrap()
+                .is_within(&ModelGlob::parse("x").unwrap())
+        );
     }
 
     #[test]

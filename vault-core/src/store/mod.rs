@@ -4,11 +4,12 @@
 //! [`MemoryStore`] (tests, embedding) and [`SqliteStore`] (the embedded
 //! default) both pass the same conformance suite (`tests/store_conformance.rs`).
 
+mod budget;
 mod memory;
 mod sqlite;
 
 pub use memory::MemoryStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{DB_FILE_NAME, SqliteStore};
 
 use async_trait::async_trait;
 
@@ -132,8 +133,11 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError>;
 
     /// Settled and held amounts of a line at `now`.
-    async fn budget_usage(&self, line: &BudgetLine, now: UnixMillis)
-    -> Result<BudgetUsage, StoreError>;
+    async fn budget_usage(
+        &self,
+        line: &BudgetLine,
+        now: UnixMillis,
+    ) -> Result<BudgetUsage, StoreError>;
 
     /// Housekeeping at `now`: reservations past their expiry are charged in
     /// full (the call may have reached the provider); carve-outs of children

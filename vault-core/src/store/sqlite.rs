@@ -1,4 +1,0 @@
-//! (being written)
-/// SQLite store (being written).
-#[derive(Debug)]
-pub struct SqliteStore;

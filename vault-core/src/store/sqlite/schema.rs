@@ -1,0 +1,131 @@
+//! The schema, as an ordered list of migrations versioned by
+//! `PRAGMA user_version`. Append new migrations; never edit a released one.
+//!
+//! The SQL stays portable (a later `PostgresStore` reuses it): hashes are
+//! lowercase hex text, policies, scopes and id lists JSON text, money
+//! `INTEGER` micro-dollars, times `INTEGER` unix milliseconds.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::backend;
+use crate::store::StoreError;
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: keys, provider keys, budgets, usage, metadata.
+    "CREATE TABLE keys (
+        id                   TEXT PRIMARY KEY,
+        hash                 TEXT NOT NULL UNIQUE,
+        prefix               TEXT NOT NULL,
+        previous_hash        TEXT UNIQUE,
+        previous_valid_until INTEGER,
+        name                 TEXT NOT NULL,
+        project              TEXT NOT NULL,
+        env                  TEXT NOT NULL,
+        scopes               TEXT NOT NULL,
+        plan                 TEXT,
+        policy               TEXT NOT NULL,
+        parent               TEXT REFERENCES keys (id),
+        provider_keys        TEXT NOT NULL,
+        created_at           INTEGER NOT NULL,
+        expires_at           INTEGER,
+        last_used_at         INTEGER,
+        request_count        INTEGER NOT NULL DEFAULT 0,
+        status               TEXT NOT NULL,
+        revoked_at           INTEGER,
+        spend                INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX keys_by_project ON keys (project, created_at);
+    CREATE INDEX keys_by_parent ON keys (parent);
+
+    CREATE TABLE provider_keys (
+        id         TEXT PRIMARY KEY,
+        project    TEXT NOT NULL,
+        provider   TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        sealed     BLOB NOT NULL,
+        hint       TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX provider_keys_by_project ON provider_keys (project, created_at);
+
+    CREATE TABLE budget_settled (
+        key_id       TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        settled      INTEGER NOT NULL,
+        PRIMARY KEY (key_id, period_start)
+    );
+
+    CREATE TABLE reservations (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id       TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        amount       INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL
+    );
+    CREATE INDEX reservations_by_line ON reservations (key_id, period_start);
+    CREATE INDEX reservations_by_expiry ON reservations (expires_at);
+
+    CREATE TABLE carve_outs (
+        child_id     TEXT PRIMARY KEY REFERENCES keys (id),
+        parent_id    TEXT NOT NULL REFERENCES keys (id),
+        period_start INTEGER NOT NULL,
+        amount       INTEGER NOT NULL
+    );
+    CREATE INDEX carve_outs_by_line ON carve_outs (parent_id, period_start);
+
+    CREATE TABLE usage (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         INTEGER NOT NULL,
+        key_id     TEXT NOT NULL,
+        project    TEXT NOT NULL,
+        provider   TEXT,
+        endpoint   TEXT NOT NULL,
+        model      TEXT,
+        tokens_in  INTEGER NOT NULL,
+        tokens_out INTEGER NOT NULL,
+        cost       INTEGER NOT NULL,
+        latency_ms INTEGER NOT NULL,
+        status     INTEGER NOT NULL,
+        denial     TEXT,
+        shadow     INTEGER NOT NULL
+    );
+    CREATE INDEX usage_by_time ON usage (at);
+    CREATE INDEX usage_by_key ON usage (key_id, at);
+    CREATE INDEX usage_by_project ON usage (project, at);
+
+    CREATE TABLE meta (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );",
+];
+
+/// The schema version this build writes.
+pub(super) const CURRENT_VERSION: usize = MIGRATIONS.len();
+
+/// Brings the database up to [`CURRENT_VERSION`] in one immediate
+/// transaction (so concurrent openers apply each migration once), refusing a
+/// database written by a newer build.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(backend)?;
+    let version = usize::try_from(version)
+        .map_err(|_| StoreError::Corrupt(format!("negative schema version {version}")))?;
+    if version > CURRENT_VERSION {
+        return Err(StoreError::Backend(format!(
+            "the database has schema version {version}, newer than this build of vaultgate \
+             understands ({CURRENT_VERSION}); upgrade vaultgate to open it"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql).map_err(backend)?;
+        let next = i64::try_from(i + 1).unwrap_or(i64::MAX);
+        tx.pragma_update(None, "user_version", next)
+            .map_err(backend)?;
+    }
+    tx.commit().map_err(backend)
+}
