@@ -5,12 +5,19 @@
 //! - [`PlanSet`]: named presets (`free`, `pro`, `enterprise`, custom).
 //! - [`check_child_policy`]: sub-agent keys are subsets of their parent.
 //! - [`RateLimiter`] and [`InFlight`]: request, token and concurrency limits.
-//! - [`DefaultEngine`]: the [`PolicyEngine`] that puts it all together.
 
 mod canonical;
 mod engine;
 mod model;
+mod plans;
+mod ratelimit;
+mod subset;
+mod yaml;
 
 pub use canonical::{PathError, split_proxy_path};
 pub use engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, RequestFacts};
 pub use model::{Budget, BudgetPeriod, EndpointRule, ModelGlob, PatternError, Policy, RateLimit};
+pub use plans::PlanSet;
+pub use ratelimit::{Exceeded, InFlight, InFlightGuard, RateLimiter};
+pub use subset::{SubsetError, check_child_policy, inherit_restrictions};
+pub use yaml::{BadDuration, PolicyError, PolicyFile, load_policy_file, parse_policy_yaml, parse_ttl};
