@@ -1,1 +1,228 @@
-fn main() {}
+//! `vaultgate`: serve the proxy and manage keys (SPEC §6).
+//!
+//! Data goes to stdout, status to stderr. Exit codes: 0 success, 1 runtime
+//! failure, 2 bad usage or bad input. Secrets are read from stdin or an
+//! environment variable, never from argv.
+
+mod app;
+mod commands;
+mod output;
+mod remote;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::app::UsageError;
+
+/// vaultgate — a vault and proxy for LLM API keys.
+#[derive(Debug, Parser)]
+#[command(name = "vaultgate", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    /// The data directory (database, master key, audit log).
+    #[arg(long, global = true, env = "VAULTGATE_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// A vaultgate.toml configuration file.
+    #[arg(long, global = true, env = "VAULTGATE_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Talk to a running server instead of the data directory (the admin key
+    /// comes from VAULTGATE_ADMIN_KEY).
+    #[arg(long, global = true, env = "VAULTGATE_URL")]
+    pub(crate) url: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub(crate) output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// For people.
+    Text,
+    /// One JSON document.
+    Json,
+    /// `export VAULTGATE_KEY=...` lines, for CI jobs.
+    Env,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the proxy and management API.
+    Serve {
+        /// Address to listen on (default from config, else 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Initialise the data directory and print an admin key and a test key.
+    Init,
+    /// Virtual keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Provider keys (the real upstream credentials).
+    #[command(subcommand, name = "provider-keys")]
+    ProviderKeys(ProviderKeysCommand),
+    /// Usage records and totals.
+    Usage {
+        /// Only this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// The master key.
+    #[command(subcommand, name = "master-key")]
+    MasterKey(MasterKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Create a key; the key is shown once.
+    Create {
+        /// A name for the key.
+        #[arg(long)]
+        name: Option<String>,
+        /// A policy file (agent.policy.yaml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Scopes, e.g. chat:write,usage:read.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// A plan: free, pro, enterprise or one from config.
+        #[arg(long)]
+        plan: Option<String>,
+        /// Time to live, e.g. 1h.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Budget in USD.
+        #[arg(long)]
+        budget_usd: Option<f64>,
+        /// Make a test key (answered by the mock provider).
+        #[arg(long)]
+        test: bool,
+        /// The project.
+        #[arg(long)]
+        project: Option<String>,
+        /// Parent key id, for a sub-agent key.
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// List keys (never the keys themselves).
+    List,
+    /// Show one key.
+    Show {
+        /// Key id (key_…).
+        id: String,
+    },
+    /// Revoke a key and its descendants.
+    Revoke {
+        /// Key id (key_…).
+        id: String,
+    },
+    /// Give a key a new secret; the old one works for the grace period.
+    Rotate {
+        /// Key id (key_…).
+        id: String,
+        /// Grace period for the old secret, e.g. 60s.
+        #[arg(long)]
+        grace: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ProviderKeysCommand {
+    /// Store a provider key, read from stdin or --from-env.
+    Add {
+        /// The provider: openai, anthropic, google, mistral, groq, deepseek,
+        /// cohere, xai, perplexity, bielik.
+        #[arg(long)]
+        provider: String,
+        /// A name for it.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Read the key from this environment variable instead of stdin.
+        #[arg(long)]
+        from_env: Option<String>,
+        /// The project.
+        #[arg(long)]
+        project: Option<String>,
+        /// Refused: secrets never go on the command line.
+        #[arg(long, hide = true)]
+        api_key: Option<String>,
+        /// Refused: secrets never go on the command line.
+        #[arg(hide = true)]
+        secret: Option<String>,
+    },
+    /// List provider keys (hints only).
+    List,
+    /// Remove a provider key.
+    Remove {
+        /// Provider key id (pk_…).
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// The last entries.
+    Tail {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
+    /// Check the hash chain; names the first bad entry.
+    Verify,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MasterKeyCommand {
+    /// Re-wrap every provider key under the current master key
+    /// (VAULTGATE_MASTER_KEY), opening with VAULTGATE_PREVIOUS_MASTER_KEY.
+    /// Resumable: run it again after a crash.
+    Rotate,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vaultgate: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = if e.downcast_ref::<UsageError>().is_some() { 2 } else { 1 };
+            eprintln!("vaultgate: {}", one_line(&e));
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}

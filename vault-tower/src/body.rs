@@ -128,6 +128,33 @@ fn redact(buf: &[u8], secret: &str) -> Bytes {
     Bytes::from(out)
 }
 
+/// Ends a complete body: flushes what is held back (redacted error body,
+/// hidden-usage remainder) and settles the call from the full metering.
+fn finish(m: &mut Metering, redact_buf: &[u8]) -> Bytes {
+    let tail = if let Some(secret) = m.redact.take() {
+        redact(redact_buf, secret.expose_secret())
+    } else if let Some(hide) = m.hide.as_mut() {
+        Bytes::from(hide.finish())
+    } else {
+        Bytes::new()
+    };
+    if let Some(call) = m.pending.take() {
+        let outcome = outcome_of(m.meter.as_mut(), true);
+        call.finish(outcome, false);
+    }
+    tail
+}
+
+impl<B: Body> Source<B> {
+    fn is_end(&self) -> bool {
+        match self {
+            Source::Upstream { body } => body.is_end_stream(),
+            Source::Mock { body } => body.is_end_stream(),
+            Source::Full { body } => body.is_end_stream(),
+        }
+    }
+}
+
 /// The SSE event a cut stream ends with, so SDKs raise instead of hanging.
 const STREAM_ERROR_EVENT: &[u8] = b"event: error\ndata: {\"error\":{\"type\":\"upstream_error\",\"code\":\"upstream_timeout\",\"message\":\"the upstream stream was interrupted\"}}\n\n";
 
@@ -174,16 +201,35 @@ where
                     if let Some(meter) = m.meter.as_mut() {
                         meter.feed(&frame);
                     }
+                    let source_ended = this.source.is_end();
                     if m.redact.is_some() {
                         let room = REDACT_CAP.saturating_sub(this.redact_buf.len());
                         this.redact_buf.extend_from_slice(&frame[..frame.len().min(room)]);
-                        continue;
+                        if !source_ended {
+                            continue;
+                        }
                     }
-                    let out = match m.hide.as_mut() {
-                        Some(hide) => Bytes::from(hide.push(&frame)),
-                        None => frame,
+                    let mut out = match (&m.redact, m.hide.as_mut()) {
+                        (Some(_), _) => Bytes::new(),
+                        (None, Some(hide)) => Bytes::from(hide.push(&frame)),
+                        (None, None) => frame,
                     };
+                    if source_ended {
+                        // Servers stop polling a body whose length is known
+                        // once it is all sent: finish here, not at `None`.
+                        *this.ended = true;
+                        let tail = finish(m, this.redact_buf);
+                        if !tail.is_empty() {
+                            let mut joined = Vec::with_capacity(out.len() + tail.len());
+                            joined.extend_from_slice(&out);
+                            joined.extend_from_slice(&tail);
+                            out = Bytes::from(joined);
+                        }
+                    }
                     if out.is_empty() {
+                        if source_ended {
+                            return Poll::Ready(None);
+                        }
                         continue;
                     }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -202,17 +248,7 @@ where
                 }
                 None => {
                     *this.ended = true;
-                    let tail = if let Some(secret) = m.redact.take() {
-                        redact(this.redact_buf, secret.expose_secret())
-                    } else if let Some(hide) = m.hide.as_mut() {
-                        Bytes::from(hide.finish())
-                    } else {
-                        Bytes::new()
-                    };
-                    if let Some(call) = m.pending.take() {
-                        let outcome = outcome_of(m.meter.as_mut(), true);
-                        call.finish(outcome, false);
-                    }
+                    let tail = finish(m, this.redact_buf);
                     if tail.is_empty() {
                         return Poll::Ready(None);
                     }

@@ -1,0 +1,137 @@
+//! Opening a data directory: configuration, master key, store, audit log,
+//! policy engine, and the shared context — the one assembly `serve` and the
+//! direct-mode commands use.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use vault_core::audit::AuditLog;
+use vault_core::clock::SystemClock;
+use vault_core::config::Config;
+use vault_core::crypto::{AesGcmEncryptor, MasterKey, MasterKeySource, load_or_create_master_key, verify_master_keys};
+use vault_core::policy::{DefaultEngine, PlanSet};
+use vault_core::pricing::{ModelPrice, PriceTable};
+use vault_core::store::{KeyStore, SqliteStore};
+use vault_tower::admin::Admin;
+use vault_tower::{RequestLimits, Timeouts, Upstream, Upstreams, VaultContext};
+
+/// A usage error: exit code 2 with one clear line.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Everything a command needs from an opened data directory.
+pub(crate) struct Opened {
+    pub(crate) config: Config,
+    pub(crate) ctx: Arc<VaultContext>,
+    pub(crate) admin: Admin,
+    pub(crate) data_dir: PathBuf,
+    /// Whether the data directory was created just now.
+    pub(crate) fresh: bool,
+}
+
+/// Loads the configuration: `--config`, `VAULTGATE_CONFIG`, or
+/// `./vaultgate.toml` if present; defaults otherwise.
+pub(crate) fn load_config(explicit: Option<&Path>) -> Result<Config> {
+    match explicit {
+        Some(p) => Config::load(p).map_err(|e| UsageError(e.to_string()).into()),
+        None if Path::new("vaultgate.toml").exists() => {
+            Config::load(Path::new("vaultgate.toml")).map_err(|e| UsageError(e.to_string()).into())
+        }
+        None => Ok(Config::default()),
+    }
+}
+
+fn timeouts(s: vault_core::config::UpstreamSettings) -> Timeouts {
+    Timeouts {
+        connect: s.connect_timeout,
+        response: s.response_timeout,
+        idle: s.idle_timeout,
+    }
+}
+
+fn price(p: vault_core::config::PriceSetting) -> Result<ModelPrice> {
+    Ok(ModelPrice {
+        input_per_million: p.input,
+        output_per_million: p.output,
+        max_output_tokens: p.max_output_tokens.unwrap_or(16_384).max(1),
+    })
+}
+
+/// Opens (creating if needed) the data directory and assembles the gateway.
+pub(crate) async fn open(config: Config, data_dir: PathBuf) -> Result<Opened> {
+    let fresh = !data_dir.join(vault_core::store::DB_FILE_NAME).exists();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let env_key = std::env::var("VAULTGATE_MASTER_KEY").ok();
+    let (master, source) = load_or_create_master_key(&data_dir, env_key.as_deref())
+        .map_err(|e| UsageError(e.to_string()))?;
+    if let MasterKeySource::Created(path) = &source {
+        tracing::info!(path = %path.display(), "created a new master key (mode 0600); back it up");
+    }
+    let previous = match std::env::var("VAULTGATE_PREVIOUS_MASTER_KEY") {
+        Ok(v) => vec![MasterKey::from_base64(&v).map_err(|e| UsageError(format!("VAULTGATE_PREVIOUS_MASTER_KEY: {e}")))?],
+        Err(_) => Vec::new(),
+    };
+    let encryptor = Arc::new(
+        AesGcmEncryptor::with_previous(master, previous).map_err(|e| anyhow::anyhow!("the master key cannot be used: {e}"))?,
+    );
+    let store: Arc<dyn KeyStore> = Arc::new(
+        SqliteStore::open_in_dir(&data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display()))?,
+    );
+    verify_master_keys(store.as_ref(), encryptor.as_ref())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let audit = Arc::new(
+        AuditLog::open(&data_dir.join("audit.jsonl"))
+            .map_err(|e| anyhow::anyhow!("cannot open the audit log: {e}"))?,
+    );
+
+    let mut prices = PriceTable::builtin();
+    for ((provider, model), p) in &config.prices {
+        prices = prices.with_override(*provider, model, price(*p)?);
+    }
+    prices = prices.with_fallback(config.fallback_price.map(price).transpose()?);
+    let clock = Arc::new(SystemClock);
+    let engine = Arc::new(DefaultEngine::new(store.clone(), Arc::new(prices), clock.clone()));
+
+    let mut upstreams = Upstreams::none();
+    for provider in vault_core::provider::Provider::ALL {
+        if let Some(url) = config.base_url(provider) {
+            let up = Upstream::new(url, timeouts(config.timeouts(provider)))
+                .map_err(|e| UsageError(format!("providers.{provider}.base_url: {e}")))?;
+            upstreams.set(provider, up);
+        }
+    }
+    let ctx = VaultContext::builder(store, encryptor, engine)
+        .clock(clock)
+        .upstreams(upstreams)
+        .test_keys_use_mock(config.test_keys_use_mock)
+        .request_limits(RequestLimits {
+            max_body_bytes: config.max_body_bytes,
+            ..RequestLimits::default()
+        })
+        .audit(audit)
+        .build();
+    let mut plans = PlanSet::seeded();
+    for (name, policy) in &config.plans {
+        plans = plans.with_custom(name, policy.clone());
+    }
+    let admin = Admin::new(ctx.clone(), Arc::new(plans));
+    Ok(Opened {
+        config,
+        ctx,
+        admin,
+        data_dir,
+        fresh,
+    })
+}
