@@ -212,7 +212,10 @@ impl AuditLog {
                     path: path.to_owned(),
                     why,
                 };
-                let entry = check_line(&line).map_err(|p| corrupt(p.to_string()))?;
+                let line = line
+                    .strip_suffix(b"\n")
+                    .ok_or_else(|| corrupt(Problem::Truncated.to_string()))?;
+                let entry = check_line(line).map_err(|p| corrupt(p.to_string()))?;
                 (entry.seq, entry.hash)
             }
         };
@@ -319,9 +322,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }
 
-/// The last complete line of the file, read backwards in blocks. A file
-/// that does not end with a newline ends with a torn line, returned as is
-/// so that the caller reports it.
+/// The last line of the file with its newline, read backwards in blocks.
+/// A file that does not end with a newline ends with a torn line, returned
+/// without one so that the caller reports it.
 fn last_line(file: &mut File) -> std::io::Result<Option<Vec<u8>>> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
@@ -609,19 +612,18 @@ pub fn read_entries(path: &Path, filter: &AuditFilter) -> Result<Vec<Value>, Aud
         let Ok(entry) = serde_json::from_slice::<Value>(&line) else {
             continue;
         };
-        if let Some(project) = &filter.project {
-            if entry.get("project").and_then(Value::as_str) != Some(project.as_str()) {
-                continue;
-            }
-        }
-        if let Some(before) = filter.before_seq {
-            if entry
+        let other_project = filter
+            .project
+            .as_ref()
+            .is_some_and(|p| entry.get("project").and_then(Value::as_str) != Some(p.as_str()));
+        let too_new = filter.before_seq.is_some_and(|before| {
+            entry
                 .get("seq")
                 .and_then(Value::as_u64)
                 .is_none_or(|seq| seq >= before)
-            {
-                continue;
-            }
+        });
+        if other_project || too_new {
+            continue;
         }
         if kept.len() == filter.limit {
             kept.pop_front();

@@ -261,10 +261,10 @@ fn parse_top(provider: Provider, text: &str) -> Result<Facts, BodyError> {
         if let Some(error) = slot.error.take() {
             return error;
         }
-        if let Some(field) = slot.field.take() {
-            if e.is_data() || e.classify() == serde_json::error::Category::Syntax {
-                return BodyError::InvalidField(field);
-            }
+        if let Some(field) = slot.field.take()
+            && (e.is_data() || e.classify() == serde_json::error::Category::Syntax)
+        {
+            return BodyError::InvalidField(field);
         }
         BodyError::InvalidJson(format!(
             "{} at line {} column {}",
