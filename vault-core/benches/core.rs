@@ -1,1 +1,175 @@
-fn main() {}
+//! Hot-path costs of vault-core: key generation, parsing and hashing a
+//! presented key, sealing and opening a provider key, and finding a key by
+//! hash in SQLite with 1k and 1M keys stored. Results go in BENCHMARKS.md.
+//!
+//! Run: `cargo bench -p vault-core --bench core -- --warm-up-time 1 --measurement-time 3`
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use vault_core::clock::UnixMillis;
+use vault_core::crypto::{Aad, AesGcmEncryptor, Encryptor, MasterKey, ProviderSecret};
+use vault_core::key::{KeyEnv, KeyFormat, KeyHash, KeyId, KeyPrefix};
+use vault_core::money::Micros;
+use vault_core::policy::Policy;
+use vault_core::provider::Provider;
+use vault_core::record::{KeyRecord, KeyStatus};
+use vault_core::scope::Scopes;
+use vault_core::store::{KeyStore, SqliteStore};
+
+fn aad() -> Aad<'static> {
+    Aad {
+        record_id: "pk_bench0000000000",
+        project: "default",
+        provider: Provider::OpenAi,
+    }
+}
+
+fn keys_and_crypto(c: &mut Criterion) {
+    let format = KeyFormat::default();
+    let key = format.generate(KeyEnv::Live).unwrap();
+    let presented = key.expose_secret().to_owned();
+    let enc = AesGcmEncryptor::new(MasterKey::generate().unwrap()).unwrap();
+    let secret = ProviderSecret::new("sk-proj-0123456789abcdefghijklmnopqrstuvwxyzABCDEF".into());
+    let sealed = enc.seal(&secret, &aad()).unwrap();
+
+    c.bench_function("key_generate", |b| {
+        b.iter(|| format.generate(KeyEnv::Live).unwrap())
+    });
+    c.bench_function("key_parse_hash", |b| {
+        b.iter(|| format.parse(black_box(&presented)).unwrap().hash())
+    });
+    c.bench_function("seal", |b| b.iter(|| enc.seal(&secret, &aad()).unwrap()));
+    c.bench_function("open", |b| {
+        b.iter(|| enc.open(black_box(&sealed), &aad()).unwrap())
+    });
+    c.bench_function("parse_hash_open", |b| {
+        b.iter(|| {
+            let hash = format.parse(black_box(&presented)).unwrap().hash();
+            let opened = enc.open(black_box(&sealed), &aad()).unwrap();
+            (hash, opened)
+        })
+    });
+}
+
+fn template_key() -> KeyRecord {
+    let id = KeyId::generate().unwrap();
+    KeyRecord {
+        hash: KeyHash::of(id.as_str()),
+        prefix: KeyPrefix::new("vpx_live_Ab3x"),
+        previous_hash: None,
+        previous_valid_until: None,
+        name: "bench".into(),
+        project: "default".into(),
+        env: KeyEnv::Live,
+        scopes: Scopes::parse(&["chat:write"]).unwrap(),
+        plan: Some("pro".into()),
+        policy: Policy::default(),
+        parent: None,
+        provider_keys: Vec::new(),
+        created_at: UnixMillis(1),
+        expires_at: None,
+        last_used_at: None,
+        request_count: 0,
+        status: KeyStatus::Active,
+        revoked_at: None,
+        spend: Micros::ZERO,
+        id,
+    }
+}
+
+/// A store holding `n` keys: one inserted through the store API, the rest
+/// copied from it in one SQL transaction with fresh ids and random hashes
+/// (the store API commits and fsyncs every insert on its own, which for 1M
+/// keys would take hours). Returns the store and 1024 stored hashes.
+fn store_with_keys(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    n: usize,
+) -> (SqliteStore, Vec<KeyHash>) {
+    let started = Instant::now();
+    let store = SqliteStore::open_in_dir(dir).unwrap();
+    let db = store.path().to_owned();
+    rt.block_on(store.insert_key(&template_key(), None))
+        .unwrap();
+    drop(store);
+
+    let mut conn = rusqlite::Connection::open(&db).unwrap();
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('keys')")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| match c.as_str() {
+            "id" => "'key_bench' || n".to_owned(),
+            "hash" => "lower(hex(randomblob(32)))".to_owned(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let sql = format!(
+        "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < ?1)
+         INSERT INTO keys ({}) SELECT {} FROM seq, (SELECT * FROM keys LIMIT 1)",
+        columns.join(", "),
+        select.join(", ")
+    );
+    let tx = conn.transaction().unwrap();
+    tx.execute(&sql, [n as i64 - 1]).unwrap();
+    tx.commit().unwrap();
+    let hashes: Vec<KeyHash> = conn
+        .prepare("SELECT hash FROM keys ORDER BY random() LIMIT 1024")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|h| KeyHash::from_hex(&h.unwrap()).unwrap())
+        .collect();
+    let count: i64 = conn
+        .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count as usize, n);
+    drop(conn);
+    eprintln!("stored {n} keys in {:.1?}", started.elapsed());
+    (SqliteStore::open(&db).unwrap(), hashes)
+}
+
+fn find_by_hash(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("sqlite_find_by_hash");
+    for (label, n) in [("1k", 1_000), ("1M", 1_000_000)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, hashes) = store_with_keys(&rt, &dir.path().join("data"), n);
+        let mut i = 0;
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                i = (i + 1) % hashes.len();
+                let found = rt.block_on(store.find_by_hash(&hashes[i])).unwrap();
+                assert!(found.is_some());
+                found
+            })
+        });
+        // A miss (an unknown key) costs the same index probe.
+        group.bench_function(format!("{label}_miss"), |b| {
+            let unknown = KeyHash::of("vpx_live_unknownunknownunknown");
+            b.iter(|| rt.block_on(store.find_by_hash(&unknown)).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1));
+    targets = keys_and_crypto, find_by_hash
+}
+criterion_main!(benches);
