@@ -9,7 +9,9 @@ use anyhow::{Context as _, Result};
 use vault_core::audit::AuditLog;
 use vault_core::clock::SystemClock;
 use vault_core::config::Config;
-use vault_core::crypto::{AesGcmEncryptor, MasterKey, MasterKeySource, load_or_create_master_key, verify_master_keys};
+use vault_core::crypto::{
+    AesGcmEncryptor, MasterKey, MasterKeySource, load_or_create_master_key, verify_master_keys,
+};
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::{ModelPrice, PriceTable};
 use vault_core::store::{KeyStore, SqliteStore};
@@ -78,16 +80,20 @@ pub(crate) async fn open(config: Config, data_dir: PathBuf) -> Result<Opened> {
         tracing::info!(path = %path.display(), "created a new master key (mode 0600); back it up");
     }
     let previous = match std::env::var("VAULTGATE_PREVIOUS_MASTER_KEY") {
-        Ok(v) => vec![MasterKey::from_base64(&v).map_err(|e| UsageError(format!("VAULTGATE_PREVIOUS_MASTER_KEY: {e}")))?],
+        Ok(v) => vec![
+            MasterKey::from_base64(&v)
+                .map_err(|e| UsageError(format!("VAULTGATE_PREVIOUS_MASTER_KEY: {e}")))?,
+        ],
         Err(_) => Vec::new(),
     };
     let encryptor = Arc::new(
-        AesGcmEncryptor::with_previous(master, previous).map_err(|e| anyhow::anyhow!("the master key cannot be used: {e}"))?,
+        AesGcmEncryptor::with_previous(master, previous)
+            .map_err(|e| anyhow::anyhow!("the master key cannot be used: {e}"))?,
     );
-    let store: Arc<dyn KeyStore> = Arc::new(
-        SqliteStore::open_in_dir(&data_dir)
-            .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display()))?,
-    );
+    let store: Arc<dyn KeyStore> =
+        Arc::new(SqliteStore::open_in_dir(&data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display())
+        })?);
     verify_master_keys(store.as_ref(), encryptor.as_ref())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -102,7 +108,11 @@ pub(crate) async fn open(config: Config, data_dir: PathBuf) -> Result<Opened> {
     }
     prices = prices.with_fallback(config.fallback_price.map(price).transpose()?);
     let clock = Arc::new(SystemClock);
-    let engine = Arc::new(DefaultEngine::new(store.clone(), Arc::new(prices), clock.clone()));
+    let engine = Arc::new(DefaultEngine::new(
+        store.clone(),
+        Arc::new(prices),
+        clock.clone(),
+    ));
 
     let mut upstreams = Upstreams::none();
     for provider in vault_core::provider::Provider::ALL {

@@ -19,13 +19,18 @@ use vault_tower::{Forwarder, VaultLayer};
 use crate::app::{self, Opened, UsageError};
 use crate::output;
 use crate::remote::Remote;
-use crate::{AuditCommand, Cli, Command, KeysCommand, MasterKeyCommand, Output, ProviderKeysCommand};
+use crate::{
+    AuditCommand, Cli, Command, KeysCommand, MasterKeyCommand, Output, ProviderKeysCommand,
+};
 
 /// Runs the parsed command.
 pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
     let config = app::load_config(cli.config.as_deref())?;
     init_logging(config.log_format);
-    let data_dir = cli.data_dir.clone().unwrap_or_else(|| config.data_dir.clone());
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.clone());
     let format = cli.output;
     if let Some(url) = cli.url.as_deref() {
         return remote(Remote::new(url)?, cli.command, format).await;
@@ -50,7 +55,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
 fn init_logging(format: vault_core::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VAULTGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         vault_core::config::LogFormat::Json => builder.json().try_init(),
         vault_core::config::LogFormat::Text => builder.try_init(),
@@ -59,28 +66,42 @@ fn init_logging(format: vault_core::config::LogFormat) {
 
 /// On a fresh data directory: an admin key and a test key, printed once.
 async fn first_start(opened: &Opened, format: Output) -> Result<()> {
-    let keys = opened.ctx.store().list_keys(None).await.map_err(|e| anyhow!("{e}"))?;
+    let keys = opened
+        .ctx
+        .store()
+        .list_keys(None)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     if !keys.is_empty() {
-        eprintln!("vaultgate: {} is already initialised", opened.data_dir.display());
+        eprintln!(
+            "vaultgate: {} is already initialised",
+            opened.data_dir.display()
+        );
         return Ok(());
     }
     let admin = opened
         .admin
-        .create_key(&Actor::Operator, NewKey {
-            name: "admin".to_owned(),
-            scopes: vec!["*".to_owned()],
-            ..NewKey::default()
-        })
+        .create_key(
+            &Actor::Operator,
+            NewKey {
+                name: "admin".to_owned(),
+                scopes: vec!["*".to_owned()],
+                ..NewKey::default()
+            },
+        )
         .await?;
     let test = opened
         .admin
-        .create_key(&Actor::Operator, NewKey {
-            name: "test".to_owned(),
-            scopes: vec!["chat:write".to_owned(), "usage:read".to_owned()],
-            env: Some(KeyEnv::Test),
-            plan: Some("free".to_owned()),
-            ..NewKey::default()
-        })
+        .create_key(
+            &Actor::Operator,
+            NewKey {
+                name: "test".to_owned(),
+                scopes: vec!["chat:write".to_owned(), "usage:read".to_owned()],
+                env: Some(KeyEnv::Test),
+                plan: Some("free".to_owned()),
+                ..NewKey::default()
+            },
+        )
         .await?;
     match format {
         Output::Json => println!(
@@ -94,17 +115,26 @@ async fn first_start(opened: &Opened, format: Output) -> Result<()> {
         Output::Text => {
             println!("admin key: {}", admin.key.expose_secret());
             println!("test key:  {}", test.key.expose_secret());
-            eprintln!("vaultgate: initialised {}; these keys are shown once, store them now", opened.data_dir.display());
+            eprintln!(
+                "vaultgate: initialised {}; these keys are shown once, store them now",
+                opened.data_dir.display()
+            );
         }
     }
     Ok(())
 }
 
-async fn serve(config: vault_core::config::Config, data_dir: PathBuf, listen: Option<String>) -> Result<ExitCode> {
+async fn serve(
+    config: vault_core::config::Config,
+    data_dir: PathBuf,
+    listen: Option<String>,
+) -> Result<ExitCode> {
     let listen = listen.unwrap_or_else(|| config.listen.clone());
-    let addr: std::net::SocketAddr = listen
-        .parse()
-        .map_err(|_| UsageError(format!("--listen {listen:?}: expected an address like 127.0.0.1:8080")))?;
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        UsageError(format!(
+            "--listen {listen:?}: expected an address like 127.0.0.1:8080"
+        ))
+    })?;
     let opened = app::open(config, data_dir).await?;
     if opened.fresh {
         first_start(&opened, Output::Text).await?;
@@ -112,9 +142,12 @@ async fn serve(config: vault_core::config::Config, data_dir: PathBuf, listen: Op
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
-    let router = admin_router(opened.admin.clone(), AdminOptions {
-        protect_metrics: opened.config.protect_metrics,
-    })
+    let router = admin_router(
+        opened.admin.clone(),
+        AdminOptions {
+            protect_metrics: opened.config.protect_metrics,
+        },
+    )
     .fallback_service(
         tower::ServiceBuilder::new()
             .layer(VaultLayer::new(opened.ctx.clone()))
@@ -126,8 +159,12 @@ async fn serve(config: vault_core::config::Config, data_dir: PathBuf, listen: Op
     );
     let sweeper = spawn_sweeper(opened.ctx.clone());
     tracing::info!(%addr, data_dir = %opened.data_dir.display(), "vaultgate is listening");
-    eprintln!("vaultgate: listening on http://{}", listener.local_addr().unwrap_or(addr));
-    vault_tower::server::serve(listener, router, shutdown_signal(), Duration::from_secs(30)).await?;
+    eprintln!(
+        "vaultgate: listening on http://{}",
+        listener.local_addr().unwrap_or(addr)
+    );
+    vault_tower::server::serve(listener, router, shutdown_signal(), Duration::from_secs(30))
+        .await?;
     sweeper.abort();
     opened.ctx.flush().await;
     tracing::info!("usage flushed; bye");
@@ -193,13 +230,18 @@ fn read_secret(from_env: Option<&str>) -> Result<ProviderSecret> {
             std::io::stdin()
                 .take(64 * 1024)
                 .read_to_string(&mut s)
-                .map_err(|_| UsageError("the provider key on stdin is not UTF-8 text".to_owned()))?;
+                .map_err(|_| {
+                    UsageError("the provider key on stdin is not UTF-8 text".to_owned())
+                })?;
             s
         }
     };
     let secret = ProviderSecret::new(raw);
     if secret.expose_secret().is_empty() {
-        return Err(UsageError("no provider key given: pipe it on stdin or use --from-env VAR".to_owned()).into());
+        return Err(UsageError(
+            "no provider key given: pipe it on stdin or use --from-env VAR".to_owned(),
+        )
+        .into());
     }
     Ok(secret)
 }
@@ -221,7 +263,10 @@ fn new_key_body(
         let file = load_policy_file(&path).map_err(|e| UsageError(e.to_string()))?;
         new.name = file.name.unwrap_or_default();
         new.ttl = file.ttl;
-        new.scopes = file.scopes.map(|s| s.iter().map(|x| x.to_string()).collect()).unwrap_or_default();
+        new.scopes = file
+            .scopes
+            .map(|s| s.iter().map(|x| x.to_string()).collect())
+            .unwrap_or_default();
         new.plan = file.plan;
         new.policy = file.policy;
     }
@@ -235,11 +280,16 @@ fn new_key_body(
         new.plan = plan;
     }
     if let Some(t) = ttl {
-        new.ttl = Some(vault_core::policy::parse_ttl(&t).map_err(|e| UsageError(format!("--ttl: {e}")))?);
+        new.ttl =
+            Some(vault_core::policy::parse_ttl(&t).map_err(|e| UsageError(format!("--ttl: {e}")))?);
     }
     if let Some(usd) = budget_usd {
-        let limit = vault_core::money::Micros::from_usd(usd).map_err(|e| UsageError(format!("--budget-usd: {e}")))?;
-        new.policy.budget = Some(Budget { limit, period: BudgetPeriod::Total });
+        let limit = vault_core::money::Micros::from_usd(usd)
+            .map_err(|e| UsageError(format!("--budget-usd: {e}")))?;
+        new.policy.budget = Some(Budget {
+            limit,
+            period: BudgetPeriod::Total,
+        });
     }
     if test {
         new.env = Some(KeyEnv::Test);
@@ -277,8 +327,20 @@ async fn direct(opened: &Opened, command: Command, format: Output) -> Result<Exi
     let me = Actor::Operator;
     let now = opened.ctx.clock().now();
     match command {
-        Command::Keys(KeysCommand::Create { name, policy, scopes, plan, ttl, budget_usd, test, project, parent }) => {
-            let (new, _) = new_key_body(name, policy, scopes, plan, ttl, budget_usd, test, project, parent)?;
+        Command::Keys(KeysCommand::Create {
+            name,
+            policy,
+            scopes,
+            plan,
+            ttl,
+            budget_usd,
+            test,
+            project,
+            parent,
+        }) => {
+            let (new, _) = new_key_body(
+                name, policy, scopes, plan, ttl, budget_usd, test, project, parent,
+            )?;
             let issued = admin.create_key(&me, new).await?;
             let mut v = views::key(&issued.record, now);
             v["key"] = json!(issued.key.expose_secret());
@@ -296,24 +358,51 @@ async fn direct(opened: &Opened, command: Command, format: Output) -> Result<Exi
         Command::Keys(KeysCommand::Revoke { id }) => {
             let revoked = admin.revoke_key(&me, &key_id(&id)?).await?;
             let v = json!({"id": id, "status": "revoked", "revoked": revoked});
-            output::value(format, &v, |_| format!("revoked {id} and {} descendant(s)\n", revoked.len().saturating_sub(1)))?;
+            output::value(format, &v, |_| {
+                format!(
+                    "revoked {id} and {} descendant(s)\n",
+                    revoked.len().saturating_sub(1)
+                )
+            })?;
         }
         Command::Keys(KeysCommand::Rotate { id, grace }) => {
             let grace = grace
-                .map(|g| vault_core::policy::parse_ttl(&g).map_err(|e| UsageError(format!("--grace: {e}"))))
+                .map(|g| {
+                    vault_core::policy::parse_ttl(&g)
+                        .map_err(|e| UsageError(format!("--grace: {e}")))
+                })
                 .transpose()?;
             let issued = admin.rotate_key(&me, &key_id(&id)?, grace).await?;
             let mut v = views::key(&issued.record, now);
             v["key"] = json!(issued.key.expose_secret());
             output::issued_key(format, &v);
         }
-        Command::ProviderKeys(ProviderKeysCommand::Add { provider, name, from_env, project, api_key, secret }) => {
+        Command::ProviderKeys(ProviderKeysCommand::Add {
+            provider,
+            name,
+            from_env,
+            project,
+            api_key,
+            secret,
+        }) => {
             refuse_argv_secret(api_key.is_some() || secret.is_some())?;
-            let provider = provider.parse().map_err(|e: vault_core::provider::UnknownProvider| UsageError(format!("--provider: {e}")))?;
+            let provider =
+                provider
+                    .parse()
+                    .map_err(|e: vault_core::provider::UnknownProvider| {
+                        UsageError(format!("--provider: {e}"))
+                    })?;
             let secret = read_secret(from_env.as_deref())?;
-            let rec = admin.add_provider_key(&me, provider, name, project, secret).await?;
+            let rec = admin
+                .add_provider_key(&me, provider, name, project, secret)
+                .await?;
             output::value(format, &views::provider_key(&rec), |v| {
-                format!("added {} ({} {})\n", v["id"].as_str().unwrap_or_default(), v["provider"].as_str().unwrap_or_default(), v["hint"].as_str().unwrap_or_default())
+                format!(
+                    "added {} ({} {})\n",
+                    v["id"].as_str().unwrap_or_default(),
+                    v["provider"].as_str().unwrap_or_default(),
+                    v["hint"].as_str().unwrap_or_default()
+                )
             })?;
         }
         Command::ProviderKeys(ProviderKeysCommand::List) => {
@@ -322,9 +411,12 @@ async fn direct(opened: &Opened, command: Command, format: Output) -> Result<Exi
             output::value(format, &v, output::provider_keys_text)?;
         }
         Command::ProviderKeys(ProviderKeysCommand::Remove { id }) => {
-            let pk = ProviderKeyId::parse(&id).ok_or_else(|| UsageError(format!("{id:?} is not a provider key id (pk_…)")))?;
+            let pk = ProviderKeyId::parse(&id)
+                .ok_or_else(|| UsageError(format!("{id:?} is not a provider key id (pk_…)")))?;
             admin.remove_provider_key(&me, &pk).await?;
-            output::value(format, &json!({"id": id, "deleted": true}), |_| format!("removed {id}\n"))?;
+            output::value(format, &json!({"id": id, "deleted": true}), |_| {
+                format!("removed {id}\n")
+            })?;
         }
         Command::Usage { key, limit } => {
             let filter = UsageFilter {
@@ -336,16 +428,25 @@ async fn direct(opened: &Opened, command: Command, format: Output) -> Result<Exi
             output::value(format, &views::usage(&records), output::usage_text)?;
         }
         Command::Audit(AuditCommand::Tail { lines }) => {
-            let entries = vault_core::audit::tail(&opened.data_dir.join("audit.jsonl"), lines).map_err(|e| anyhow!("{e}"))?;
+            let entries = vault_core::audit::tail(&opened.data_dir.join("audit.jsonl"), lines)
+                .map_err(|e| anyhow!("{e}"))?;
             output::value(format, &json!({"data": entries}), output::lines_text)?;
         }
         Command::MasterKey(MasterKeyCommand::Rotate) => {
-            let report = rotate_master_key(opened.ctx.store().as_ref(), opened.ctx.encryptor().as_ref())
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            output::value(format, &json!({"rewrapped": report.rewrapped, "already_current": report.already_current}), |v| {
-                format!("re-wrapped {} provider key(s); {} already current\n", v["rewrapped"], v["already_current"])
-            })?;
+            let report =
+                rotate_master_key(opened.ctx.store().as_ref(), opened.ctx.encryptor().as_ref())
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+            output::value(
+                format,
+                &json!({"rewrapped": report.rewrapped, "already_current": report.already_current}),
+                |v| {
+                    format!(
+                        "re-wrapped {} provider key(s); {} already current\n",
+                        v["rewrapped"], v["already_current"]
+                    )
+                },
+            )?;
         }
         Command::Serve { .. } | Command::Init | Command::Audit(AuditCommand::Verify) => {}
     }
@@ -364,39 +465,90 @@ fn refuse_argv_secret(given: bool) -> Result<()> {
 
 async fn remote(r: Remote, command: Command, format: Output) -> Result<ExitCode> {
     match command {
-        Command::Keys(KeysCommand::Create { name, policy, scopes, plan, ttl, budget_usd, test, project, parent }) => {
-            let (_, body) = new_key_body(name, policy, scopes, plan, ttl, budget_usd, test, project, parent)?;
+        Command::Keys(KeysCommand::Create {
+            name,
+            policy,
+            scopes,
+            plan,
+            ttl,
+            budget_usd,
+            test,
+            project,
+            parent,
+        }) => {
+            let (_, body) = new_key_body(
+                name, policy, scopes, plan, ttl, budget_usd, test, project, parent,
+            )?;
             let v = r.call(Method::POST, "/v1/keys", Some(body)).await?;
             output::issued_key(format, &v);
         }
-        Command::Keys(KeysCommand::List) => output::value(format, &r.call(Method::GET, "/v1/keys", None).await?, output::keys_text)?,
+        Command::Keys(KeysCommand::List) => output::value(
+            format,
+            &r.call(Method::GET, "/v1/keys", None).await?,
+            output::keys_text,
+        )?,
         Command::Keys(KeysCommand::Show { id }) => {
-            output::value(format, &r.call(Method::GET, &format!("/v1/keys/{}", key_id(&id)?), None).await?, output::key_text)?;
+            output::value(
+                format,
+                &r.call(Method::GET, &format!("/v1/keys/{}", key_id(&id)?), None)
+                    .await?,
+                output::key_text,
+            )?;
         }
         Command::Keys(KeysCommand::Revoke { id }) => {
-            let v = r.call(Method::DELETE, &format!("/v1/keys/{}", key_id(&id)?), None).await?;
+            let v = r
+                .call(Method::DELETE, &format!("/v1/keys/{}", key_id(&id)?), None)
+                .await?;
             output::value(format, &v, |_| format!("revoked {id}\n"))?;
         }
         Command::Keys(KeysCommand::Rotate { id, grace }) => {
             let body = grace.map(|g| json!({"grace": g}));
-            let v = r.call(Method::POST, &format!("/v1/keys/{}/rotate", key_id(&id)?), body).await?;
+            let v = r
+                .call(
+                    Method::POST,
+                    &format!("/v1/keys/{}/rotate", key_id(&id)?),
+                    body,
+                )
+                .await?;
             output::issued_key(format, &v);
         }
-        Command::ProviderKeys(ProviderKeysCommand::Add { provider, name, from_env, project, api_key, secret }) => {
+        Command::ProviderKeys(ProviderKeysCommand::Add {
+            provider,
+            name,
+            from_env,
+            project,
+            api_key,
+            secret,
+        }) => {
             refuse_argv_secret(api_key.is_some() || secret.is_some())?;
             let secret = read_secret(from_env.as_deref())?;
-            let mut body = json!({"provider": provider, "api_key": secret.expose_secret(), "name": name});
+            let mut body =
+                json!({"provider": provider, "api_key": secret.expose_secret(), "name": name});
             if let Some(p) = project {
                 body["project"] = json!(p);
             }
-            let v = r.call(Method::POST, "/v1/provider-keys", Some(body)).await?;
-            output::value(format, &v, |v| format!("added {} ({})\n", v["id"].as_str().unwrap_or_default(), v["hint"].as_str().unwrap_or_default()))?;
+            let v = r
+                .call(Method::POST, "/v1/provider-keys", Some(body))
+                .await?;
+            output::value(format, &v, |v| {
+                format!(
+                    "added {} ({})\n",
+                    v["id"].as_str().unwrap_or_default(),
+                    v["hint"].as_str().unwrap_or_default()
+                )
+            })?;
         }
         Command::ProviderKeys(ProviderKeysCommand::List) => {
-            output::value(format, &r.call(Method::GET, "/v1/provider-keys", None).await?, output::provider_keys_text)?;
+            output::value(
+                format,
+                &r.call(Method::GET, "/v1/provider-keys", None).await?,
+                output::provider_keys_text,
+            )?;
         }
         Command::ProviderKeys(ProviderKeysCommand::Remove { id }) => {
-            let v = r.call(Method::DELETE, &format!("/v1/provider-keys/{id}"), None).await?;
+            let v = r
+                .call(Method::DELETE, &format!("/v1/provider-keys/{id}"), None)
+                .await?;
             output::value(format, &v, |_| format!("removed {id}\n"))?;
         }
         Command::Usage { key, limit } => {
@@ -404,13 +556,28 @@ async fn remote(r: Remote, command: Command, format: Output) -> Result<ExitCode>
             if let Some(k) = key {
                 path.push_str(&format!("&key_id={}", key_id(&k)?));
             }
-            output::value(format, &r.call(Method::GET, &path, None).await?, output::usage_text)?;
+            output::value(
+                format,
+                &r.call(Method::GET, &path, None).await?,
+                output::usage_text,
+            )?;
         }
         Command::Audit(AuditCommand::Tail { lines }) => {
-            output::value(format, &r.call(Method::GET, &format!("/v1/audit?limit={lines}"), None).await?, output::lines_text)?;
+            output::value(
+                format,
+                &r.call(Method::GET, &format!("/v1/audit?limit={lines}"), None)
+                    .await?,
+                output::lines_text,
+            )?;
         }
-        Command::Serve { .. } | Command::Init | Command::Audit(AuditCommand::Verify) | Command::MasterKey(_) => {
-            return Err(UsageError("this command works on the data directory; drop --url".to_owned()).into());
+        Command::Serve { .. }
+        | Command::Init
+        | Command::Audit(AuditCommand::Verify)
+        | Command::MasterKey(_) => {
+            return Err(UsageError(
+                "this command works on the data directory; drop --url".to_owned(),
+            )
+            .into());
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -10,8 +10,14 @@ pub(crate) fn issued_key(format: Output, v: &Value) {
     match format {
         Output::Json => json(v),
         Output::Env => {
-            println!("export VAULTGATE_KEY={}", v["key"].as_str().unwrap_or_default());
-            println!("export VAULTGATE_KEY_ID={}", v["id"].as_str().unwrap_or_default());
+            println!(
+                "export VAULTGATE_KEY={}",
+                v["key"].as_str().unwrap_or_default()
+            );
+            println!(
+                "export VAULTGATE_KEY_ID={}",
+                v["id"].as_str().unwrap_or_default()
+            );
         }
         Output::Text => {
             println!("{}", v["key"].as_str().unwrap_or_default());
@@ -26,11 +32,19 @@ pub(crate) fn issued_key(format: Output, v: &Value) {
 }
 
 /// Prints any other result; `env` is refused where it means nothing.
-pub(crate) fn value(format: Output, v: &Value, text: impl Fn(&Value) -> String) -> Result<(), UsageError> {
+pub(crate) fn value(
+    format: Output,
+    v: &Value,
+    text: impl Fn(&Value) -> String,
+) -> Result<(), UsageError> {
     match format {
         Output::Json => json(v),
         Output::Text => print!("{}", text(v)),
-        Output::Env => return Err(UsageError("--output env is only for keys create and keys rotate".to_owned())),
+        Output::Env => {
+            return Err(UsageError(
+                "--output env is only for keys create and keys rotate".to_owned(),
+            ));
+        }
     }
     Ok(())
 }
@@ -76,8 +90,21 @@ fn key_line(k: &Value) -> String {
 pub(crate) fn key_text(k: &Value) -> String {
     let mut out = String::new();
     for field in [
-        "id", "name", "project", "prefix", "env", "status", "permissions", "plan", "parent", "created_at",
-        "expires_at", "last_used_at", "request_count", "spend_usd", "policy",
+        "id",
+        "name",
+        "project",
+        "prefix",
+        "env",
+        "status",
+        "permissions",
+        "plan",
+        "parent",
+        "created_at",
+        "expires_at",
+        "last_used_at",
+        "request_count",
+        "spend_usd",
+        "policy",
     ] {
         out.push_str(&format!("{field:<14} {}\n", s(&k[field])));
     }
@@ -86,7 +113,10 @@ pub(crate) fn key_text(k: &Value) -> String {
 
 /// One line per provider key.
 pub(crate) fn provider_keys_text(v: &Value) -> String {
-    let mut out = format!("{:<22} {:<11} {:<12} {:<24} {}\n", "ID", "PROVIDER", "HINT", "NAME", "PROJECT");
+    let mut out = format!(
+        "{:<22} {:<11} {:<12} {:<24} {}\n",
+        "ID", "PROVIDER", "HINT", "NAME", "PROJECT"
+    );
     for k in v["data"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:<22} {:<11} {:<12} {:<24} {}\n",

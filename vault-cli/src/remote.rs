@@ -26,7 +26,10 @@ impl Remote {
             .into());
         }
         let admin_key = std::env::var("VAULTGATE_ADMIN_KEY").map_err(|_| {
-            UsageError("--url needs an admin key in the VAULTGATE_ADMIN_KEY environment variable".to_owned())
+            UsageError(
+                "--url needs an admin key in the VAULTGATE_ADMIN_KEY environment variable"
+                    .to_owned(),
+            )
         })?;
         Ok(Remote {
             base: url.trim_end_matches('/').to_owned(),
@@ -36,7 +39,12 @@ impl Remote {
 
     /// Sends one request and returns the JSON answer; an error status becomes
     /// an error carrying the server's message.
-    pub(crate) async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let req = Request::builder()
@@ -51,7 +59,12 @@ impl Remote {
             .await
             .map_err(|e| anyhow!("cannot reach {}: {e}", self.base))?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| anyhow!("reading the response failed: {e}"))?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the response failed: {e}"))?
+            .to_bytes();
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if status.is_success() {
             return Ok(v);

@@ -344,10 +344,10 @@ fn last_line(file: &mut File) -> std::io::Result<Option<Vec<u8>>> {
         // Skip the file's final newline when looking for the line start.
         let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
         if let Some(i) = body.iter().rposition(|&b| b == b'\n') {
-            return Ok(Some(body[i + 1..].to_vec()));
+            return Ok(Some(tail[i + 1..].to_vec()));
         }
         if pos == 0 {
-            return Ok(Some(body.to_vec()));
+            return Ok(Some(tail));
         }
     }
 }

@@ -209,12 +209,14 @@ impl Config {
             }
         })?;
         let err = |field: &str, allowed: &str| ConfigError(format!("{origin}: {field}: {allowed}"));
-        let dur = |field: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
-            match v {
-                None => Ok(default),
-                Some(s) => parse_duration(s).ok_or_else(|| err(field, "expected a duration like 250ms, 5s, 2m or 1h")),
-            }
-        };
+        let dur =
+            |field: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(s) => parse_duration(s)
+                        .ok_or_else(|| err(field, "expected a duration like 250ms, 5s, 2m or 1h")),
+                }
+            };
         let mut cfg = Config::default();
         if let Some(l) = raw.listen {
             if l.parse::<std::net::SocketAddr>().is_err() {
@@ -248,15 +250,25 @@ impl Config {
         if let Some(u) = raw.upstream {
             let d = UpstreamSettings::default();
             cfg.upstream = UpstreamSettings {
-                connect_timeout: dur("upstream.connect_timeout", &u.connect_timeout, d.connect_timeout)?,
-                response_timeout: dur("upstream.response_timeout", &u.response_timeout, d.response_timeout)?,
+                connect_timeout: dur(
+                    "upstream.connect_timeout",
+                    &u.connect_timeout,
+                    d.connect_timeout,
+                )?,
+                response_timeout: dur(
+                    "upstream.response_timeout",
+                    &u.response_timeout,
+                    d.response_timeout,
+                )?,
                 idle_timeout: dur("upstream.idle_timeout", &u.idle_timeout, d.idle_timeout)?,
             };
         }
         for (name, p) in raw.providers {
-            let provider: Provider = name.parse().map_err(|e: crate::provider::UnknownProvider| {
-                err(&format!("providers.{name}"), &e.to_string())
-            })?;
+            let provider: Provider =
+                name.parse()
+                    .map_err(|e: crate::provider::UnknownProvider| {
+                        err(&format!("providers.{name}"), &e.to_string())
+                    })?;
             if let Some(url) = &p.base_url {
                 let ok = (url.starts_with("https://") || url.starts_with("http://"))
                     && url.len() > 8
@@ -270,15 +282,40 @@ impl Config {
             }
             let u = cfg.upstream;
             let timeouts = UpstreamSettings {
-                connect_timeout: dur(&format!("providers.{name}.connect_timeout"), &p.connect_timeout, u.connect_timeout)?,
-                response_timeout: dur(&format!("providers.{name}.response_timeout"), &p.response_timeout, u.response_timeout)?,
-                idle_timeout: dur(&format!("providers.{name}.idle_timeout"), &p.idle_timeout, u.idle_timeout)?,
+                connect_timeout: dur(
+                    &format!("providers.{name}.connect_timeout"),
+                    &p.connect_timeout,
+                    u.connect_timeout,
+                )?,
+                response_timeout: dur(
+                    &format!("providers.{name}.response_timeout"),
+                    &p.response_timeout,
+                    u.response_timeout,
+                )?,
+                idle_timeout: dur(
+                    &format!("providers.{name}.idle_timeout"),
+                    &p.idle_timeout,
+                    u.idle_timeout,
+                )?,
             };
-            cfg.providers.insert(provider, ProviderSettings { base_url: p.base_url, timeouts });
+            cfg.providers.insert(
+                provider,
+                ProviderSettings {
+                    base_url: p.base_url,
+                    timeouts,
+                },
+            );
         }
         for (name, p) in raw.plans {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                return Err(err(&format!("plans.{name}"), "plan names are letters, digits, - and _"));
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(err(
+                    &format!("plans.{name}"),
+                    "plan names are letters, digits, - and _",
+                ));
             }
             cfg.plans.insert(
                 name,
@@ -296,7 +333,12 @@ impl Config {
         }
         let price = |field: &str, p: &RawPrice| -> Result<PriceSetting, ConfigError> {
             let usd = |v: f64, f: &str| {
-                Micros::from_usd(v).map_err(|_| err(&format!("{field}.{f}"), "expected a non-negative USD amount per million tokens"))
+                Micros::from_usd(v).map_err(|_| {
+                    err(
+                        &format!("{field}.{f}"),
+                        "expected a non-negative USD amount per million tokens",
+                    )
+                })
             };
             Ok(PriceSetting {
                 input: usd(p.input, "input")?,
@@ -315,7 +357,8 @@ impl Config {
             if model.is_empty() {
                 return Err(err(&field, "expected \"provider/model\""));
             }
-            cfg.prices.insert((provider, model.to_owned()), price(&field, &p)?);
+            cfg.prices
+                .insert((provider, model.to_owned()), price(&field, &p)?);
         }
         if let Some(p) = raw.fallback_price {
             cfg.fallback_price = Some(price("fallback_price", &p)?);
@@ -333,7 +376,9 @@ impl Config {
 
     /// The timeouts for a provider.
     pub fn timeouts(&self, provider: Provider) -> UpstreamSettings {
-        self.providers.get(&provider).map_or(self.upstream, |p| p.timeouts)
+        self.providers
+            .get(&provider)
+            .map_or(self.upstream, |p| p.timeouts)
     }
 }
 
@@ -369,12 +414,27 @@ output = 0.60
     #[test]
     fn the_spec_example_parses() {
         let c = Config::parse(SPEC_EXAMPLE, "vaultgate.toml").unwrap();
-        assert_eq!(c.timeouts(Provider::OpenAi).response_timeout, Duration::from_secs(30));
-        assert_eq!(c.timeouts(Provider::OpenAi).idle_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.timeouts(Provider::OpenAi).response_timeout,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            c.timeouts(Provider::OpenAi).idle_timeout,
+            Duration::from_secs(60)
+        );
         assert_eq!(c.base_url(Provider::Bielik), Some("https://bielik.example"));
-        assert_eq!(c.base_url(Provider::Groq), Some("https://api.groq.com/openai"));
-        assert_eq!(c.plans["team"].rate_limit.unwrap().requests_per_minute, Some(300));
-        assert_eq!(c.prices[&(Provider::OpenAi, "gpt-4o-mini".to_owned())].input, Micros(150_000));
+        assert_eq!(
+            c.base_url(Provider::Groq),
+            Some("https://api.groq.com/openai")
+        );
+        assert_eq!(
+            c.plans["team"].rate_limit.unwrap().requests_per_minute,
+            Some(300)
+        );
+        assert_eq!(
+            c.prices[&(Provider::OpenAi, "gpt-4o-mini".to_owned())].input,
+            Micros(150_000)
+        );
         assert_eq!(Config::parse("", "x").unwrap(), Config::default());
     }
 
@@ -383,17 +443,37 @@ output = 0.60
         let cases = [
             ("lisen = \"x\"", "unknown field"),
             ("listen = \"nowhere\"", "listen"),
-            ("[upstream]\nconnect_timeout = \"5 parsecs\"", "upstream.connect_timeout"),
-            ("[providers.opnai]\nbase_url = \"https://x\"", "providers.opnai"),
-            ("[providers.openai]\nbase_url = \"ftp://x\"", "providers.openai.base_url"),
-            ("[providers.openai]\nbase_url = \"https://u:p@x\"", "providers.openai.base_url"),
-            ("[prices.\"gpt-4o\"]\ninput = 1.0\noutput = 2.0", "prices.\"gpt-4o\""),
+            (
+                "[upstream]\nconnect_timeout = \"5 parsecs\"",
+                "upstream.connect_timeout",
+            ),
+            (
+                "[providers.opnai]\nbase_url = \"https://x\"",
+                "providers.opnai",
+            ),
+            (
+                "[providers.openai]\nbase_url = \"ftp://x\"",
+                "providers.openai.base_url",
+            ),
+            (
+                "[providers.openai]\nbase_url = \"https://u:p@x\"",
+                "providers.openai.base_url",
+            ),
+            (
+                "[prices.\"gpt-4o\"]\ninput = 1.0\noutput = 2.0",
+                "prices.\"gpt-4o\"",
+            ),
             ("[prices.\"openai/x\"]\ninput = -1.0\noutput = 2.0", "input"),
             ("store = \"postgres\"", "store"),
-            ("[plans.team]\nrate_limit = { requests_per_hour = 3 }", "unknown field"),
+            (
+                "[plans.team]\nrate_limit = { requests_per_hour = 3 }",
+                "unknown field",
+            ),
         ];
         for (text, needle) in cases {
-            let e = Config::parse(text, "vaultgate.toml").unwrap_err().to_string();
+            let e = Config::parse(text, "vaultgate.toml")
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("vaultgate.toml"), "{e}");
             assert!(e.contains(needle), "{text:?} → {e}");
         }

@@ -175,22 +175,21 @@ where
             return Poll::Ready(None);
         }
         loop {
-            let polled: Option<Result<Frame<Bytes>, BoxError>> = match this.source.as_mut().project() {
-                SourceProj::Upstream { body } => {
-                    match body.poll_frame(cx) {
+            let polled: Option<Result<Frame<Bytes>, BoxError>> =
+                match this.source.as_mut().project() {
+                    SourceProj::Upstream { body } => match body.poll_frame(cx) {
                         Poll::Ready(r) => r.map(|r| r.map_err(Into::into)),
                         Poll::Pending => return Poll::Pending,
-                    }
-                }
-                SourceProj::Mock { body } => match body.poll_frame(cx) {
-                    Poll::Ready(r) => r.map(|r| r.map_err(|e| match e {})),
-                    Poll::Pending => return Poll::Pending,
-                },
-                SourceProj::Full { body } => match body.poll_frame(cx) {
-                    Poll::Ready(r) => r.map(|r| r.map_err(|e| match e {})),
-                    Poll::Pending => return Poll::Pending,
-                },
-            };
+                    },
+                    SourceProj::Mock { body } => match body.poll_frame(cx) {
+                        Poll::Ready(r) => r.map(|r| r.map_err(|e| match e {})),
+                        Poll::Pending => return Poll::Pending,
+                    },
+                    SourceProj::Full { body } => match body.poll_frame(cx) {
+                        Poll::Ready(r) => r.map(|r| r.map_err(|e| match e {})),
+                        Poll::Pending => return Poll::Pending,
+                    },
+                };
             let m = &mut *this.metering;
             match polled {
                 Some(Ok(frame)) => {
@@ -204,7 +203,8 @@ where
                     let source_ended = this.source.is_end();
                     if m.redact.is_some() {
                         let room = REDACT_CAP.saturating_sub(this.redact_buf.len());
-                        this.redact_buf.extend_from_slice(&frame[..frame.len().min(room)]);
+                        this.redact_buf
+                            .extend_from_slice(&frame[..frame.len().min(room)]);
                         if !source_ended {
                             continue;
                         }
@@ -242,7 +242,9 @@ where
                     }
                     if m.sse {
                         tracing::warn!(error = %e, "upstream stream cut; ending the client stream with an error event");
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(STREAM_ERROR_EVENT)))));
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                            STREAM_ERROR_EVENT,
+                        )))));
                     }
                     return Poll::Ready(Some(Err(e)));
                 }

@@ -152,8 +152,14 @@ impl VaultContextBuilder {
             audit: self.audit,
             metrics,
             sink,
-            by_hash: Cache::builder().max_capacity(self.cache_capacity).time_to_live(KEY_CACHE_TTL).build(),
-            by_id: Cache::builder().max_capacity(self.cache_capacity).time_to_live(KEY_CACHE_TTL).build(),
+            by_hash: Cache::builder()
+                .max_capacity(self.cache_capacity)
+                .time_to_live(KEY_CACHE_TTL)
+                .build(),
+            by_id: Cache::builder()
+                .max_capacity(self.cache_capacity)
+                .time_to_live(KEY_CACHE_TTL)
+                .build(),
             provider_keys: Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(KEY_CACHE_TTL)
@@ -248,7 +254,10 @@ impl VaultContext {
     }
 
     /// The key followed by its ancestors, nearest first.
-    pub(crate) async fn chain(&self, key: Arc<KeyRecord>) -> Result<Vec<Arc<KeyRecord>>, StoreError> {
+    pub(crate) async fn chain(
+        &self,
+        key: Arc<KeyRecord>,
+    ) -> Result<Vec<Arc<KeyRecord>>, StoreError> {
         let mut chain = vec![key];
         while let Some(parent) = chain.last().and_then(|k| k.parent.clone()) {
             if chain.len() > MAX_CHAIN_DEPTH {
@@ -257,7 +266,12 @@ impl VaultContext {
             let rec = match self.by_id.get(&parent) {
                 Some(r) => r,
                 None => {
-                    let r = Arc::new(self.store.get_key(&parent).await?.ok_or(StoreError::NotFound)?);
+                    let r = Arc::new(
+                        self.store
+                            .get_key(&parent)
+                            .await?
+                            .ok_or(StoreError::NotFound)?,
+                    );
                     self.by_id.insert(parent, r.clone());
                     r
                 }

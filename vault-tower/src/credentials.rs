@@ -154,7 +154,14 @@ pub(crate) fn strip_response_headers(headers: &mut HeaderMap, secret: Option<&st
     for name in RESPONSE_CREDENTIAL_HEADERS {
         headers.remove(name);
     }
-    for name in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"] {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
         headers.remove(name);
     }
     if let Some(secret) = secret.filter(|s| !s.is_empty()) {
@@ -188,24 +195,48 @@ mod tests {
 
     #[test]
     fn finds_the_key_in_each_place() {
-        assert_eq!(presented_key(&h(&[("authorization", "Bearer k1")]), None), Presented::One("k1"));
+        assert_eq!(
+            presented_key(&h(&[("authorization", "Bearer k1")]), None),
+            Presented::One("k1")
+        );
         for name in KEY_HEADERS {
             let mut m = HeaderMap::new();
             m.insert(name, HeaderValue::from_static("k1"));
             assert_eq!(presented_key(&m, None), Presented::One("k1"));
         }
-        assert_eq!(presented_key(&HeaderMap::new(), Some("a=1&key=k1")), Presented::One("k1"));
-        assert_eq!(presented_key(&HeaderMap::new(), Some("monkey=k1")), Presented::Missing);
+        assert_eq!(
+            presented_key(&HeaderMap::new(), Some("a=1&key=k1")),
+            Presented::One("k1")
+        );
+        assert_eq!(
+            presented_key(&HeaderMap::new(), Some("monkey=k1")),
+            Presented::Missing
+        );
     }
 
     #[test]
     fn boundary_missing_and_malformed() {
         assert_eq!(presented_key(&HeaderMap::new(), None), Presented::Missing);
-        assert_eq!(presented_key(&h(&[("authorization", "")]), None), Presented::Missing);
-        assert_eq!(presented_key(&h(&[("authorization", "Bearer")]), None), Presented::Missing);
-        assert_eq!(presented_key(&h(&[("authorization", "Bearer   ")]), None), Presented::Missing);
-        assert_eq!(presented_key(&h(&[("authorization", "bearer k1")]), None), Presented::Invalid);
-        assert_eq!(presented_key(&h(&[("authorization", "Basic k1")]), None), Presented::Invalid);
+        assert_eq!(
+            presented_key(&h(&[("authorization", "")]), None),
+            Presented::Missing
+        );
+        assert_eq!(
+            presented_key(&h(&[("authorization", "Bearer")]), None),
+            Presented::Missing
+        );
+        assert_eq!(
+            presented_key(&h(&[("authorization", "Bearer   ")]), None),
+            Presented::Missing
+        );
+        assert_eq!(
+            presented_key(&h(&[("authorization", "bearer k1")]), None),
+            Presented::Invalid
+        );
+        assert_eq!(
+            presented_key(&h(&[("authorization", "Basic k1")]), None),
+            Presented::Invalid
+        );
         // `Bearer Bearer k` strips once, leaving `Bearer k`, which fails key parsing.
         assert_eq!(
             presented_key(&h(&[("authorization", "Bearer Bearer k1")]), None),
@@ -219,7 +250,10 @@ mod tests {
         assert_eq!(presented_key(&m, None), Presented::Invalid);
         let m = h(&[("authorization", "Bearer k1")]);
         assert_eq!(presented_key(&m, Some("key=k2")), Presented::Invalid);
-        assert_eq!(presented_key(&HeaderMap::new(), Some("key=k1&key=k2")), Presented::Invalid);
+        assert_eq!(
+            presented_key(&HeaderMap::new(), Some("key=k1&key=k2")),
+            Presented::Invalid
+        );
         let m = h(&[("x-api-key", "k1"), ("x-api-key", "k2")]);
         assert_eq!(presented_key(&m, None), Presented::Invalid);
         // The same key twice is one credential.

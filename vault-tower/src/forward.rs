@@ -91,18 +91,17 @@ fn build_client(connect_timeout: Duration) -> HttpsClient {
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let https = match hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(provider)
-    {
-        Ok(b) => b,
-        // The ring provider always supports the safe default versions; fall
-        // back to the process default provider if that ever changes.
-        Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
-    }
-    .https_or_http()
-    .enable_http1()
-    .enable_http2()
-    .wrap_connector(http);
+    let https =
+        match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_webpki_roots(provider) {
+            Ok(b) => b,
+            // The ring provider always supports the safe default versions; fall
+            // back to the process default provider if that ever changes.
+            Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
+        }
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
@@ -124,7 +123,11 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let timeouts = req.extensions().get::<Timeouts>().copied().unwrap_or(self.defaults);
+        let timeouts = req
+            .extensions()
+            .get::<Timeouts>()
+            .copied()
+            .unwrap_or(self.defaults);
         let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
         let client = self.client(timeouts.connect);
         Box::pin(async move {
@@ -134,7 +137,9 @@ where
                 Ok(Err(e)) => {
                     let sent = !e.is_connect();
                     tracing::warn!(upstream = %host, sent, error = %e, "upstream request failed");
-                    let d = Denial::UpstreamUnavailable(format!("the upstream {host} could not be reached"));
+                    let d = Denial::UpstreamUnavailable(format!(
+                        "the upstream {host} could not be reached"
+                    ));
                     Ok(failure(d, sent))
                 }
                 Err(_) => {
@@ -207,7 +212,11 @@ impl Body for ForwardBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
-            ForwardBodyProj::Upstream { body, mut idle, idle_for } => match body.poll_frame(cx) {
+            ForwardBodyProj::Upstream {
+                body,
+                mut idle,
+                idle_for,
+            } => match body.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     idle.as_mut().reset(Instant::now() + *idle_for);
                     Poll::Ready(Some(Ok(frame)))

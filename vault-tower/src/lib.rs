@@ -43,8 +43,8 @@ mod layer;
 mod metrics;
 mod mock;
 mod response;
-mod service;
 pub mod server;
+mod service;
 mod sink;
 mod upstream;
 

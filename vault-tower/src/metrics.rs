@@ -69,7 +69,10 @@ impl Metrics {
         let mut out = String::with_capacity(2048);
         out.push_str("# HELP vaultgate_requests_total Proxied requests by provider and status.\n# TYPE vaultgate_requests_total counter\n");
         for ((provider, status), n) in &c.requests {
-            let _ = writeln!(out, "vaultgate_requests_total{{provider=\"{provider}\",status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "vaultgate_requests_total{{provider=\"{provider}\",status=\"{status}\"}} {n}"
+            );
         }
         out.push_str("# HELP vaultgate_denials_total Denied requests by code.\n# TYPE vaultgate_denials_total counter\n");
         for (code, n) in &c.denials {
@@ -88,9 +91,21 @@ impl Metrics {
                 c.latency_buckets[i]
             );
         }
-        let _ = writeln!(out, "vaultgate_request_duration_seconds_bucket{{le=\"+Inf\"}} {}", c.latency_count);
-        let _ = writeln!(out, "vaultgate_request_duration_seconds_sum {}", c.latency_sum_ms as f64 / 1000.0);
-        let _ = writeln!(out, "vaultgate_request_duration_seconds_count {}", c.latency_count);
+        let _ = writeln!(
+            out,
+            "vaultgate_request_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            c.latency_count
+        );
+        let _ = writeln!(
+            out,
+            "vaultgate_request_duration_seconds_sum {}",
+            c.latency_sum_ms as f64 / 1000.0
+        );
+        let _ = writeln!(
+            out,
+            "vaultgate_request_duration_seconds_count {}",
+            c.latency_count
+        );
         out.push_str("# HELP vaultgate_spend_usd_total Settled spend by key, in USD.\n# TYPE vaultgate_spend_usd_total counter\n");
         for (key, micros) in &c.spend_micros {
             let _ = writeln!(
@@ -101,11 +116,27 @@ impl Metrics {
             );
         }
         for (name, help, v) in [
-            ("vaultgate_dropped_records_total", "Usage or audit records dropped because the queue was full.", &self.dropped_records),
-            ("vaultgate_audit_failures_total", "Audit writes that failed.", &self.audit_failures),
-            ("vaultgate_usage_write_failures_total", "Usage batches the store refused.", &self.usage_write_failures),
+            (
+                "vaultgate_dropped_records_total",
+                "Usage or audit records dropped because the queue was full.",
+                &self.dropped_records,
+            ),
+            (
+                "vaultgate_audit_failures_total",
+                "Audit writes that failed.",
+                &self.audit_failures,
+            ),
+            (
+                "vaultgate_usage_write_failures_total",
+                "Usage batches the store refused.",
+                &self.usage_write_failures,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         out
     }

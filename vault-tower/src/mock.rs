@@ -94,7 +94,9 @@ struct Ask {
 impl Ask {
     fn words(&self) -> Vec<&'static str> {
         let all: Vec<&str> = MOCK_TEXT.split(' ').collect();
-        let n = self.max_out.map_or(all.len(), |m| (m as usize).min(all.len()));
+        let n = self
+            .max_out
+            .map_or(all.len(), |m| (m as usize).min(all.len()));
         all[..n].to_vec()
     }
 }
@@ -125,8 +127,12 @@ fn answer(provider: Provider, req: &Request<Bytes>) -> Response<MockBody> {
         prompt_tokens: (req.body().len() as u64).div_ceil(4).max(1),
         max_out,
         stream: body["stream"].as_bool().unwrap_or(false)
-            || google_model.as_ref().is_some_and(|g| g.1 == "streamGenerateContent"),
-        include_usage: body["stream_options"]["include_usage"].as_bool().unwrap_or(false),
+            || google_model
+                .as_ref()
+                .is_some_and(|g| g.1 == "streamGenerateContent"),
+        include_usage: body["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false),
     };
     match (provider.usage_format(), path) {
         (UsageFormat::OpenAi, p) if p.ends_with("/chat/completions") => openai_chat(&ask),
@@ -136,7 +142,9 @@ fn answer(provider: Provider, req: &Request<Bytes>) -> Response<MockBody> {
                     "model": ask.model, "usage":{"prompt_tokens": ask.prompt_tokens, "total_tokens": ask.prompt_tokens}}),
         ),
         (UsageFormat::Anthropic, p) if p.ends_with("/messages") => anthropic(&ask),
-        (UsageFormat::Google, _) if google_model.is_some() => google(&ask, query.contains("alt=sse")),
+        (UsageFormat::Google, _) if google_model.is_some() => {
+            google(&ask, query.contains("alt=sse"))
+        }
         (UsageFormat::Cohere, p) if p.ends_with("/chat") => cohere(&ask),
         _ => json_response(
             StatusCode::NOT_FOUND,
@@ -174,17 +182,31 @@ fn openai_chat(ask: &Ask) -> Response<MockBody> {
     let words = ask.words();
     let out = words.len() as u64;
     let usage = json!({"prompt_tokens": ask.prompt_tokens, "completion_tokens": out, "total_tokens": ask.prompt_tokens + out});
-    let finish = if ask.max_out.is_some_and(|m| (m as usize) < MOCK_TEXT.split(' ').count()) { "length" } else { "stop" };
+    let finish = if ask
+        .max_out
+        .is_some_and(|m| (m as usize) < MOCK_TEXT.split(' ').count())
+    {
+        "length"
+    } else {
+        "stop"
+    };
     if !ask.stream {
-        return json_response(StatusCode::OK, &json!({
-            "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": ask.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": words.join(" ")}, "finish_reason": finish}],
-            "usage": usage,
-        }));
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": ask.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": words.join(" ")}, "finish_reason": finish}],
+                "usage": usage,
+            }),
+        );
     }
     let mut events = Vec::new();
     for (i, w) in words.iter().enumerate() {
-        let text = if i == 0 { (*w).to_owned() } else { format!(" {w}") };
+        let text = if i == 0 {
+            (*w).to_owned()
+        } else {
+            format!(" {w}")
+        };
         let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": ask.model,
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
         events.push(format!("data: {chunk}\n\n"));
@@ -204,27 +226,50 @@ fn openai_chat(ask: &Ask) -> Response<MockBody> {
 fn anthropic(ask: &Ask) -> Response<MockBody> {
     let words = ask.words();
     let out = words.len() as u64;
-    let stop = if ask.max_out.is_some_and(|m| (m as usize) < MOCK_TEXT.split(' ').count()) { "max_tokens" } else { "end_turn" };
+    let stop = if ask
+        .max_out
+        .is_some_and(|m| (m as usize) < MOCK_TEXT.split(' ').count())
+    {
+        "max_tokens"
+    } else {
+        "end_turn"
+    };
     if !ask.stream {
-        return json_response(StatusCode::OK, &json!({
-            "id": "msg_mock", "type": "message", "role": "assistant", "model": ask.model,
-            "content": [{"type": "text", "text": words.join(" ")}],
-            "stop_reason": stop, "stop_sequence": null,
-            "usage": {"input_tokens": ask.prompt_tokens, "output_tokens": out},
-        }));
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "id": "msg_mock", "type": "message", "role": "assistant", "model": ask.model,
+                "content": [{"type": "text", "text": words.join(" ")}],
+                "stop_reason": stop, "stop_sequence": null,
+                "usage": {"input_tokens": ask.prompt_tokens, "output_tokens": out},
+            }),
+        );
     }
     let ev = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
     let mut events = vec![
-        ev("message_start", json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant",
+        ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant",
             "model": ask.model, "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": ask.prompt_tokens, "output_tokens": 1}}})),
-        ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+            "usage": {"input_tokens": ask.prompt_tokens, "output_tokens": 1}}}),
+        ),
+        ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
     ];
     for (i, w) in words.iter().enumerate() {
-        let text = if i == 0 { (*w).to_owned() } else { format!(" {w}") };
+        let text = if i == 0 {
+            (*w).to_owned()
+        } else {
+            format!(" {w}")
+        };
         events.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})));
     }
-    events.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+    events.push(ev(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
     events.push(ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": out}})));
     events.push(ev("message_stop", json!({"type": "message_stop"})));
     sse_response(events)
@@ -243,7 +288,10 @@ fn google(ask: &Ask, sse: bool) -> Response<MockBody> {
         v
     };
     if !ask.stream {
-        return json_response(StatusCode::OK, &chunk(words.join(" "), true, words.len() as u64));
+        return json_response(
+            StatusCode::OK,
+            &chunk(words.join(" "), true, words.len() as u64),
+        );
     }
     let pieces: Vec<Value> = words
         .chunks(4)
@@ -254,7 +302,12 @@ fn google(ask: &Ask, sse: bool) -> Response<MockBody> {
         })
         .collect();
     if sse {
-        return sse_response(pieces.iter().map(|p| format!("data: {p}\r\n\r\n")).collect());
+        return sse_response(
+            pieces
+                .iter()
+                .map(|p| format!("data: {p}\r\n\r\n"))
+                .collect(),
+        );
     }
     let mut frames = Vec::new();
     for (i, p) in pieces.iter().enumerate() {
@@ -274,18 +327,31 @@ fn cohere(ask: &Ask) -> Response<MockBody> {
     let usage = json!({"billed_units": {"input_tokens": ask.prompt_tokens, "output_tokens": out},
                        "tokens": {"input_tokens": ask.prompt_tokens + 8, "output_tokens": out}});
     if !ask.stream {
-        return json_response(StatusCode::OK, &json!({
-            "id": "mock", "finish_reason": "COMPLETE",
-            "message": {"role": "assistant", "content": [{"type": "text", "text": words.join(" ")}]},
-            "usage": usage,
-        }));
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "id": "mock", "finish_reason": "COMPLETE",
+                "message": {"role": "assistant", "content": [{"type": "text", "text": words.join(" ")}]},
+                "usage": usage,
+            }),
+        );
     }
     let ev = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
-    let mut events = vec![ev("message-start", json!({"type": "message-start", "id": "mock", "delta": {"message": {"role": "assistant"}}}))];
+    let mut events = vec![ev(
+        "message-start",
+        json!({"type": "message-start", "id": "mock", "delta": {"message": {"role": "assistant"}}}),
+    )];
     for (i, w) in words.iter().enumerate() {
-        let text = if i == 0 { (*w).to_owned() } else { format!(" {w}") };
+        let text = if i == 0 {
+            (*w).to_owned()
+        } else {
+            format!(" {w}")
+        };
         events.push(ev("content-delta", json!({"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": text}}}})));
     }
-    events.push(ev("message-end", json!({"type": "message-end", "delta": {"finish_reason": "COMPLETE", "usage": usage}})));
+    events.push(ev(
+        "message-end",
+        json!({"type": "message-end", "delta": {"finish_reason": "COMPLETE", "usage": usage}}),
+    ));
     sse_response(events)
 }

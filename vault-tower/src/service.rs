@@ -13,7 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, UPGRADE};
+use http::header::{
+    CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, UPGRADE,
+};
 use http::{Method, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -21,14 +23,18 @@ use tower_service::Service;
 use vault_core::audit::{AuditEvent, AuditKind};
 use vault_core::crypto::{Aad, ProviderSecret};
 use vault_core::denial::Denial;
-use vault_core::meter::{BodyKind, HideUsageChunk, RequestInspection, UsageMeter, inspect_request, rewrite_request};
+use vault_core::meter::{
+    BodyKind, HideUsageChunk, RequestInspection, UsageMeter, inspect_request, rewrite_request,
+};
 use vault_core::policy::{CallOutcome, Grant, LimitHeaders, RequestFacts, split_proxy_path};
 use vault_core::provider::{AuthStyle, Provider, UsageFormat};
 use vault_core::record::{KeyRecord, UsageRecord};
 
 use crate::body::{BoxError, MeteredBody, Metering};
 use crate::context::VaultContext;
-use crate::credentials::{Presented, presented_key, strip_key_param, strip_request_headers, strip_response_headers};
+use crate::credentials::{
+    Presented, presented_key, strip_key_param, strip_request_headers, strip_response_headers,
+};
 use crate::forward::UpstreamFailure;
 use crate::future::ResponseFuture;
 use crate::mock::{MockProvider, MockTarget};
@@ -114,7 +120,14 @@ fn deny<B>(
     let mut resp = denial_response(denial).map(MeteredBody::full);
     add_limit_headers(resp.headers_mut(), &limits.copied().unwrap_or_default());
     if let Some(c) = caller {
-        let record = usage_record(ctx, c.record, c.provider, c.endpoint, c.model, denial.status());
+        let record = usage_record(
+            ctx,
+            c.record,
+            c.provider,
+            c.endpoint,
+            c.model,
+            denial.status(),
+        );
         let event = AuditEvent {
             kind: AuditKind::RequestDenied,
             actor: Some(c.record.id.to_string()),
@@ -179,7 +192,10 @@ where
         || parts.headers.contains_key(UPGRADE)
         || parts.extensions.get::<hyper::ext::Protocol>().is_some()
     {
-        let d = Denial::MethodNotAllowed(format!("{} and protocol upgrades are not proxied", parts.method));
+        let d = Denial::MethodNotAllowed(format!(
+            "{} and protocol upgrades are not proxied",
+            parts.method
+        ));
         return Ok(deny(&ctx, &d, None, None));
     }
 
@@ -232,7 +248,12 @@ where
         .is_some_and(|v| v.as_bytes() != b"identity")
     {
         let d = Denial::InvalidRequest("compressed request bodies are not accepted".to_owned());
-        return Ok(deny(&ctx, &d, None, Some(caller(Some(provider), &endpoint, None))));
+        return Ok(deny(
+            &ctx,
+            &d,
+            None,
+            Some(caller(Some(provider), &endpoint, None)),
+        ));
     }
     let max = ctx.limits.max_body_bytes;
     let declared = parts
@@ -242,9 +263,19 @@ where
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         let d = Denial::RequestTooLarge(format!("the request body is larger than {max} bytes"));
-        return Ok(deny(&ctx, &d, None, Some(caller(Some(provider), &endpoint, None))));
+        return Ok(deny(
+            &ctx,
+            &d,
+            None,
+            Some(caller(Some(provider), &endpoint, None)),
+        ));
     }
-    let bytes = match tokio::time::timeout(ctx.limits.body_timeout, Limited::new(body, max).collect()).await {
+    let bytes = match tokio::time::timeout(
+        ctx.limits.body_timeout,
+        Limited::new(body, max).collect(),
+    )
+    .await
+    {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) => {
             let d = if e.downcast_ref::<LengthLimitError>().is_some() {
@@ -252,17 +283,32 @@ where
             } else {
                 Denial::InvalidRequest("the request body could not be read".to_owned())
             };
-            return Ok(deny(&ctx, &d, None, Some(caller(Some(provider), &endpoint, None))));
+            return Ok(deny(
+                &ctx,
+                &d,
+                None,
+                Some(caller(Some(provider), &endpoint, None)),
+            ));
         }
         Err(_) => {
-            return Ok(deny(&ctx, &Denial::RequestTimeout, None, Some(caller(Some(provider), &endpoint, None))));
+            return Ok(deny(
+                &ctx,
+                &Denial::RequestTimeout,
+                None,
+                Some(caller(Some(provider), &endpoint, None)),
+            ));
         }
     };
     let inspection: RequestInspection = match inspect_request(provider, &path, &bytes) {
         Ok(i) => i,
         Err(e) => {
             let d = Denial::InvalidRequest(e.to_string());
-            return Ok(deny(&ctx, &d, None, Some(caller(Some(provider), &endpoint, None))));
+            return Ok(deny(
+                &ctx,
+                &d,
+                None,
+                Some(caller(Some(provider), &endpoint, None)),
+            ));
         }
     };
     let model = inspection.model.clone();
@@ -272,7 +318,12 @@ where
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "loading the key's ancestors failed");
-            return Ok(deny(&ctx, &Denial::Internal, None, Some(caller(Some(provider), &endpoint, model.as_deref()))));
+            return Ok(deny(
+                &ctx,
+                &Denial::Internal,
+                None,
+                Some(caller(Some(provider), &endpoint, model.as_deref())),
+            ));
         }
     };
     let facts = RequestFacts {
@@ -287,17 +338,36 @@ where
     let grant: Grant = match ctx.engine.check(&chain, &facts).await {
         Ok(g) => g,
         Err((d, limits)) => {
-            return Ok(deny(&ctx, &d, Some(&limits), Some(caller(Some(provider), &endpoint, model.as_deref()))));
+            return Ok(deny(
+                &ctx,
+                &d,
+                Some(&limits),
+                Some(caller(Some(provider), &endpoint, model.as_deref())),
+            ));
         }
     };
     if let Some(shadow) = &grant.shadow_denial {
-        let mut r = usage_record(&ctx, &record, Some(provider), endpoint.clone(), model.clone(), 0);
+        let mut r = usage_record(
+            &ctx,
+            &record,
+            Some(provider),
+            endpoint.clone(),
+            model.clone(),
+            0,
+        );
         r.denial = Some(shadow.code().to_owned());
         r.shadow = true;
         ctx.sink.denied(r, None);
     }
     let limits = grant.headers;
-    let pending_record = usage_record(&ctx, &record, Some(provider), endpoint.clone(), model.clone(), 0);
+    let pending_record = usage_record(
+        &ctx,
+        &record,
+        Some(provider),
+        endpoint.clone(),
+        model.clone(),
+        0,
+    );
     let not_sent = |ctx: &VaultContext, grant: Grant, d: Denial| {
         let mut r = pending_record.clone();
         r.status = d.status();
@@ -313,7 +383,9 @@ where
     let mut upstream = None;
     if !use_mock {
         let Some(up) = ctx.upstreams.get(provider) else {
-            let d = Denial::UpstreamUnavailable(format!("no base_url is configured for provider {provider}"));
+            let d = Denial::UpstreamUnavailable(format!(
+                "no base_url is configured for provider {provider}"
+            ));
             return Ok(not_sent(&ctx, grant, d));
         };
         upstream = Some(up.clone());
@@ -389,7 +461,10 @@ where
             Ok(u) => u,
             Err(_) => {
                 pending.finish(CallOutcome::NotSent, false);
-                let mut resp = denial_response(&Denial::InvalidRequest("the request target is invalid".to_owned())).map(MeteredBody::full);
+                let mut resp = denial_response(&Denial::InvalidRequest(
+                    "the request target is invalid".to_owned(),
+                ))
+                .map(MeteredBody::full);
                 add_limit_headers(resp.headers_mut(), &limits);
                 return Ok(resp);
             }
@@ -404,7 +479,11 @@ where
 
     // 7. The response: strip echoed credentials, add limit headers, meter.
     if let Some(failure) = resp_parts.extensions.get::<UpstreamFailure>().copied() {
-        let outcome = if failure.sent { CallOutcome::Unmetered } else { CallOutcome::NotSent };
+        let outcome = if failure.sent {
+            CallOutcome::Unmetered
+        } else {
+            CallOutcome::NotSent
+        };
         let mut p = pending;
         p.record.status = resp_parts.status.as_u16();
         p.finish(outcome, false);
@@ -415,13 +494,22 @@ where
         };
         return Ok(Response::from_parts(resp_parts, body));
     }
-    strip_response_headers(&mut resp_parts.headers, secret.as_ref().map(ProviderSecret::expose_secret));
+    strip_response_headers(
+        &mut resp_parts.headers,
+        secret.as_ref().map(ProviderSecret::expose_secret),
+    );
     add_limit_headers(&mut resp_parts.headers, &limits);
     if let Some(n) = clamp {
-        resp_parts.headers.insert(HeaderName::from_static(OUTPUT_TOKENS_CLAMPED), HeaderValue::from(n));
+        resp_parts.headers.insert(
+            HeaderName::from_static(OUTPUT_TOKENS_CLAMPED),
+            HeaderValue::from(n),
+        );
     }
     if let Some(code) = shadow_code {
-        resp_parts.headers.insert(HeaderName::from_static(SHADOW_DENIAL), HeaderValue::from_static(code));
+        resp_parts.headers.insert(
+            HeaderName::from_static(SHADOW_DENIAL),
+            HeaderValue::from_static(code),
+        );
     }
     let sse = resp_parts
         .headers
@@ -466,10 +554,22 @@ where
 fn inject_credential(headers: &mut http::HeaderMap, provider: Provider, secret: &ProviderSecret) {
     let raw = secret.expose_secret();
     let (name, value) = match provider.auth_style() {
-        AuthStyle::Bearer => (http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {raw}"))),
-        AuthStyle::AnthropicApiKey => (HeaderName::from_static("x-api-key"), HeaderValue::from_str(raw)),
-        AuthStyle::GoogApiKey => (HeaderName::from_static("x-goog-api-key"), HeaderValue::from_str(raw)),
-        _ => (http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {raw}"))),
+        AuthStyle::Bearer => (
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {raw}")),
+        ),
+        AuthStyle::AnthropicApiKey => (
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::from_str(raw),
+        ),
+        AuthStyle::GoogApiKey => (
+            HeaderName::from_static("x-goog-api-key"),
+            HeaderValue::from_str(raw),
+        ),
+        _ => (
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {raw}")),
+        ),
     };
     match value {
         Ok(mut v) => {
@@ -478,7 +578,9 @@ fn inject_credential(headers: &mut http::HeaderMap, provider: Provider, secret: 
         }
         Err(_) => tracing::error!(%provider, "the provider key is not a valid header value"),
     }
-    if provider.auth_style() == AuthStyle::AnthropicApiKey && !headers.contains_key("anthropic-version") {
+    if provider.auth_style() == AuthStyle::AnthropicApiKey
+        && !headers.contains_key("anthropic-version")
+    {
         headers.insert(
             HeaderName::from_static("anthropic-version"),
             HeaderValue::from_static(Provider::ANTHROPIC_VERSION),

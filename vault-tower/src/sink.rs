@@ -51,7 +51,8 @@ impl PendingCall {
     /// Sends the call to the worker. `cut` marks a body that did not finish
     /// (client disconnect or upstream failure mid-body).
     pub(crate) fn finish(mut self, outcome: CallOutcome, cut: bool) {
-        self.record.latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.record.latency_ms =
+            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if cut {
             tracing::debug!(key_id = %self.record.key_id, "response body ended early");
         }
@@ -102,7 +103,12 @@ impl UsageSink {
     }
 
     /// Records a call that needs no body to finish (e.g. an empty response).
-    pub(crate) fn settle_now(&self, grant: Option<Grant>, outcome: CallOutcome, record: UsageRecord) {
+    pub(crate) fn settle_now(
+        &self,
+        grant: Option<Grant>,
+        outcome: CallOutcome,
+        record: UsageRecord,
+    ) {
         self.send(Job::Settle {
             grant,
             outcome,
@@ -172,12 +178,17 @@ async fn run(
         if let (Some(log), false) = (&audit, events.is_empty()) {
             let log = log.clone();
             let failed = tokio::task::spawn_blocking(move || {
-                events.into_iter().filter(|e| log.append(e.clone()).is_err()).count()
+                events
+                    .into_iter()
+                    .filter(|e| log.append(e.clone()).is_err())
+                    .count()
             })
             .await
             .unwrap_or(1);
             if failed > 0 {
-                metrics.audit_failures.fetch_add(failed as u64, Ordering::Relaxed);
+                metrics
+                    .audit_failures
+                    .fetch_add(failed as u64, Ordering::Relaxed);
                 tracing::error!(failed, "writing denial audit events failed");
             }
         }

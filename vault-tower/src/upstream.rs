@@ -74,7 +74,8 @@ impl Upstream {
     /// The absolute URI for an upstream path (already canonical) and query.
     pub fn uri_for(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let prefix = self.base.path().trim_end_matches('/');
-        let mut pq = String::with_capacity(prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        let mut pq =
+            String::with_capacity(prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1));
         pq.push_str(prefix);
         pq.push_str(path);
         if let Some(q) = query {
@@ -150,10 +151,16 @@ mod tests {
     fn uris_keep_the_path_byte_for_byte() {
         let u = Upstream::new("https://api.groq.com/openai/", Timeouts::default()).unwrap();
         let uri = u.uri_for("/v1/chat/completions", Some("a=1")).unwrap();
-        assert_eq!(uri.to_string(), "https://api.groq.com/openai/v1/chat/completions?a=1");
+        assert_eq!(
+            uri.to_string(),
+            "https://api.groq.com/openai/v1/chat/completions?a=1"
+        );
         let g = Upstream::new("http://127.0.0.1:9", Timeouts::default()).unwrap();
         let uri = g
-            .uri_for("/v1beta/models/gemini-2.0-flash:streamGenerateContent", Some("alt=sse"))
+            .uri_for(
+                "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+                Some("alt=sse"),
+            )
             .unwrap();
         assert_eq!(
             uri.path_and_query().unwrap().as_str(),
@@ -163,7 +170,13 @@ mod tests {
 
     #[test]
     fn bad_base_urls_are_refused() {
-        for bad in ["ftp://x", "not a url", "https://user:pw@x", "https://x/?q=1", "/relative"] {
+        for bad in [
+            "ftp://x",
+            "not a url",
+            "https://user:pw@x",
+            "https://x/?q=1",
+            "/relative",
+        ] {
             assert!(Upstream::new(bad, Timeouts::default()).is_err(), "{bad}");
         }
     }

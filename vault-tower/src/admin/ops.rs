@@ -83,7 +83,9 @@ impl AdminError {
 fn store_err(e: StoreError) -> AdminError {
     match e {
         StoreError::NotFound => AdminError::NotFound("key"),
-        StoreError::Conflict => AdminError::Conflict("an object with that id already exists".to_owned()),
+        StoreError::Conflict => {
+            AdminError::Conflict("an object with that id already exists".to_owned())
+        }
         StoreError::BudgetExceeded { remaining } => AdminError::Budget(format!(
             "budget: the parent has only ${} left to carve out",
             remaining.to_usd_string()
@@ -208,7 +210,14 @@ impl Admin {
         }
     }
 
-    fn event(&self, actor: &Actor, kind: AuditKind, target: String, project: &str, detail: serde_json::Value) -> AuditEvent {
+    fn event(
+        &self,
+        actor: &Actor,
+        kind: AuditKind,
+        target: String,
+        project: &str,
+        detail: serde_json::Value,
+    ) -> AuditEvent {
         AuditEvent {
             kind,
             actor: actor.id(),
@@ -235,7 +244,9 @@ impl Admin {
             && !k.scopes.allows(Permission::KeysManage)
             && !self.is_ancestor(&k.id, &rec).await?
         {
-            return Err(AdminError::Forbidden("this key lacks the keys:manage scope".to_owned()));
+            return Err(AdminError::Forbidden(
+                "this key lacks the keys:manage scope".to_owned(),
+            ));
         }
         Ok(rec)
     }
@@ -251,7 +262,13 @@ impl Admin {
             if depth > 16 {
                 break;
             }
-            cur = self.ctx.store().get_key(&id).await.map_err(store_err)?.and_then(|k| k.parent);
+            cur = self
+                .ctx
+                .store()
+                .get_key(&id)
+                .await
+                .map_err(store_err)?
+                .and_then(|k| k.parent);
         }
         Ok(false)
     }
@@ -270,9 +287,13 @@ impl Admin {
                     .await
                     .map_err(store_err)?
                     .filter(|p| actor.sees(&p.project))
-                    .ok_or_else(|| AdminError::Forbidden("parent: no such key in your project".to_owned()))?;
+                    .ok_or_else(|| {
+                        AdminError::Forbidden("parent: no such key in your project".to_owned())
+                    })?;
                 if p.status_at(now) != KeyStatus::Active {
-                    return Err(AdminError::Forbidden("parent: the parent key is not active".to_owned()));
+                    return Err(AdminError::Forbidden(
+                        "parent: the parent key is not active".to_owned(),
+                    ));
                 }
                 let is_self = matches!(actor, Actor::Key(k) if k.id == p.id);
                 if !is_self {
@@ -287,23 +308,36 @@ impl Admin {
         };
 
         let project = match (&req.project, &parent, actor.project()) {
-            (Some(p), Some(par), _) if *p != par.project => return Err(AdminError::ProjectMismatch),
+            (Some(p), Some(par), _) if *p != par.project => {
+                return Err(AdminError::ProjectMismatch);
+            }
             (Some(p), _, Some(mine)) if p != mine => return Err(AdminError::ProjectMismatch),
             (Some(p), _, _) => p.clone(),
             (None, Some(par), _) => par.project.clone(),
             (None, None, Some(mine)) => mine.to_owned(),
             (None, None, None) => DEFAULT_PROJECT.to_owned(),
         };
-        if project.is_empty() || project.len() > 64 || !project.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err(AdminError::Invalid("project: 1 to 64 letters, digits, - or _".to_owned()));
+        if project.is_empty()
+            || project.len() > 64
+            || !project
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(AdminError::Invalid(
+                "project: 1 to 64 letters, digits, - or _".to_owned(),
+            ));
         }
         if req.name.len() > 200 || req.name.chars().any(char::is_control) {
-            return Err(AdminError::Invalid("name: at most 200 characters, no control characters".to_owned()));
+            return Err(AdminError::Invalid(
+                "name: at most 200 characters, no control characters".to_owned(),
+            ));
         }
         let scopes = if req.scopes.is_empty() {
-            Scopes::parse(&["chat:write"]).map_err(|e| AdminError::Invalid(format!("permissions: {e}")))?
+            Scopes::parse(&["chat:write"])
+                .map_err(|e| AdminError::Invalid(format!("permissions: {e}")))?
         } else {
-            Scopes::parse(&req.scopes).map_err(|e| AdminError::Invalid(format!("permissions: {e}")))?
+            Scopes::parse(&req.scopes)
+                .map_err(|e| AdminError::Invalid(format!("permissions: {e}")))?
         };
         if let Actor::Key(k) = actor
             && !scopes.is_subset_of(&k.scopes)
@@ -316,24 +350,40 @@ impl Admin {
             .plans
             .resolve(req.plan.as_deref(), &req.policy)
             .map_err(|e| AdminError::Invalid(format!("plan: {e}")))?;
-        let env = req.env.or(parent.as_ref().map(|p| p.env)).unwrap_or(KeyEnv::Live);
+        let env = req
+            .env
+            .or(parent.as_ref().map(|p| p.env))
+            .unwrap_or(KeyEnv::Live);
         let ttl_ms = match req.ttl {
-            Some(d) => Some(i64::try_from(d.as_millis()).map_err(|_| AdminError::Invalid("ttl: too long".to_owned()))?),
+            Some(d) => Some(
+                i64::try_from(d.as_millis())
+                    .map_err(|_| AdminError::Invalid("ttl: too long".to_owned()))?,
+            ),
             None => None,
         };
         let expires_at = ttl_ms.map(|ms| now.plus_millis(ms));
         for pk in &req.provider_keys {
-            let found = self.ctx.store().get_provider_key(pk).await.map_err(store_err)?;
+            let found = self
+                .ctx
+                .store()
+                .get_provider_key(pk)
+                .await
+                .map_err(store_err)?;
             if !found.is_some_and(|f| f.project == project) {
-                return Err(AdminError::Forbidden(format!("provider_keys: {pk} is not a provider key of project {project}")));
+                return Err(AdminError::Forbidden(format!(
+                    "provider_keys: {pk} is not a provider key of project {project}"
+                )));
             }
         }
         let mut carve = None;
         if let Some(p) = &parent {
             if p.env != env {
-                return Err(AdminError::Forbidden("env: a child key has its parent's environment".to_owned()));
+                return Err(AdminError::Forbidden(
+                    "env: a child key has its parent's environment".to_owned(),
+                ));
             }
-            check_child_policy(p, &scopes, &policy, expires_at).map_err(|e| AdminError::Forbidden(e.to_string()))?;
+            check_child_policy(p, &scopes, &policy, expires_at)
+                .map_err(|e| AdminError::Forbidden(e.to_string()))?;
             if let (Some(pb), Some(cb)) = (p.policy.budget, policy.budget) {
                 let period_start = match pb.period {
                     BudgetPeriod::Total => UnixMillis(0),
@@ -398,7 +448,11 @@ impl Admin {
     /// Keys of the caller's project (all, for the operator).
     pub async fn list_keys(&self, actor: &Actor) -> Result<Vec<KeyRecord>, AdminError> {
         actor.require(Permission::KeysManage)?;
-        self.ctx.store().list_keys(actor.project()).await.map_err(store_err)
+        self.ctx
+            .store()
+            .list_keys(actor.project())
+            .await
+            .map_err(store_err)
     }
 
     /// One key.
@@ -409,23 +463,50 @@ impl Admin {
     /// Revokes a key and its descendants; returns every id revoked.
     pub async fn revoke_key(&self, actor: &Actor, id: &KeyId) -> Result<Vec<KeyId>, AdminError> {
         let rec = self.visible_key(actor, id).await?;
-        self.audit(self.event(actor, AuditKind::KeyRevoked, id.to_string(), &rec.project, serde_json::json!({"cascade": true})))
-            .await?;
-        let revoked = self.ctx.store().revoke_key(id, self.now()).await.map_err(store_err)?;
+        self.audit(self.event(
+            actor,
+            AuditKind::KeyRevoked,
+            id.to_string(),
+            &rec.project,
+            serde_json::json!({"cascade": true}),
+        ))
+        .await?;
+        let revoked = self
+            .ctx
+            .store()
+            .revoke_key(id, self.now())
+            .await
+            .map_err(store_err)?;
         self.ctx.invalidate_keys();
         Ok(revoked)
     }
 
     /// Gives a key a new secret, same id and policy; the old secret keeps
     /// working for `grace` if given.
-    pub async fn rotate_key(&self, actor: &Actor, id: &KeyId, grace: Option<Duration>) -> Result<IssuedKey, AdminError> {
+    pub async fn rotate_key(
+        &self,
+        actor: &Actor,
+        id: &KeyId,
+        grace: Option<Duration>,
+    ) -> Result<IssuedKey, AdminError> {
         let rec = self.visible_key(actor, id).await?;
         if rec.status_at(self.now()) != KeyStatus::Active {
-            return Err(AdminError::Invalid("only an active key can be rotated".to_owned()));
+            return Err(AdminError::Invalid(
+                "only an active key can be rotated".to_owned(),
+            ));
         }
-        let key = self.ctx.key_format().generate(rec.env).map_err(|_| AdminError::Internal)?;
+        let key = self
+            .ctx
+            .key_format()
+            .generate(rec.env)
+            .map_err(|_| AdminError::Internal)?;
         let grace_until = match grace {
-            Some(g) => Some(self.now().plus_millis(i64::try_from(g.as_millis()).map_err(|_| AdminError::Invalid("grace: too long".to_owned()))?)),
+            Some(g) => Some(
+                self.now().plus_millis(
+                    i64::try_from(g.as_millis())
+                        .map_err(|_| AdminError::Invalid("grace: too long".to_owned()))?,
+                ),
+            ),
             None => None,
         };
         self.audit(self.event(
@@ -442,7 +523,13 @@ impl Admin {
             .await
             .map_err(store_err)?;
         self.ctx.invalidate_keys();
-        let record = self.ctx.store().get_key(id).await.map_err(store_err)?.ok_or(AdminError::NotFound("key"))?;
+        let record = self
+            .ctx
+            .store()
+            .get_key(id)
+            .await
+            .map_err(store_err)?
+            .ok_or(AdminError::NotFound("key"))?;
         Ok(IssuedKey { key, record })
     }
 
@@ -468,7 +555,9 @@ impl Admin {
             ));
         }
         if name.len() > 200 || name.chars().any(char::is_control) {
-            return Err(AdminError::Invalid("name: at most 200 characters, no control characters".to_owned()));
+            return Err(AdminError::Invalid(
+                "name: at most 200 characters, no control characters".to_owned(),
+            ));
         }
         let id = ProviderKeyId::generate().map_err(|_| AdminError::Internal)?;
         let aad = Aad {
@@ -476,7 +565,11 @@ impl Admin {
             project: &project,
             provider,
         };
-        let sealed = self.ctx.encryptor().seal(&secret, &aad).map_err(|_| AdminError::Internal)?;
+        let sealed = self
+            .ctx
+            .encryptor()
+            .seal(&secret, &aad)
+            .map_err(|_| AdminError::Internal)?;
         let record = ProviderKeyRecord {
             id,
             project: project.clone(),
@@ -494,19 +587,34 @@ impl Admin {
             serde_json::json!({"provider": provider.as_str(), "name": record.name, "hint": record.hint.as_str()}),
         ))
         .await?;
-        self.ctx.store().insert_provider_key(&record).await.map_err(store_err)?;
+        self.ctx
+            .store()
+            .insert_provider_key(&record)
+            .await
+            .map_err(store_err)?;
         self.ctx.invalidate_provider_keys();
         Ok(record)
     }
 
     /// Provider keys of the caller's project, as hints.
-    pub async fn list_provider_keys(&self, actor: &Actor) -> Result<Vec<ProviderKeyRecord>, AdminError> {
+    pub async fn list_provider_keys(
+        &self,
+        actor: &Actor,
+    ) -> Result<Vec<ProviderKeyRecord>, AdminError> {
         actor.require(Permission::KeysManage)?;
-        self.ctx.store().list_provider_keys(actor.project()).await.map_err(store_err)
+        self.ctx
+            .store()
+            .list_provider_keys(actor.project())
+            .await
+            .map_err(store_err)
     }
 
     /// Removes a provider key.
-    pub async fn remove_provider_key(&self, actor: &Actor, id: &ProviderKeyId) -> Result<(), AdminError> {
+    pub async fn remove_provider_key(
+        &self,
+        actor: &Actor,
+        id: &ProviderKeyId,
+    ) -> Result<(), AdminError> {
         actor.require(Permission::KeysManage)?;
         let rec = self
             .ctx
@@ -516,24 +624,46 @@ impl Admin {
             .map_err(store_err)?
             .filter(|r| actor.sees(&r.project))
             .ok_or(AdminError::NotFound("provider key"))?;
-        self.audit(self.event(actor, AuditKind::ProviderKeyRemoved, id.to_string(), &rec.project, serde_json::json!({"provider": rec.provider.as_str()})))
-            .await?;
-        self.ctx.store().remove_provider_key(id).await.map_err(store_err)?;
+        self.audit(self.event(
+            actor,
+            AuditKind::ProviderKeyRemoved,
+            id.to_string(),
+            &rec.project,
+            serde_json::json!({"provider": rec.provider.as_str()}),
+        ))
+        .await?;
+        self.ctx
+            .store()
+            .remove_provider_key(id)
+            .await
+            .map_err(store_err)?;
         self.ctx.invalidate_provider_keys();
         Ok(())
     }
 
     /// Usage records of the caller's project.
-    pub async fn usage(&self, actor: &Actor, mut filter: UsageFilter) -> Result<Vec<UsageRecord>, AdminError> {
+    pub async fn usage(
+        &self,
+        actor: &Actor,
+        mut filter: UsageFilter,
+    ) -> Result<Vec<UsageRecord>, AdminError> {
         actor.require(Permission::UsageRead)?;
         if let Some(p) = actor.project() {
             filter.project = Some(p.to_owned());
         }
-        self.ctx.store().list_usage(&filter).await.map_err(store_err)
+        self.ctx
+            .store()
+            .list_usage(&filter)
+            .await
+            .map_err(store_err)
     }
 
     /// Audit entries visible to the caller (its project's), newest first.
-    pub async fn audit_entries(&self, actor: &Actor, limit: usize) -> Result<Vec<serde_json::Value>, AdminError> {
+    pub async fn audit_entries(
+        &self,
+        actor: &Actor,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Value>, AdminError> {
         actor.require(Permission::AuditRead)?;
         let Some(log) = self.ctx.audit() else {
             return Ok(Vec::new());

@@ -15,8 +15,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
 use http::StatusCode;
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -50,8 +50,14 @@ pub fn admin_router(admin: Admin, options: AdminOptions) -> Router {
         .route("/v1/keys", post(create_key).get(list_keys))
         .route("/v1/keys/{id}", get(get_key).delete(revoke_key))
         .route("/v1/keys/{id}/rotate", post(rotate_key))
-        .route("/v1/provider-keys", post(add_provider_key).get(list_provider_keys))
-        .route("/v1/provider-keys/{id}", axum::routing::delete(remove_provider_key))
+        .route(
+            "/v1/provider-keys",
+            post(add_provider_key).get(list_provider_keys),
+        )
+        .route(
+            "/v1/provider-keys/{id}",
+            axum::routing::delete(remove_provider_key),
+        )
         .route("/v1/usage", get(usage))
         .route("/v1/audit", get(audit));
     let authed = if options.protect_metrics {
@@ -75,7 +81,8 @@ pub fn admin_router(admin: Admin, options: AdminOptions) -> Router {
 fn json_response(status: StatusCode, v: &Value) -> Response {
     let mut r = Response::new(Body::from(v.to_string()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -146,7 +153,10 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
 
 /// The caller, as the authentication layer resolved it; fails closed.
 fn actor(req: &Request) -> Result<Actor, AdminError> {
-    req.extensions().get::<Actor>().cloned().ok_or(AdminError::Internal)
+    req.extensions()
+        .get::<Actor>()
+        .cloned()
+        .ok_or(AdminError::Internal)
 }
 
 async fn read_json<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, AdminError> {
@@ -160,9 +170,12 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, Admi
         }
     };
     if bytes.is_empty() {
-        return Err(AdminError::Invalid("a JSON request body is required".to_owned()));
+        return Err(AdminError::Invalid(
+            "a JSON request body is required".to_owned(),
+        ));
     }
-    serde_json::from_slice(&bytes).map_err(|e| AdminError::Invalid(format!("invalid request body: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| AdminError::Invalid(format!("invalid request body: {e}")))
 }
 
 /// `POST /v1/keys`: unknown fields (`spend`, `status`, `id`, `created_at`…)
@@ -213,14 +226,16 @@ async fn create_key(State(admin): State<Arc<Admin>>, req: Request) -> Result<Res
         None => None,
     };
     let parent = match b.parent.as_deref() {
-        Some(p) => Some(KeyId::parse(p).ok_or_else(|| AdminError::Invalid("parent: expected a key id like key_…".to_owned()))?),
+        Some(p) => Some(KeyId::parse(p).ok_or_else(|| {
+            AdminError::Invalid("parent: expected a key id like key_…".to_owned())
+        })?),
         None => None,
     };
     let mut provider_keys = Vec::new();
     for pk in b.provider_keys.unwrap_or_default() {
-        provider_keys.push(
-            ProviderKeyId::parse(&pk).ok_or_else(|| AdminError::Invalid("provider_keys: expected ids like pk_…".to_owned()))?,
-        );
+        provider_keys.push(ProviderKeyId::parse(&pk).ok_or_else(|| {
+            AdminError::Invalid("provider_keys: expected ids like pk_…".to_owned())
+        })?);
     }
     let new = NewKey {
         name: b.name.unwrap_or_default(),
@@ -252,19 +267,33 @@ async fn list_keys(State(admin): State<Arc<Admin>>, req: Request) -> Result<Resp
     let keys = admin.list_keys(&actor(&req)?).await?;
     let now = admin.context().clock().now();
     let data: Vec<Value> = keys.iter().map(|k| views::key(k, now)).collect();
-    Ok(json_response(StatusCode::OK, &json!({"object": "list", "data": data})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": data}),
+    ))
 }
 
 fn key_id(id: &str) -> Result<KeyId, AdminError> {
     KeyId::parse(id).ok_or(AdminError::NotFound("key"))
 }
 
-async fn get_key(State(admin): State<Arc<Admin>>, Path(id): Path<String>, req: Request) -> Result<Response, AdminError> {
+async fn get_key(
+    State(admin): State<Arc<Admin>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, AdminError> {
     let k = admin.get_key(&actor(&req)?, &key_id(&id)?).await?;
-    Ok(json_response(StatusCode::OK, &views::key(&k, admin.context().clock().now())))
+    Ok(json_response(
+        StatusCode::OK,
+        &views::key(&k, admin.context().clock().now()),
+    ))
 }
 
-async fn revoke_key(State(admin): State<Arc<Admin>>, Path(id): Path<String>, req: Request) -> Result<Response, AdminError> {
+async fn revoke_key(
+    State(admin): State<Arc<Admin>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, AdminError> {
     let revoked = admin.revoke_key(&actor(&req)?, &key_id(&id)?).await?;
     Ok(json_response(
         StatusCode::OK,
@@ -279,16 +308,30 @@ struct RotateBody {
     grace_seconds: Option<u64>,
 }
 
-async fn rotate_key(State(admin): State<Arc<Admin>>, Path(id): Path<String>, req: Request) -> Result<Response, AdminError> {
+async fn rotate_key(
+    State(admin): State<Arc<Admin>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, AdminError> {
     let actor = actor(&req)?;
     let has_body = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .is_some_and(|v| v.as_bytes() != b"0");
-    let b: RotateBody = if has_body { read_json(req).await? } else { RotateBody::default() };
+    let b: RotateBody = if has_body {
+        read_json(req).await?
+    } else {
+        RotateBody::default()
+    };
     let grace = match (b.grace.as_deref(), b.grace_seconds) {
-        (Some(_), Some(_)) => return Err(AdminError::Invalid("grace: give grace or grace_seconds, not both".to_owned())),
-        (Some(g), None) => Some(parse_duration(g).ok_or_else(|| AdminError::Invalid("grace: expected a duration like 60s or 1h".to_owned()))?),
+        (Some(_), Some(_)) => {
+            return Err(AdminError::Invalid(
+                "grace: give grace or grace_seconds, not both".to_owned(),
+            ));
+        }
+        (Some(g), None) => Some(parse_duration(g).ok_or_else(|| {
+            AdminError::Invalid("grace: expected a duration like 60s or 1h".to_owned())
+        })?),
         (None, Some(s)) => Some(Duration::from_secs(s)),
         (None, None) => None,
     };
@@ -308,30 +351,57 @@ struct AddProviderKeyBody {
     project: Option<String>,
 }
 
-async fn add_provider_key(State(admin): State<Arc<Admin>>, req: Request) -> Result<Response, AdminError> {
+async fn add_provider_key(
+    State(admin): State<Arc<Admin>>,
+    req: Request,
+) -> Result<Response, AdminError> {
     let actor = actor(&req)?;
     let b: AddProviderKeyBody = read_json(req).await?;
-    let provider: Provider = b
-        .provider
-        .parse()
-        .map_err(|e: vault_core::provider::UnknownProvider| AdminError::Invalid(format!("provider: {e}")))?;
+    let provider: Provider =
+        b.provider
+            .parse()
+            .map_err(|e: vault_core::provider::UnknownProvider| {
+                AdminError::Invalid(format!("provider: {e}"))
+            })?;
     let secret = ProviderSecret::new(b.api_key);
     let rec = admin
-        .add_provider_key(&actor, provider, b.name.unwrap_or_default(), b.project, secret)
+        .add_provider_key(
+            &actor,
+            provider,
+            b.name.unwrap_or_default(),
+            b.project,
+            secret,
+        )
         .await?;
-    Ok(json_response(StatusCode::CREATED, &views::provider_key(&rec)))
+    Ok(json_response(
+        StatusCode::CREATED,
+        &views::provider_key(&rec),
+    ))
 }
 
-async fn list_provider_keys(State(admin): State<Arc<Admin>>, req: Request) -> Result<Response, AdminError> {
+async fn list_provider_keys(
+    State(admin): State<Arc<Admin>>,
+    req: Request,
+) -> Result<Response, AdminError> {
     let list = admin.list_provider_keys(&actor(&req)?).await?;
     let data: Vec<Value> = list.iter().map(views::provider_key).collect();
-    Ok(json_response(StatusCode::OK, &json!({"object": "list", "data": data})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": data}),
+    ))
 }
 
-async fn remove_provider_key(State(admin): State<Arc<Admin>>, Path(id): Path<String>, req: Request) -> Result<Response, AdminError> {
+async fn remove_provider_key(
+    State(admin): State<Arc<Admin>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, AdminError> {
     let pk = ProviderKeyId::parse(&id).ok_or(AdminError::NotFound("provider key"))?;
     admin.remove_provider_key(&actor(&req)?, &pk).await?;
-    Ok(json_response(StatusCode::OK, &json!({"id": id, "deleted": true})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"id": id, "deleted": true}),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -342,11 +412,18 @@ struct UsageQuery {
     limit: Option<usize>,
 }
 
-async fn usage(State(admin): State<Arc<Admin>>, Query(q): Query<UsageQuery>, req: Request) -> Result<Response, AdminError> {
+async fn usage(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<UsageQuery>,
+    req: Request,
+) -> Result<Response, AdminError> {
     let filter = UsageFilter {
         project: None,
         key_id: match q.key_id.as_deref() {
-            Some(k) => Some(KeyId::parse(k).ok_or_else(|| AdminError::Invalid("key_id: expected key_…".to_owned()))?),
+            Some(k) => Some(
+                KeyId::parse(k)
+                    .ok_or_else(|| AdminError::Invalid("key_id: expected key_…".to_owned()))?,
+            ),
             None => None,
         },
         since: q.since.map(vault_core::clock::UnixMillis),
@@ -362,9 +439,18 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
-async fn audit(State(admin): State<Arc<Admin>>, Query(q): Query<AuditQuery>, req: Request) -> Result<Response, AdminError> {
-    let entries = admin.audit_entries(&actor(&req)?, q.limit.unwrap_or(100).min(10_000)).await?;
-    Ok(json_response(StatusCode::OK, &json!({"object": "list", "data": entries})))
+async fn audit(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<AuditQuery>,
+    req: Request,
+) -> Result<Response, AdminError> {
+    let entries = admin
+        .audit_entries(&actor(&req)?, q.limit.unwrap_or(100).min(10_000))
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": entries}),
+    ))
 }
 
 async fn healthz() -> Response {
