@@ -20,7 +20,8 @@ use crate::app::{self, Opened, UsageError};
 use crate::output;
 use crate::remote::Remote;
 use crate::{
-    AuditCommand, Cli, Command, KeysCommand, MasterKeyCommand, Output, ProviderKeysCommand,
+    AuditCommand, Cli, Command, CreateArgs, KeysCommand, MasterKeyCommand, Output,
+    ProviderKeysCommand,
 };
 
 /// Runs the parsed command.
@@ -247,17 +248,18 @@ fn read_secret(from_env: Option<&str>) -> Result<ProviderSecret> {
 }
 
 /// The body of a create request, from flags and an optional policy file.
-fn new_key_body(
-    name: Option<String>,
-    policy: Option<PathBuf>,
-    scopes: Vec<String>,
-    plan: Option<String>,
-    ttl: Option<String>,
-    budget_usd: Option<f64>,
-    test: bool,
-    project: Option<String>,
-    parent: Option<String>,
-) -> Result<(NewKey, Value)> {
+fn new_key_body(args: CreateArgs) -> Result<(NewKey, Value)> {
+    let CreateArgs {
+        name,
+        policy,
+        scopes,
+        plan,
+        ttl,
+        budget_usd,
+        test,
+        project,
+        parent,
+    } = args;
     let mut new = NewKey::default();
     if let Some(path) = policy {
         let file = load_policy_file(&path).map_err(|e| UsageError(e.to_string()))?;
@@ -327,20 +329,8 @@ async fn direct(opened: &Opened, command: Command, format: Output) -> Result<Exi
     let me = Actor::Operator;
     let now = opened.ctx.clock().now();
     match command {
-        Command::Keys(KeysCommand::Create {
-            name,
-            policy,
-            scopes,
-            plan,
-            ttl,
-            budget_usd,
-            test,
-            project,
-            parent,
-        }) => {
-            let (new, _) = new_key_body(
-                name, policy, scopes, plan, ttl, budget_usd, test, project, parent,
-            )?;
+        Command::Keys(KeysCommand::Create(args)) => {
+            let (new, _) = new_key_body(args)?;
             let issued = admin.create_key(&me, new).await?;
             let mut v = views::key(&issued.record, now);
             v["key"] = json!(issued.key.expose_secret());
@@ -465,20 +455,8 @@ fn refuse_argv_secret(given: bool) -> Result<()> {
 
 async fn remote(r: Remote, command: Command, format: Output) -> Result<ExitCode> {
     match command {
-        Command::Keys(KeysCommand::Create {
-            name,
-            policy,
-            scopes,
-            plan,
-            ttl,
-            budget_usd,
-            test,
-            project,
-            parent,
-        }) => {
-            let (_, body) = new_key_body(
-                name, policy, scopes, plan, ttl, budget_usd, test, project, parent,
-            )?;
+        Command::Keys(KeysCommand::Create(args)) => {
+            let (_, body) = new_key_body(args)?;
             let v = r.call(Method::POST, "/v1/keys", Some(body)).await?;
             output::issued_key(format, &v);
         }

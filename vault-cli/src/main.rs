@@ -85,35 +85,7 @@ pub(crate) enum Command {
 #[derive(Debug, Subcommand)]
 pub(crate) enum KeysCommand {
     /// Create a key; the key is shown once.
-    Create {
-        /// A name for the key.
-        #[arg(long)]
-        name: Option<String>,
-        /// A policy file (agent.policy.yaml).
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        /// Scopes, e.g. chat:write,usage:read.
-        #[arg(long, value_delimiter = ',')]
-        scopes: Vec<String>,
-        /// A plan: free, pro, enterprise or one from config.
-        #[arg(long)]
-        plan: Option<String>,
-        /// Time to live, e.g. 1h.
-        #[arg(long)]
-        ttl: Option<String>,
-        /// Budget in USD.
-        #[arg(long)]
-        budget_usd: Option<f64>,
-        /// Make a test key (answered by the mock provider).
-        #[arg(long)]
-        test: bool,
-        /// The project.
-        #[arg(long)]
-        project: Option<String>,
-        /// Parent key id, for a sub-agent key.
-        #[arg(long)]
-        parent: Option<String>,
-    },
+    Create(CreateArgs),
     /// List keys (never the keys themselves).
     List,
     /// Show one key.
@@ -134,6 +106,38 @@ pub(crate) enum KeysCommand {
         #[arg(long)]
         grace: Option<String>,
     },
+}
+
+/// Flags of `keys create`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CreateArgs {
+    /// A name for the key.
+    #[arg(long)]
+    name: Option<String>,
+    /// A policy file (agent.policy.yaml).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Scopes, e.g. chat:write,usage:read.
+    #[arg(long, value_delimiter = ',')]
+    scopes: Vec<String>,
+    /// A plan: free, pro, enterprise or one from config.
+    #[arg(long)]
+    plan: Option<String>,
+    /// Time to live, e.g. 1h.
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Budget in USD.
+    #[arg(long)]
+    budget_usd: Option<f64>,
+    /// Make a test key (answered by the mock provider).
+    #[arg(long)]
+    test: bool,
+    /// The project.
+    #[arg(long)]
+    project: Option<String>,
+    /// Parent key id, for a sub-agent key.
+    #[arg(long)]
+    parent: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

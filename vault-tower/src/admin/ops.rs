@@ -369,7 +369,7 @@ impl Admin {
                 .get_provider_key(pk)
                 .await
                 .map_err(store_err)?;
-            if !found.is_some_and(|f| f.project == project) {
+            if found.is_none_or(|f| f.project != project) {
                 return Err(AdminError::Forbidden(format!(
                     "provider_keys: {pk} is not a provider key of project {project}"
                 )));
