@@ -862,7 +862,7 @@ mod tests {
                 ..Policy::default()
             },
         );
-        let k = chain(&[key.clone()]);
+        let k = chain(std::slice::from_ref(&key));
         let line = BudgetLine {
             key: key.id.clone(),
             limit: Micros(1_000_000),
