@@ -219,7 +219,10 @@ mod tests {
                 assert!(count >= 2, "{p} has {count} prices");
             }
         }
-        assert_eq!(PriceTable::builtin().entries().count(), table.entries().count());
+        assert_eq!(
+            PriceTable::builtin().entries().count(),
+            table.entries().count()
+        );
     }
 
     #[test]
@@ -228,7 +231,10 @@ mod tests {
         let mini = t.lookup(Provider::OpenAi, "gpt-4o-mini").unwrap();
         assert_eq!(mini.input_per_million, Micros(150_000));
         assert_eq!(mini.output_per_million, Micros(600_000));
-        assert_eq!(t.lookup(Provider::OpenAi, "gpt-4o-mini-2024-07-18"), Some(mini));
+        assert_eq!(
+            t.lookup(Provider::OpenAi, "gpt-4o-mini-2024-07-18"),
+            Some(mini)
+        );
         assert_eq!(
             t.lookup(Provider::OpenAi, "gpt-4o-2024-08-06"),
             t.lookup(Provider::OpenAi, "gpt-4o")
@@ -254,7 +260,10 @@ mod tests {
         assert!(t.lookup(Provider::OpenAi, "gpt-4o-audio-preview").is_none());
         assert!(t.lookup(Provider::Anthropic, "gpt-4o").is_none());
         assert!(t.lookup(Provider::OpenAi, "GPT-4O-MINI").is_none());
-        assert!(t.lookup(Provider::Bielik, "bielik-11b-v2.3-instruct").is_none());
+        assert!(
+            t.lookup(Provider::Bielik, "bielik-11b-v2.3-instruct")
+                .is_none()
+        );
     }
 
     #[test]
@@ -264,7 +273,10 @@ mod tests {
             .with_override(Provider::OpenAi, "gpt-4o-mini", cheap)
             .with_override(Provider::Bielik, "bielik", cheap);
         assert_eq!(t.lookup(Provider::OpenAi, "gpt-4o-mini"), Some(&cheap));
-        assert_eq!(t.lookup(Provider::OpenAi, "gpt-4o-mini-2024-07-18"), Some(&cheap));
+        assert_eq!(
+            t.lookup(Provider::OpenAi, "gpt-4o-mini-2024-07-18"),
+            Some(&cheap)
+        );
         assert_eq!(t.lookup(Provider::Bielik, "bielik-11b"), Some(&cheap));
         assert_eq!(t.lookup(Provider::Bielik, "bielik-instruct"), None);
         assert_eq!(t.price_for(Provider::Bielik, "other"), None);

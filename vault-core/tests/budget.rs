@@ -158,7 +158,11 @@ async fn concurrency_i1_racing_the_cap_admits_exactly_what_fits() {
             b.store.insert_key(&k, None).await.unwrap();
             let admitted = race(&engine, vec![Arc::new(k.clone())], 200).await;
             assert_eq!(admitted, 50, "{} round {round}", b.name);
-            let usage = b.store.budget_usage(&line_of(&k, 0), clock.now()).await.unwrap();
+            let usage = b
+                .store
+                .budget_usage(&line_of(&k, 0), clock.now())
+                .await
+                .unwrap();
             assert_eq!(usage.settled, Micros(500_000), "{}", b.name);
             assert_eq!(usage.reserved, Micros::ZERO, "{}", b.name);
             let stored = b.store.get_key(&k.id).await.unwrap().unwrap();
@@ -175,7 +179,12 @@ async fn concurrency_i2_racing_a_fresh_key_and_a_fresh_child() {
         // A key created just now: no counter row exists before the race.
         let fresh = key(Micros(70_000), BudgetPeriod::Daily, None);
         b.store.insert_key(&fresh, None).await.unwrap();
-        assert_eq!(race(&engine, vec![Arc::new(fresh)], 100).await, 7, "{}", b.name);
+        assert_eq!(
+            race(&engine, vec![Arc::new(fresh)], 100).await,
+            7,
+            "{}",
+            b.name
+        );
 
         // A child carved out of its parent just now.
         let parent = key(Micros(1_000_000), BudgetPeriod::Total, None);
@@ -187,7 +196,11 @@ async fn concurrency_i2_racing_a_fresh_key_and_a_fresh_child() {
             .unwrap();
         let chain = vec![Arc::new(child.clone()), Arc::new(parent.clone())];
         assert_eq!(race(&engine, chain, 100).await, 5, "{}", b.name);
-        let usage = b.store.budget_usage(&line_of(&child, 0), clock.now()).await.unwrap();
+        let usage = b
+            .store
+            .budget_usage(&line_of(&child, 0), clock.now())
+            .await
+            .unwrap();
         assert_eq!(usage.settled, Micros(50_000), "{}", b.name);
     }
 }
@@ -209,7 +222,9 @@ async fn concurrency_i3_child_carve_outs() {
             let child = key(Micros(3_000_000), BudgetPeriod::Total, Some(&parent));
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
-                store.insert_key(&child, Some((&line, Micros(3_000_000)))).await
+                store
+                    .insert_key(&child, Some((&line, Micros(3_000_000))))
+                    .await
             }));
         }
         let mut created = 0;
@@ -230,17 +245,30 @@ async fn concurrency_i3_child_carve_outs() {
         let parent_line = line_of(&parent, 0);
         let a = key(Micros(60_000), BudgetPeriod::Total, Some(&parent));
         let c = key(Micros(40_000), BudgetPeriod::Total, Some(&parent));
-        b.store.insert_key(&a, Some((&parent_line, Micros(60_000)))).await.unwrap();
-        b.store.insert_key(&c, Some((&parent_line, Micros(40_000)))).await.unwrap();
+        b.store
+            .insert_key(&a, Some((&parent_line, Micros(60_000))))
+            .await
+            .unwrap();
+        b.store
+            .insert_key(&c, Some((&parent_line, Micros(40_000))))
+            .await
+            .unwrap();
         let late = key(Micros(1), BudgetPeriod::Total, Some(&parent));
         assert!(matches!(
-            b.store.insert_key(&late, Some((&parent_line, Micros(1)))).await,
+            b.store
+                .insert_key(&late, Some((&parent_line, Micros(1))))
+                .await,
             Err(StoreError::BudgetExceeded { .. })
         ));
         // The parent itself cannot spend what its children hold.
         let parent_chain = vec![Arc::new(parent.clone())];
         assert_eq!(
-            engine.check(&parent_chain, &facts("test-model", Some(1000))).await.unwrap_err().0.code(),
+            engine
+                .check(&parent_chain, &facts("test-model", Some(1000)))
+                .await
+                .unwrap_err()
+                .0
+                .code(),
             "budget_exceeded"
         );
         let pa = tokio::spawn({
@@ -254,7 +282,11 @@ async fn concurrency_i3_child_carve_outs() {
             async move { race(&engine, chain, 50).await }
         });
         assert_eq!((pa.await.unwrap(), pc.await.unwrap()), (6, 4), "{}", b.name);
-        let usage = b.store.budget_usage(&parent_line, clock.now()).await.unwrap();
+        let usage = b
+            .store
+            .budget_usage(&parent_line, clock.now())
+            .await
+            .unwrap();
         assert!(
             usage.settled.saturating_add(usage.reserved) <= Micros(100_000),
             "{}: {usage:?}",
@@ -267,9 +299,16 @@ async fn concurrency_i3_child_carve_outs() {
         let child_now = b.store.get_key(&a.id).await.unwrap().unwrap();
         let parent_now = b.store.get_key(&parent.id).await.unwrap().unwrap();
         let chain = vec![Arc::new(child_now), Arc::new(parent_now)];
-        let (d, _) = engine.check(&chain, &facts("test-model", Some(1))).await.unwrap_err();
+        let (d, _) = engine
+            .check(&chain, &facts("test-model", Some(1)))
+            .await
+            .unwrap_err();
         assert_eq!(d, Denial::KeyRevoked, "{}", b.name);
-        let usage = b.store.budget_usage(&parent_line, clock.now()).await.unwrap();
+        let usage = b
+            .store
+            .budget_usage(&parent_line, clock.now())
+            .await
+            .unwrap();
         assert_eq!(usage.settled, Micros(100_000), "{}", b.name);
         assert_eq!(usage.reserved, Micros::ZERO, "{}", b.name);
     }
@@ -284,8 +323,16 @@ async fn boundary_i4_no_output_limit_reserves_the_model_maximum() {
         b.store.insert_key(&k, None).await.unwrap();
         let chain = vec![Arc::new(k.clone())];
 
-        let grant = engine.check(&chain, &facts("test-model", None)).await.unwrap();
-        assert_eq!(grant.reservation.as_ref().unwrap().amount, CENT, "{}", b.name);
+        let grant = engine
+            .check(&chain, &facts("test-model", None))
+            .await
+            .unwrap();
+        assert_eq!(
+            grant.reservation.as_ref().unwrap().amount,
+            CENT,
+            "{}",
+            b.name
+        );
         engine.settle(grant, CallOutcome::NotSent, None).await;
 
         // A built-in model: 16,384 output tokens of gpt-4o-mini at $0.60/M,
@@ -295,17 +342,34 @@ async fn boundary_i4_no_output_limit_reserves_the_model_maximum() {
         let grant = engine.check(&chain, &f).await.unwrap();
         let expected = Micros::for_tokens(16_384, Micros(600_000))
             .saturating_add(Micros::for_tokens(100, Micros(150_000)));
-        assert_eq!(grant.reservation.as_ref().unwrap().amount, expected, "{}", b.name);
+        assert_eq!(
+            grant.reservation.as_ref().unwrap().amount,
+            expected,
+            "{}",
+            b.name
+        );
         engine.settle(grant, CallOutcome::NotSent, None).await;
 
         // An unknown model with no price: refused, never a zero reservation.
         for model in ["no-such-model", "o3-pro"] {
-            let (d, _) = engine.check(&chain, &facts(model, Some(10))).await.unwrap_err();
+            let (d, _) = engine
+                .check(&chain, &facts(model, Some(10)))
+                .await
+                .unwrap_err();
             assert_eq!(d.code(), "model_not_allowed", "{}", b.name);
             assert!(d.message().contains("has no price"), "{}", d.message());
         }
-        let usage = b.store.budget_usage(&line_of(&k, 0), clock.now()).await.unwrap();
-        assert_eq!(usage.settled.saturating_add(usage.reserved), Micros::ZERO, "{}", b.name);
+        let usage = b
+            .store
+            .budget_usage(&line_of(&k, 0), clock.now())
+            .await
+            .unwrap();
+        assert_eq!(
+            usage.settled.saturating_add(usage.reserved),
+            Micros::ZERO,
+            "{}",
+            b.name
+        );
     }
 }
 
@@ -337,7 +401,10 @@ async fn boundary_i7_daily_and_monthly_budgets_roll_over_at_utc_midnight() {
                 engine.settle(g, CallOutcome::Unmetered, None).await;
             }
             clock.set(UnixMillis(midnight.0 - 1));
-            assert_eq!(engine.check(&chain, &f).await.unwrap_err().0.code(), "budget_exceeded");
+            assert_eq!(
+                engine.check(&chain, &f).await.unwrap_err().0.code(),
+                "budget_exceeded"
+            );
 
             // At midnight exactly the new period starts with the full budget.
             clock.set(midnight);
@@ -345,11 +412,21 @@ async fn boundary_i7_daily_and_monthly_budgets_roll_over_at_utc_midnight() {
             for _ in 0..3 {
                 new_grants.push(engine.check(&chain, &f).await.unwrap());
             }
-            assert_eq!(engine.check(&chain, &f).await.unwrap_err().0.code(), "budget_exceeded");
+            assert_eq!(
+                engine.check(&chain, &f).await.unwrap_err().0.code(),
+                "budget_exceeded"
+            );
 
             // The call reserved before midnight settles into the old period.
             engine
-                .settle(in_flight, CallOutcome::Metered { tokens_in: 0, tokens_out: 500 }, None)
+                .settle(
+                    in_flight,
+                    CallOutcome::Metered {
+                        tokens_in: 0,
+                        tokens_out: 500,
+                    },
+                    None,
+                )
                 .await;
             for g in new_grants {
                 engine.settle(g, CallOutcome::Unmetered, None).await;
@@ -362,8 +439,16 @@ async fn boundary_i7_daily_and_monthly_budgets_roll_over_at_utc_midnight() {
             };
             assert_eq!(old_start, UnixMillis(old), "{}", b.name);
             assert_ne!(old, new);
-            let old_usage = b.store.budget_usage(&line_of(&k, old), clock.now()).await.unwrap();
-            let new_usage = b.store.budget_usage(&line_of(&k, new), clock.now()).await.unwrap();
+            let old_usage = b
+                .store
+                .budget_usage(&line_of(&k, old), clock.now())
+                .await
+                .unwrap();
+            let new_usage = b
+                .store
+                .budget_usage(&line_of(&k, new), clock.now())
+                .await
+                .unwrap();
             assert_eq!(old_usage.settled, Micros(25_000), "{} {period:?}", b.name);
             assert_eq!(new_usage.settled, Micros(30_000), "{} {period:?}", b.name);
         }
@@ -405,7 +490,11 @@ async fn concurrency_i7_requests_racing_the_rollover_are_bounded_per_period() {
         }
         for (start, admitted) in &per_period {
             assert!(*admitted <= 5, "{}: {admitted} in period {start}", b.name);
-            let usage = b.store.budget_usage(&line_of(&k, *start), clock.now()).await.unwrap();
+            let usage = b
+                .store
+                .budget_usage(&line_of(&k, *start), clock.now())
+                .await
+                .unwrap();
             assert_eq!(usage.settled, Micros(admitted * 10_000), "{}", b.name);
         }
         let total: u64 = per_period.values().sum();

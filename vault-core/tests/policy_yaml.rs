@@ -37,14 +37,26 @@ fn refused(text: &str, line: u64, field: &str) -> String {
 fn corruption_unknown_top_level_field() {
     let text = "name: eval\nttl: 1h\nscopes: [chat:write]\nproviders: [openai]\nmodels: [gpt-4o-mini]\nmax_request_chars: 10\nbudjet:\n  limit_usd: 5\n";
     let msg = refused(text, 7, "\"budjet\"");
-    assert!(msg.starts_with("agent.policy.yaml:7:1: unknown field \"budjet\"; expected one of: name, ttl,"), "{msg}");
+    assert!(
+        msg.starts_with(
+            "agent.policy.yaml:7:1: unknown field \"budjet\"; expected one of: name, ttl,"
+        ),
+        "{msg}"
+    );
 }
 
 #[test]
 fn corruption_unknown_nested_field() {
     let msg = refused("name: a\nbudget:\n  limit: 5\n", 3, "\"limit\"");
-    assert!(msg.contains("in budget") && msg.contains("limit_usd, period"), "{msg}");
-    refused("rate_limit:\n  requests_per_hour: 5\n", 2, "\"requests_per_hour\"");
+    assert!(
+        msg.contains("in budget") && msg.contains("limit_usd, period"),
+        "{msg}"
+    );
+    refused(
+        "rate_limit:\n  requests_per_hour: 5\n",
+        2,
+        "\"requests_per_hour\"",
+    );
 }
 
 #[test]
@@ -68,17 +80,29 @@ fn corruption_nan_and_infinite_budget() {
 
 #[test]
 fn corruption_budget_not_a_number() {
-    refused("name: a\nbudget:\n  limit_usd: five\n", 3, "budget.limit_usd");
+    refused(
+        "name: a\nbudget:\n  limit_usd: five\n",
+        3,
+        "budget.limit_usd",
+    );
 }
 
 #[test]
 fn corruption_unknown_budget_period() {
-    refused("budget:\n  limit_usd: 1\n  period: weekly\n", 3, "budget.period");
+    refused(
+        "budget:\n  limit_usd: 1\n  period: weekly\n",
+        3,
+        "budget.period",
+    );
 }
 
 #[test]
 fn corruption_unknown_scope() {
-    let msg = refused("name: a\nscopes:\n  - chat:write\n  - chat:read\n", 4, "scopes");
+    let msg = refused(
+        "name: a\nscopes:\n  - chat:write\n  - chat:read\n",
+        4,
+        "scopes",
+    );
     assert!(msg.contains("chat:read"), "{msg}");
 }
 
@@ -90,7 +114,11 @@ fn corruption_unknown_provider() {
 
 #[test]
 fn corruption_bad_endpoint_pattern() {
-    refused("endpoints:\n  - POST /v1/chat/completions\n  - post /v1/../files\n", 3, "endpoints");
+    refused(
+        "endpoints:\n  - POST /v1/chat/completions\n  - post /v1/../files\n",
+        3,
+        "endpoints",
+    );
     refused("endpoints:\n  - /v1/chat/completions\n", 2, "endpoints");
 }
 
@@ -101,13 +129,25 @@ fn corruption_bad_model_pattern() {
 
 #[test]
 fn corruption_zero_rate_limit() {
-    refused("rate_limit:\n  requests_per_minute: 0\n", 2, "rate_limit.requests_per_minute");
-    refused("name: a\nrate_limit:\n  tokens_per_minute: 0\n", 3, "rate_limit.tokens_per_minute");
+    refused(
+        "rate_limit:\n  requests_per_minute: 0\n",
+        2,
+        "rate_limit.requests_per_minute",
+    );
+    refused(
+        "name: a\nrate_limit:\n  tokens_per_minute: 0\n",
+        3,
+        "rate_limit.tokens_per_minute",
+    );
 }
 
 #[test]
 fn corruption_negative_rate_limit() {
-    refused("name: a\nrate_limit:\n  requests_per_day: -5\n", 3, "rate_limit.requests_per_day");
+    refused(
+        "name: a\nrate_limit:\n  requests_per_day: -5\n",
+        3,
+        "rate_limit.requests_per_day",
+    );
 }
 
 #[test]
@@ -125,7 +165,11 @@ fn corruption_empty_allowlist() {
 
 #[test]
 fn corruption_duplicate_field() {
-    refused("name: a\nmodels: [gpt-4o-mini]\nmodels: [gpt-4o]\n", 3, "models");
+    refused(
+        "name: a\nmodels: [gpt-4o-mini]\nmodels: [gpt-4o]\n",
+        3,
+        "models",
+    );
 }
 
 #[test]
@@ -169,8 +213,14 @@ fn the_spec_example_loads_from_a_file() {
     let f = load_policy_file(&path).unwrap();
     assert_eq!(f.plan.as_deref(), Some("pro"));
     let b = f.policy.budget.unwrap();
-    assert_eq!((b.limit, b.period), (Micros(5_000_000), BudgetPeriod::Daily));
-    assert_eq!(f.policy.providers.unwrap(), [Provider::OpenAi, Provider::Anthropic]);
+    assert_eq!(
+        (b.limit, b.period),
+        (Micros(5_000_000), BudgetPeriod::Daily)
+    );
+    assert_eq!(
+        f.policy.providers.unwrap(),
+        [Provider::OpenAi, Provider::Anthropic]
+    );
     assert_eq!(f.policy.max_parallel, Some(4));
     assert!(f.policy.shadow);
 
@@ -178,14 +228,21 @@ fn the_spec_example_loads_from_a_file() {
     assert!(missing.to_string().contains("nope.yaml"), "{missing}");
     std::fs::write(&path, "name: a\nbudjet: 1\n").unwrap();
     let e = load_policy_file(&path).unwrap_err().to_string();
-    assert!(e.contains("agent.policy.yaml:2:1: unknown field \"budjet\""), "{e}");
+    assert!(
+        e.contains("agent.policy.yaml:2:1: unknown field \"budjet\""),
+        "{e}"
+    );
 }
 
 #[test]
 fn corruption_aliases_cannot_blow_up() {
     let mut text = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
     for i in 0..12 {
-        let prev = if i == 0 { "a".to_owned() } else { format!("l{}", i - 1) };
+        let prev = if i == 0 {
+            "a".to_owned()
+        } else {
+            format!("l{}", i - 1)
+        };
         text.push_str(&format!(
             "l{i}: &l{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
         ));

@@ -109,7 +109,10 @@ async fn boundary_retry_after_is_the_real_next_admission() {
     }
     let (ok, h) = call(&engine, &chain).await;
     assert!(!ok);
-    assert_eq!((h.limit, h.remaining, h.reset_unix_secs), (60, 0, (M0 + 60_000) / 1000));
+    assert_eq!(
+        (h.limit, h.remaining, h.reset_unix_secs),
+        (60, 0, (M0 + 60_000) / 1000)
+    );
     let wait = h.retry_after_secs.unwrap();
     assert_eq!(wait, 30);
     // One millisecond early: still refused, with a consistent Retry-After.
@@ -164,7 +167,10 @@ async fn boundary_no_aligned_minute_ever_admits_more_than_the_limit() {
             // The refusal's Retry-After never points before the window's end.
             let wait_ms = i64::try_from(h.retry_after_secs.unwrap()).unwrap() * 1000;
             assert!(now + wait_ms >= (now.div_euclid(60_000) + 1) * 60_000);
-            assert_eq!(h.reset_unix_secs * 1000, (now.div_euclid(60_000) + 1) * 60_000);
+            assert_eq!(
+                h.reset_unix_secs * 1000,
+                (now.div_euclid(60_000) + 1) * 60_000
+            );
         }
         step = step * 1_103_515_245 % 2_147_483_648;
         clock.advance(i64::try_from(step % 1500).unwrap());

@@ -35,7 +35,9 @@ pub enum PathError {
     #[error("the path must start with /")]
     NotAbsolute,
     /// The first segment names no provider (names are exact and lowercase).
-    #[error("unknown provider {0:?} in the path; known providers: openai, anthropic, google, mistral, groq, deepseek, cohere, xai, perplexity, bielik")]
+    #[error(
+        "unknown provider {0:?} in the path; known providers: openai, anthropic, google, mistral, groq, deepseek, cohere, xai, perplexity, bielik"
+    )]
     UnknownProvider(String),
     /// Nothing follows the provider.
     #[error("the path names a provider but no upstream path")]
@@ -108,7 +110,9 @@ fn check_bytes(bytes: &[u8]) -> Result<(), PathError> {
                     return Err(PathError::ForbiddenEncoding);
                 };
                 let decoded = h << 4 | l;
-                if matches!(decoded, b'/' | b'\\' | b'.' | b'%') || decoded < 0x20 || decoded == 0x7f
+                if matches!(decoded, b'/' | b'\\' | b'.' | b'%')
+                    || decoded < 0x20
+                    || decoded == 0x7f
                 {
                     return Err(PathError::ForbiddenEncoding);
                 }
@@ -161,15 +165,31 @@ mod tests {
     #[test]
     fn accepts_and_returns_verbatim() {
         let cases = [
-            ("/openai/v1/chat/completions", Provider::OpenAi, "/v1/chat/completions"),
-            ("/anthropic/v1/messages", Provider::Anthropic, "/v1/messages"),
+            (
+                "/openai/v1/chat/completions",
+                Provider::OpenAi,
+                "/v1/chat/completions",
+            ),
+            (
+                "/anthropic/v1/messages",
+                Provider::Anthropic,
+                "/v1/messages",
+            ),
             (
                 "/google/v1beta/models/gemini-2.0-flash:generateContent",
                 Provider::Google,
                 "/v1beta/models/gemini-2.0-flash:generateContent",
             ),
-            ("/openai/v1/chat/completions;x=1", Provider::OpenAi, "/v1/chat/completions;x=1"),
-            ("/openai/v1/files/file-%C3%A9", Provider::OpenAi, "/v1/files/file-%C3%A9"),
+            (
+                "/openai/v1/chat/completions;x=1",
+                Provider::OpenAi,
+                "/v1/chat/completions;x=1",
+            ),
+            (
+                "/openai/v1/files/file-%C3%A9",
+                Provider::OpenAi,
+                "/v1/files/file-%C3%A9",
+            ),
             ("/bielik/v1/x", Provider::Bielik, "/v1/x"),
             ("/openai/v1/a..b/.c/d.", Provider::OpenAi, "/v1/a..b/.c/d."),
         ];
@@ -248,7 +268,17 @@ mod tests {
 
     fn token() -> impl Strategy<Value = &'static str> {
         prop::sample::select(vec![
-            "..", ".", "%2e", "%2f", "//", "\\", "v1", "chat", "completions", "files", "/",
+            "..",
+            ".",
+            "%2e",
+            "%2f",
+            "//",
+            "\\",
+            "v1",
+            "chat",
+            "completions",
+            "files",
+            "/",
         ])
     }
 

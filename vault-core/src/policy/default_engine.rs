@@ -156,7 +156,11 @@ fn period_name(period: BudgetPeriod) -> &'static str {
 }
 
 fn whose(i: usize) -> &'static str {
-    if i == 0 { "this key" } else { "a parent of this key" }
+    if i == 0 {
+        "this key"
+    } else {
+        "a parent of this key"
+    }
 }
 
 fn join<T>(items: &[T], f: impl Fn(&T) -> &str) -> String {
@@ -442,7 +446,11 @@ impl PolicyEngine for DefaultEngine {
                             if r.amount < est.want {
                                 clamp_output_tokens = est.affordable_output(r.amount);
                             }
-                            headers.budget_remaining = match self.store.budget_usage(&line, now).await {
+                            headers.budget_remaining = match self
+                                .store
+                                .budget_usage(&line, now)
+                                .await
+                            {
                                 Ok(u) => Some(u.remaining(line.limit)),
                                 Err(e) => {
                                     tracing::warn!(error = %e, "reading the budget after a reservation failed");
@@ -474,7 +482,11 @@ impl PolicyEngine for DefaultEngine {
 
         let token_keys: Vec<KeyId> = chain
             .iter()
-            .filter(|k| k.policy.rate_limit.is_some_and(|r| r.tokens_per_minute.is_some()))
+            .filter(|k| {
+                k.policy
+                    .rate_limit
+                    .is_some_and(|r| r.tokens_per_minute.is_some())
+            })
             .map(|k| k.id.clone())
             .collect();
         let ticket = Ticket {
@@ -536,8 +548,11 @@ impl PolicyEngine for DefaultEngine {
         if let Some(t) = &ticket
             && !t.token_keys.is_empty()
         {
-            self.limiter
-                .record_tokens(t.token_keys.iter(), tokens_in.saturating_add(tokens_out), now);
+            self.limiter.record_tokens(
+                t.token_keys.iter(),
+                tokens_in.saturating_add(tokens_out),
+                now,
+            );
         }
         Charge {
             cost,
@@ -644,10 +659,22 @@ mod tests {
         expiring.expires_at = Some(UnixMillis(T0));
         let ok = record("key_ok", Policy::default());
         let q = facts(Some("m"), None, 0);
-        assert_eq!(denial(&f, &chain(&[revoked.clone()]), &q).await, Denial::KeyRevoked);
-        assert_eq!(denial(&f, &chain(&[expiring.clone()]), &q).await, Denial::KeyExpired);
-        assert_eq!(denial(&f, &chain(&[ok.clone(), revoked]), &q).await, Denial::KeyRevoked);
-        assert_eq!(denial(&f, &chain(&[ok.clone(), expiring.clone()]), &q).await, Denial::KeyExpired);
+        assert_eq!(
+            denial(&f, &chain(&[revoked.clone()]), &q).await,
+            Denial::KeyRevoked
+        );
+        assert_eq!(
+            denial(&f, &chain(&[expiring.clone()]), &q).await,
+            Denial::KeyExpired
+        );
+        assert_eq!(
+            denial(&f, &chain(&[ok.clone(), revoked]), &q).await,
+            Denial::KeyRevoked
+        );
+        assert_eq!(
+            denial(&f, &chain(&[ok.clone(), expiring.clone()]), &q).await,
+            Denial::KeyExpired
+        );
         f.clock.set(UnixMillis(T0 - 1));
         assert!(f.engine.check(&chain(&[ok, expiring]), &q).await.is_ok());
     }
@@ -658,11 +685,15 @@ mod tests {
         let mut no_chat = record("key_s", Policy::default());
         no_chat.scopes = Scopes::parse(&["usage:read"]).unwrap();
         let q = facts(Some("m"), None, 10);
-        assert!(matches!(denial(&f, &chain(&[no_chat]), &q).await, Denial::PermissionDenied(m) if m.contains("chat:write")));
+        assert!(
+            matches!(denial(&f, &chain(&[no_chat]), &q).await, Denial::PermissionDenied(m) if m.contains("chat:write"))
+        );
 
         let policy = Policy {
             providers: Some(vec![Provider::OpenAi]),
-            endpoints: Some(vec![EndpointRule::parse("POST /v1/chat/completions").unwrap()]),
+            endpoints: Some(vec![
+                EndpointRule::parse("POST /v1/chat/completions").unwrap(),
+            ]),
             models: Some(vec![ModelGlob::parse("gpt-4o-mini").unwrap()]),
             max_request_chars: Some(100),
             ..Policy::default()
@@ -672,24 +703,36 @@ mod tests {
         assert!(f.engine.check(&k, &q).await.is_ok());
 
         q.provider = Provider::Anthropic;
-        assert!(matches!(denial(&f, &k, &q).await, Denial::ProviderNotAllowed(m) if m.contains("anthropic") && m.contains("allowed: openai")));
+        assert!(
+            matches!(denial(&f, &k, &q).await, Denial::ProviderNotAllowed(m) if m.contains("anthropic") && m.contains("allowed: openai"))
+        );
         q.provider = Provider::OpenAi;
         q.path = "/v1/files";
-        assert!(matches!(denial(&f, &k, &q).await, Denial::EndpointNotAllowed(m) if m.contains("POST /v1/files")));
+        assert!(
+            matches!(denial(&f, &k, &q).await, Denial::EndpointNotAllowed(m) if m.contains("POST /v1/files"))
+        );
         q.method = "GET";
         q.path = "/v1/chat/completions";
-        assert!(matches!(denial(&f, &k, &q).await, Denial::EndpointNotAllowed(m) if m.contains("GET /v1/chat/completions")));
+        assert!(
+            matches!(denial(&f, &k, &q).await, Denial::EndpointNotAllowed(m) if m.contains("GET /v1/chat/completions"))
+        );
         q.method = "POST";
         q.model = Some("gpt-4o");
         assert_eq!(
             denial(&f, &k, &q).await,
-            Denial::ModelNotAllowed("model gpt-4o is not allowed for this key; allowed: gpt-4o-mini".into())
+            Denial::ModelNotAllowed(
+                "model gpt-4o is not allowed for this key; allowed: gpt-4o-mini".into()
+            )
         );
         q.model = None;
-        assert!(matches!(denial(&f, &k, &q).await, Denial::InvalidRequest(m) if m.contains("gpt-4o-mini")));
+        assert!(
+            matches!(denial(&f, &k, &q).await, Denial::InvalidRequest(m) if m.contains("gpt-4o-mini"))
+        );
         q.model = Some("gpt-4o-mini");
         q.body_chars = 101;
-        assert!(matches!(denial(&f, &k, &q).await, Denial::RequestTooLarge(m) if m.contains("101") && m.contains("100")));
+        assert!(
+            matches!(denial(&f, &k, &q).await, Denial::RequestTooLarge(m) if m.contains("101") && m.contains("100"))
+        );
     }
 
     #[tokio::test]
@@ -725,7 +768,13 @@ mod tests {
         let g1 = f.engine.check(&k, &q).await.unwrap();
         let g2 = f.engine.check(&k, &q).await.unwrap();
         let (d, h) = f.engine.check(&k, &q).await.unwrap_err();
-        assert!(matches!(d, Denial::RateLimited { retry_after_secs: 1, .. }));
+        assert!(matches!(
+            d,
+            Denial::RateLimited {
+                retry_after_secs: 1,
+                ..
+            }
+        ));
         assert_eq!(h.retry_after_secs, Some(1));
         drop(g1);
         let g3 = f.engine.check(&k, &q).await.unwrap();
@@ -754,7 +803,11 @@ mod tests {
         f.engine.check(&k, &q).await.unwrap();
         let (d, h) = f.engine.check(&k, &q).await.unwrap_err();
         assert_eq!(d.code(), "rate_limited");
-        assert!(d.message().contains("2 requests per minute"), "{}", d.message());
+        assert!(
+            d.message().contains("2 requests per minute"),
+            "{}",
+            d.message()
+        );
         assert_eq!((h.remaining, h.retry_after_secs), (0, Some(60)));
         // Denials before the limiter still report the window.
         let mut revoked = (*k[0]).clone();
@@ -780,11 +833,22 @@ mod tests {
         let g = f.engine.check(&k, &q).await.unwrap();
         let charge = f
             .engine
-            .settle(g, CallOutcome::Metered { tokens_in: 60, tokens_out: 40 }, Some("m"))
+            .settle(
+                g,
+                CallOutcome::Metered {
+                    tokens_in: 60,
+                    tokens_out: 40,
+                },
+                Some("m"),
+            )
             .await;
         assert_eq!((charge.tokens_in, charge.tokens_out), (60, 40));
         let (d, h) = f.engine.check(&k, &q).await.unwrap_err();
-        assert!(d.message().contains("100 tokens per minute"), "{}", d.message());
+        assert!(
+            d.message().contains("100 tokens per minute"),
+            "{}",
+            d.message()
+        );
         assert_eq!(h.retry_after_secs, Some(60));
     }
 
@@ -798,33 +862,64 @@ mod tests {
                 ..Policy::default()
             },
         );
-        let k = chain(&[key.clone()]);
+        let k = chain(std::slice::from_ref(&key));
         let line = BudgetLine {
             key: key.id.clone(),
             limit: Micros(1_000_000),
             period_start: UnixMillis(0),
         };
         // 400 chars → 100 prompt tokens at $1/M = 100 µ$; 500 output at $10/M = 5000 µ$.
-        let g = f.engine.check(&k, &facts(Some("m"), Some(500), 400)).await.unwrap();
+        let g = f
+            .engine
+            .check(&k, &facts(Some("m"), Some(500), 400))
+            .await
+            .unwrap();
         assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(5_100));
         assert_eq!(g.headers.budget_remaining, Some(Micros(994_900)));
         assert_eq!(g.clamp_output_tokens, None);
         let charge = f
             .engine
-            .settle(g, CallOutcome::Metered { tokens_in: 90, tokens_out: 101 }, Some("m"))
+            .settle(
+                g,
+                CallOutcome::Metered {
+                    tokens_in: 90,
+                    tokens_out: 101,
+                },
+                Some("m"),
+            )
             .await;
         assert_eq!(charge.cost, Micros(90 + 1010));
         let usage = f.store.budget_usage(&line, UnixMillis(T0)).await.unwrap();
-        assert_eq!(usage, BudgetUsage { settled: Micros(1100), reserved: Micros::ZERO });
+        assert_eq!(
+            usage,
+            BudgetUsage {
+                settled: Micros(1100),
+                reserved: Micros::ZERO
+            }
+        );
 
         // No output limit: the model's maximum output (1000 tokens) is reserved.
-        let g = f.engine.check(&k, &facts(Some("m"), None, 0)).await.unwrap();
+        let g = f
+            .engine
+            .check(&k, &facts(Some("m"), None, 0))
+            .await
+            .unwrap();
         assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(10_000));
         // Not sent: released, nothing charged.
-        assert_eq!(f.engine.settle(g, CallOutcome::NotSent, None).await.cost, Micros::ZERO);
+        assert_eq!(
+            f.engine.settle(g, CallOutcome::NotSent, None).await.cost,
+            Micros::ZERO
+        );
         // Sent but unmetered: the whole reservation is charged.
-        let g = f.engine.check(&k, &facts(Some("m"), None, 0)).await.unwrap();
-        assert_eq!(f.engine.settle(g, CallOutcome::Unmetered, None).await.cost, Micros(10_000));
+        let g = f
+            .engine
+            .check(&k, &facts(Some("m"), None, 0))
+            .await
+            .unwrap();
+        assert_eq!(
+            f.engine.settle(g, CallOutcome::Unmetered, None).await.cost,
+            Micros(10_000)
+        );
         let usage = f.store.budget_usage(&line, UnixMillis(T0)).await.unwrap();
         assert_eq!(usage.settled, Micros(11_100));
     }
@@ -840,33 +935,71 @@ mod tests {
             },
         )]);
         // Wants 100 + 10_000; only 3_000 fits: (3000 - 100) / 10 = 290 tokens.
-        let g = f.engine.check(&k, &facts(Some("m"), None, 400)).await.unwrap();
+        let g = f
+            .engine
+            .check(&k, &facts(Some("m"), None, 400))
+            .await
+            .unwrap();
         assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(3_000));
         assert_eq!(g.clamp_output_tokens, Some(290));
         assert_eq!(g.headers.budget_remaining, Some(Micros::ZERO));
         // Nothing left: refused, naming what remains.
-        let (d, h) = f.engine.check(&k, &facts(Some("m"), None, 400)).await.unwrap_err();
+        let (d, h) = f
+            .engine
+            .check(&k, &facts(Some("m"), None, 400))
+            .await
+            .unwrap_err();
         assert_eq!(d.code(), "budget_exceeded");
-        assert!(d.message().contains("$0.000000 of the $0.003000 total budget"), "{}", d.message());
+        assert!(
+            d.message()
+                .contains("$0.000000 of the $0.003000 total budget"),
+            "{}",
+            d.message()
+        );
         assert_eq!(h.budget_remaining, Some(Micros::ZERO));
         drop(g);
 
         let strict = fixture();
         let engine = strict.engine.with_output_clamping(false);
-        let k = chain(&[record("key_c", Policy { budget: budget(3_000), ..Policy::default() })]);
-        assert_eq!(engine.check(&k, &facts(Some("m"), None, 400)).await.unwrap_err().0.code(), "budget_exceeded");
+        let k = chain(&[record(
+            "key_c",
+            Policy {
+                budget: budget(3_000),
+                ..Policy::default()
+            },
+        )]);
+        assert_eq!(
+            engine
+                .check(&k, &facts(Some("m"), None, 400))
+                .await
+                .unwrap_err()
+                .0
+                .code(),
+            "budget_exceeded"
+        );
     }
 
     #[tokio::test]
     async fn unpriced_models_are_refused_for_budgeted_keys_only() {
         let f = fixture();
-        let budgeted = chain(&[record("key_b", Policy { budget: budget(1_000_000), ..Policy::default() })]);
+        let budgeted = chain(&[record(
+            "key_b",
+            Policy {
+                budget: budget(1_000_000),
+                ..Policy::default()
+            },
+        )]);
         let free = chain(&[record("key_f", Policy::default())]);
         let q = facts(Some("unknown-model"), Some(10), 0);
-        assert!(matches!(denial(&f, &budgeted, &q).await, Denial::ModelNotAllowed(m) if m.contains("has no price")));
+        assert!(
+            matches!(denial(&f, &budgeted, &q).await, Denial::ModelNotAllowed(m) if m.contains("has no price"))
+        );
         assert!(f.engine.check(&free, &q).await.is_ok());
         // No model at all: priced calls must name one; GETs are free.
-        assert_eq!(denial(&f, &budgeted, &facts(None, None, 0)).await.code(), "invalid_request");
+        assert_eq!(
+            denial(&f, &budgeted, &facts(None, None, 0)).await.code(),
+            "invalid_request"
+        );
         let mut get = facts(None, None, 0);
         get.method = "GET";
         get.path = "/v1/models";
@@ -874,8 +1007,16 @@ mod tests {
         assert!(g.reservation.is_none());
         // A fallback price makes unknown models priceable.
         let prices = PriceTable::default().with_fallback(Some(test_price()));
-        let engine = DefaultEngine::new(f.store.clone(), Arc::new(prices), Arc::new(f.clock.clone()));
-        assert!(engine.check(&budgeted, &q).await.unwrap().reservation.is_some());
+        let engine =
+            DefaultEngine::new(f.store.clone(), Arc::new(prices), Arc::new(f.clock.clone()));
+        assert!(
+            engine
+                .check(&budgeted, &q)
+                .await
+                .unwrap()
+                .reservation
+                .is_some()
+        );
     }
 
     #[tokio::test]
@@ -890,13 +1031,23 @@ mod tests {
                 ..Policy::default()
             },
         )]);
-        let g = f.engine.check(&k, &facts(Some("m"), Some(1000), 0)).await.unwrap();
-        assert_eq!(g.shadow_denial.as_ref().map(Denial::code), Some("model_not_allowed"));
+        let g = f
+            .engine
+            .check(&k, &facts(Some("m"), Some(1000), 0))
+            .await
+            .unwrap();
+        assert_eq!(
+            g.shadow_denial.as_ref().map(Denial::code),
+            Some("model_not_allowed")
+        );
         assert!(g.reservation.is_none());
         // Status is never shadowed.
         let mut revoked = (*k[0]).clone();
         revoked.status = KeyStatus::Revoked;
-        assert_eq!(denial(&f, &chain(&[revoked]), &facts(Some("m"), None, 0)).await, Denial::KeyRevoked);
+        assert_eq!(
+            denial(&f, &chain(&[revoked]), &facts(Some("m"), None, 0)).await,
+            Denial::KeyRevoked
+        );
     }
 
     /// A store whose budget operations fail, as a locked or read-only
@@ -905,7 +1056,11 @@ mod tests {
 
     #[async_trait]
     impl KeyStore for BrokenBudgets {
-        async fn insert_key(&self, k: &KeyRecord, c: Option<(&BudgetLine, Micros)>) -> Result<(), StoreError> {
+        async fn insert_key(
+            &self,
+            k: &KeyRecord,
+            c: Option<(&BudgetLine, Micros)>,
+        ) -> Result<(), StoreError> {
             self.0.insert_key(k, c).await
         }
         async fn find_by_hash(&self, h: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
@@ -920,31 +1075,67 @@ mod tests {
         async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {
             self.0.revoke_key(id, at).await
         }
-        async fn rotate_key(&self, id: &KeyId, h: &KeyHash, p: &KeyPrefix, g: Option<UnixMillis>) -> Result<(), StoreError> {
+        async fn rotate_key(
+            &self,
+            id: &KeyId,
+            h: &KeyHash,
+            p: &KeyPrefix,
+            g: Option<UnixMillis>,
+        ) -> Result<(), StoreError> {
             self.0.rotate_key(id, h, p, g).await
         }
-        async fn insert_provider_key(&self, k: &crate::record::ProviderKeyRecord) -> Result<(), StoreError> {
+        async fn insert_provider_key(
+            &self,
+            k: &crate::record::ProviderKeyRecord,
+        ) -> Result<(), StoreError> {
             self.0.insert_provider_key(k).await
         }
-        async fn get_provider_key(&self, id: &crate::key::ProviderKeyId) -> Result<Option<crate::record::ProviderKeyRecord>, StoreError> {
+        async fn get_provider_key(
+            &self,
+            id: &crate::key::ProviderKeyId,
+        ) -> Result<Option<crate::record::ProviderKeyRecord>, StoreError> {
             self.0.get_provider_key(id).await
         }
-        async fn list_provider_keys(&self, p: Option<&str>) -> Result<Vec<crate::record::ProviderKeyRecord>, StoreError> {
+        async fn list_provider_keys(
+            &self,
+            p: Option<&str>,
+        ) -> Result<Vec<crate::record::ProviderKeyRecord>, StoreError> {
             self.0.list_provider_keys(p).await
         }
-        async fn remove_provider_key(&self, id: &crate::key::ProviderKeyId) -> Result<bool, StoreError> {
+        async fn remove_provider_key(
+            &self,
+            id: &crate::key::ProviderKeyId,
+        ) -> Result<bool, StoreError> {
             self.0.remove_provider_key(id).await
         }
-        async fn replace_sealed(&self, id: &crate::key::ProviderKeyId, e: &crate::crypto::Sealed, n: &crate::crypto::Sealed) -> Result<bool, StoreError> {
+        async fn replace_sealed(
+            &self,
+            id: &crate::key::ProviderKeyId,
+            e: &crate::crypto::Sealed,
+            n: &crate::crypto::Sealed,
+        ) -> Result<bool, StoreError> {
             self.0.replace_sealed(id, e, n).await
         }
-        async fn reserve(&self, _: &BudgetLine, _: Micros, _: Micros, _: UnixMillis, _: UnixMillis) -> Result<crate::record::Reservation, StoreError> {
-            Err(StoreError::Backend("database is locked (SELECT secret FROM t)".into()))
+        async fn reserve(
+            &self,
+            _: &BudgetLine,
+            _: Micros,
+            _: Micros,
+            _: UnixMillis,
+            _: UnixMillis,
+        ) -> Result<crate::record::Reservation, StoreError> {
+            Err(StoreError::Backend(
+                "database is locked (SELECT secret FROM t)".into(),
+            ))
         }
         async fn settle(&self, s: &[Settlement]) -> Result<(), StoreError> {
             self.0.settle(s).await
         }
-        async fn budget_usage(&self, l: &BudgetLine, n: UnixMillis) -> Result<BudgetUsage, StoreError> {
+        async fn budget_usage(
+            &self,
+            l: &BudgetLine,
+            n: UnixMillis,
+        ) -> Result<BudgetUsage, StoreError> {
             self.0.budget_usage(l, n).await
         }
         async fn sweep(&self, n: UnixMillis) -> Result<usize, StoreError> {
@@ -953,7 +1144,10 @@ mod tests {
         async fn append_usage(&self, r: &[crate::record::UsageRecord]) -> Result<(), StoreError> {
             self.0.append_usage(r).await
         }
-        async fn list_usage(&self, f: &crate::record::UsageFilter) -> Result<Vec<crate::record::UsageRecord>, StoreError> {
+        async fn list_usage(
+            &self,
+            f: &crate::record::UsageFilter,
+        ) -> Result<Vec<crate::record::UsageRecord>, StoreError> {
             self.0.list_usage(f).await
         }
         async fn get_meta(&self, n: &str) -> Result<Option<String>, StoreError> {
@@ -968,16 +1162,46 @@ mod tests {
     async fn corruption_store_failures_fail_closed() {
         let prices = PriceTable::default().with_override(Provider::OpenAi, "m", test_price());
         let clock = ManualClock::new(UnixMillis(T0));
-        let engine = DefaultEngine::new(Arc::new(BrokenBudgets(MemoryStore::new())), Arc::new(prices), Arc::new(clock));
-        let budgeted = Policy { budget: budget(1_000_000), ..Policy::default() };
-        let (d, _) = engine.check(&chain(&[record("key_b", budgeted.clone())]), &facts(Some("m"), None, 0)).await.unwrap_err();
+        let engine = DefaultEngine::new(
+            Arc::new(BrokenBudgets(MemoryStore::new())),
+            Arc::new(prices),
+            Arc::new(clock),
+        );
+        let budgeted = Policy {
+            budget: budget(1_000_000),
+            ..Policy::default()
+        };
+        let (d, _) = engine
+            .check(
+                &chain(&[record("key_b", budgeted.clone())]),
+                &facts(Some("m"), None, 0),
+            )
+            .await
+            .unwrap_err();
         assert_eq!(d, Denial::Internal);
         assert!(!d.to_json().contains("SELECT"));
         // Even in shadow mode.
-        let shadow = Policy { shadow: true, ..budgeted };
-        let (d, _) = engine.check(&chain(&[record("key_s", shadow)]), &facts(Some("m"), None, 0)).await.unwrap_err();
+        let shadow = Policy {
+            shadow: true,
+            ..budgeted
+        };
+        let (d, _) = engine
+            .check(
+                &chain(&[record("key_s", shadow)]),
+                &facts(Some("m"), None, 0),
+            )
+            .await
+            .unwrap_err();
         assert_eq!(d, Denial::Internal);
         // Unbudgeted keys never touch the budget store.
-        assert!(engine.check(&chain(&[record("key_f", Policy::default())]), &facts(Some("m"), None, 0)).await.is_ok());
+        assert!(
+            engine
+                .check(
+                    &chain(&[record("key_f", Policy::default())]),
+                    &facts(Some("m"), None, 0)
+                )
+                .await
+                .is_ok()
+        );
     }
 }

@@ -23,4 +23,6 @@ pub use model::{Budget, BudgetPeriod, EndpointRule, ModelGlob, PatternError, Pol
 pub use plans::PlanSet;
 pub use ratelimit::{Exceeded, InFlight, InFlightGuard, RateLimiter};
 pub use subset::{SubsetError, check_child_policy, inherit_restrictions};
-pub use yaml::{BadDuration, PolicyError, PolicyFile, load_policy_file, parse_policy_yaml, parse_ttl};
+pub use yaml::{
+    BadDuration, PolicyError, PolicyFile, load_policy_file, parse_policy_yaml, parse_ttl,
+};

@@ -74,10 +74,13 @@ impl PlanSet {
         let Some(name) = plan else {
             return Ok(explicit.clone());
         };
-        let base = self.plans.get(name).ok_or_else(|| PolicyError::UnknownPlan {
-            name: name.chars().take(64).collect(),
-            known: self.names().collect::<Vec<_>>().join(", "),
-        })?;
+        let base = self
+            .plans
+            .get(name)
+            .ok_or_else(|| PolicyError::UnknownPlan {
+                name: name.chars().take(64).collect(),
+                known: self.names().collect::<Vec<_>>().join(", "),
+            })?;
         let rate_limit = match (base.rate_limit, explicit.rate_limit) {
             (Some(b), Some(e)) => Some(RateLimit {
                 requests_per_minute: e.requests_per_minute.or(b.requests_per_minute),
@@ -88,8 +91,14 @@ impl PlanSet {
             (b, e) => e.or(b),
         };
         Ok(Policy {
-            providers: explicit.providers.clone().or_else(|| base.providers.clone()),
-            endpoints: explicit.endpoints.clone().or_else(|| base.endpoints.clone()),
+            providers: explicit
+                .providers
+                .clone()
+                .or_else(|| base.providers.clone()),
+            endpoints: explicit
+                .endpoints
+                .clone()
+                .or_else(|| base.endpoints.clone()),
             models: explicit.models.clone().or_else(|| base.models.clone()),
             budget: explicit.budget.or(base.budget),
             rate_limit,
@@ -111,11 +120,20 @@ mod tests {
         let plans = PlanSet::seeded();
         let free = plans.resolve(Some("free"), &Policy::default()).unwrap();
         let r = free.rate_limit.unwrap();
-        assert_eq!((r.requests_per_minute, r.requests_per_day), (Some(10), Some(500)));
+        assert_eq!(
+            (r.requests_per_minute, r.requests_per_day),
+            (Some(10), Some(500))
+        );
         let pro = plans.get("pro").unwrap().rate_limit.unwrap();
-        assert_eq!((pro.requests_per_minute, pro.requests_per_day), (Some(120), Some(50_000)));
+        assert_eq!(
+            (pro.requests_per_minute, pro.requests_per_day),
+            (Some(120), Some(50_000))
+        );
         assert!(plans.get("enterprise").is_some());
-        assert_eq!(plans.names().collect::<Vec<_>>(), ["enterprise", "free", "pro"]);
+        assert_eq!(
+            plans.names().collect::<Vec<_>>(),
+            ["enterprise", "free", "pro"]
+        );
     }
 
     #[test]
@@ -138,7 +156,10 @@ mod tests {
         assert_eq!(r.requests_per_day, Some(50_000));
         assert_eq!(p.models, explicit.models);
         assert_eq!(p.budget, explicit.budget);
-        assert_eq!(PlanSet::default().resolve(None, &explicit).unwrap(), explicit);
+        assert_eq!(
+            PlanSet::default().resolve(None, &explicit).unwrap(),
+            explicit
+        );
     }
 
     #[test]
@@ -151,9 +172,15 @@ mod tests {
             ..Policy::default()
         };
         let plans = PlanSet::seeded().with_custom("team", team.clone());
-        assert_eq!(plans.resolve(Some("team"), &Policy::default()).unwrap(), team);
+        assert_eq!(
+            plans.resolve(Some("team"), &Policy::default()).unwrap(),
+            team
+        );
         let e = plans.resolve(Some("gold"), &Policy::default()).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("\"gold\"") && msg.contains("team") && msg.contains("free"), "{msg}");
+        assert!(
+            msg.contains("\"gold\"") && msg.contains("team") && msg.contains("free"),
+            "{msg}"
+        );
     }
 }

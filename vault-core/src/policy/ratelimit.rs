@@ -313,22 +313,40 @@ where
         }
         let c = state.keys.get(id).copied().unwrap_or_default();
         let windows = [
-            (limits.requests_per_minute, c.minute.count_at(b.minute.0), b.minute.1, "minute"),
-            (limits.requests_per_day, c.day.count_at(b.day.0), b.day.1, "day"),
-            (limits.requests_per_month, c.month.count_at(b.month.0), b.month.1, "month"),
+            (
+                limits.requests_per_minute,
+                c.minute.count_at(b.minute.0),
+                b.minute.1,
+                "minute",
+            ),
+            (
+                limits.requests_per_day,
+                c.day.count_at(b.day.0),
+                b.day.1,
+                "day",
+            ),
+            (
+                limits.requests_per_month,
+                c.month.count_at(b.month.0),
+                b.month.1,
+                "month",
+            ),
         ];
         for (limit, count, end, unit) in windows {
             let Some(limit) = limit else { continue };
             if count.saturating_add(adding) > limit {
-                let seen = Seen { limit, left: 0, end };
+                let seen = Seen {
+                    limit,
+                    left: 0,
+                    end,
+                };
                 if e.exhausted.is_none_or(|(x, _)| end > x.end) {
                     e.exhausted = Some((seen, unit));
                 }
                 continue;
             }
             let left = limit - count - adding;
-            if e
-                .binding
+            if e.binding
                 .is_none_or(|x| left < x.left || (left == x.left && end < x.end))
             {
                 e.binding = Some(Seen { limit, left, end });
@@ -362,8 +380,9 @@ impl Evaluation {
         let token_end = self.tokens_exhausted.map(|(_, end)| end);
         let end = request_end.max(token_end)?;
         let wait_ms = end.saturating_sub(now.0).max(1);
-        let retry_after_secs = u64::try_from(wait_ms.div_euclid(1000) + i64::from(wait_ms % 1000 != 0))
-            .unwrap_or(u64::MAX);
+        let retry_after_secs =
+            u64::try_from(wait_ms.div_euclid(1000) + i64::from(wait_ms % 1000 != 0))
+                .unwrap_or(u64::MAX);
         let what = match (self.exhausted, self.tokens_exhausted) {
             (Some((s, unit)), t) if t.is_none_or(|(_, te)| s.end >= te) => {
                 format!("{} requests per {unit}", s.limit)
@@ -490,7 +509,10 @@ mod tests {
         let r = rpm(3);
         let now = UnixMillis(T0 + 30_000);
         let h = l.admit([(&k, &r)], now).unwrap();
-        assert_eq!((h.limit, h.remaining, h.reset_unix_secs), (3, 2, (T0 + 60_000) / 1000));
+        assert_eq!(
+            (h.limit, h.remaining, h.reset_unix_secs),
+            (3, 2, (T0 + 60_000) / 1000)
+        );
         l.admit([(&k, &r)], now).unwrap();
         assert_eq!(l.admit([(&k, &r)], now).unwrap().remaining, 0);
         let e = l.admit([(&k, &r)], now).unwrap_err();
@@ -499,7 +521,12 @@ mod tests {
         assert_eq!(e.headers.remaining, 0);
         assert!(e.what.contains("3 requests per minute"));
         assert!(l.admit([(&k, &r)], UnixMillis(T0 + 59_999)).is_err());
-        assert_eq!(l.admit([(&k, &r)], UnixMillis(T0 + 60_000)).unwrap().remaining, 2);
+        assert_eq!(
+            l.admit([(&k, &r)], UnixMillis(T0 + 60_000))
+                .unwrap()
+                .remaining,
+            2
+        );
     }
 
     #[test]
@@ -558,7 +585,8 @@ mod tests {
         let r = rpm(1);
         for i in 0..3000 {
             let k = id(&format!("key_{i}"));
-            l.admit([(&k, &r)], UnixMillis(T0 + i64::from(i) * 100)).unwrap();
+            l.admit([(&k, &r)], UnixMillis(T0 + i64::from(i) * 100))
+                .unwrap();
         }
         // Sweeps ran as the map grew: entries of ended minutes are gone.
         assert!(l.tracked_keys() < 2100, "{}", l.tracked_keys());
@@ -570,8 +598,12 @@ mod tests {
         assert!(capped.tracked_keys() <= 101, "{}", capped.tracked_keys());
         // Keys without limits never get an entry.
         let k = id("key_free");
-        l.admit([(&k, &RateLimit::default())], UnixMillis(T0)).unwrap();
-        assert_eq!(l.peek([(&k, &RateLimit::default())], UnixMillis(T0)), LimitHeaders::default());
+        l.admit([(&k, &RateLimit::default())], UnixMillis(T0))
+            .unwrap();
+        assert_eq!(
+            l.peek([(&k, &RateLimit::default())], UnixMillis(T0)),
+            LimitHeaders::default()
+        );
     }
 
     #[test]

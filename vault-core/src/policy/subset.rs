@@ -98,7 +98,10 @@ pub fn check_child_policy(
     {
         return Err(wider(
             "models",
-            format!("model {:?} is not within the parent's models", extra.as_str()),
+            format!(
+                "model {:?} is not within the parent's models",
+                extra.as_str()
+            ),
         ));
     }
     if let Some(pb) = pp.budget {
@@ -132,10 +135,22 @@ pub fn check_child_policy(
     }
     if let (Some(pr), Some(cr)) = (pp.rate_limit, child.rate_limit) {
         let pairs = [
-            ("requests_per_minute", pr.requests_per_minute, cr.requests_per_minute),
+            (
+                "requests_per_minute",
+                pr.requests_per_minute,
+                cr.requests_per_minute,
+            ),
             ("requests_per_day", pr.requests_per_day, cr.requests_per_day),
-            ("requests_per_month", pr.requests_per_month, cr.requests_per_month),
-            ("tokens_per_minute", pr.tokens_per_minute, cr.tokens_per_minute),
+            (
+                "requests_per_month",
+                pr.requests_per_month,
+                cr.requests_per_month,
+            ),
+            (
+                "tokens_per_minute",
+                pr.tokens_per_minute,
+                cr.tokens_per_minute,
+            ),
         ];
         for (name, p, c) in pairs {
             if let (Some(p), Some(c)) = (p, c)
@@ -159,7 +174,10 @@ pub fn check_child_policy(
     if let (Some(p), Some(c)) = (pp.max_parallel, child.max_parallel)
         && c > p
     {
-        return Err(wider("max_parallel", format!("{c} exceeds the parent's {p}")));
+        return Err(wider(
+            "max_parallel",
+            format!("{c} exceeds the parent's {p}"),
+        ));
     }
     if child.shadow && !pp.shadow {
         return Err(wider(
@@ -252,7 +270,9 @@ mod tests {
     fn child_ok() -> Policy {
         Policy {
             providers: Some(vec![Provider::OpenAi]),
-            endpoints: Some(vec![EndpointRule::parse("POST /v1/chat/completions").unwrap()]),
+            endpoints: Some(vec![
+                EndpointRule::parse("POST /v1/chat/completions").unwrap(),
+            ]),
             models: Some(vec![ModelGlob::parse("gpt-4o-mini").unwrap()]),
             budget: Some(Budget {
                 limit: Micros(3_000_000),
@@ -286,19 +306,42 @@ mod tests {
             let e = check_child_policy(&parent, &scopes, &c, None).unwrap_err();
             assert_eq!(e.field, field, "{e}");
         };
-        case("providers", &|c| c.providers = Some(vec![Provider::OpenAi, Provider::Anthropic]));
-        case("endpoints", &|c| c.endpoints = Some(vec![EndpointRule::parse("GET /v1/files").unwrap()]));
-        case("models", &|c| c.models = Some(vec![ModelGlob::parse("*").unwrap()]));
+        case("providers", &|c| {
+            c.providers = Some(vec![Provider::OpenAi, Provider::Anthropic])
+        });
+        case("endpoints", &|c| {
+            c.endpoints = Some(vec![EndpointRule::parse("GET /v1/files").unwrap()])
+        });
+        case("models", &|c| {
+            c.models = Some(vec![ModelGlob::parse("*").unwrap()])
+        });
         case("budget", &|c| c.budget = None);
-        case("budget", &|c| c.budget = Some(Budget { limit: Micros(6_000_000), period: BudgetPeriod::Total }));
-        case("budget", &|c| c.budget = Some(Budget { limit: Micros(1), period: BudgetPeriod::Daily }));
-        case("rate_limit", &|c| c.rate_limit = Some(RateLimit { requests_per_minute: Some(61), ..RateLimit::default() }));
+        case("budget", &|c| {
+            c.budget = Some(Budget {
+                limit: Micros(6_000_000),
+                period: BudgetPeriod::Total,
+            })
+        });
+        case("budget", &|c| {
+            c.budget = Some(Budget {
+                limit: Micros(1),
+                period: BudgetPeriod::Daily,
+            })
+        });
+        case("rate_limit", &|c| {
+            c.rate_limit = Some(RateLimit {
+                requests_per_minute: Some(61),
+                ..RateLimit::default()
+            })
+        });
         case("max_request_chars", &|c| c.max_request_chars = Some(1001));
         case("max_parallel", &|c| c.max_parallel = Some(5));
         case("shadow", &|c| c.shadow = true);
-        let e = check_child_policy(&parent, &scopes, &child_ok(), Some(UnixMillis(10_001))).unwrap_err();
+        let e = check_child_policy(&parent, &scopes, &child_ok(), Some(UnixMillis(10_001)))
+            .unwrap_err();
         assert_eq!(e.field, "ttl");
-        let e = check_child_policy(&parent, &Scopes::parse(&["*"]).unwrap(), &child_ok(), None).unwrap_err();
+        let e = check_child_policy(&parent, &Scopes::parse(&["*"]).unwrap(), &child_ok(), None)
+            .unwrap_err();
         assert_eq!(e.field, "scopes");
     }
 
@@ -309,7 +352,13 @@ mod tests {
             budget: child_ok().budget,
             ..Policy::default()
         };
-        check_child_policy(&parent, &Scopes::parse(&["chat:write"]).unwrap(), &child, None).unwrap();
+        check_child_policy(
+            &parent,
+            &Scopes::parse(&["chat:write"]).unwrap(),
+            &child,
+            None,
+        )
+        .unwrap();
         inherit_restrictions(&parent.policy, &mut child);
         assert_eq!(child.providers, parent.policy.providers);
         assert_eq!(child.models, parent.policy.models);

@@ -93,7 +93,9 @@ pub struct PolicyFile {
 
 /// A duration such as `90s`, `5m`, `1h`, `24h` or `7d` that is not valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {0:?}: expected a whole number followed by s, m, h or d (e.g. 90s, 5m, 1h, 7d), above zero and at most 3660d")]
+#[error(
+    "invalid duration {0:?}: expected a whole number followed by s, m, h or d (e.g. 90s, 5m, 1h, 7d), above zero and at most 3660d"
+)]
 pub struct BadDuration(pub String);
 
 /// Parses `90s`, `5m`, `1h`, `24h`, `7d`: a positive whole number and one
@@ -175,7 +177,7 @@ pub fn parse_policy_yaml(text: &str, origin: &str) -> Result<PolicyFile, PolicyE
     if text.len() > MAX_FILE_BYTES {
         return Err(ctx.whole(format!("the policy is larger than {MAX_FILE_BYTES} bytes")));
     }
-    let raw: RawFile = serde_saphyr::from_str(text).map_err(|e| ctx.from_serde(&e))?;
+    let raw: RawFile = serde_saphyr::from_str(text).map_err(|e| ctx.serde_error(&e))?;
     ctx.validate(raw)
 }
 
@@ -207,7 +209,7 @@ impl Ctx<'_> {
     }
 
     /// Turns a parser error into one naming the field at its location.
-    fn from_serde(&self, e: &serde_saphyr::Error) -> PolicyError {
+    fn serde_error(&self, e: &serde_saphyr::Error) -> PolicyError {
         let mut opts = serde_saphyr::RenderOptions::default();
         opts.snippets = serde_saphyr::SnippetMode::Off;
         let rendered = e.render_with_options(opts);
@@ -288,10 +290,9 @@ impl Ctx<'_> {
             any = true;
             let ok = !plan.value.is_empty()
                 && plan.value.len() <= 64
-                && plan
-                    .value
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+                && plan.value.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
             if !ok {
                 return Err(self.at(
                     &plan.referenced,
@@ -308,8 +309,10 @@ impl Ctx<'_> {
             any = true;
             let mut list = Vec::new();
             for p in self.non_empty(providers, "providers")? {
-                let provider: Provider =
-                    p.value.parse().map_err(|e| self.at(&p.referenced, "providers", e))?;
+                let provider: Provider = p
+                    .value
+                    .parse()
+                    .map_err(|e| self.at(&p.referenced, "providers", e))?;
                 if !list.contains(&provider) {
                     list.push(provider);
                 }
@@ -332,7 +335,8 @@ impl Ctx<'_> {
             let mut list = Vec::new();
             for m in self.non_empty(models, "models")? {
                 list.push(
-                    ModelGlob::parse(&m.value).map_err(|err| self.at(&m.referenced, "models", err))?,
+                    ModelGlob::parse(&m.value)
+                        .map_err(|err| self.at(&m.referenced, "models", err))?,
                 );
             }
             out.policy.models = Some(list);
@@ -373,21 +377,28 @@ impl Ctx<'_> {
         if let Some(rate) = raw.rate_limit {
             any = true;
             let r = rate.value;
-            let positive = |v: Option<Spanned<u64>>, field: &str| -> Result<Option<u64>, PolicyError> {
-                match v {
-                    Some(s) if s.value == 0 => Err(self.at(
-                        &s.referenced,
-                        field,
-                        "must be at least 1 (omit the field for no limit)",
-                    )),
-                    Some(s) => Ok(Some(s.value)),
-                    None => Ok(None),
-                }
-            };
+            let positive =
+                |v: Option<Spanned<u64>>, field: &str| -> Result<Option<u64>, PolicyError> {
+                    match v {
+                        Some(s) if s.value == 0 => Err(self.at(
+                            &s.referenced,
+                            field,
+                            "must be at least 1 (omit the field for no limit)",
+                        )),
+                        Some(s) => Ok(Some(s.value)),
+                        None => Ok(None),
+                    }
+                };
             let limits = RateLimit {
-                requests_per_minute: positive(r.requests_per_minute, "rate_limit.requests_per_minute")?,
+                requests_per_minute: positive(
+                    r.requests_per_minute,
+                    "rate_limit.requests_per_minute",
+                )?,
                 requests_per_day: positive(r.requests_per_day, "rate_limit.requests_per_day")?,
-                requests_per_month: positive(r.requests_per_month, "rate_limit.requests_per_month")?,
+                requests_per_month: positive(
+                    r.requests_per_month,
+                    "rate_limit.requests_per_month",
+                )?,
                 tokens_per_minute: positive(r.tokens_per_minute, "rate_limit.tokens_per_minute")?,
             };
             if limits == RateLimit::default() {
@@ -408,13 +419,16 @@ impl Ctx<'_> {
         }
         if let Some(m) = raw.max_parallel {
             any = true;
-            let v = u32::try_from(m.value).ok().filter(|v| *v > 0).ok_or_else(|| {
-                self.at(
-                    &m.referenced,
-                    "max_parallel",
-                    format!("must be from 1 to {}, got {}", u32::MAX, m.value),
-                )
-            })?;
+            let v = u32::try_from(m.value)
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| {
+                    self.at(
+                        &m.referenced,
+                        "max_parallel",
+                        format!("must be from 1 to {}, got {}", u32::MAX, m.value),
+                    )
+                })?;
             out.policy.max_parallel = Some(v);
         }
         if let Some(s) = raw.shadow {
@@ -462,7 +476,11 @@ fn field_path_at(text: &str, line: u64, column: u64) -> String {
     let upto: String = target.chars().take(col.saturating_sub(1)).collect();
     let tail: String = target.chars().skip(col.saturating_sub(1)).collect();
     let mut on_line = keys_in(&upto);
-    if let Some(k) = keys_in(&tail).into_iter().next().filter(|_| tail_starts_with_key(&tail)) {
+    if let Some(k) = keys_in(&tail)
+        .into_iter()
+        .next()
+        .filter(|_| tail_starts_with_key(&tail))
+    {
         on_line.push(k);
     }
     let mut indent = content_indent(target);
@@ -572,9 +590,16 @@ max_request_chars: 3000
         let f = parse_policy_yaml(FULL, "agent.policy.yaml").unwrap();
         assert_eq!(f.name.as_deref(), Some("nightly-eval"));
         assert_eq!(f.ttl, Some(Duration::from_secs(3600)));
-        assert!(f.scopes.unwrap().allows(crate::scope::Permission::ChatWrite));
+        assert!(
+            f.scopes
+                .unwrap()
+                .allows(crate::scope::Permission::ChatWrite)
+        );
         let p = f.policy;
-        assert_eq!(p.providers, Some(vec![Provider::OpenAi, Provider::Anthropic]));
+        assert_eq!(
+            p.providers,
+            Some(vec![Provider::OpenAi, Provider::Anthropic])
+        );
         assert_eq!(p.endpoints.unwrap().len(), 2);
         assert!(p.models.unwrap()[1].matches("claude-3-5-haiku-20241022"));
         assert_eq!(
@@ -593,17 +618,37 @@ max_request_chars: 3000
 
     #[test]
     fn ttls() {
-        for (s, secs) in [("90s", 90), ("5m", 300), ("1h", 3600), ("24h", 86_400), ("7d", 604_800)] {
+        for (s, secs) in [
+            ("90s", 90),
+            ("5m", 300),
+            ("1h", 3600),
+            ("24h", 86_400),
+            ("7d", 604_800),
+        ] {
             assert_eq!(parse_ttl(s).unwrap().as_secs(), secs, "{s}");
         }
-        for bad in ["", "h", "0s", "1", "1 h", "-1h", "1.5h", "1H", "1w", "99999999999999d", "3661d", "١h"] {
+        for bad in [
+            "",
+            "h",
+            "0s",
+            "1",
+            "1 h",
+            "-1h",
+            "1.5h",
+            "1H",
+            "1w",
+            "99999999999999d",
+            "3661d",
+            "١h",
+        ] {
             assert!(parse_ttl(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn field_paths() {
-        let t = "name: a\nbudget:\n  limit_usd: abc\n  period: x\nrate_limit: {requests_per_day: -1}\n";
+        let t =
+            "name: a\nbudget:\n  limit_usd: abc\n  period: x\nrate_limit: {requests_per_day: -1}\n";
         assert_eq!(field_path_at(t, 3, 14), "budget.limit_usd");
         assert_eq!(field_path_at(t, 4, 3), "budget.period");
         assert_eq!(field_path_at(t, 5, 31), "rate_limit.requests_per_day");
