@@ -177,7 +177,7 @@ pub fn parse_policy_yaml(text: &str, origin: &str) -> Result<PolicyFile, PolicyE
     if text.len() > MAX_FILE_BYTES {
         return Err(ctx.whole(format!("the policy is larger than {MAX_FILE_BYTES} bytes")));
     }
-    let raw: RawFile = serde_saphyr::from_str(text).map_err(|e| ctx.error_from_serde(&e))?;
+    let raw: RawFile = serde_saphyr::from_str(text).map_err(|e| ctx.serde_error(&e))?;
     ctx.validate(raw)
 }
 
@@ -209,7 +209,7 @@ impl Ctx<'_> {
     }
 
     /// Turns a parser error into one naming the field at its location.
-    fn error_from_serde(&self, e: &serde_saphyr::Error) -> PolicyError {
+    fn serde_error(&self, e: &serde_saphyr::Error) -> PolicyError {
         let mut opts = serde_saphyr::RenderOptions::default();
         opts.snippets = serde_saphyr::SnippetMode::Off;
         let rendered = e.render_with_options(opts);
