@@ -38,10 +38,17 @@ pub fn denial_response(d: &Denial) -> Response<Full<Bytes>> {
 }
 
 /// Adds `X-RateLimit-*` (and `X-Budget-Remaining-USD`, `Retry-After` where
-/// known). Every value is numeric, built by vaultgate (THREATS F3).
+/// known). Every value is numeric or the one word `unlimited` (a key with no
+/// request limit), built by vaultgate, never from input (THREATS F3).
 pub fn add_limit_headers(headers: &mut HeaderMap, limits: &LimitHeaders) {
-    headers.insert(RATE_LIMIT_LIMIT, HeaderValue::from(limits.limit));
-    headers.insert(RATE_LIMIT_REMAINING, HeaderValue::from(limits.remaining));
+    if limits.limit == 0 {
+        let unlimited = HeaderValue::from_static("unlimited");
+        headers.insert(RATE_LIMIT_LIMIT, unlimited.clone());
+        headers.insert(RATE_LIMIT_REMAINING, unlimited);
+    } else {
+        headers.insert(RATE_LIMIT_LIMIT, HeaderValue::from(limits.limit));
+        headers.insert(RATE_LIMIT_REMAINING, HeaderValue::from(limits.remaining));
+    }
     headers.insert(RATE_LIMIT_RESET, HeaderValue::from(limits.reset_unix_secs));
     if let Some(secs) = limits.retry_after_secs {
         headers.insert(RETRY_AFTER, HeaderValue::from(secs));

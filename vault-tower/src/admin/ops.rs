@@ -346,14 +346,19 @@ impl Admin {
                 "permissions: a key cannot grant scopes it does not hold".to_owned(),
             ));
         }
-        let policy = self
-            .plans
-            .resolve(req.plan.as_deref(), &req.policy)
-            .map_err(|e| AdminError::Invalid(format!("plan: {e}")))?;
         let env = req
             .env
             .or(parent.as_ref().map(|p| p.env))
             .unwrap_or(KeyEnv::Live);
+        // Test keys get the `free` plan's lower limits unless told otherwise.
+        let plan = match (&req.plan, env) {
+            (None, KeyEnv::Test) if req.policy.rate_limit.is_none() => Some("free".to_owned()),
+            (p, _) => p.clone(),
+        };
+        let policy = self
+            .plans
+            .resolve(plan.as_deref(), &req.policy)
+            .map_err(|e| AdminError::Invalid(format!("plan: {e}")))?;
         let ttl_ms = match req.ttl {
             Some(d) => Some(
                 i64::try_from(d.as_millis())
@@ -416,7 +421,7 @@ impl Admin {
             project: project.clone(),
             env,
             scopes,
-            plan: req.plan,
+            plan,
             policy,
             parent: parent.as_ref().map(|p| p.id.clone()),
             provider_keys: req.provider_keys,
