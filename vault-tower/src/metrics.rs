@@ -63,6 +63,15 @@ impl Metrics {
         }
     }
 
+    /// Counts a denial that no key can be blamed for (no or unknown key).
+    pub fn observe_unattributed(&self, denial: &vault_core::denial::Denial) {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        *c.requests
+            .entry(("none".to_owned(), denial.status()))
+            .or_default() += 1;
+        *c.denials.entry(denial.code().to_owned()).or_default() += 1;
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());

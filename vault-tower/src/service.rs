@@ -139,6 +139,7 @@ fn deny<B>(
         record.denial = Some(denial.code().to_owned());
         ctx.sink.denied(record, Some(event));
     } else {
+        ctx.metrics.observe_unattributed(denial);
         tracing::debug!(code = denial.code(), "unauthenticated request denied");
     }
     resp
@@ -346,21 +347,8 @@ where
             ));
         }
     };
-    if let Some(shadow) = &grant.shadow_denial {
-        let mut r = usage_record(
-            &ctx,
-            &record,
-            Some(provider),
-            endpoint.clone(),
-            model.clone(),
-            0,
-        );
-        r.denial = Some(shadow.code().to_owned());
-        r.shadow = true;
-        ctx.sink.denied(r, None);
-    }
     let limits = grant.headers;
-    let pending_record = usage_record(
+    let mut pending_record = usage_record(
         &ctx,
         &record,
         Some(provider),
@@ -368,6 +356,12 @@ where
         model.clone(),
         0,
     );
+    if let Some(shadow) = &grant.shadow_denial {
+        // Shadow mode: the call goes ahead; its record says what would have
+        // been denied.
+        pending_record.denial = Some(shadow.code().to_owned());
+        pending_record.shadow = true;
+    }
     let not_sent = |ctx: &VaultContext, grant: Grant, d: Denial| {
         let mut r = pending_record.clone();
         r.status = d.status();
@@ -470,6 +464,9 @@ where
             }
         };
         inject_credential(&mut parts.headers, provider, secret);
+        // The upstream protocol is negotiated per connection, whatever the
+        // client spoke to us.
+        parts.version = http::Version::HTTP_11;
         parts.extensions.insert(up.timeouts);
         let req = Request::from_parts(parts, ReqBody::from(body));
         let resp = inner.call(req).await?;
