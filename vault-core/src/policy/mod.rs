@@ -5,8 +5,10 @@
 //! - [`PlanSet`]: named presets (`free`, `pro`, `enterprise`, custom).
 //! - [`check_child_policy`]: sub-agent keys are subsets of their parent.
 //! - [`RateLimiter`] and [`InFlight`]: request, token and concurrency limits.
+//! - [`DefaultEngine`]: the [`PolicyEngine`] that puts them together.
 
 mod canonical;
+mod default_engine;
 mod engine;
 mod model;
 mod plans;
@@ -15,6 +17,7 @@ mod subset;
 mod yaml;
 
 pub use canonical::{PathError, split_proxy_path};
+pub use default_engine::{DEFAULT_MIN_OUTPUT_TOKENS, DEFAULT_RESERVATION_TTL, DefaultEngine};
 pub use engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, RequestFacts};
 pub use model::{Budget, BudgetPeriod, EndpointRule, ModelGlob, PatternError, Policy, RateLimit};
 pub use plans::PlanSet;

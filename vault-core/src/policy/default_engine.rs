@@ -1,0 +1,983 @@
+//! [`DefaultEngine`]: the built-in [`PolicyEngine`].
+//!
+//! `check` evaluates, in this order, and stops at the first refusal:
+//! 1. the status of every key in the chain (a revoked or expired ancestor
+//!    disables its descendants) → `key_revoked` / `key_expired`;
+//! 2. the `chat:write` scope of every key in the chain;
+//! 3. provider, 4. endpoint (method + canonical path), 5. model allowlists
+//!    of every key in the chain (so a child inherits its parent's
+//!    restrictions even where its own policy is silent); a request without a
+//!    model under a model allowlist is `invalid_request`;
+//! 6. `max_request_chars` of every key against the body's characters;
+//! 7. `max_parallel` of every key (descendants' calls count for ancestors);
+//!    the slot is held by the grant and released when it drops;
+//! 8. rate limits of every key (see [`RateLimiter`]);
+//! 9. the budget of the nearest key in the chain that has one (normally the
+//!    key itself: children of budgeted parents carry their own carve-out):
+//!    the call's most possible cost is reserved in the store (see below).
+//!
+//! Steps 1–2 are always enforced. In shadow mode (`shadow: true` on the
+//! key) steps 3–9 are evaluated but not enforced: the first would-be refusal
+//! is returned in [`Grant::shadow_denial`] and the call goes ahead (a budget
+//! that cannot cover it then holds no reservation). A store failure while
+//! reserving refuses the call even in shadow mode (fail closed).
+//!
+//! # Reservations
+//! The reservation is the prompt estimate (body characters / 4, rounded up,
+//! at the input price) plus the output limit (the client's, else the model's
+//! maximum output) at the output price. The store grants as much as fits but
+//! at least the prompt estimate plus a small minimum output (16 tokens by
+//! default); when it grants less than everything, the grant carries
+//! [`Grant::clamp_output_tokens`], the output the reservation affords, for
+//! the proxy to forward instead of the client's limit. A model without a
+//! price (and no fallback) is refused for budgeted keys; budgeted keys must
+//! name a model on anything but `GET`/`HEAD` (which are not billed).
+//!
+//! # Settlement
+//! `Metered` calls cost their tokens at the model's price (rounded up);
+//! `NotSent` calls cost nothing and release the reservation; `Unmetered`
+//! calls cost the whole reservation (SPEC §3's failed-call rule). Tokens feed
+//! the tokens-per-minute limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::clock::{SharedClock, UnixMillis};
+use crate::denial::Denial;
+use crate::key::KeyId;
+use crate::money::Micros;
+use crate::pricing::{ModelPrice, PriceTable};
+use crate::provider::Provider;
+use crate::record::{BudgetLine, KeyRecord, KeyStatus, Settlement};
+use crate::scope::Permission;
+use crate::store::{KeyStore, StoreError};
+
+use super::engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, RequestFacts};
+use super::model::BudgetPeriod;
+use super::ratelimit::{InFlight, InFlightGuard, RateLimiter};
+
+/// The default reservation lifetime: a call still unsettled after it is
+/// charged in full by the store's sweep.
+pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// The least output a partial reservation must afford.
+pub const DEFAULT_MIN_OUTPUT_TOKENS: u64 = 16;
+
+/// The built-in policy engine: allowlists, sizes, concurrency and rate
+/// limits in memory, budgets through the [`KeyStore`].
+pub struct DefaultEngine {
+    store: Arc<dyn KeyStore>,
+    prices: Arc<PriceTable>,
+    clock: SharedClock,
+    limiter: Arc<RateLimiter>,
+    in_flight: InFlight,
+    reservation_ttl_ms: i64,
+    min_output_tokens: u64,
+    clamp_output: bool,
+}
+
+impl std::fmt::Debug for DefaultEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DefaultEngine")
+            .field("reservation_ttl_ms", &self.reservation_ttl_ms)
+            .field("min_output_tokens", &self.min_output_tokens)
+            .field("clamp_output", &self.clamp_output)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the engine remembers about a granted call until it is settled; held
+/// in [`Grant::slot`], whose drop releases the `max_parallel` slot.
+struct Ticket {
+    provider: Provider,
+    price: Option<ModelPrice>,
+    token_keys: Vec<KeyId>,
+    _in_flight: Option<InFlightGuard>,
+}
+
+/// The cost bounds of one call at one price.
+struct Estimate {
+    prompt_cost: Micros,
+    output_tokens: u64,
+    output_price: Micros,
+    want: Micros,
+    at_least: Micros,
+}
+
+impl Estimate {
+    fn new(price: &ModelPrice, facts: &RequestFacts<'_>, min_output: u64, clamp: bool) -> Self {
+        let prompt_tokens = facts.body_chars.div_ceil(4);
+        let prompt_cost = Micros::for_tokens(prompt_tokens, price.input_per_million);
+        let output_tokens = facts.max_output_tokens.unwrap_or(price.max_output_tokens);
+        let output_price = price.output_per_million;
+        let want = prompt_cost.saturating_add(Micros::for_tokens(output_tokens, output_price));
+        let at_least = if clamp {
+            prompt_cost.saturating_add(Micros::for_tokens(
+                min_output.min(output_tokens),
+                output_price,
+            ))
+        } else {
+            want
+        };
+        Estimate {
+            prompt_cost,
+            output_tokens,
+            output_price,
+            want,
+            at_least,
+        }
+    }
+
+    /// The output tokens `granted` affords after the prompt estimate.
+    fn affordable_output(&self, granted: Micros) -> Option<u64> {
+        granted
+            .saturating_sub(self.prompt_cost)
+            .tokens_affordable(self.output_price)
+            .map(|t| t.min(self.output_tokens))
+    }
+}
+
+fn period_start(period: BudgetPeriod, now: UnixMillis) -> UnixMillis {
+    match period {
+        BudgetPeriod::Total => UnixMillis(0),
+        BudgetPeriod::Daily => now.start_of_utc_day(),
+        BudgetPeriod::Monthly => now.start_of_utc_month(),
+    }
+}
+
+fn period_name(period: BudgetPeriod) -> &'static str {
+    match period {
+        BudgetPeriod::Total => "total",
+        BudgetPeriod::Daily => "daily",
+        BudgetPeriod::Monthly => "monthly",
+    }
+}
+
+fn whose(i: usize) -> &'static str {
+    if i == 0 { "this key" } else { "a parent of this key" }
+}
+
+fn join<T>(items: &[T], f: impl Fn(&T) -> &str) -> String {
+    items.iter().map(f).collect::<Vec<_>>().join(", ")
+}
+
+/// The first refusal of the allowlists and the size limit, across the chain.
+fn allowlist_denial(chain: &[Arc<KeyRecord>], facts: &RequestFacts<'_>) -> Option<Denial> {
+    for (i, k) in chain.iter().enumerate() {
+        if let Some(list) = &k.policy.providers
+            && !list.contains(&facts.provider)
+        {
+            return Some(Denial::ProviderNotAllowed(format!(
+                "provider {} is not allowed for {}; allowed: {}",
+                facts.provider,
+                whose(i),
+                join(list, |p| p.as_str())
+            )));
+        }
+    }
+    for (i, k) in chain.iter().enumerate() {
+        if let Some(list) = &k.policy.endpoints
+            && !list.iter().any(|r| r.matches(facts.method, facts.path))
+        {
+            return Some(Denial::EndpointNotAllowed(format!(
+                "endpoint {} {} is not allowed for {}; allowed: {}",
+                facts.method,
+                shown(facts.path),
+                whose(i),
+                join(list, |r| r.as_str())
+            )));
+        }
+    }
+    for (i, k) in chain.iter().enumerate() {
+        if let Some(list) = &k.policy.models {
+            match facts.model {
+                None => {
+                    return Some(Denial::InvalidRequest(format!(
+                        "the request names no model, and {} allows only: {}",
+                        whose(i),
+                        join(list, |g| g.as_str())
+                    )));
+                }
+                Some(m) if !list.iter().any(|g| g.matches(m)) => {
+                    return Some(Denial::ModelNotAllowed(format!(
+                        "model {} is not allowed for {}; allowed: {}",
+                        shown(m),
+                        whose(i),
+                        join(list, |g| g.as_str())
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    for (i, k) in chain.iter().enumerate() {
+        if let Some(max) = k.policy.max_request_chars
+            && facts.body_chars > max
+        {
+            return Some(Denial::RequestTooLarge(format!(
+                "the request body has {} characters; {} allows at most {max}",
+                facts.body_chars,
+                whose(i)
+            )));
+        }
+    }
+    None
+}
+
+/// Client-supplied text in a message, bounded.
+fn shown(s: &str) -> String {
+    const MAX: usize = 200;
+    if s.chars().count() <= MAX {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(MAX).collect();
+        t.push('…');
+        t
+    }
+}
+
+impl DefaultEngine {
+    /// An engine over `store` (budgets), `prices` and `clock`, with a fresh
+    /// in-memory rate limiter. Cheap: no I/O, no background task.
+    pub fn new(store: Arc<dyn KeyStore>, prices: Arc<PriceTable>, clock: SharedClock) -> Self {
+        DefaultEngine {
+            store,
+            prices,
+            clock,
+            limiter: Arc::new(RateLimiter::new()),
+            in_flight: InFlight::new(),
+            reservation_ttl_ms: i64::try_from(DEFAULT_RESERVATION_TTL.as_millis())
+                .unwrap_or(i64::MAX),
+            min_output_tokens: DEFAULT_MIN_OUTPUT_TOKENS,
+            clamp_output: true,
+        }
+    }
+
+    /// How long a reservation is held before the store's sweep charges it
+    /// in full (default 15 minutes; should exceed the longest call).
+    pub fn with_reservation_ttl(mut self, ttl: Duration) -> Self {
+        self.reservation_ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// The least output a partial reservation must afford (default 16).
+    pub fn with_min_output_tokens(mut self, tokens: u64) -> Self {
+        self.min_output_tokens = tokens;
+        self
+    }
+
+    /// Whether a partial reservation may be granted with a clamped output
+    /// limit (default on). Off: the whole reservation fits or the call is
+    /// refused.
+    pub fn with_output_clamping(mut self, on: bool) -> Self {
+        self.clamp_output = on;
+        self
+    }
+
+    /// Shares a rate limiter (e.g. between engines of one process).
+    pub fn with_rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// The rate limiter.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// The in-flight tracker for `max_parallel`.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
+    }
+
+    /// The price table.
+    pub fn prices(&self) -> &PriceTable {
+        &self.prices
+    }
+}
+
+#[async_trait]
+impl PolicyEngine for DefaultEngine {
+    async fn check(
+        &self,
+        chain: &[Arc<KeyRecord>],
+        facts: &RequestFacts<'_>,
+    ) -> Result<Grant, (Denial, LimitHeaders)> {
+        let now = self.clock.now();
+        let Some(key) = chain.first() else {
+            tracing::error!("policy check called with an empty key chain");
+            return Err((Denial::Internal, LimitHeaders::default()));
+        };
+        let limits = || {
+            chain
+                .iter()
+                .filter_map(|k| k.policy.rate_limit.as_ref().map(|r| (&k.id, r)))
+        };
+
+        for k in chain {
+            match k.status_at(now) {
+                KeyStatus::Active => {}
+                KeyStatus::Revoked => {
+                    return Err((Denial::KeyRevoked, self.limiter.peek(limits(), now)));
+                }
+                KeyStatus::Expired => {
+                    return Err((Denial::KeyExpired, self.limiter.peek(limits(), now)));
+                }
+            }
+        }
+        if let Some(i) = chain
+            .iter()
+            .position(|k| !k.scopes.allows(Permission::ChatWrite))
+        {
+            let d = Denial::PermissionDenied(format!(
+                "{} lacks the chat:write scope that proxied calls need",
+                whose(i)
+            ));
+            return Err((d, self.limiter.peek(limits(), now)));
+        }
+
+        let shadow = key.policy.shadow;
+        let mut shadow_denial: Option<Denial> = None;
+        // Refuses with `headers`, or in shadow mode records the first refusal.
+        macro_rules! refuse {
+            ($denial:expr, $headers:expr) => {{
+                let denial = $denial;
+                if !shadow {
+                    return Err((denial, $headers));
+                }
+                shadow_denial.get_or_insert(denial);
+            }};
+        }
+
+        if let Some(d) = allowlist_denial(chain, facts) {
+            refuse!(d, self.limiter.peek(limits(), now));
+        }
+
+        let in_flight = match self
+            .in_flight
+            .acquire(chain.iter().map(|k| (&k.id, k.policy.max_parallel)))
+        {
+            Ok(guard) => guard,
+            Err(max) => {
+                let mut headers = self.limiter.peek(limits(), now);
+                headers.retry_after_secs = Some(1);
+                refuse!(
+                    Denial::RateLimited {
+                        message: format!(
+                            "at most {max} requests may be in flight at once for this key"
+                        ),
+                        retry_after_secs: 1,
+                    },
+                    headers
+                );
+                None
+            }
+        };
+
+        let mut headers = match self.limiter.admit(limits(), now) {
+            Ok(h) => h,
+            Err(e) => {
+                let message = format!(
+                    "rate limit of {} exceeded; retry in {} s",
+                    e.what, e.retry_after_secs
+                );
+                refuse!(
+                    Denial::RateLimited {
+                        message,
+                        retry_after_secs: e.retry_after_secs,
+                    },
+                    e.headers
+                );
+                LimitHeaders {
+                    retry_after_secs: None,
+                    ..e.headers
+                }
+            }
+        };
+
+        let price = facts
+            .model
+            .and_then(|m| self.prices.price_for(facts.provider, m))
+            .copied();
+        let mut reservation = None;
+        let mut clamp_output_tokens = None;
+        let budgeted = chain
+            .iter()
+            .find_map(|k| k.policy.budget.map(|b| (&k.id, b)));
+        if let Some((budget_key, budget)) = budgeted {
+            match (facts.model, price) {
+                (None, _) if matches!(facts.method, "GET" | "HEAD") => {}
+                (None, _) => refuse!(
+                    Denial::InvalidRequest(
+                        "this key has a budget, so the request must name a model that can be priced"
+                            .to_owned()
+                    ),
+                    headers
+                ),
+                (Some(m), None) => refuse!(
+                    Denial::ModelNotAllowed(format!(
+                        "model {} has no price, and this key has a budget; the operator must configure a price for {}/{}",
+                        shown(m),
+                        facts.provider,
+                        shown(m)
+                    )),
+                    headers
+                ),
+                (Some(_), Some(p)) => {
+                    let line = BudgetLine {
+                        key: budget_key.clone(),
+                        limit: budget.limit,
+                        period_start: period_start(budget.period, now),
+                    };
+                    let est = Estimate::new(&p, facts, self.min_output_tokens, self.clamp_output);
+                    let expires = now.plus_millis(self.reservation_ttl_ms);
+                    match self
+                        .store
+                        .reserve(&line, est.want, est.at_least, now, expires)
+                        .await
+                    {
+                        Ok(r) => {
+                            if r.amount < est.want {
+                                clamp_output_tokens = est.affordable_output(r.amount);
+                            }
+                            headers.budget_remaining = match self.store.budget_usage(&line, now).await {
+                                Ok(u) => Some(u.remaining(line.limit)),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "reading the budget after a reservation failed");
+                                    None
+                                }
+                            };
+                            reservation = Some(r);
+                        }
+                        Err(StoreError::BudgetExceeded { remaining }) => {
+                            headers.budget_remaining = Some(remaining);
+                            refuse!(
+                                Denial::BudgetExceeded(format!(
+                                    "budget exceeded: {remaining} of the {} {} budget remains, and this call needs at least {}",
+                                    budget.limit,
+                                    period_name(budget.period),
+                                    est.at_least
+                                )),
+                                headers
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, key = %budget_key, "budget reservation failed; refusing the call");
+                            return Err((Denial::Internal, headers));
+                        }
+                    }
+                }
+            }
+        }
+
+        let token_keys: Vec<KeyId> = chain
+            .iter()
+            .filter(|k| k.policy.rate_limit.is_some_and(|r| r.tokens_per_minute.is_some()))
+            .map(|k| k.id.clone())
+            .collect();
+        let ticket = Ticket {
+            provider: facts.provider,
+            price,
+            token_keys,
+            _in_flight: in_flight,
+        };
+        Ok(Grant {
+            key: key.id.clone(),
+            project: key.project.clone(),
+            reservation,
+            clamp_output_tokens,
+            shadow_denial,
+            headers,
+            admitted_at: now,
+            slot: Some(Box::new(ticket)),
+        })
+    }
+
+    async fn settle(&self, mut grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge {
+        let now = self.clock.now();
+        let ticket = grant
+            .slot
+            .take()
+            .and_then(|slot| slot.downcast::<Ticket>().ok());
+        let held = grant
+            .reservation
+            .as_ref()
+            .map_or(Micros::ZERO, |r| r.amount);
+        let (tokens_in, tokens_out, cost) = match outcome {
+            CallOutcome::NotSent => (0, 0, Micros::ZERO),
+            CallOutcome::Unmetered => (0, 0, held),
+            CallOutcome::Metered {
+                tokens_in,
+                tokens_out,
+            } => {
+                let price = ticket.as_ref().and_then(|t| {
+                    model
+                        .and_then(|m| self.prices.lookup(t.provider, m).copied())
+                        .or(t.price)
+                });
+                let cost = match price {
+                    Some(p) => p.cost(tokens_in, tokens_out),
+                    None => held,
+                };
+                (tokens_in, tokens_out, cost)
+            }
+        };
+        if let Some(reservation) = grant.reservation.take() {
+            let settlement = Settlement {
+                reservation,
+                actual: cost,
+            };
+            if let Err(e) = self.store.settle(std::slice::from_ref(&settlement)).await {
+                tracing::warn!(error = %e, key = %grant.key, "settling a reservation failed; the sweep will charge it");
+            }
+        }
+        if let Some(t) = &ticket
+            && !t.token_keys.is_empty()
+        {
+            self.limiter
+                .record_tokens(t.token_keys.iter(), tokens_in.saturating_add(tokens_out), now);
+        }
+        Charge {
+            cost,
+            tokens_in,
+            tokens_out,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::key::{KeyEnv, KeyHash, KeyPrefix};
+    use crate::policy::{Budget, EndpointRule, ModelGlob, Policy, RateLimit};
+    use crate::record::BudgetUsage;
+    use crate::scope::Scopes;
+    use crate::store::MemoryStore;
+
+    // 2026-11-26T08:00:00Z
+    const T0: i64 = 1_795_680_000_000;
+
+    fn record(id: &str, policy: Policy) -> KeyRecord {
+        KeyRecord {
+            id: KeyId::parse(id).unwrap(),
+            hash: KeyHash::of(id),
+            prefix: KeyPrefix::new("vpx_live_abcd"),
+            previous_hash: None,
+            previous_valid_until: None,
+            name: id.into(),
+            project: "default".into(),
+            env: KeyEnv::Live,
+            scopes: Scopes::parse(&["chat:write"]).unwrap(),
+            plan: None,
+            policy,
+            parent: None,
+            provider_keys: vec![],
+            created_at: UnixMillis(T0 - 1000),
+            expires_at: None,
+            last_used_at: None,
+            request_count: 0,
+            status: KeyStatus::Active,
+            revoked_at: None,
+            spend: Micros::ZERO,
+        }
+    }
+
+    /// $10 per million output tokens, $1 per million input, 1000 max output.
+    fn test_price() -> ModelPrice {
+        ModelPrice::from_usd_per_million(1.0, 10.0, 1000).unwrap()
+    }
+
+    struct Fixture {
+        engine: DefaultEngine,
+        store: Arc<MemoryStore>,
+        clock: ManualClock,
+    }
+
+    fn fixture() -> Fixture {
+        let store = Arc::new(MemoryStore::new());
+        let clock = ManualClock::new(UnixMillis(T0));
+        let prices = PriceTable::default().with_override(Provider::OpenAi, "m", test_price());
+        let engine = DefaultEngine::new(store.clone(), Arc::new(prices), Arc::new(clock.clone()));
+        Fixture {
+            engine,
+            store,
+            clock,
+        }
+    }
+
+    fn facts<'a>(model: Option<&'a str>, max_out: Option<u64>, chars: u64) -> RequestFacts<'a> {
+        RequestFacts {
+            method: "POST",
+            provider: Provider::OpenAi,
+            path: "/v1/chat/completions",
+            model,
+            max_output_tokens: max_out,
+            body_chars: chars,
+            stream: false,
+        }
+    }
+
+    fn chain(keys: &[KeyRecord]) -> Vec<Arc<KeyRecord>> {
+        keys.iter().cloned().map(Arc::new).collect()
+    }
+
+    fn budget(usd_micros: u64) -> Option<Budget> {
+        Some(Budget {
+            limit: Micros(usd_micros),
+            period: BudgetPeriod::Total,
+        })
+    }
+
+    async fn denial(f: &Fixture, c: &[Arc<KeyRecord>], facts: &RequestFacts<'_>) -> Denial {
+        f.engine.check(c, facts).await.unwrap_err().0
+    }
+
+    #[tokio::test]
+    async fn lifecycle_revoked_or_expired_keys_and_ancestors_are_refused() {
+        let f = fixture();
+        let mut revoked = record("key_r", Policy::default());
+        revoked.status = KeyStatus::Revoked;
+        let mut expiring = record("key_e", Policy::default());
+        expiring.expires_at = Some(UnixMillis(T0));
+        let ok = record("key_ok", Policy::default());
+        let q = facts(Some("m"), None, 0);
+        assert_eq!(denial(&f, &chain(&[revoked.clone()]), &q).await, Denial::KeyRevoked);
+        assert_eq!(denial(&f, &chain(&[expiring.clone()]), &q).await, Denial::KeyExpired);
+        assert_eq!(denial(&f, &chain(&[ok.clone(), revoked]), &q).await, Denial::KeyRevoked);
+        assert_eq!(denial(&f, &chain(&[ok.clone(), expiring.clone()]), &q).await, Denial::KeyExpired);
+        f.clock.set(UnixMillis(T0 - 1));
+        assert!(f.engine.check(&chain(&[ok, expiring]), &q).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn scopes_and_allowlists_name_what_was_refused() {
+        let f = fixture();
+        let mut no_chat = record("key_s", Policy::default());
+        no_chat.scopes = Scopes::parse(&["usage:read"]).unwrap();
+        let q = facts(Some("m"), None, 10);
+        assert!(matches!(denial(&f, &chain(&[no_chat]), &q).await, Denial::PermissionDenied(m) if m.contains("chat:write")));
+
+        let policy = Policy {
+            providers: Some(vec![Provider::OpenAi]),
+            endpoints: Some(vec![EndpointRule::parse("POST /v1/chat/completions").unwrap()]),
+            models: Some(vec![ModelGlob::parse("gpt-4o-mini").unwrap()]),
+            max_request_chars: Some(100),
+            ..Policy::default()
+        };
+        let k = chain(&[record("key_a", policy)]);
+        let mut q = facts(Some("gpt-4o-mini"), None, 100);
+        assert!(f.engine.check(&k, &q).await.is_ok());
+
+        q.provider = Provider::Anthropic;
+        assert!(matches!(denial(&f, &k, &q).await, Denial::ProviderNotAllowed(m) if m.contains("anthropic") && m.contains("allowed: openai")));
+        q.provider = Provider::OpenAi;
+        q.path = "/v1/files";
+        assert!(matches!(denial(&f, &k, &q).await, Denial::EndpointNotAllowed(m) if m.contains("POST /v1/files")));
+        q.method = "GET";
+        q.path = "/v1/chat/completions";
+        assert!(matches!(denial(&f, &k, &q).await, Denial::EndpointNotAllowed(m) if m.contains("GET /v1/chat/completions")));
+        q.method = "POST";
+        q.model = Some("gpt-4o");
+        assert_eq!(
+            denial(&f, &k, &q).await,
+            Denial::ModelNotAllowed("model gpt-4o is not allowed for this key; allowed: gpt-4o-mini".into())
+        );
+        q.model = None;
+        assert!(matches!(denial(&f, &k, &q).await, Denial::InvalidRequest(m) if m.contains("gpt-4o-mini")));
+        q.model = Some("gpt-4o-mini");
+        q.body_chars = 101;
+        assert!(matches!(denial(&f, &k, &q).await, Denial::RequestTooLarge(m) if m.contains("101") && m.contains("100")));
+    }
+
+    #[tokio::test]
+    async fn a_parents_allowlist_binds_its_child() {
+        let f = fixture();
+        let parent = record(
+            "key_p",
+            Policy {
+                models: Some(vec![ModelGlob::parse("m").unwrap()]),
+                ..Policy::default()
+            },
+        );
+        let child = record("key_c", Policy::default());
+        let c = chain(&[child, parent]);
+        assert!(f.engine.check(&c, &facts(Some("m"), None, 0)).await.is_ok());
+        assert!(matches!(
+            denial(&f, &c, &facts(Some("other"), None, 0)).await,
+            Denial::ModelNotAllowed(m) if m.contains("a parent of this key")
+        ));
+    }
+
+    #[tokio::test]
+    async fn max_parallel_slots_release_when_grants_drop() {
+        let f = fixture();
+        let k = chain(&[record(
+            "key_a",
+            Policy {
+                max_parallel: Some(2),
+                ..Policy::default()
+            },
+        )]);
+        let q = facts(Some("m"), None, 0);
+        let g1 = f.engine.check(&k, &q).await.unwrap();
+        let g2 = f.engine.check(&k, &q).await.unwrap();
+        let (d, h) = f.engine.check(&k, &q).await.unwrap_err();
+        assert!(matches!(d, Denial::RateLimited { retry_after_secs: 1, .. }));
+        assert_eq!(h.retry_after_secs, Some(1));
+        drop(g1);
+        let g3 = f.engine.check(&k, &q).await.unwrap();
+        f.engine.settle(g2, CallOutcome::NotSent, None).await;
+        f.engine.settle(g3, CallOutcome::NotSent, None).await;
+        assert_eq!(f.engine.in_flight().in_flight(&k[0].id), 0);
+    }
+
+    #[tokio::test]
+    async fn rate_limits_carry_headers_and_retry_after() {
+        let f = fixture();
+        let k = chain(&[record(
+            "key_a",
+            Policy {
+                rate_limit: Some(RateLimit {
+                    requests_per_minute: Some(2),
+                    ..RateLimit::default()
+                }),
+                ..Policy::default()
+            },
+        )]);
+        let q = facts(Some("m"), None, 0);
+        let g = f.engine.check(&k, &q).await.unwrap();
+        assert_eq!((g.headers.limit, g.headers.remaining), (2, 1));
+        assert_eq!(g.headers.reset_unix_secs, (T0 + 60_000) / 1000);
+        f.engine.check(&k, &q).await.unwrap();
+        let (d, h) = f.engine.check(&k, &q).await.unwrap_err();
+        assert_eq!(d.code(), "rate_limited");
+        assert!(d.message().contains("2 requests per minute"), "{}", d.message());
+        assert_eq!((h.remaining, h.retry_after_secs), (0, Some(60)));
+        // Denials before the limiter still report the window.
+        let mut revoked = (*k[0]).clone();
+        revoked.status = KeyStatus::Revoked;
+        let (_, h) = f.engine.check(&chain(&[revoked]), &q).await.unwrap_err();
+        assert_eq!((h.limit, h.remaining), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn tokens_per_minute_are_fed_at_settlement() {
+        let f = fixture();
+        let k = chain(&[record(
+            "key_a",
+            Policy {
+                rate_limit: Some(RateLimit {
+                    tokens_per_minute: Some(100),
+                    ..RateLimit::default()
+                }),
+                ..Policy::default()
+            },
+        )]);
+        let q = facts(Some("m"), None, 0);
+        let g = f.engine.check(&k, &q).await.unwrap();
+        let charge = f
+            .engine
+            .settle(g, CallOutcome::Metered { tokens_in: 60, tokens_out: 40 }, Some("m"))
+            .await;
+        assert_eq!((charge.tokens_in, charge.tokens_out), (60, 40));
+        let (d, h) = f.engine.check(&k, &q).await.unwrap_err();
+        assert!(d.message().contains("100 tokens per minute"), "{}", d.message());
+        assert_eq!(h.retry_after_secs, Some(60));
+    }
+
+    #[tokio::test]
+    async fn budgets_reserve_the_most_a_call_can_cost_and_settle_the_real_cost() {
+        let f = fixture();
+        let key = record(
+            "key_b",
+            Policy {
+                budget: budget(1_000_000),
+                ..Policy::default()
+            },
+        );
+        let k = chain(&[key.clone()]);
+        let line = BudgetLine {
+            key: key.id.clone(),
+            limit: Micros(1_000_000),
+            period_start: UnixMillis(0),
+        };
+        // 400 chars → 100 prompt tokens at $1/M = 100 µ$; 500 output at $10/M = 5000 µ$.
+        let g = f.engine.check(&k, &facts(Some("m"), Some(500), 400)).await.unwrap();
+        assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(5_100));
+        assert_eq!(g.headers.budget_remaining, Some(Micros(994_900)));
+        assert_eq!(g.clamp_output_tokens, None);
+        let charge = f
+            .engine
+            .settle(g, CallOutcome::Metered { tokens_in: 90, tokens_out: 101 }, Some("m"))
+            .await;
+        assert_eq!(charge.cost, Micros(90 + 1010));
+        let usage = f.store.budget_usage(&line, UnixMillis(T0)).await.unwrap();
+        assert_eq!(usage, BudgetUsage { settled: Micros(1100), reserved: Micros::ZERO });
+
+        // No output limit: the model's maximum output (1000 tokens) is reserved.
+        let g = f.engine.check(&k, &facts(Some("m"), None, 0)).await.unwrap();
+        assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(10_000));
+        // Not sent: released, nothing charged.
+        assert_eq!(f.engine.settle(g, CallOutcome::NotSent, None).await.cost, Micros::ZERO);
+        // Sent but unmetered: the whole reservation is charged.
+        let g = f.engine.check(&k, &facts(Some("m"), None, 0)).await.unwrap();
+        assert_eq!(f.engine.settle(g, CallOutcome::Unmetered, None).await.cost, Micros(10_000));
+        let usage = f.store.budget_usage(&line, UnixMillis(T0)).await.unwrap();
+        assert_eq!(usage.settled, Micros(11_100));
+    }
+
+    #[tokio::test]
+    async fn boundary_a_partial_reservation_clamps_the_output() {
+        let f = fixture();
+        let k = chain(&[record(
+            "key_b",
+            Policy {
+                budget: budget(3_000),
+                ..Policy::default()
+            },
+        )]);
+        // Wants 100 + 10_000; only 3_000 fits: (3000 - 100) / 10 = 290 tokens.
+        let g = f.engine.check(&k, &facts(Some("m"), None, 400)).await.unwrap();
+        assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(3_000));
+        assert_eq!(g.clamp_output_tokens, Some(290));
+        assert_eq!(g.headers.budget_remaining, Some(Micros::ZERO));
+        // Nothing left: refused, naming what remains.
+        let (d, h) = f.engine.check(&k, &facts(Some("m"), None, 400)).await.unwrap_err();
+        assert_eq!(d.code(), "budget_exceeded");
+        assert!(d.message().contains("$0.000000 of the $0.003000 total budget"), "{}", d.message());
+        assert_eq!(h.budget_remaining, Some(Micros::ZERO));
+        drop(g);
+
+        let strict = fixture();
+        let engine = strict.engine.with_output_clamping(false);
+        let k = chain(&[record("key_c", Policy { budget: budget(3_000), ..Policy::default() })]);
+        assert_eq!(engine.check(&k, &facts(Some("m"), None, 400)).await.unwrap_err().0.code(), "budget_exceeded");
+    }
+
+    #[tokio::test]
+    async fn unpriced_models_are_refused_for_budgeted_keys_only() {
+        let f = fixture();
+        let budgeted = chain(&[record("key_b", Policy { budget: budget(1_000_000), ..Policy::default() })]);
+        let free = chain(&[record("key_f", Policy::default())]);
+        let q = facts(Some("unknown-model"), Some(10), 0);
+        assert!(matches!(denial(&f, &budgeted, &q).await, Denial::ModelNotAllowed(m) if m.contains("has no price")));
+        assert!(f.engine.check(&free, &q).await.is_ok());
+        // No model at all: priced calls must name one; GETs are free.
+        assert_eq!(denial(&f, &budgeted, &facts(None, None, 0)).await.code(), "invalid_request");
+        let mut get = facts(None, None, 0);
+        get.method = "GET";
+        get.path = "/v1/models";
+        let g = f.engine.check(&budgeted, &get).await.unwrap();
+        assert!(g.reservation.is_none());
+        // A fallback price makes unknown models priceable.
+        let prices = PriceTable::default().with_fallback(Some(test_price()));
+        let engine = DefaultEngine::new(f.store.clone(), Arc::new(prices), Arc::new(f.clock.clone()));
+        assert!(engine.check(&budgeted, &q).await.unwrap().reservation.is_some());
+    }
+
+    #[tokio::test]
+    async fn shadow_mode_records_but_does_not_refuse() {
+        let f = fixture();
+        let k = chain(&[record(
+            "key_s",
+            Policy {
+                models: Some(vec![ModelGlob::parse("gpt-4o-mini").unwrap()]),
+                budget: budget(1),
+                shadow: true,
+                ..Policy::default()
+            },
+        )]);
+        let g = f.engine.check(&k, &facts(Some("m"), Some(1000), 0)).await.unwrap();
+        assert_eq!(g.shadow_denial.as_ref().map(Denial::code), Some("model_not_allowed"));
+        assert!(g.reservation.is_none());
+        // Status is never shadowed.
+        let mut revoked = (*k[0]).clone();
+        revoked.status = KeyStatus::Revoked;
+        assert_eq!(denial(&f, &chain(&[revoked]), &facts(Some("m"), None, 0)).await, Denial::KeyRevoked);
+    }
+
+    /// A store whose budget operations fail, as a locked or read-only
+    /// database would.
+    struct BrokenBudgets(MemoryStore);
+
+    #[async_trait]
+    impl KeyStore for BrokenBudgets {
+        async fn insert_key(&self, k: &KeyRecord, c: Option<(&BudgetLine, Micros)>) -> Result<(), StoreError> {
+            self.0.insert_key(k, c).await
+        }
+        async fn find_by_hash(&self, h: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+            self.0.find_by_hash(h).await
+        }
+        async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+            self.0.get_key(id).await
+        }
+        async fn list_keys(&self, p: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+            self.0.list_keys(p).await
+        }
+        async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {
+            self.0.revoke_key(id, at).await
+        }
+        async fn rotate_key(&self, id: &KeyId, h: &KeyHash, p: &KeyPrefix, g: Option<UnixMillis>) -> Result<(), StoreError> {
+            self.0.rotate_key(id, h, p, g).await
+        }
+        async fn insert_provider_key(&self, k: &crate::record::ProviderKeyRecord) -> Result<(), StoreError> {
+            self.0.insert_provider_key(k).await
+        }
+        async fn get_provider_key(&self, id: &crate::key::ProviderKeyId) -> Result<Option<crate::record::ProviderKeyRecord>, StoreError> {
+            self.0.get_provider_key(id).await
+        }
+        async fn list_provider_keys(&self, p: Option<&str>) -> Result<Vec<crate::record::ProviderKeyRecord>, StoreError> {
+            self.0.list_provider_keys(p).await
+        }
+        async fn remove_provider_key(&self, id: &crate::key::ProviderKeyId) -> Result<bool, StoreError> {
+            self.0.remove_provider_key(id).await
+        }
+        async fn replace_sealed(&self, id: &crate::key::ProviderKeyId, e: &crate::crypto::Sealed, n: &crate::crypto::Sealed) -> Result<bool, StoreError> {
+            self.0.replace_sealed(id, e, n).await
+        }
+        async fn reserve(&self, _: &BudgetLine, _: Micros, _: Micros, _: UnixMillis, _: UnixMillis) -> Result<crate::record::Reservation, StoreError> {
+            Err(StoreError::Backend("database is locked (SELECT secret FROM t)".into()))
+        }
+        async fn settle(&self, s: &[Settlement]) -> Result<(), StoreError> {
+            self.0.settle(s).await
+        }
+        async fn budget_usage(&self, l: &BudgetLine, n: UnixMillis) -> Result<BudgetUsage, StoreError> {
+            self.0.budget_usage(l, n).await
+        }
+        async fn sweep(&self, n: UnixMillis) -> Result<usize, StoreError> {
+            self.0.sweep(n).await
+        }
+        async fn append_usage(&self, r: &[crate::record::UsageRecord]) -> Result<(), StoreError> {
+            self.0.append_usage(r).await
+        }
+        async fn list_usage(&self, f: &crate::record::UsageFilter) -> Result<Vec<crate::record::UsageRecord>, StoreError> {
+            self.0.list_usage(f).await
+        }
+        async fn get_meta(&self, n: &str) -> Result<Option<String>, StoreError> {
+            self.0.get_meta(n).await
+        }
+        async fn set_meta(&self, n: &str, v: &str) -> Result<(), StoreError> {
+            self.0.set_meta(n, v).await
+        }
+    }
+
+    #[tokio::test]
+    async fn corruption_store_failures_fail_closed() {
+        let prices = PriceTable::default().with_override(Provider::OpenAi, "m", test_price());
+        let clock = ManualClock::new(UnixMillis(T0));
+        let engine = DefaultEngine::new(Arc::new(BrokenBudgets(MemoryStore::new())), Arc::new(prices), Arc::new(clock));
+        let budgeted = Policy { budget: budget(1_000_000), ..Policy::default() };
+        let (d, _) = engine.check(&chain(&[record("key_b", budgeted.clone())]), &facts(Some("m"), None, 0)).await.unwrap_err();
+        assert_eq!(d, Denial::Internal);
+        assert!(!d.to_json().contains("SELECT"));
+        // Even in shadow mode.
+        let shadow = Policy { shadow: true, ..budgeted };
+        let (d, _) = engine.check(&chain(&[record("key_s", shadow)]), &facts(Some("m"), None, 0)).await.unwrap_err();
+        assert_eq!(d, Denial::Internal);
+        // Unbudgeted keys never touch the budget store.
+        assert!(engine.check(&chain(&[record("key_f", Policy::default())]), &facts(Some("m"), None, 0)).await.is_ok());
+    }
+}
