@@ -17,7 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -37,9 +38,16 @@ pub struct UpstreamFailure {
     pub sent: bool,
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// The request body the client sends: whatever body type the caller's
+/// stack uses (`Full<Bytes>` from a bare hyper server, axum's `Body` when the
+/// layer is mounted in an axum `Router`), boxed.
+type UpstreamBody = UnsyncBoxBody<Bytes, crate::BoxError>;
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// Forwards requests whose URI is already absolute (set by the layer).
+/// Accepts any request body type with `Bytes` data, so it serves under a
+/// bare hyper server and inside an axum `Router` alike.
 /// Cheap to clone; clones share connection pools.
 #[derive(Clone)]
 pub struct Forwarder {
@@ -106,7 +114,11 @@ fn build_client(connect_timeout: Duration) -> HttpsClient {
         .build(https)
 }
 
-impl tower_service::Service<Request<Full<Bytes>>> for Forwarder {
+impl<B> tower_service::Service<Request<B>> for Forwarder
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<crate::BoxError>,
+{
     type Response = Response<ForwardBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -115,8 +127,9 @@ impl tower_service::Service<Request<Full<Bytes>>> for Forwarder {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         let timeouts = req.extensions().get::<Timeouts>().copied().unwrap_or(self.defaults);
+        let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
         let client = self.client(timeouts.connect);
         Box::pin(async move {
             let host = req.uri().host().unwrap_or_default().to_owned();
