@@ -94,6 +94,16 @@ impl<B> MeteredBody<B> {
     }
 }
 
+impl<B: Body> Source<B> {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Upstream { body } => body.is_end_stream(),
+            Source::Mock { body } => body.is_end_stream(),
+            Source::Full { body } => body.is_end_stream(),
+        }
+    }
+}
+
 fn outcome_of(meter: Option<&mut UsageMeter>, complete: bool) -> CallOutcome {
     let usage: Option<Usage> = match meter {
         Some(m) if complete => m.finish(),
@@ -185,6 +195,17 @@ where
                     };
                     if out.is_empty() {
                         continue;
+                    }
+                    // A body with a known length is dropped by hyper as soon
+                    // as its last byte is written, without polling for the
+                    // end: settle now, as complete, or the drop would count
+                    // the call as cut short (and charge its reservation).
+                    if m.hide.is_none() && this.source.as_ref().get_ref().is_end_stream() {
+                        *this.ended = true;
+                        if let Some(call) = m.pending.take() {
+                            let outcome = outcome_of(m.meter.as_mut(), true);
+                            call.finish(outcome, false);
+                        }
                     }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
