@@ -26,9 +26,11 @@ use vault_core::denial::Denial;
 use vault_core::meter::{
     BodyKind, HideUsageChunk, RequestInspection, UsageMeter, inspect_request, rewrite_request,
 };
-use vault_core::policy::{CallOutcome, Grant, LimitHeaders, RequestFacts, split_proxy_path};
+use vault_core::policy::{
+    BudgetPeriod, CallOutcome, Grant, LimitHeaders, RequestFacts, split_proxy_path,
+};
 use vault_core::provider::{AuthStyle, Provider, UsageFormat};
-use vault_core::record::{KeyRecord, UsageRecord};
+use vault_core::record::{BudgetLine, KeyRecord, UsageRecord};
 
 use crate::body::{BoxError, MeteredBody, Metering};
 use crate::context::VaultContext;
@@ -143,6 +145,36 @@ fn deny<B>(
         tracing::debug!(code = denial.code(), "unauthenticated request denied");
     }
     resp
+}
+
+/// What the nearest budget in `chain` has left, for the headers of a denial
+/// the engine made before it reached the budget: SPEC §4 promises
+/// `X-Budget-Remaining-USD` on every response to a budgeted key.
+async fn budget_remaining(
+    ctx: &VaultContext,
+    chain: &[Arc<KeyRecord>],
+) -> Option<vault_core::money::Micros> {
+    let (key, budget) = chain
+        .iter()
+        .find_map(|k| k.policy.budget.map(|b| (&k.id, b)))?;
+    let now = ctx.clock.now();
+    let period_start = match budget.period {
+        BudgetPeriod::Total => vault_core::clock::UnixMillis(0),
+        BudgetPeriod::Daily => now.start_of_utc_day(),
+        BudgetPeriod::Monthly => now.start_of_utc_month(),
+    };
+    let line = BudgetLine {
+        key: key.clone(),
+        limit: budget.limit,
+        period_start,
+    };
+    match ctx.store.budget_usage(&line, now).await {
+        Ok(u) => Some(u.remaining(budget.limit)),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the budget for a denial's headers failed");
+            None
+        }
+    }
 }
 
 fn usage_record(
@@ -338,7 +370,10 @@ where
     };
     let grant: Grant = match ctx.engine.check(&chain, &facts).await {
         Ok(g) => g,
-        Err((d, limits)) => {
+        Err((d, mut limits)) => {
+            if limits.budget_remaining.is_none() {
+                limits.budget_remaining = budget_remaining(&ctx, &chain).await;
+            }
             return Ok(deny(
                 &ctx,
                 &d,
