@@ -93,6 +93,10 @@ impl std::fmt::Debug for DefaultEngine {
 struct Ticket {
     provider: Provider,
     price: Option<ModelPrice>,
+    /// What the call can cost at most (0 when unpriced): charged when a call
+    /// that was sent meters nothing and holds no reservation, so an upstream
+    /// that omits usage never makes an unbudgeted call free.
+    worst_case: Micros,
     token_keys: Vec<KeyId>,
     _in_flight: Option<InFlightGuard>,
 }
@@ -489,9 +493,13 @@ impl PolicyEngine for DefaultEngine {
             })
             .map(|k| k.id.clone())
             .collect();
+        let worst_case = price.map_or(Micros::ZERO, |p| {
+            Estimate::new(&p, facts, self.min_output_tokens, false).want
+        });
         let ticket = Ticket {
             provider: facts.provider,
             price,
+            worst_case,
             token_keys,
             _in_flight: in_flight,
         };
@@ -519,7 +527,10 @@ impl PolicyEngine for DefaultEngine {
             .map_or(Micros::ZERO, |r| r.amount);
         let (tokens_in, tokens_out, cost) = match outcome {
             CallOutcome::NotSent => (0, 0, Micros::ZERO),
-            CallOutcome::Unmetered => (0, 0, held),
+            CallOutcome::Unmetered if grant.reservation.is_some() => (0, 0, held),
+            CallOutcome::Unmetered => {
+                (0, 0, ticket.as_ref().map_or(Micros::ZERO, |t| t.worst_case))
+            }
             CallOutcome::Metered {
                 tokens_in,
                 tokens_out,
@@ -922,6 +933,42 @@ mod tests {
         );
         let usage = f.store.budget_usage(&line, UnixMillis(T0)).await.unwrap();
         assert_eq!(usage.settled, Micros(11_100));
+    }
+
+    #[tokio::test]
+    async fn boundary_unmetered_calls_of_unbudgeted_keys_are_never_free() {
+        let f = fixture();
+        let key = record("key_u", Policy::default());
+        let k = chain(std::slice::from_ref(&key));
+        // No budget, so nothing is reserved; the upstream then reports no usage.
+        let g = f
+            .engine
+            .check(&k, &facts(Some("m"), Some(500), 400))
+            .await
+            .unwrap();
+        assert!(g.reservation.is_none());
+        let charge = f.engine.settle(g, CallOutcome::Unmetered, Some("m")).await;
+        // The most the call could cost: 100 prompt tokens + 500 output tokens.
+        assert_eq!(charge.cost, Micros(5_100));
+        // Not sent stays free; an unpriced model has no worst case to charge.
+        let g = f
+            .engine
+            .check(&k, &facts(Some("m"), Some(500), 400))
+            .await
+            .unwrap();
+        assert_eq!(
+            f.engine.settle(g, CallOutcome::NotSent, None).await.cost,
+            Micros::ZERO
+        );
+        let g = f
+            .engine
+            .check(&k, &facts(Some("unpriced"), Some(500), 400))
+            .await
+            .unwrap();
+        assert_eq!(
+            f.engine.settle(g, CallOutcome::Unmetered, None).await.cost,
+            Micros::ZERO
+        );
     }
 
     #[tokio::test]
