@@ -33,6 +33,14 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| config.data_dir.clone());
     let format = cli.output;
+    // A secret on the command line is refused before anything is opened or
+    // created (THREATS C7): a usage error has no side effects.
+    if let Command::ProviderKeys(ProviderKeysCommand::Add {
+        api_key, secret, ..
+    }) = &cli.command
+    {
+        refuse_argv_secret(api_key.is_some() || secret.is_some())?;
+    }
     if let Some(url) = cli.url.as_deref() {
         return remote(Remote::new(url)?, cli.command, format).await;
     }
@@ -56,8 +64,11 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
 fn init_logging(format: vault_core::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VAULTGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: escape codes in a log file get in the way
+    // of every grep, leak sweeps included.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         vault_core::config::LogFormat::Json => builder.json().try_init(),

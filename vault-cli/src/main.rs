@@ -196,10 +196,14 @@ pub(crate) enum MasterKeyCommand {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("vaultgate: {}", usage_error_line(&e));
+            return ExitCode::from(2);
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -224,6 +228,37 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// A command-line parsing error as one sentence (SPEC §6). clap's own
+/// message quotes the offending argument, which may be a secret typed in the
+/// wrong place (`provider-keys add --provider openai sk-… sk-…`), so a quoted
+/// value that is not a flag name is replaced.
+fn usage_error_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let rendered = e.render().to_string();
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_owned();
+    let first = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) if !is_flag_name(arg) => {
+            first.replace(arg.as_str(), "<value not shown>")
+        }
+        _ => first,
+    };
+    format!("{first}; see 'vaultgate --help'")
+}
+
+/// `--name` or `-n`, without an `=value`.
+fn is_flag_name(arg: &str) -> bool {
+    arg.starts_with('-')
+        && !arg.contains('=')
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The error and its causes on one line.

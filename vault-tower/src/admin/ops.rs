@@ -170,17 +170,49 @@ pub struct IssuedKey {
     pub record: KeyRecord,
 }
 
+/// Which file a path names: device and inode on Unix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+#[cfg(unix)]
+fn file_identity(path: &std::path::Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    m.is_file().then(|| FileIdentity {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
+}
+
+#[cfg(not(unix))]
+fn file_identity(_path: &std::path::Path) -> Option<FileIdentity> {
+    None
+}
+
 /// Management operations over a [`VaultContext`].
 #[derive(Debug, Clone)]
 pub struct Admin {
     ctx: Arc<VaultContext>,
     plans: Arc<PlanSet>,
+    /// The audit file as it was when the log was opened. The log holds its
+    /// file open, so if the path is removed or replaced (by a directory, say)
+    /// appends would still succeed into a file nobody can read any more:
+    /// every append first checks the path still names this file (L2).
+    audit_file: Option<FileIdentity>,
 }
 
 impl Admin {
     /// Operations over `ctx`, resolving plans from `plans`.
     pub fn new(ctx: Arc<VaultContext>, plans: Arc<PlanSet>) -> Self {
-        Admin { ctx, plans }
+        let audit_file = ctx.audit().and_then(|log| file_identity(log.path()));
+        Admin {
+            ctx,
+            plans,
+            audit_file,
+        }
     }
 
     /// The shared context.
@@ -196,9 +228,17 @@ impl Admin {
         let Some(log) = self.ctx.audit().cloned() else {
             return Ok(());
         };
-        let result = tokio::task::spawn_blocking(move || log.append(event)).await;
+        let expected = self.audit_file;
+        let result = tokio::task::spawn_blocking(move || {
+            if expected.is_some() && file_identity(log.path()) != expected {
+                tracing::error!(path = %log.path().display(), "the audit log was moved, removed or replaced");
+                return false;
+            }
+            log.append(event).is_ok()
+        })
+        .await;
         match result {
-            Ok(Ok(_)) => Ok(()),
+            Ok(true) => Ok(()),
             _ => {
                 self.ctx
                     .metrics()

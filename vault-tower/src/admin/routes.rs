@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -174,8 +175,31 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, Admi
             "a JSON request body is required".to_owned(),
         ));
     }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| AdminError::Invalid(format!("invalid request body: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| body_error::<T>(&bytes, &e))
+}
+
+/// Explains a body that did not deserialise, naming the field at fault
+/// (THREATS A8): serde_json's own message for a wrong type says what was
+/// expected but not where ("invalid type: integer `5`, expected a string").
+fn body_error<T: for<'de> Deserialize<'de>>(bytes: &[u8], e: &serde_json::Error) -> AdminError {
+    let Ok(value) = serde_json::from_slice::<Value>(bytes) else {
+        return AdminError::Invalid(format!("the request body is not valid JSON: {e}"));
+    };
+    // Try each field alone: the first one that fails on its own (other
+    // than for the fields it leaves out) is the one at fault.
+    if let Value::Object(fields) = &value {
+        for (name, v) in fields {
+            let mut alone = serde_json::Map::new();
+            alone.insert(name.clone(), v.clone());
+            if let Err(err) = T::deserialize(Value::Object(alone)) {
+                let msg = err.to_string();
+                if !msg.starts_with("missing field") {
+                    return AdminError::Invalid(format!("{name}: {msg}"));
+                }
+            }
+        }
+    }
+    AdminError::Invalid(format!("invalid request body: {e}"))
 }
 
 /// `POST /v1/keys`: unknown fields (`spend`, `status`, `id`, `created_at`…)
@@ -403,11 +427,24 @@ struct UsageQuery {
     limit: Option<usize>,
 }
 
+/// A query string that does not parse is a SPEC JSON error naming the
+/// parameter, not axum's plain-text rejection.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
+    q.map(|Query(q)| q).map_err(|e| {
+        let text = e.body_text();
+        let why = text
+            .strip_prefix("Failed to deserialize query string: ")
+            .unwrap_or(&text);
+        AdminError::Invalid(format!("query: {why}"))
+    })
+}
+
 async fn usage(
     State(admin): State<Arc<Admin>>,
-    Query(q): Query<UsageQuery>,
+    q: Result<Query<UsageQuery>, QueryRejection>,
     req: Request,
 ) -> Result<Response, AdminError> {
+    let q = query(q)?;
     let filter = UsageFilter {
         project: None,
         key_id: match q.key_id.as_deref() {
@@ -432,9 +469,10 @@ struct AuditQuery {
 
 async fn audit(
     State(admin): State<Arc<Admin>>,
-    Query(q): Query<AuditQuery>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
     req: Request,
 ) -> Result<Response, AdminError> {
+    let q = query(q)?;
     let entries = admin
         .audit_entries(&actor(&req)?, q.limit.unwrap_or(100).min(10_000))
         .await?;
