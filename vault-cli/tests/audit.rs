@@ -129,14 +129,7 @@ async fn corruption_audit_verify_names_the_first_tampered_entry() {
 
 /// SPEC §5 with the README's CI flow: the CLI mutates the data directory
 /// while the server runs; the chain both processes append to stays intact.
-///
-/// Ignored until vault-core's `AuditLog::append` continues the chain from
-/// the file rather than from the seq and hash it remembers: today the
-/// server and the CLI each fork the chain ("sequence 4 where 5 was
-/// expected"), so `audit verify` fails after any CLI mutation made while
-/// the server runs.
 #[tokio::test]
-#[ignore = "vault-core AuditLog forks the chain when two processes append; see the doc comment"]
 async fn lifecycle_cli_and_server_append_one_intact_chain() {
     let dir = tempdir();
     let server = Server::start(dir.path());

@@ -180,6 +180,9 @@ pub struct AuditLog {
 #[derive(Debug)]
 struct ChainState {
     file: File,
+    /// The file's length after this handle's last read or write: when it
+    /// differs, another process appended and the chain head is re-read.
+    len: u64,
     /// The last written entry's seq (0 when empty).
     seq: u64,
     /// The last written entry's hash.
@@ -205,25 +208,14 @@ impl AuditLog {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(path).map_err(io)?;
-        let (seq, prev) = match last_line(&mut file).map_err(io)? {
-            None => (0, GENESIS_PREV.to_owned()),
-            Some(line) => {
-                let corrupt = |why: String| AuditError::Corrupt {
-                    path: path.to_owned(),
-                    why,
-                };
-                let line = line
-                    .strip_suffix(b"\n")
-                    .ok_or_else(|| corrupt(Problem::Truncated.to_string()))?;
-                let entry = check_line(line).map_err(|p| corrupt(p.to_string()))?;
-                (entry.seq, entry.hash)
-            }
-        };
+        let (seq, prev) = chain_head(&mut file, path)?;
+        let len = file.metadata().map_err(io)?.len();
         Ok(AuditLog {
             path: path.to_owned(),
             clock,
             state: Mutex::new(ChainState {
                 file,
+                len,
                 seq,
                 prev,
                 broken: false,
@@ -247,15 +239,42 @@ impl AuditLog {
         if state.broken {
             return Err(AuditError::Broken(self.path.clone()));
         }
-        let seq = state.seq.saturating_add(1);
-        let at = self.clock.now().to_rfc3339();
-        let (line, hash) = encode_line(seq, &at, &event, &state.prev)?;
-
         let io = |source| AuditError::Io {
             path: self.path.clone(),
             source,
         };
-        let before = state.file.metadata().map_err(io)?.len();
+        // Several processes may append (the server and the CLI on one data
+        // directory): an exclusive advisory lock serialises them, and the
+        // chain head is re-read when another process wrote since.
+        state.file.lock().map_err(io)?;
+        let result = self.append_locked(&mut state, event);
+        let unlocked = state.file.unlock();
+        let entry = result?;
+        unlocked.map_err(io)?;
+        Ok(entry)
+    }
+
+    fn append_locked(
+        &self,
+        state: &mut ChainState,
+        event: AuditEvent,
+    ) -> Result<AuditEntry, AuditError> {
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let len = state.file.metadata().map_err(io)?.len();
+        if len != state.len {
+            let (seq, prev) = chain_head(&mut state.file, &self.path)?;
+            state.seq = seq;
+            state.prev = prev;
+            state.len = len;
+        }
+        let seq = state.seq.saturating_add(1);
+        let at = self.clock.now().to_rfc3339();
+        let (line, hash) = encode_line(seq, &at, &event, &state.prev)?;
+
+        let before = state.len;
         let written = state
             .file
             .write_all(&line)
@@ -273,6 +292,7 @@ impl AuditLog {
         }
         let prev = std::mem::replace(&mut state.prev, hash.clone());
         state.seq = seq;
+        state.len = before + line.len() as u64;
         Ok(AuditEntry {
             seq,
             at,
@@ -325,6 +345,27 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// The last line of the file with its newline, read backwards in blocks.
 /// A file that does not end with a newline ends with a torn line, returned
 /// without one so that the caller reports it.
+/// The last entry's seq and hash (0 and the genesis hash for an empty
+/// file); a damaged last line is an error, so appends fail closed.
+fn chain_head(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
+    let line = last_line(file).map_err(|source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let Some(line) = line else {
+        return Ok((0, GENESIS_PREV.to_owned()));
+    };
+    let corrupt = |why: String| AuditError::Corrupt {
+        path: path.to_owned(),
+        why,
+    };
+    let line = line
+        .strip_suffix(b"\n")
+        .ok_or_else(|| corrupt(Problem::Truncated.to_string()))?;
+    let entry = check_line(line).map_err(|p| corrupt(p.to_string()))?;
+    Ok((entry.seq, entry.hash))
+}
+
 fn last_line(file: &mut File) -> std::io::Result<Option<Vec<u8>>> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {

@@ -328,3 +328,17 @@ fn tail_and_read_entries_filter_and_order() {
             .is_empty()
     );
 }
+
+/// Two handles on one file (the server and the CLI) keep one chain.
+#[test]
+fn concurrency_two_handles_keep_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let a = AuditLog::open(&path).unwrap();
+    let b = AuditLog::open(&path).unwrap();
+    for i in 0..6 {
+        let log = if i % 2 == 0 { &a } else { &b };
+        log.append(AuditEvent::new(AuditKind::KeyCreated)).unwrap();
+    }
+    assert_eq!(verify(&path).unwrap().entries, 6);
+}
