@@ -284,6 +284,9 @@ impl KeyStore for Interfering {
     async fn sweep(&self, now: UnixMillis) -> Result<usize, StoreError> {
         self.inner.sweep(now).await
     }
+    async fn add_spend(&self, charges: &[(KeyId, Micros)]) -> Result<(), StoreError> {
+        self.inner.add_spend(charges).await
+    }
     async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
         self.inner.append_usage(records).await
     }

@@ -64,6 +64,7 @@ macro_rules! conformance {
 
 conformance!(
     keys_insert_find_get_list,
+    budget_add_spend_without_reservation,
     keys_conflicts_insert_nothing,
     keys_child_of_unknown_parent_is_not_found,
     lifecycle_revoke_cascades_to_grandchildren,

@@ -555,6 +555,10 @@ impl PolicyEngine for DefaultEngine {
             if let Err(e) = self.store.settle(std::slice::from_ref(&settlement)).await {
                 tracing::warn!(error = %e, key = %grant.key, "settling a reservation failed; the sweep will charge it");
             }
+        } else if cost > Micros::ZERO
+            && let Err(e) = self.store.add_spend(&[(grant.key.clone(), cost)]).await
+        {
+            tracing::warn!(error = %e, key = %grant.key, "recording an unbudgeted key's spend failed");
         }
         if let Some(t) = &ticket
             && !t.token_keys.is_empty()
@@ -1177,6 +1181,9 @@ mod tests {
         }
         async fn settle(&self, s: &[Settlement]) -> Result<(), StoreError> {
             self.0.settle(s).await
+        }
+        async fn add_spend(&self, c: &[(KeyId, Micros)]) -> Result<(), StoreError> {
+            self.0.add_spend(c).await
         }
         async fn budget_usage(
             &self,

@@ -442,6 +442,17 @@ impl KeyStore for MemoryStore {
         Ok(swept)
     }
 
+    async fn add_spend(&self, charges: &[(KeyId, Micros)]) -> Result<(), StoreError> {
+        let mut s = self.lock()?;
+        for (key, amount) in charges {
+            if let Some(&i) = s.key_index.get(key) {
+                let k = &mut s.keys[i];
+                k.spend = k.spend.saturating_add(*amount);
+            }
+        }
+        Ok(())
+    }
+
     async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
         let mut s = self.lock()?;
         for r in records {

@@ -132,6 +132,10 @@ pub trait KeyStore: Send + Sync + 'static {
     /// a no-op.
     async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError>;
 
+    /// Adds to keys' lifetime spend costs that no reservation carried (calls
+    /// of keys without a budget). Unknown keys are skipped.
+    async fn add_spend(&self, charges: &[(KeyId, Micros)]) -> Result<(), StoreError>;
+
     /// Settled and held amounts of a line at `now`.
     async fn budget_usage(
         &self,

@@ -882,3 +882,30 @@ pub async fn boundary_carve_out_that_does_not_fit_inserts_nothing(store: Store) 
     store.settle(&[settlement(&r, 0)]).await.unwrap();
     assert_eq!(reserved(&store, &pl).await, 1_000_000);
 }
+
+/// Spend without a reservation (keys with no budget) adds to the key's
+/// lifetime spend, saturating; unknown keys are skipped.
+pub async fn budget_add_spend_without_reservation(store: Store) {
+    let k = inserted(&store, key_at("alpha", 1_000)).await;
+    store
+        .add_spend(&[
+            (k.id.clone(), Micros(250)),
+            (KeyId::generate().unwrap(), Micros(9)),
+        ])
+        .await
+        .unwrap();
+    store
+        .add_spend(&[(k.id.clone(), Micros(50))])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_key(&k.id).await.unwrap().unwrap().spend,
+        Micros(300)
+    );
+    store
+        .add_spend(&[(k.id.clone(), Micros::MAX)])
+        .await
+        .unwrap();
+    assert!(store.get_key(&k.id).await.unwrap().unwrap().spend >= Micros(i64::MAX as u64));
+    store.add_spend(&[]).await.unwrap();
+}

@@ -813,6 +813,29 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn add_spend(&self, charges: &[(KeyId, Micros)]) -> Result<(), StoreError> {
+        if charges.is_empty() {
+            return Ok(());
+        }
+        let charges = charges.to_vec();
+        self.write(Durability::Normal, move |tx| {
+            for (key, amount) in &charges {
+                let spend: Option<i64> = tx
+                    .prepare_cached("SELECT spend FROM keys WHERE id = ?1")
+                    .and_then(|mut s| s.query_row([key.as_str()], |r| r.get(0)).optional())
+                    .map_err(backend)?;
+                if let Some(spend) = spend {
+                    let spend = read_money(spend, "spend")?.saturating_add(*amount);
+                    tx.prepare_cached("UPDATE keys SET spend = ?2 WHERE id = ?1")
+                        .and_then(|mut s| s.execute(params![key.as_str(), money(spend)]))
+                        .map_err(backend)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
