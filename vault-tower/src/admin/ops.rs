@@ -29,6 +29,9 @@ pub enum AdminError {
     /// 400: the request is malformed; names the field.
     #[error("{0}")]
     Invalid(String),
+    /// 413: the request body is too large.
+    #[error("{0}")]
+    TooLarge(String),
     /// 403: the caller lacks the scope or the subset rule; names the field.
     #[error("{0}")]
     Forbidden(String),
@@ -57,6 +60,7 @@ impl AdminError {
     pub fn status(&self) -> u16 {
         match self {
             AdminError::Invalid(_) => 400,
+            AdminError::TooLarge(_) => 413,
             AdminError::Forbidden(_) | AdminError::ProjectMismatch => 403,
             AdminError::NotFound(_) => 404,
             AdminError::Budget(_) => 402,
@@ -69,6 +73,7 @@ impl AdminError {
     pub fn code(&self) -> &'static str {
         match self {
             AdminError::Invalid(_) => "invalid_request",
+            AdminError::TooLarge(_) => "request_too_large",
             AdminError::Forbidden(_) => "permission_denied",
             AdminError::ProjectMismatch => "project_mismatch",
             AdminError::NotFound(_) => "not_found",

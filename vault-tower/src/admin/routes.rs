@@ -97,6 +97,7 @@ impl IntoResponse for AdminError {
         let kind = match self.status() {
             400 => "invalid_request_error",
             402 => "insufficient_quota",
+            413 => "request_too_large",
             403 => "permission_error",
             404 => "not_found_error",
             409 => "conflict_error",
@@ -164,10 +165,15 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, Admi
     let body = req.into_body();
     let bytes: Bytes = match Limited::new(body, MAX_ADMIN_BODY).collect().await {
         Ok(c) => c.to_bytes(),
-        Err(_) => {
-            return Err(AdminError::Invalid(format!(
-                "the request body must be JSON of at most {MAX_ADMIN_BODY} bytes"
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(AdminError::TooLarge(format!(
+                "the request body is larger than {MAX_ADMIN_BODY} bytes"
             )));
+        }
+        Err(_) => {
+            return Err(AdminError::Invalid(
+                "the request body could not be read".to_owned(),
+            ));
         }
     };
     if bytes.is_empty() {
