@@ -102,3 +102,24 @@ async fn lifecycle_axum_app_guards_only_its_llm_routes() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.code(), "invalid_request");
 }
+
+/// The layer drops into `Router::layer(..)` with no adapter: here it guards
+/// a whole router whose fallback forwards upstream.
+#[tokio::test]
+async fn lifecycle_router_layer_needs_no_adapter() {
+    let (ctx, keys) = app::demo_vault(None).await.unwrap();
+    let router = axum::Router::new()
+        .fallback_service(vault_tower::Forwarder::default())
+        .layer(vault_tower::VaultLayer::new(ctx));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let chat = json!({"model": "gpt-4o-mini", "max_tokens": 3, "messages": []}).to_string();
+    let path = "/openai/v1/chat/completions";
+    let r = send(addr, req(addr, "POST", path, Some(&keys.test_key), &chat)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    let r = send(addr, req(addr, "POST", path, None, &chat)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}

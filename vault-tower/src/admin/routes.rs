@@ -165,7 +165,10 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, Admi
     let body = req.into_body();
     let bytes: Bytes = match Limited::new(body, MAX_ADMIN_BODY).collect().await {
         Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             return Err(AdminError::TooLarge(format!(
                 "the request body is larger than {MAX_ADMIN_BODY} bytes"
             )));
