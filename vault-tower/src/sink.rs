@@ -168,6 +168,19 @@ async fn run(
         }
         for r in &records {
             metrics.observe(r);
+            tracing::debug!(
+                key_id = %r.key_id,
+                provider = r.provider.map_or("none", |p| p.as_str()),
+                endpoint = %r.endpoint,
+                model = r.model.as_deref().unwrap_or("-"),
+                status = r.status,
+                tokens_in = r.tokens_in,
+                tokens_out = r.tokens_out,
+                cost_usd = %r.cost.to_usd_string(),
+                latency_ms = r.latency_ms,
+                denial = r.denial.as_deref().unwrap_or("-"),
+                "call"
+            );
         }
         if !records.is_empty()
             && let Err(e) = store.append_usage(&records).await
