@@ -318,3 +318,313 @@ async fn leak_canary_sweep_across_logs_responses_audit_and_cli() {
     }
     assert_absent("the server log (key hash)", &log, &sha256_hex(&v));
 }
+
+/// What the hostile upstream of [`leak_canary_sweep_covers_timeouts_cut_streams_and_malformed_sse`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hostile {
+    /// Reads the request and never answers.
+    Hang,
+    /// A JSON 200 announcing 400 bytes, then closes after 30.
+    CutJson,
+    /// An SSE 200: two events, then closes mid-event without the last chunk.
+    CutSse,
+    /// An SSE 200: one event, then silence (the idle timeout ends it).
+    SilentSse,
+    /// An SSE 200 full of malformed events, properly terminated.
+    MalformedSse,
+}
+
+/// Malformed SSE: bad JSON, comments, odd line endings, a NUL, a 70 kB
+/// line, hostile usage values, and `[DONE]`.
+fn malformed_sse_events() -> Vec<String> {
+    vec![
+        "data: {not json\n\n".to_owned(),
+        ":only a comment\n\n".to_owned(),
+        "data:{\"usage\":{\"prompt_tokens\":\"many\"}}\r\n\r\n".to_owned(),
+        "event: \u{0}weird\ndata: [1,2\n\n".to_owned(),
+        format!("data: {}\n\n", "x".repeat(70_000)),
+        "\r\r\r".to_owned(),
+        "data: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}],\"usage\":{\"prompt_tokens\":-5,\"completion_tokens\":1e400}}\n\n".to_owned(),
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":{\"a\":1}}}\n\n".to_owned(),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+}
+
+/// An upstream on loopback that misbehaves as told; records the headers of
+/// every request it reads.
+struct HostileUpstream {
+    addr: std::net::SocketAddr,
+    mode: std::sync::Arc<std::sync::Mutex<Hostile>>,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl HostileUpstream {
+    fn start() -> HostileUpstream {
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(Mutex::new(Hostile::Hang));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (m, h) = (mode.clone(), heads.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (m, h) = (m.clone(), h.clone());
+                    tokio::spawn(async move {
+                        let _ = hostile_answer(stream, m, h).await;
+                    });
+                }
+            });
+        });
+        HostileUpstream { addr, mode, heads }
+    }
+
+    fn set(&self, mode: Hostile) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+async fn hostile_answer(
+    mut stream: tokio::net::TcpStream,
+    mode: std::sync::Arc<std::sync::Mutex<Hostile>>,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // One request per connection: read its head and Content-Length body.
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + 4 + len {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    heads.lock().unwrap().push(head);
+    let sse_head =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    let chunk = |s: &str| format!("{:x}\r\n{s}\r\n", s.len()).into_bytes();
+    let event = |text: &str| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+                   "choices": [{"index": 0, "delta": {"content": text}}]})
+        )
+    };
+    let m = *mode.lock().unwrap();
+    match m {
+        Hostile::Hang => std::future::pending::<()>().await,
+        Hostile::CutJson => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n{\"id\":\"chatcmpl-cut\",\"choices\":[")
+                .await?;
+        }
+        Hostile::CutSse => {
+            stream.write_all(sse_head).await?;
+            stream.write_all(&chunk(&event("one"))).await?;
+            stream.write_all(&chunk(&event("two"))).await?;
+            // Half an event, inside a chunk that never completes.
+            stream.write_all(b"40\r\ndata: {\"choi").await?;
+        }
+        Hostile::SilentSse => {
+            stream.write_all(sse_head).await?;
+            stream.write_all(&chunk(&event("then silence"))).await?;
+            std::future::pending::<()>().await;
+        }
+        Hostile::MalformedSse => {
+            stream.write_all(sse_head).await?;
+            for e in malformed_sse_events() {
+                stream.write_all(&chunk(&e)).await?;
+            }
+            stream.write_all(b"0\r\n\r\n").await?;
+        }
+    }
+    stream.flush().await?;
+    // Closing here cuts whatever was announced but not sent.
+    Ok(())
+}
+
+/// Sends a request on a fresh connection and returns every byte the client
+/// received, however the connection ended (a cut body may end in a reset).
+async fn raw_exchange(
+    addr: std::net::SocketAddr,
+    path: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no end of response within 20 s");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// THREATS C1, the remaining sources: an upstream that hangs until the
+/// response timeout, JSON and SSE bodies cut mid-way, an SSE stream that
+/// goes silent past the idle timeout, and malformed SSE, through the
+/// OpenAI and Anthropic routes (two usage formats). Neither the provider
+/// key nor the virtual keys appear in any encoding in the server's TRACE
+/// log, the responses, the audit file or `usage --output json`, and no
+/// virtual key's SHA-256 in client-facing output.
+#[tokio::test]
+async fn leak_canary_sweep_covers_timeouts_cut_streams_and_malformed_sse() {
+    let upstream = HostileUpstream::start();
+    let dir = tempdir();
+    write_config(
+        dir.path(),
+        &["openai", "anthropic"],
+        &format!("http://{}", upstream.addr),
+        "[upstream]\nresponse_timeout = \"1s\"\nidle_timeout = \"1s\"\n",
+    );
+    let server = Server::start_with(
+        dir.path(),
+        ServerOptions {
+            env: vec![("VAULTGATE_LOG".to_owned(), "trace".to_owned())],
+        },
+    );
+    let (addr, admin) = (server.addr, server.admin().to_owned());
+    let canary = format!("sk-CANARY-{}", random_alnum(32));
+    let anthropic_canary = format!("sk-ant-CANARY-{}", random_alnum(32));
+    let mut seen: Vec<String> = Vec::new();
+    for (provider, secret) in [("openai", &canary), ("anthropic", &anthropic_canary)] {
+        let r = post(
+            addr,
+            "/v1/provider-keys",
+            &admin,
+            &json!({"provider": provider, "api_key": secret, "name": "canary"}),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        seen.push(r.everything());
+    }
+    let (_, v, _) = create_key(
+        addr,
+        &admin,
+        &json!({"name": "hostile", "permissions": ["chat:write"], "budget": {"limit_usd": 10}}),
+    )
+    .await;
+
+    let openai = |stream: bool| {
+        (
+            "/openai/v1/chat/completions",
+            json!({"model": "gpt-4o-mini", "stream": stream, "max_tokens": 20,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        )
+    };
+    let anthropic = |stream: bool| {
+        (
+            "/anthropic/v1/messages",
+            json!({"model": "claude-3-5-haiku-latest", "stream": stream, "max_tokens": 20,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        )
+    };
+    let cases = [
+        (Hostile::Hang, openai(false), "504"),
+        (Hostile::Hang, anthropic(true), "504"),
+        (Hostile::CutJson, openai(false), "200"),
+        (Hostile::CutSse, openai(true), "200"),
+        (Hostile::CutSse, anthropic(true), "200"),
+        (Hostile::SilentSse, openai(true), "200"),
+        (Hostile::MalformedSse, openai(true), "200"),
+        (Hostile::MalformedSse, anthropic(true), "200"),
+    ];
+    for (mode, (path, body), status) in &cases {
+        upstream.set(*mode);
+        let started = std::time::Instant::now();
+        let got = raw_exchange(addr, path, &v, body).await;
+        let status_line = got.lines().next().unwrap_or_default();
+        assert!(
+            status_line.starts_with(&format!("HTTP/1.1 {status}")),
+            "{mode:?} {path}: {got:.300}"
+        );
+        match mode {
+            Hostile::Hang => {
+                assert!(got.contains("upstream_timeout"), "{got:.500}");
+                assert!(started.elapsed() >= Duration::from_secs(1));
+            }
+            Hostile::CutSse | Hostile::SilentSse => {
+                assert!(got.contains("event: error"), "{mode:?}: {got:.2000}");
+            }
+            Hostile::MalformedSse => assert!(got.contains("data: {not json"), "{got:.500}"),
+            Hostile::CutJson => assert!(!got.contains("\"usage\""), "{got:.500}"),
+        }
+        seen.push(got);
+    }
+    // The upstream saw the injected provider keys and never a virtual key.
+    let heads = upstream.heads.lock().unwrap().join("\n");
+    assert_eq!(upstream.heads.lock().unwrap().len(), cases.len());
+    assert!(heads.contains(&canary) && heads.contains(&anthropic_canary));
+    assert_absent("what the upstream received", &heads, &encodings(&v));
+
+    let stderr = server.stderr.clone();
+    let status = server.terminate(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "graceful exit: {status:?}"
+    );
+    let usage = cli(dir.path(), &["usage", "--output", "json"]);
+    assert_eq!(usage.code, 0, "{usage:?}");
+    let rows = usage.json()["data"].as_array().unwrap().len();
+    assert_eq!(rows, cases.len(), "{}", usage.stdout);
+    let log = stderr.text();
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "the log ran at TRACE"
+    );
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+
+    let client_facing = format!("{}\n{}\n{}", seen.join("\n"), usage.stdout, usage.stderr);
+    let everything = format!("{client_facing}\n{log}\n{audit}");
+    for secret in [&canary, &anthropic_canary, &v] {
+        assert_absent("the sweep", &everything, &encodings(secret));
+    }
+    assert_absent(
+        "client-facing output (key hash)",
+        &client_facing,
+        &sha256_hex(&v),
+    );
+    assert_absent("the server log (key hash)", &log, &sha256_hex(&v));
+}

@@ -8,6 +8,9 @@
 //! response ← limit headers ← MeteredBody meters usage and settles at end/drop
 //! ```
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -504,7 +507,23 @@ where
         parts.version = http::Version::HTTP_11;
         parts.extensions.insert(up.timeouts);
         let req = Request::from_parts(parts, ReqBody::from(body));
-        let resp = inner.call(req).await?;
+        // A panic in the inner service (its `call` or its future) must not
+        // take the connection down with no answer or leave the reservation
+        // held (THREATS C6). The request may have reached the provider, so
+        // it is charged as sent but unmetered. The panic payload is never
+        // looked at: it may hold anything, secrets included.
+        let resp = match CatchPanic::new(async move { inner.call(req).await }).await {
+            Ok(resp) => resp?,
+            Err(Panicked) => {
+                tracing::error!(%provider, "the inner service panicked");
+                let mut p = pending;
+                p.record.status = Denial::Internal.status();
+                p.finish(CallOutcome::Unmetered, false);
+                let mut resp = denial_response(&Denial::Internal).map(MeteredBody::full);
+                add_limit_headers(resp.headers_mut(), &limits);
+                return Ok(resp);
+            }
+        };
         let (p, b) = resp.into_parts();
         (p, Ok(b))
     };
@@ -617,5 +636,37 @@ fn inject_credential(headers: &mut http::HeaderMap, provider: Provider, secret: 
             HeaderName::from_static("anthropic-version"),
             HeaderValue::from_static(Provider::ANTHROPIC_VERSION),
         );
+    }
+}
+
+/// The inner service panicked (the payload is dropped unread).
+struct Panicked;
+
+pin_project_lite::pin_project! {
+    /// Polls a future inside `catch_unwind`, turning a panic into
+    /// `Err(Panicked)`. Once it has panicked the future is never polled again
+    /// (the result is returned at once and the wrapper is dropped).
+    struct CatchPanic<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> CatchPanic<F> {
+    fn new(inner: F) -> Self {
+        CatchPanic { inner }
+    }
+}
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, Panicked>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_payload) => Poll::Ready(Err(Panicked)),
+        }
     }
 }
