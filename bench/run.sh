@@ -238,6 +238,26 @@ D="http://127.0.0.1:$MOCK_PORT/v1/chat/completions"
 N="http://127.0.0.1:$NGINX_PORT/v1/chat/completions"
 V="http://127.0.0.1:$VG_PORT/openai/v1/chat/completions"
 
+if [ -n "${PROFILE_OUT:-}" ]; then
+  # Profile mode: perf (cpu-clock, DWARF call graphs) on vaultgate during one
+  # non-streamed and one streamed load run, then stop.
+  command -v perf >/dev/null || apt-get install -y linux-perf >/dev/null
+  for kind in plain stream; do
+    body=$BODY
+    [ "$kind" = stream ] && body=$SBODY
+    perf record -e cpu-clock -F 999 --call-graph dwarf,16384 -p "$VG_PID" \
+      -o "$PROFILE_OUT.$kind" 2>/dev/null &
+    PERF_PID=$!
+    PIDS+=("$PERF_PID")
+    sleep 0.5
+    run "vaultgate_$kind" "$V" "$VKEY" "$body" "$CONNS" "$DURATION" "$VG_PID"
+    kill -INT "$PERF_PID"
+    wait "$PERF_PID" 2>/dev/null || true
+  done
+  log "profiles written to $PROFILE_OUT.plain and $PROFILE_OUT.stream"
+  exit 0
+fi
+
 for rep in $(seq 1 "$REPS"); do
   log "repetition $rep of $REPS ($CONNS connections, ${DURATION} s each)"
   run direct "$D" "$PROVIDER_KEY" "$BODY" "$CONNS" "$DURATION" "$MOCK_PID"
