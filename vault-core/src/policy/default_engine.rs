@@ -437,26 +437,18 @@ impl PolicyEngine for DefaultEngine {
                     };
                     let est = Estimate::new(&p, facts, self.min_output_tokens, self.clamp_output);
                     let expires = now.plus_millis(self.reservation_ttl_ms);
+                    // One store call: the reservation and what the line has
+                    // left once it is held.
                     match self
                         .store
-                        .reserve(&line, est.want, est.at_least, now, expires)
+                        .reserve_reporting(&line, est.want, est.at_least, now, expires)
                         .await
                     {
-                        Ok(r) => {
+                        Ok((r, remaining)) => {
                             if r.amount < est.want {
                                 clamp_output_tokens = est.affordable_output(r.amount);
                             }
-                            headers.budget_remaining = match self
-                                .store
-                                .budget_usage(&line, now)
-                                .await
-                            {
-                                Ok(u) => Some(u.remaining(line.limit)),
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "reading the budget after a reservation failed");
-                                    None
-                                }
-                            };
+                            headers.budget_remaining = remaining;
                             reservation = Some(r);
                         }
                         Err(StoreError::BudgetExceeded { remaining }) => {
