@@ -499,8 +499,43 @@ impl PolicyEngine for DefaultEngine {
         })
     }
 
-    async fn settle(&self, mut grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge {
+    async fn settle(&self, grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge {
+        let (charge, settlement) = self.charge(grant, outcome, model, self.clock.now());
+        if let Some(settlement) = settlement
+            && let Err(e) = self.store.settle(std::slice::from_ref(&settlement)).await
+        {
+            tracing::warn!(error = %e, key = %settlement.reservation.line.key, "settling a reservation failed; the sweep will charge it");
+        }
+        charge
+    }
+
+    async fn settle_many(&self, calls: Vec<(Grant, CallOutcome, Option<&str>)>) -> Vec<Charge> {
         let now = self.clock.now();
+        let mut charges = Vec::with_capacity(calls.len());
+        let mut settlements = Vec::with_capacity(calls.len());
+        for (grant, outcome, model) in calls {
+            let (charge, settlement) = self.charge(grant, outcome, model, now);
+            charges.push(charge);
+            settlements.extend(settlement);
+        }
+        // One store transaction for the whole batch.
+        if let Err(e) = self.store.settle(&settlements).await {
+            tracing::warn!(error = %e, reservations = settlements.len(), "settling reservations failed; the sweep will charge them");
+        }
+        charges
+    }
+}
+
+impl DefaultEngine {
+    /// What a granted call costs, and the settlement of its reservation
+    /// (if it holds one) for the store. Feeds the token rate limits.
+    fn charge(
+        &self,
+        mut grant: Grant,
+        outcome: CallOutcome,
+        model: Option<&str>,
+        now: UnixMillis,
+    ) -> (Charge, Option<Settlement>) {
         let ticket = grant
             .slot
             .take()
@@ -528,15 +563,10 @@ impl PolicyEngine for DefaultEngine {
                 (tokens_in, tokens_out, cost)
             }
         };
-        if let Some(reservation) = grant.reservation.take() {
-            let settlement = Settlement {
-                reservation,
-                actual: cost,
-            };
-            if let Err(e) = self.store.settle(std::slice::from_ref(&settlement)).await {
-                tracing::warn!(error = %e, key = %grant.key, "settling a reservation failed; the sweep will charge it");
-            }
-        }
+        let settlement = grant.reservation.take().map(|reservation| Settlement {
+            reservation,
+            actual: cost,
+        });
         if let Some(t) = &ticket
             && !t.token_keys.is_empty()
         {
@@ -546,11 +576,12 @@ impl PolicyEngine for DefaultEngine {
                 now,
             );
         }
-        Charge {
+        let charge = Charge {
             cost,
             tokens_in,
             tokens_out,
-        }
+        };
+        (charge, settlement)
     }
 }
 
