@@ -162,11 +162,7 @@ pub(crate) fn strip_response_headers(headers: &mut HeaderMap, secret: Option<&st
             let k = k.as_str();
             RESPONSE_CREDENTIAL_HEADERS.contains(&k)
                 || RESPONSE_HOP_BY_HOP.contains(&k)
-                || secret.is_some_and(|s| {
-                    v.as_bytes()
-                        .windows(s.len())
-                        .any(|w| w == s.as_bytes())
-                })
+                || secret.is_some_and(|s| v.as_bytes().windows(s.len()).any(|w| w == s.as_bytes()))
         })
         .map(|(k, _)| k.clone())
         .collect();
