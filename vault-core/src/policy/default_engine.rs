@@ -876,6 +876,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn settle_many_charges_each_call_like_settle_in_one_store_call() {
+        let f = fixture();
+        let key = record(
+            "key_m",
+            Policy {
+                budget: budget(1_000_000),
+                ..Policy::default()
+            },
+        );
+        let k = chain(std::slice::from_ref(&key));
+        let line = BudgetLine {
+            key: key.id.clone(),
+            limit: Micros(1_000_000),
+            period_start: UnixMillis(0),
+        };
+        let q = facts(Some("m"), Some(500), 400);
+        let metered = f.engine.check(&k, &q).await.unwrap();
+        let unmetered = f.engine.check(&k, &q).await.unwrap();
+        let not_sent = f.engine.check(&k, &q).await.unwrap();
+        let charges = f
+            .engine
+            .settle_many(vec![
+                (
+                    metered,
+                    CallOutcome::Metered {
+                        tokens_in: 90,
+                        tokens_out: 101,
+                    },
+                    Some("m"),
+                ),
+                (unmetered, CallOutcome::Unmetered, Some("m")),
+                (not_sent, CallOutcome::NotSent, Some("m")),
+            ])
+            .await;
+        let costs: Vec<Micros> = charges.iter().map(|c| c.cost).collect();
+        assert_eq!(costs, [Micros(1100), Micros(5100), Micros::ZERO]);
+        let usage = f.store.budget_usage(&line, UnixMillis(T0)).await.unwrap();
+        assert_eq!(
+            usage,
+            BudgetUsage {
+                settled: Micros(1100 + 5100),
+                reserved: Micros::ZERO
+            }
+        );
+    }
+
+    #[tokio::test]
     async fn budgets_reserve_the_most_a_call_can_cost_and_settle_the_real_cost() {
         let f = fixture();
         let key = record(
