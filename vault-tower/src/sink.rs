@@ -22,7 +22,7 @@ const QUEUE: usize = 65_536;
 /// the worker: one wake-up per batch instead of one per request (a wake-up is
 /// a syscall and a context switch, more than the rest of the layer costs).
 /// Far inside SPEC §5's one second.
-const BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+const BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 
 enum Job {
     Settle {
