@@ -441,26 +441,18 @@ impl PolicyEngine for DefaultEngine {
                     };
                     let est = Estimate::new(&p, facts, self.min_output_tokens, self.clamp_output);
                     let expires = now.plus_millis(self.reservation_ttl_ms);
+                    // One store call: the reservation and what the line has
+                    // left once it is held.
                     match self
                         .store
-                        .reserve(&line, est.want, est.at_least, now, expires)
+                        .reserve_reporting(&line, est.want, est.at_least, now, expires)
                         .await
                     {
-                        Ok(r) => {
+                        Ok((r, remaining)) => {
                             if r.amount < est.want {
                                 clamp_output_tokens = est.affordable_output(r.amount);
                             }
-                            headers.budget_remaining = match self
-                                .store
-                                .budget_usage(&line, now)
-                                .await
-                            {
-                                Ok(u) => Some(u.remaining(line.limit)),
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "reading the budget after a reservation failed");
-                                    None
-                                }
-                            };
+                            headers.budget_remaining = remaining;
                             reservation = Some(r);
                         }
                         Err(StoreError::BudgetExceeded { remaining }) => {
@@ -515,8 +507,37 @@ impl PolicyEngine for DefaultEngine {
         })
     }
 
-    async fn settle(&self, mut grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge {
+    async fn settle(&self, grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge {
+        let (charge, spend) = self.charge(grant, outcome, model, self.clock.now());
+        self.record_spend(vec![spend]).await;
+        charge
+    }
+
+    async fn settle_many(&self, calls: Vec<(Grant, CallOutcome, Option<&str>)>) -> Vec<Charge> {
         let now = self.clock.now();
+        let mut charges = Vec::with_capacity(calls.len());
+        let mut spends = Vec::with_capacity(calls.len());
+        for (grant, outcome, model) in calls {
+            let (charge, spend) = self.charge(grant, outcome, model, now);
+            charges.push(charge);
+            spends.push(spend);
+        }
+        // One store transaction for the batch's reservations.
+        self.record_spend(spends).await;
+        charges
+    }
+}
+
+impl DefaultEngine {
+    /// What a granted call costs, and the settlement of its reservation
+    /// (if it holds one) for the store. Feeds the token rate limits.
+    fn charge(
+        &self,
+        mut grant: Grant,
+        outcome: CallOutcome,
+        model: Option<&str>,
+        now: UnixMillis,
+    ) -> (Charge, Spend) {
         let ticket = grant
             .slot
             .take()
@@ -547,19 +568,14 @@ impl PolicyEngine for DefaultEngine {
                 (tokens_in, tokens_out, cost)
             }
         };
-        if let Some(reservation) = grant.reservation.take() {
-            let settlement = Settlement {
+        let spend = match grant.reservation.take() {
+            Some(reservation) => Spend::Reserved(Settlement {
                 reservation,
                 actual: cost,
-            };
-            if let Err(e) = self.store.settle(std::slice::from_ref(&settlement)).await {
-                tracing::warn!(error = %e, key = %grant.key, "settling a reservation failed; the sweep will charge it");
-            }
-        } else if cost > Micros::ZERO
-            && let Err(e) = self.store.add_spend(&[(grant.key.clone(), cost)]).await
-        {
-            tracing::warn!(error = %e, key = %grant.key, "recording an unbudgeted key's spend failed");
-        }
+            }),
+            None if cost > Micros::ZERO => Spend::Unreserved(grant.key.clone(), cost),
+            None => Spend::Nothing,
+        };
         if let Some(t) = &ticket
             && !t.token_keys.is_empty()
         {
@@ -569,12 +585,47 @@ impl PolicyEngine for DefaultEngine {
                 now,
             );
         }
-        Charge {
+        let charge = Charge {
             cost,
             tokens_in,
             tokens_out,
+        };
+        (charge, spend)
+    }
+
+    /// Writes a batch's spend: reservations settled in one store call, and
+    /// unbudgeted keys' costs added to their spend in another.
+    async fn record_spend(&self, spends: Vec<Spend>) {
+        let mut settlements = Vec::new();
+        let mut unreserved = Vec::new();
+        for s in spends {
+            match s {
+                Spend::Reserved(settlement) => settlements.push(settlement),
+                Spend::Unreserved(key, cost) => unreserved.push((key, cost)),
+                Spend::Nothing => {}
+            }
+        }
+        if !settlements.is_empty()
+            && let Err(e) = self.store.settle(&settlements).await
+        {
+            tracing::warn!(error = %e, reservations = settlements.len(), "settling reservations failed; the sweep will charge them");
+        }
+        if !unreserved.is_empty()
+            && let Err(e) = self.store.add_spend(&unreserved).await
+        {
+            tracing::warn!(error = %e, keys = unreserved.len(), "recording unbudgeted keys' spend failed");
         }
     }
+}
+
+/// Where a settled call's cost goes.
+enum Spend {
+    /// Into its reservation.
+    Reserved(Settlement),
+    /// Straight onto the key's spend (no budget, so no reservation).
+    Unreserved(KeyId, Micros),
+    /// Nowhere: it cost nothing.
+    Nothing,
 }
 
 #[cfg(test)]
@@ -865,6 +916,53 @@ mod tests {
             d.message()
         );
         assert_eq!(h.retry_after_secs, Some(60));
+    }
+
+    #[tokio::test]
+    async fn settle_many_charges_each_call_like_settle_in_one_store_call() {
+        let f = fixture();
+        let key = record(
+            "key_m",
+            Policy {
+                budget: budget(1_000_000),
+                ..Policy::default()
+            },
+        );
+        let k = chain(std::slice::from_ref(&key));
+        let line = BudgetLine {
+            key: key.id.clone(),
+            limit: Micros(1_000_000),
+            period_start: UnixMillis(0),
+        };
+        let q = facts(Some("m"), Some(500), 400);
+        let metered = f.engine.check(&k, &q).await.unwrap();
+        let unmetered = f.engine.check(&k, &q).await.unwrap();
+        let not_sent = f.engine.check(&k, &q).await.unwrap();
+        let charges = f
+            .engine
+            .settle_many(vec![
+                (
+                    metered,
+                    CallOutcome::Metered {
+                        tokens_in: 90,
+                        tokens_out: 101,
+                    },
+                    Some("m"),
+                ),
+                (unmetered, CallOutcome::Unmetered, Some("m")),
+                (not_sent, CallOutcome::NotSent, Some("m")),
+            ])
+            .await;
+        let costs: Vec<Micros> = charges.iter().map(|c| c.cost).collect();
+        assert_eq!(costs, [Micros(1100), Micros(5100), Micros::ZERO]);
+        let usage = f.store.budget_usage(&line, UnixMillis(T0)).await.unwrap();
+        assert_eq!(
+            usage,
+            BudgetUsage {
+                settled: Micros(1100 + 5100),
+                reserved: Micros::ZERO
+            }
+        );
     }
 
     #[tokio::test]

@@ -113,4 +113,15 @@ pub trait PolicyEngine: Send + Sync + 'static {
     /// rate limits. Never fails the caller: store errors are logged and the
     /// reservation is left for the sweep to charge.
     async fn settle(&self, grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge;
+
+    /// Settles several calls at once, charges in the same order (the usage
+    /// worker's batches). The default settles them one by one; engines
+    /// backed by a store should settle the batch in one store call.
+    async fn settle_many(&self, calls: Vec<(Grant, CallOutcome, Option<&str>)>) -> Vec<Charge> {
+        let mut charges = Vec::with_capacity(calls.len());
+        for (grant, outcome, model) in calls {
+            charges.push(self.settle(grant, outcome, model).await);
+        }
+        charges
+    }
 }

@@ -360,9 +360,22 @@ impl KeyStore for MemoryStore {
         line: &BudgetLine,
         want: Micros,
         at_least: Micros,
-        _now: UnixMillis,
+        now: UnixMillis,
         expires_at: UnixMillis,
     ) -> Result<Reservation, StoreError> {
+        self.reserve_reporting(line, want, at_least, now, expires_at)
+            .await
+            .map(|(r, _)| r)
+    }
+
+    async fn reserve_reporting(
+        &self,
+        line: &BudgetLine,
+        want: Micros,
+        at_least: Micros,
+        _now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<(Reservation, Option<Micros>), StoreError> {
         let mut s = self.lock()?;
         let remaining = s
             .usage_of(&line.key, line.period_start)
@@ -379,11 +392,12 @@ impl KeyStore for MemoryStore {
                 expires_at,
             },
         );
-        Ok(Reservation {
+        let reservation = Reservation {
             id: ReservationId(id),
             line: line.clone(),
             amount,
-        })
+        };
+        Ok((reservation, Some(remaining.saturating_sub(amount))))
     }
 
     async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError> {

@@ -127,6 +127,29 @@ pub trait KeyStore: Send + Sync + 'static {
         expires_at: UnixMillis,
     ) -> Result<Reservation, StoreError>;
 
+    /// [`reserve`](Self::reserve), also returning what the line has left
+    /// once the reservation is held (for `X-Budget-Remaining-USD`), `None`
+    /// when that could not be read. The default reads it in a second call;
+    /// backends should compute it in the reserving transaction.
+    async fn reserve_reporting(
+        &self,
+        line: &BudgetLine,
+        want: Micros,
+        at_least: Micros,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<(Reservation, Option<Micros>), StoreError> {
+        let reservation = self.reserve(line, want, at_least, now, expires_at).await?;
+        let remaining = match self.budget_usage(line, now).await {
+            Ok(u) => Some(u.remaining(line.limit)),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the budget after a reservation failed");
+                None
+            }
+        };
+        Ok((reservation, remaining))
+    }
+
     /// Settles reservations at their real cost, adding it to the line's period
     /// and the key's lifetime spend. Settling one already settled or swept is
     /// a no-op.

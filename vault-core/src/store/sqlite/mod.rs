@@ -695,14 +695,28 @@ impl KeyStore for SqliteStore {
         line: &BudgetLine,
         want: Micros,
         at_least: Micros,
-        _now: UnixMillis,
+        now: UnixMillis,
         expires_at: UnixMillis,
     ) -> Result<Reservation, StoreError> {
+        self.reserve_reporting(line, want, at_least, now, expires_at)
+            .await
+            .map(|(r, _)| r)
+    }
+
+    async fn reserve_reporting(
+        &self,
+        line: &BudgetLine,
+        want: Micros,
+        at_least: Micros,
+        _now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<(Reservation, Option<Micros>), StoreError> {
         let line = line.clone();
         self.write(Durability::Normal, move |tx| {
             let key = line.key.as_str();
             let usage = line_usage(tx, key, line.period_start.0)?;
-            let amount = reservable(usage.remaining(line.limit), want, at_least)?;
+            let remaining = usage.remaining(line.limit);
+            let amount = reservable(remaining, want, at_least)?;
             let id: i64 = tx
                 .prepare_cached(
                     "INSERT INTO reservations (key_id, period_start, amount, expires_at)
@@ -717,11 +731,12 @@ impl KeyStore for SqliteStore {
                 .map_err(backend)?;
             let id = u64::try_from(id)
                 .map_err(|_| StoreError::Corrupt(format!("reservation id {id} is negative")))?;
-            Ok(Reservation {
+            let reservation = Reservation {
                 id: ReservationId(id),
                 line,
                 amount,
-            })
+            };
+            Ok((reservation, Some(remaining.saturating_sub(amount))))
         })
         .await
     }
