@@ -194,6 +194,14 @@ pub(crate) enum MasterKeyCommand {
 }
 
 fn main() -> ExitCode {
+    // A panic's message may quote data it was handling; print where it
+    // happened, never what it said.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+        eprintln!("vaultgate: internal error (panic){at}; the message is withheld");
+    }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {

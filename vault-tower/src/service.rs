@@ -33,7 +33,7 @@ use vault_core::policy::{
     BudgetPeriod, CallOutcome, Grant, LimitHeaders, RequestFacts, split_proxy_path,
 };
 use vault_core::provider::{AuthStyle, Provider, UsageFormat};
-use vault_core::record::{BudgetLine, KeyRecord, UsageRecord};
+use vault_core::record::{BudgetLine, KeyRecord, KeyStatus, UsageRecord};
 
 use crate::body::{BoxError, MeteredBody, Metering};
 use crate::context::VaultContext;
@@ -264,6 +264,16 @@ where
         endpoint: endpoint.to_owned(),
         model: model.map(str::to_owned),
     };
+    // A revoked or expired key is refused at once, before its body is read
+    // (its ancestors are checked by the policy engine).
+    let refused = match record.status_at(now) {
+        KeyStatus::Revoked => Some(Denial::KeyRevoked),
+        KeyStatus::Expired => Some(Denial::KeyExpired),
+        KeyStatus::Active => None,
+    };
+    if let Some(d) = refused {
+        return Ok(deny(&ctx, &d, None, Some(caller(None, &endpoint, None))));
+    }
 
     // 2. The provider and the canonical upstream path: checked and forwarded
     //    byte for byte.
