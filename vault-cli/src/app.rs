@@ -14,7 +14,7 @@ use vault_core::crypto::{
 };
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::{ModelPrice, PriceTable};
-use vault_core::store::{KeyStore, SqliteStore};
+use vault_core::store::{KeyStore, LeasedStore, SqliteStore};
 use vault_tower::admin::Admin;
 use vault_tower::{RequestLimits, Timeouts, Upstream, Upstreams, VaultContext};
 
@@ -38,6 +38,9 @@ pub(crate) struct Opened {
     pub(crate) data_dir: PathBuf,
     /// Whether the data directory was created just now.
     pub(crate) fresh: bool,
+    /// The budget leases when serving (see [`open_serving`]): flushed on
+    /// shutdown after the context.
+    pub(crate) leases: Option<Arc<LeasedStore<SqliteStore>>>,
 }
 
 /// Loads the configuration: `--config`, `VAULTGATE_CONFIG`, or
@@ -70,6 +73,17 @@ fn price(p: vault_core::config::PriceSetting) -> Result<ModelPrice> {
 
 /// Opens (creating if needed) the data directory and assembles the gateway.
 pub(crate) async fn open(config: Config, data_dir: PathBuf) -> Result<Opened> {
+    open_with(config, data_dir, false).await
+}
+
+/// [`open`] for `serve`: budgets are reserved in memory against leases held
+/// in the store ([`LeasedStore`]), so a call's reservation is not a SQLite
+/// write. One-shot commands keep the bare store: they must not hold leases.
+pub(crate) async fn open_serving(config: Config, data_dir: PathBuf) -> Result<Opened> {
+    open_with(config, data_dir, true).await
+}
+
+async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Opened> {
     let fresh = !data_dir.join(vault_core::store::DB_FILE_NAME).exists();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
@@ -90,10 +104,14 @@ pub(crate) async fn open(config: Config, data_dir: PathBuf) -> Result<Opened> {
         AesGcmEncryptor::with_previous(master, previous)
             .map_err(|e| anyhow::anyhow!("the master key cannot be used: {e}"))?,
     );
-    let store: Arc<dyn KeyStore> =
-        Arc::new(SqliteStore::open_in_dir(&data_dir).map_err(|e| {
-            anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display())
-        })?);
+    let sqlite = SqliteStore::open_in_dir(&data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display()))?;
+    let (store, leases): (Arc<dyn KeyStore>, _) = if leased {
+        let leases = Arc::new(LeasedStore::new(sqlite));
+        (leases.clone(), Some(leases))
+    } else {
+        (Arc::new(sqlite), None)
+    };
     verify_master_keys(store.as_ref(), encryptor.as_ref())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -143,5 +161,6 @@ pub(crate) async fn open(config: Config, data_dir: PathBuf) -> Result<Opened> {
         admin,
         data_dir,
         fresh,
+        leases,
     })
 }

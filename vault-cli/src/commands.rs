@@ -147,7 +147,7 @@ async fn serve(
             "--listen {listen:?}: expected an address like 127.0.0.1:8080"
         ))
     })?;
-    let opened = app::open(config, data_dir).await?;
+    let opened = app::open_serving(config, data_dir).await?;
     if opened.fresh {
         first_start(&opened, Output::Text).await?;
     }
@@ -179,6 +179,12 @@ async fn serve(
         .await?;
     sweeper.abort();
     opened.ctx.flush().await;
+    // Every call has settled: give the budget leases back to the store.
+    if let Some(leases) = &opened.leases
+        && let Err(e) = leases.flush().await
+    {
+        tracing::warn!(error = %e, "settling the budget leases failed; the sweep will charge them in full");
+    }
     tracing::info!("usage flushed; bye");
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,9 @@
 //!
 //! The contention figure is printed as `sqlite_reservations_per_sec_64way`
 //! (64 tokio tasks on a multi-thread runtime, each reserving and settling in
-//! a loop against one key's budget, for `BENCH_CONTENTION_SECS`, default 5).
+//! a loop against one key's budget, for `BENCH_CONTENTION_SECS`, default 5),
+//! and the same through `LeasedStore` as
+//! `leased_sqlite_reservations_per_sec_64way`.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -28,7 +30,7 @@ use vault_core::pricing::PriceTable;
 use vault_core::provider::Provider;
 use vault_core::record::{BudgetLine, KeyRecord, KeyStatus, Settlement};
 use vault_core::scope::Scopes;
-use vault_core::store::{KeyStore, MemoryStore, SqliteStore};
+use vault_core::store::{KeyStore, LeasedStore, MemoryStore, SqliteStore};
 
 fn typical_key() -> KeyRecord {
     let id = KeyId::generate().unwrap();
@@ -134,8 +136,20 @@ fn check_and_settle(c: &mut Criterion) {
     });
 }
 
-/// 64 tasks reserving and settling on one key's budget in `SqliteStore`.
+/// 64 tasks reserving and settling on one key's budget in `SqliteStore`,
+/// bare and through `LeasedStore`.
 fn sqlite_contention() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare: Arc<dyn KeyStore> = Arc::new(SqliteStore::open_in_dir(dir.path()).unwrap());
+    contention("sqlite_reservations_per_sec_64way", bare);
+    let dir = tempfile::tempdir().unwrap();
+    let leased: Arc<dyn KeyStore> = Arc::new(LeasedStore::new(
+        SqliteStore::open_in_dir(dir.path()).unwrap(),
+    ));
+    contention("leased_sqlite_reservations_per_sec_64way", leased);
+}
+
+fn contention(name: &str, store: Arc<dyn KeyStore>) {
     let secs: u64 = std::env::var("BENCH_CONTENTION_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -144,8 +158,6 @@ fn sqlite_contention() {
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open_in_dir(dir.path()).unwrap());
     let key = typical_key();
     rt.block_on(store.insert_key(&key, None)).unwrap();
     let line = BudgetLine {
@@ -188,7 +200,7 @@ fn sqlite_contention() {
     let took = start.elapsed().as_secs_f64();
     let n = done.load(Ordering::Relaxed);
     println!(
-        "sqlite_reservations_per_sec_64way: {:.0} reserve+settle pairs/s ({n} in {took:.1} s)",
+        "{name}: {:.0} reserve+settle pairs/s ({n} in {took:.1} s)",
         n as f64 / took
     );
 }

@@ -1,5 +1,5 @@
 //! Budgets under concurrency (THREATS I1–I4, I7), through `DefaultEngine`,
-//! against both `MemoryStore` and `SqliteStore`.
+//! against `MemoryStore`, `SqliteStore` and both behind `LeasedStore`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use vault_core::pricing::{ModelPrice, PriceTable};
 use vault_core::provider::Provider;
 use vault_core::record::{BudgetLine, KeyRecord, KeyStatus};
 use vault_core::scope::Scopes;
-use vault_core::store::{KeyStore, MemoryStore, SqliteStore, StoreError};
+use vault_core::store::{KeyStore, LeasedStore, MemoryStore, SqliteStore, StoreError};
 
 /// 2026-11-26T08:00:00Z.
 const T0: i64 = 1_795_680_000_000;
@@ -38,7 +38,19 @@ struct Backend {
 fn backends() -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteStore::open(&dir.path().join("vaultgate.db")).unwrap();
+    let leased_dir = tempfile::tempdir().unwrap();
+    let leased_sqlite = SqliteStore::open(&leased_dir.path().join("vaultgate.db")).unwrap();
     vec![
+        Backend {
+            name: "leased memory",
+            store: Arc::new(LeasedStore::new(MemoryStore::new())),
+            _dir: None,
+        },
+        Backend {
+            name: "leased sqlite",
+            store: Arc::new(LeasedStore::new(leased_sqlite)),
+            _dir: Some(leased_dir),
+        },
         Backend {
             name: "memory",
             store: Arc::new(MemoryStore::new()),

@@ -8,7 +8,7 @@ mod store_suite;
 use std::sync::Arc;
 
 use tempfile::TempDir;
-use vault_core::store::{MemoryStore, SqliteStore};
+use vault_core::store::{LeasedStore, MemoryStore, SqliteStore};
 
 /// A store under test plus whatever must live as long as it.
 struct Harness {
@@ -29,6 +29,22 @@ impl Harness {
         let store = SqliteStore::open_in_dir(&dir.path().join("data")).unwrap();
         Harness {
             store: Arc::new(store),
+            _dir: Some(dir),
+        }
+    }
+
+    fn leased_memory() -> Self {
+        Harness {
+            store: Arc::new(LeasedStore::new(MemoryStore::new())),
+            _dir: None,
+        }
+    }
+
+    fn leased_sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(&dir.path().join("data")).unwrap();
+        Harness {
+            store: Arc::new(LeasedStore::new(store)),
             _dir: Some(dir),
         }
     }
@@ -59,6 +75,28 @@ macro_rules! conformance {
                 }
             )*
         }
+
+        mod leased_memory {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let h = Harness::leased_memory();
+                    store_suite::$case(h.store.clone()).await;
+                }
+            )*
+        }
+
+        mod leased_sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let h = Harness::leased_sqlite();
+                    store_suite::$case(h.store.clone()).await;
+                }
+            )*
+        }
     };
 }
 
@@ -73,6 +111,7 @@ conformance!(
     usage_append_list_filter_and_count,
     meta_round_trip,
     budget_reserve_settle_and_usage,
+    budget_settle_part_keeps_the_rest_held,
     budget_periods_are_separate,
     budget_sweep_charges_expired_reservations,
     concurrency_reserve_never_exceeds_limit,

@@ -410,6 +410,17 @@ impl KeyStore for MemoryStore {
         Ok(())
     }
 
+    async fn settle_part(&self, settlement: &Settlement, keep: Micros) -> Result<bool, StoreError> {
+        let mut s = self.lock()?;
+        let Some(hold) = s.holds.get_mut(&settlement.reservation.id.0) else {
+            return Ok(false);
+        };
+        hold.amount = hold.amount.min(keep);
+        let (key, period_start) = (hold.key.clone(), hold.period_start);
+        s.charge(&key, period_start, settlement.actual);
+        Ok(true)
+    }
+
     async fn budget_usage(
         &self,
         line: &BudgetLine,

@@ -5,9 +5,11 @@
 //! default) both pass the same conformance suite (`tests/store_conformance.rs`).
 
 mod budget;
+mod leased;
 mod memory;
 mod sqlite;
 
+pub use leased::{DEFAULT_LEASE_FACTOR, DEFAULT_LEASE_WINDOW, LeasedStore};
 pub use memory::MemoryStore;
 pub use sqlite::{DB_FILE_NAME, SqliteStore};
 
@@ -154,6 +156,21 @@ pub trait KeyStore: Send + Sync + 'static {
     /// and the key's lifetime spend. Settling one already settled or swept is
     /// a no-op.
     async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError>;
+
+    /// Settles part of a held reservation and keeps the rest held under the
+    /// same id: charges `settlement.actual` to its line and key (as
+    /// [`settle`](Self::settle) does) and lowers what it holds to `keep`
+    /// (never raises it), in one transaction. Returns `false`, changing
+    /// nothing, when the reservation is no longer held (settled or swept).
+    /// [`LeasedStore`] needs it to give back the unused part of a lease
+    /// while calls are still in flight on it. The default refuses with
+    /// [`StoreError::Backend`]; `MemoryStore` and `SqliteStore` implement it.
+    async fn settle_part(&self, settlement: &Settlement, keep: Micros) -> Result<bool, StoreError> {
+        let _ = (settlement, keep);
+        Err(StoreError::Backend(
+            "this store cannot settle part of a reservation".to_owned(),
+        ))
+    }
 
     /// Adds to keys' lifetime spend costs that no reservation carried (calls
     /// of keys without a budget). Unknown keys are skipped.

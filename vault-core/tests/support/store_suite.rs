@@ -539,6 +539,48 @@ pub async fn budget_reserve_settle_and_usage(store: Store) {
     );
 }
 
+/// Settling part of a reservation charges the part and keeps the rest held.
+pub async fn budget_settle_part_keeps_the_rest_held(store: Store) {
+    let k = inserted(&store, key()).await;
+    let l = line(&k, 1_000, 0);
+    let r = store
+        .reserve(&l, Micros(600), Micros(1), NOW, LATER)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .settle_part(&settlement(&r, 100), Micros(300))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        (settled(&store, &l).await, reserved(&store, &l).await),
+        (100, 300)
+    );
+    assert_eq!(spend(&store, &k.id).await, 100);
+    // `keep` never raises what is held.
+    assert!(
+        store
+            .settle_part(&settlement(&r, 0), Micros(900))
+            .await
+            .unwrap()
+    );
+    assert_eq!(reserved(&store, &l).await, 300);
+    store.settle(&[settlement(&r, 250)]).await.unwrap();
+    assert_eq!(
+        (settled(&store, &l).await, reserved(&store, &l).await),
+        (350, 0)
+    );
+    // Once settled, settling part of it changes nothing.
+    assert!(
+        !store
+            .settle_part(&settlement(&r, 50), Micros::ZERO)
+            .await
+            .unwrap()
+    );
+    assert_eq!(settled(&store, &l).await, 350);
+}
+
 pub async fn budget_periods_are_separate(store: Store) {
     let k = inserted(&store, key()).await;
     let day1 = line(&k, 1_000, 0);

@@ -767,6 +767,28 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn settle_part(&self, settlement: &Settlement, keep: Micros) -> Result<bool, StoreError> {
+        let Ok(id) = i64::try_from(settlement.reservation.id.0) else {
+            return Ok(false); // no stored reservation has such an id
+        };
+        let actual = settlement.actual;
+        self.write(Durability::Normal, move |tx| {
+            let held: Option<(String, i64)> = tx
+                .prepare_cached("SELECT key_id, period_start FROM reservations WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .map_err(backend)?;
+            let Some((key, period)) = held else {
+                return Ok(false);
+            };
+            tx.prepare_cached("UPDATE reservations SET amount = MIN(amount, ?2) WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![id, money(keep)]))
+                .map_err(backend)?;
+            charge(tx, &key, period, actual)?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn budget_usage(
         &self,
         line: &BudgetLine,

@@ -1,0 +1,797 @@
+//! [`LeasedStore`]: budget reservations in memory against a lease held in
+//! the store, so that a call's reservation is not a store write.
+//!
+//! For each budget line this process spends on, the decorator holds a
+//! **lease**: one ordinary reservation in the inner store, sized
+//! `clamp(factor × want, want, remaining)` when it is taken. Calls then
+//! reserve against the lease's free part in memory (a `std::sync::Mutex` per
+//! line, never held across an await) and settle back into it: the unspent
+//! part of a call returns to the lease, its cost adds to the lease's `spent`.
+//!
+//! # Why the cap still holds
+//! A lease is held in the inner store exactly like a call's reservation, so
+//! every other process sharing the store sees it as reserved and can never
+//! spend it; this process grants calls only from a lease's free part. The
+//! total held and spent on a line therefore never exceeds what the store
+//! would have allowed call by call.
+//!
+//! # When the store is written
+//! - A call that the current lease cannot cover in full (or whose expiry is
+//!   past the lease's, or whose line has a new limit) first gives back to
+//!   the store everything the line's leases hold but no call uses: leases
+//!   with no call in flight are settled at what they spent; the others are
+//!   settled in part ([`KeyStore::settle_part`]: their spend is charged,
+//!   they keep holding exactly what their calls hold) and take no new
+//!   calls. Then one new lease is reserved. So the store decides on the
+//!   line's true remaining, and a call is refused, or granted less than it
+//!   wants, exactly when the bare store would have done so.
+//! - A retired lease is settled when its last call settles.
+//! - [`sweep`](KeyStore::sweep) settles every lease with no call in flight
+//!   (leases idle at a sweep) and charges the spend of the others, before
+//!   the store's own sweep (which settles expired children's carve-outs at
+//!   their spend); [`revoke_key`](KeyStore::revoke_key) charges the spend
+//!   of every lease first for the same reason; an `insert_key` that carves
+//!   out of a line first gives back that line's unused lease.
+//! - [`LeasedStore::flush`] settles every lease (graceful shutdown calls it
+//!   once every call has settled).
+//!
+//! # What reads see
+//! [`budget_usage`](KeyStore::budget_usage) combines the store's view with
+//! the leases': `settled` adds what the leases spent, `reserved` counts what
+//! calls hold in place of the leases themselves. Keys' `spend` adds what the
+//! leases spent. A gate (a `tokio::sync::RwLock`, written around every
+//! store call that changes a lease, read around these reads) keeps the two
+//! views consistent. Within this process the figures are exact. A second
+//! process sharing the store sees this process's spend only when a lease
+//! is settled or charged (on replacement, at a sweep, on shutdown), and sees
+//! the lease's free part as reserved.
+//!
+//! The remaining budget returned with a reservation
+//! ([`reserve_reporting`](KeyStore::reserve_reporting)) is the store's
+//! figure as of the lease, plus what the leases have free: exact within
+//! this process, stale by what other processes spent since.
+//!
+//! # Crashes
+//! A lease is an ordinary reservation with an expiry (the expiry of the call
+//! that took it plus the lease window). If the process dies, the store's
+//! sweep charges the lease **in full** once it expires: never less than was
+//! spent, possibly more (by the part no call used). A lease accepts only
+//! calls that expire before it does, so the store never sweeps a live
+//! lease of a running process.
+//!
+//! # Reservation ids
+//! Calls' reservations get ids from `2^63` up (one counter per store), kept
+//! apart from the inner store's ids (SQLite row ids and `MemoryStore`'s
+//! counter stay below `2^63`); ids below are the inner store's and are
+//! passed through (a zero reservation is always the inner store's).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::budget::reservable;
+use super::{KeyStore, StoreError};
+use crate::clock::UnixMillis;
+use crate::crypto::Sealed;
+use crate::key::{KeyHash, KeyId, KeyPrefix, ProviderKeyId};
+use crate::money::Micros;
+use crate::record::{
+    BudgetLine, BudgetUsage, KeyRecord, ProviderKeyRecord, Reservation, ReservationId, Settlement,
+    UsageFilter, UsageRecord,
+};
+
+/// How many times a call's `want` a new lease asks for.
+pub const DEFAULT_LEASE_FACTOR: u64 = 16;
+
+/// How long after the call that took it a lease accepts calls (its expiry
+/// in the store is that call's expiry plus this).
+pub const DEFAULT_LEASE_WINDOW: Duration = Duration::from_secs(30);
+
+/// The first id of calls' reservations; the inner store's stay below.
+const LOCAL_IDS: u64 = 1 << 63;
+
+/// A line as the inner store keys its money: (key, period start).
+type LineKey = (KeyId, UnixMillis);
+
+/// One line's leases, shared between the map and the calls on it.
+type SharedLine = Arc<Mutex<Line>>;
+
+/// A [`KeyStore`] that reserves budgets in memory against leases held in
+/// `S` (see the [module docs](self)); everything else goes straight to `S`.
+///
+/// ```
+/// use vault_core::store::{KeyStore, LeasedStore, MemoryStore};
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = LeasedStore::new(MemoryStore::new()).with_lease_factor(8);
+/// assert_eq!(store.get_meta("schema").await.unwrap(), None);
+/// store.flush().await.unwrap();
+/// # });
+/// ```
+pub struct LeasedStore<S> {
+    inner: S,
+    factor: u64,
+    window_ms: i64,
+    lines: Mutex<HashMap<LineKey, SharedLine>>,
+    /// Written around every inner-store call that takes, charges or settles
+    /// a lease (and around the local change that goes with it); read around
+    /// reads that combine the store's view with the leases'.
+    gate: tokio::sync::RwLock<()>,
+    next_id: AtomicU64,
+}
+
+impl<S> std::fmt::Debug for LeasedStore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeasedStore")
+            .field("factor", &self.factor)
+            .field("window_ms", &self.window_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The leases of one line; at most one (the last) is not retired.
+#[derive(Debug, Default)]
+struct Line {
+    leases: Vec<Lease>,
+    /// What the inner store said the line had left after the last lease was
+    /// taken, adjusted by what this store gave back since (signed: a lease
+    /// may be settled above its amount).
+    inner_remaining: Option<i128>,
+}
+
+/// One lease: a reservation in the inner store and the calls held on it.
+#[derive(Debug)]
+struct Lease {
+    /// As held in the inner store (its `amount` is what the store holds).
+    reservation: Reservation,
+    expires_at: UnixMillis,
+    /// Spent by settled calls and not yet charged to the inner store.
+    spent: Micros,
+    /// Held by calls in flight (the sum of `open`).
+    held: Micros,
+    open: HashMap<u64, Hold>,
+    /// Takes no new calls; settled when its last call settles.
+    retired: bool,
+}
+
+/// A call's reservation on a lease.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    amount: Micros,
+    expires_at: UnixMillis,
+}
+
+impl Lease {
+    fn free(&self) -> Micros {
+        self.reservation
+            .amount
+            .saturating_sub(self.spent.saturating_add(self.held))
+    }
+
+    fn idle(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    fn settlement(&self) -> Settlement {
+        Settlement {
+            reservation: self.reservation.clone(),
+            actual: self.spent,
+        }
+    }
+}
+
+impl Line {
+    /// Sums over the leases: (amount held in the store, spent, held by calls).
+    fn totals(&self) -> (Micros, Micros, Micros) {
+        self.leases.iter().fold(
+            (Micros::ZERO, Micros::ZERO, Micros::ZERO),
+            |(a, s, h), l| {
+                (
+                    a.saturating_add(l.reservation.amount),
+                    s.saturating_add(l.spent),
+                    h.saturating_add(l.held),
+                )
+            },
+        )
+    }
+
+    /// What the line has left as this process sees it, if known.
+    fn remaining(&self) -> Option<Micros> {
+        let (amount, spent, held) = self.totals();
+        let r =
+            self.inner_remaining? + i128::from(amount.0) - i128::from(spent.0) - i128::from(held.0);
+        Some(Micros(u64::try_from(r.max(0)).unwrap_or(u64::MAX)))
+    }
+
+    /// What the leases have free.
+    fn free(&self) -> Micros {
+        self.leases
+            .iter()
+            .fold(Micros::ZERO, |acc, l| acc.saturating_add(l.free()))
+    }
+
+    fn adjust_remaining(&mut self, by: i128) {
+        if let Some(r) = self.inner_remaining.as_mut() {
+            *r += by;
+        }
+    }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Backend("lease lock poisoned".to_owned())
+}
+
+fn lock_line(line: &Mutex<Line>) -> Result<MutexGuard<'_, Line>, StoreError> {
+    line.lock().map_err(|_| poisoned())
+}
+
+impl<S: KeyStore> LeasedStore<S> {
+    /// Leases over `inner`, with the default factor and window.
+    pub fn new(inner: S) -> Self {
+        LeasedStore {
+            inner,
+            factor: DEFAULT_LEASE_FACTOR,
+            window_ms: i64::try_from(DEFAULT_LEASE_WINDOW.as_millis()).unwrap_or(i64::MAX),
+            lines: Mutex::new(HashMap::new()),
+            gate: tokio::sync::RwLock::new(()),
+            next_id: AtomicU64::new(LOCAL_IDS),
+        }
+    }
+
+    /// How many times a call's `want` a new lease asks for (default 16; 1
+    /// makes every call that does not fit the current lease a store write).
+    pub fn with_lease_factor(mut self, factor: u64) -> Self {
+        self.factor = factor.max(1);
+        self
+    }
+
+    /// How long after the call that took it a lease accepts calls (default
+    /// 30 s). Longer means fewer leases; a crashed process's leases are
+    /// charged this much later.
+    pub fn with_lease_window(mut self, window: Duration) -> Self {
+        self.window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// The inner store.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Settles every lease with no call in flight at what it spent, and
+    /// charges the others' spend (they keep holding what their calls hold).
+    /// Call on shutdown once every call has settled: then nothing is left
+    /// held in the store.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let _gate = self.gate.write().await;
+        self.flush_all().await
+    }
+
+    fn lines(&self) -> Result<MutexGuard<'_, HashMap<LineKey, SharedLine>>, StoreError> {
+        self.lines.lock().map_err(|_| poisoned())
+    }
+
+    fn line(&self, key: &LineKey) -> Result<Option<SharedLine>, StoreError> {
+        Ok(self.lines()?.get(key).cloned())
+    }
+
+    fn all_lines(&self) -> Result<Vec<(LineKey, SharedLine)>, StoreError> {
+        Ok(self
+            .lines()?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    /// Grants `want` from the line's current lease if it covers all of it.
+    fn reserve_locally(
+        &self,
+        line: &BudgetLine,
+        want: Micros,
+        expires_at: UnixMillis,
+    ) -> Result<Option<(Reservation, Option<Micros>)>, StoreError> {
+        let Some(state) = self.line(&(line.key.clone(), line.period_start))? else {
+            return Ok(None);
+        };
+        let mut state = lock_line(&state)?;
+        let Some(lease) = state.leases.last_mut() else {
+            return Ok(None);
+        };
+        if lease.retired
+            || lease.reservation.line.limit != line.limit
+            || expires_at > lease.expires_at
+            || lease.free() < want
+        {
+            return Ok(None);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lease.open.insert(
+            id,
+            Hold {
+                amount: want,
+                expires_at,
+            },
+        );
+        lease.held = lease.held.saturating_add(want);
+        let reservation = Reservation {
+            id: ReservationId(id),
+            line: line.clone(),
+            amount: want,
+        };
+        Ok(Some((reservation, state.remaining())))
+    }
+
+    /// Gives back to the inner store what the line's leases hold but no call
+    /// uses, and charges what they spent: idle leases are settled, busy ones
+    /// settled in part and retired. Call with the gate written.
+    async fn release_line(&self, key: &LineKey) -> Result<(), StoreError> {
+        let Some(state) = self.line(key)? else {
+            return Ok(());
+        };
+        // (settlement, what was kept) per busy lease given back in part.
+        let mut parts = Vec::new();
+        let idle: Vec<Lease> = {
+            let mut s = lock_line(&state)?;
+            let (idle, busy): (Vec<Lease>, Vec<Lease>) = s.leases.drain(..).partition(Lease::idle);
+            s.leases = busy;
+            for lease in &mut s.leases {
+                lease.retired = true;
+                if lease.spent > Micros::ZERO || lease.free() > Micros::ZERO {
+                    parts.push((lease.settlement(), lease.held));
+                    lease.reservation.amount = lease.held;
+                    lease.spent = Micros::ZERO;
+                }
+            }
+            idle
+        };
+        self.settle_leases(&state, idle).await?;
+        self.settle_parts(&state, parts).await
+    }
+
+    /// Settles busy leases in part in the inner store: each `(settlement,
+    /// keep)` was already applied locally (amount lowered to `keep`, spent
+    /// cleared) and is undone if the store fails. Call with the gate written.
+    async fn settle_parts(
+        &self,
+        state: &Mutex<Line>,
+        parts: Vec<(Settlement, Micros)>,
+    ) -> Result<(), StoreError> {
+        for (settlement, keep) in parts {
+            let result = self.inner.settle_part(&settlement, keep).await;
+            let mut s = lock_line(state)?;
+            let id = settlement.reservation.id;
+            let Some(pos) = s.leases.iter().position(|l| l.reservation.id == id) else {
+                continue;
+            };
+            match result {
+                Ok(true) => {
+                    let given_back = i128::from(settlement.reservation.amount.0)
+                        - i128::from(keep.0)
+                        - i128::from(settlement.actual.0);
+                    s.adjust_remaining(given_back);
+                }
+                // Swept by another process: charged in full there, so its
+                // calls settle as no-ops, like the store's own swept ones.
+                Ok(false) => {
+                    s.leases.remove(pos);
+                }
+                Err(e) => {
+                    let lease = &mut s.leases[pos];
+                    lease.reservation.amount = settlement.reservation.amount;
+                    lease.spent = lease.spent.saturating_add(settlement.actual);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles leases taken off `state` (idle ones) in the inner store,
+    /// putting them back if that fails. Call with the gate written.
+    async fn settle_leases(
+        &self,
+        state: &Mutex<Line>,
+        leases: Vec<Lease>,
+    ) -> Result<(), StoreError> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let settlements: Vec<Settlement> = leases.iter().map(Lease::settlement).collect();
+        let result = self.inner.settle(&settlements).await;
+        let mut s = lock_line(state)?;
+        match result {
+            Ok(()) => {
+                for st in &settlements {
+                    s.adjust_remaining(
+                        i128::from(st.reservation.amount.0) - i128::from(st.actual.0),
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                s.leases.splice(0..0, leases);
+                Err(e)
+            }
+        }
+    }
+
+    /// Settles every idle lease and charges the busy ones' spend, keeping
+    /// them (and their free part) as they are. Call with the gate written.
+    async fn flush_all(&self) -> Result<(), StoreError> {
+        let mut first_error = None;
+        for (_, state) in self.all_lines()? {
+            let mut parts = Vec::new();
+            let idle: Vec<Lease> = {
+                let mut s = lock_line(&state)?;
+                let (idle, busy): (Vec<Lease>, Vec<Lease>) =
+                    s.leases.drain(..).partition(Lease::idle);
+                s.leases = busy;
+                for lease in &mut s.leases {
+                    if lease.spent > Micros::ZERO {
+                        // Calls in flight stay covered even past an overdraw.
+                        let keep = lease
+                            .reservation
+                            .amount
+                            .saturating_sub(lease.spent)
+                            .max(lease.held);
+                        parts.push((lease.settlement(), keep));
+                        lease.reservation.amount = keep;
+                        lease.spent = Micros::ZERO;
+                    }
+                }
+                idle
+            };
+            if let Err(e) = self.settle_leases(&state, idle).await {
+                first_error.get_or_insert(e);
+            }
+            if let Err(e) = self.settle_parts(&state, parts).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// What the leases of `key`'s lines spent and the store has not been
+    /// charged yet.
+    fn unsettled_spend(&self, key: &KeyId) -> Result<Micros, StoreError> {
+        let mut total = Micros::ZERO;
+        for ((k, _), state) in self.all_lines()? {
+            if &k == key {
+                total = total.saturating_add(lock_line(&state)?.totals().1);
+            }
+        }
+        Ok(total)
+    }
+
+    fn with_unsettled_spend(&self, mut key: KeyRecord) -> Result<KeyRecord, StoreError> {
+        key.spend = key.spend.saturating_add(self.unsettled_spend(&key.id)?);
+        Ok(key)
+    }
+}
+
+#[async_trait]
+impl<S: KeyStore> KeyStore for LeasedStore<S> {
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        carve: Option<(&BudgetLine, Micros)>,
+    ) -> Result<(), StoreError> {
+        let Some((line, _)) = carve else {
+            return self.inner.insert_key(key, None).await;
+        };
+        // The carve-out is decided on the line's true remaining.
+        let _gate = self.gate.write().await;
+        self.release_line(&(line.key.clone(), line.period_start))
+            .await?;
+        self.inner.insert_key(key, carve).await
+    }
+
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        let _gate = self.gate.read().await;
+        match self.inner.find_by_hash(hash).await? {
+            Some(k) => self.with_unsettled_spend(k).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let _gate = self.gate.read().await;
+        match self.inner.get_key(id).await? {
+            Some(k) => self.with_unsettled_spend(k).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        let _gate = self.gate.read().await;
+        let keys = self.inner.list_keys(project).await?;
+        let mut spent: HashMap<KeyId, Micros> = HashMap::new();
+        for ((k, _), state) in self.all_lines()? {
+            let s = spent.entry(k).or_default();
+            *s = s.saturating_add(lock_line(&state)?.totals().1);
+        }
+        Ok(keys
+            .into_iter()
+            .map(|mut k| {
+                if let Some(s) = spent.get(&k.id) {
+                    k.spend = k.spend.saturating_add(*s);
+                }
+                k
+            })
+            .collect())
+    }
+
+    async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {
+        // Carve-outs are settled at the children's spend as the store has it.
+        let _gate = self.gate.write().await;
+        self.flush_all().await?;
+        self.inner.revoke_key(id, at).await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &KeyId,
+        new_hash: &KeyHash,
+        new_prefix: &KeyPrefix,
+        grace_until: Option<UnixMillis>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .rotate_key(id, new_hash, new_prefix, grace_until)
+            .await
+    }
+
+    async fn insert_provider_key(&self, key: &ProviderKeyRecord) -> Result<(), StoreError> {
+        self.inner.insert_provider_key(key).await
+    }
+
+    async fn get_provider_key(
+        &self,
+        id: &ProviderKeyId,
+    ) -> Result<Option<ProviderKeyRecord>, StoreError> {
+        self.inner.get_provider_key(id).await
+    }
+
+    async fn list_provider_keys(
+        &self,
+        project: Option<&str>,
+    ) -> Result<Vec<ProviderKeyRecord>, StoreError> {
+        self.inner.list_provider_keys(project).await
+    }
+
+    async fn remove_provider_key(&self, id: &ProviderKeyId) -> Result<bool, StoreError> {
+        self.inner.remove_provider_key(id).await
+    }
+
+    async fn replace_sealed(
+        &self,
+        id: &ProviderKeyId,
+        expected: &Sealed,
+        new: &Sealed,
+    ) -> Result<bool, StoreError> {
+        self.inner.replace_sealed(id, expected, new).await
+    }
+
+    async fn reserve(
+        &self,
+        line: &BudgetLine,
+        want: Micros,
+        at_least: Micros,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<Reservation, StoreError> {
+        self.reserve_reporting(line, want, at_least, now, expires_at)
+            .await
+            .map(|(r, _)| r)
+    }
+
+    async fn reserve_reporting(
+        &self,
+        line: &BudgetLine,
+        want: Micros,
+        at_least: Micros,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<(Reservation, Option<Micros>), StoreError> {
+        if want == Micros::ZERO {
+            // Always fits; the inner store's, so that its cost is charged.
+            return self
+                .inner
+                .reserve_reporting(line, want, at_least, now, expires_at)
+                .await;
+        }
+        if let Some(granted) = self.reserve_locally(line, want, expires_at)? {
+            return Ok(granted);
+        }
+        let _gate = self.gate.write().await;
+        if let Some(granted) = self.reserve_locally(line, want, expires_at)? {
+            return Ok(granted);
+        }
+        let key = (line.key.clone(), line.period_start);
+        self.release_line(&key).await?;
+        let wish = Micros(want.0.saturating_mul(self.factor));
+        // The floor the bare store would apply to `want`, not to `wish`.
+        let floor = at_least.min(want);
+        let lease_expiry = expires_at.plus_millis(self.window_ms);
+        let taken = self
+            .inner
+            .reserve_reporting(line, wish, floor, now, lease_expiry)
+            .await;
+        let state = self.lines()?.entry(key).or_default().clone();
+        let mut state = lock_line(&state)?;
+        let (lease, inner_remaining) = match taken {
+            Ok(t) => t,
+            Err(StoreError::BudgetExceeded { remaining }) => {
+                return Err(StoreError::BudgetExceeded {
+                    remaining: remaining.saturating_add(state.free()),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let amount = reservable(lease.amount, want, floor)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        state.leases.push(Lease {
+            open: HashMap::from([(id, Hold { amount, expires_at })]),
+            held: amount,
+            spent: Micros::ZERO,
+            expires_at: lease_expiry,
+            retired: false,
+            reservation: lease,
+        });
+        state.inner_remaining = inner_remaining.map(|r| i128::from(r.0));
+        let reservation = Reservation {
+            id: ReservationId(id),
+            line: line.clone(),
+            amount,
+        };
+        Ok((reservation, state.remaining()))
+    }
+
+    async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
+        let mut forward = Vec::new();
+        let mut finished = Vec::new();
+        for st in settlements {
+            let id = st.reservation.id.0;
+            if id < LOCAL_IDS {
+                forward.push(st.clone());
+                continue;
+            }
+            let line = &st.reservation.line;
+            let Some(state) = self.line(&(line.key.clone(), line.period_start))? else {
+                continue; // unknown: already settled or swept
+            };
+            let mut s = lock_line(&state)?;
+            for lease in &mut s.leases {
+                if let Some(hold) = lease.open.remove(&id) {
+                    lease.held = lease.held.saturating_sub(hold.amount);
+                    lease.spent = lease.spent.saturating_add(st.actual);
+                    if lease.retired && lease.idle() {
+                        finished.push(state.clone());
+                    }
+                    break;
+                }
+            }
+        }
+        if finished.is_empty() {
+            if forward.is_empty() {
+                return Ok(());
+            }
+            return self.inner.settle(&forward).await;
+        }
+        let _gate = self.gate.write().await;
+        let mut done: Vec<(SharedLine, Vec<Lease>)> = Vec::new();
+        for state in finished {
+            let mut s = lock_line(&state)?;
+            let (idle, rest): (Vec<Lease>, Vec<Lease>) =
+                s.leases.drain(..).partition(|l| l.retired && l.idle());
+            s.leases = rest;
+            drop(s);
+            for l in &idle {
+                forward.push(l.settlement());
+            }
+            done.push((state, idle));
+        }
+        let result = self.inner.settle(&forward).await;
+        for (state, leases) in done {
+            let mut s = lock_line(&state)?;
+            if result.is_ok() {
+                for l in &leases {
+                    s.adjust_remaining(i128::from(l.reservation.amount.0) - i128::from(l.spent.0));
+                }
+            } else {
+                s.leases.splice(0..0, leases);
+            }
+        }
+        result
+    }
+
+    async fn settle_part(&self, settlement: &Settlement, keep: Micros) -> Result<bool, StoreError> {
+        let id = settlement.reservation.id.0;
+        if id < LOCAL_IDS {
+            return self.inner.settle_part(settlement, keep).await;
+        }
+        let line = &settlement.reservation.line;
+        let Some(state) = self.line(&(line.key.clone(), line.period_start))? else {
+            return Ok(false);
+        };
+        let mut s = lock_line(&state)?;
+        for lease in &mut s.leases {
+            if let Some(hold) = lease.open.get_mut(&id) {
+                let kept = hold.amount.min(keep);
+                lease.held = lease.held.saturating_sub(hold.amount.saturating_sub(kept));
+                hold.amount = kept;
+                lease.spent = lease.spent.saturating_add(settlement.actual);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn add_spend(&self, charges: &[(KeyId, Micros)]) -> Result<(), StoreError> {
+        self.inner.add_spend(charges).await
+    }
+
+    async fn budget_usage(
+        &self,
+        line: &BudgetLine,
+        now: UnixMillis,
+    ) -> Result<BudgetUsage, StoreError> {
+        let _gate = self.gate.read().await;
+        let usage = self.inner.budget_usage(line, now).await?;
+        let Some(state) = self.line(&(line.key.clone(), line.period_start))? else {
+            return Ok(usage);
+        };
+        let (amount, spent, held) = lock_line(&state)?.totals();
+        Ok(BudgetUsage {
+            settled: usage.settled.saturating_add(spent),
+            reserved: usage.reserved.saturating_sub(amount).saturating_add(held),
+        })
+    }
+
+    async fn sweep(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        let mut swept = 0;
+        // Calls past their expiry are charged in full, as the store does.
+        for (_, state) in self.all_lines()? {
+            let mut s = lock_line(&state)?;
+            for lease in &mut s.leases {
+                let expired: Vec<u64> = lease
+                    .open
+                    .iter()
+                    .filter(|(_, h)| h.expires_at <= now)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in expired {
+                    if let Some(hold) = lease.open.remove(&id) {
+                        lease.held = lease.held.saturating_sub(hold.amount);
+                        lease.spent = lease.spent.saturating_add(hold.amount);
+                        swept += 1;
+                    }
+                }
+            }
+        }
+        {
+            let _gate = self.gate.write().await;
+            self.flush_all().await?;
+            let mut lines = self.lines()?;
+            lines.retain(|_, state| state.lock().map_or(true, |s| !s.leases.is_empty()));
+        }
+        Ok(swept + self.inner.sweep(now).await?)
+    }
+
+    async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
+        self.inner.append_usage(records).await
+    }
+
+    async fn list_usage(&self, filter: &UsageFilter) -> Result<Vec<UsageRecord>, StoreError> {
+        self.inner.list_usage(filter).await
+    }
+
+    async fn get_meta(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.inner.get_meta(name).await
+    }
+
+    async fn set_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        self.inner.set_meta(name, value).await
+    }
+}

@@ -1,0 +1,162 @@
+//! What `LeasedStore` promises beyond the conformance suite: one store
+//! write per lease, the cap across processes sharing a store, shutdown and
+//! crash accounting.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+#[path = "support/store_suite.rs"]
+mod store_suite;
+
+use std::sync::Arc;
+
+use store_suite::{key, line};
+use tokio::sync::Barrier;
+use vault_core::clock::UnixMillis;
+use vault_core::money::Micros;
+use vault_core::record::Settlement;
+use vault_core::store::{KeyStore, LeasedStore, SqliteStore, StoreError};
+
+const NOW: UnixMillis = UnixMillis(10_000);
+const LATER: UnixMillis = UnixMillis(70_000);
+
+fn settle_at(r: &vault_core::record::Reservation, actual: u64) -> Settlement {
+    Settlement {
+        reservation: r.clone(),
+        actual: Micros(actual),
+    }
+}
+
+#[tokio::test]
+async fn boundary_one_store_reservation_covers_a_lease_of_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.db");
+    let leased = LeasedStore::new(SqliteStore::open(&path).unwrap()).with_lease_factor(4);
+    let bare = SqliteStore::open(&path).unwrap();
+    let k = key();
+    leased.insert_key(&k, None).await.unwrap();
+    let l = line(&k, 1_000_000, 0);
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        calls.push(
+            leased
+                .reserve(&l, Micros(100), Micros(1), NOW, LATER)
+                .await
+                .unwrap(),
+        );
+    }
+    // Four calls, one lease of 4 × 100 in the store; the leased view is exact.
+    assert_eq!(
+        bare.budget_usage(&l, NOW).await.unwrap().reserved,
+        Micros(400)
+    );
+    assert_eq!(
+        leased.budget_usage(&l, NOW).await.unwrap().reserved,
+        Micros(400)
+    );
+    // The fifth takes a second lease.
+    calls.push(
+        leased
+            .reserve(&l, Micros(100), Micros(1), NOW, LATER)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        bare.budget_usage(&l, NOW).await.unwrap().reserved,
+        Micros(800)
+    );
+    assert_eq!(
+        leased.budget_usage(&l, NOW).await.unwrap().reserved,
+        Micros(500)
+    );
+    let all: Vec<Settlement> = calls.iter().map(|r| settle_at(r, 30)).collect();
+    leased.settle(&all).await.unwrap();
+    let usage = leased.budget_usage(&l, NOW).await.unwrap();
+    assert_eq!((usage.settled, usage.reserved), (Micros(150), Micros::ZERO));
+    // Shutdown gives everything back: the bare store agrees to the micro-dollar.
+    leased.flush().await.unwrap();
+    let usage = bare.budget_usage(&l, NOW).await.unwrap();
+    assert_eq!((usage.settled, usage.reserved), (Micros(150), Micros::ZERO));
+    assert_eq!(
+        bare.get_key(&k.id).await.unwrap().unwrap().spend,
+        Micros(150)
+    );
+}
+
+#[tokio::test]
+async fn lifecycle_a_crashed_process_lease_is_charged_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.db");
+    let k = key();
+    let l = line(&k, 1_000_000, 0);
+    let window = std::time::Duration::from_secs(30);
+    {
+        let leased = LeasedStore::new(SqliteStore::open(&path).unwrap())
+            .with_lease_factor(10)
+            .with_lease_window(window);
+        leased.insert_key(&k, None).await.unwrap();
+        let r = leased
+            .reserve(&l, Micros(100), Micros(1), NOW, LATER)
+            .await
+            .unwrap();
+        leased.settle(&[settle_at(&r, 40)]).await.unwrap();
+        // Dropped without `flush`: the process died.
+    }
+    let bare = SqliteStore::open(&path).unwrap();
+    let usage = bare.budget_usage(&l, NOW).await.unwrap();
+    assert_eq!(
+        (usage.settled, usage.reserved),
+        (Micros::ZERO, Micros(1_000))
+    );
+    let lease_expiry = LATER.plus_millis(30_000);
+    assert_eq!(bare.sweep(UnixMillis(lease_expiry.0 - 1)).await.unwrap(), 0);
+    assert_eq!(bare.sweep(lease_expiry).await.unwrap(), 1);
+    // Never less than was spent (40): the whole lease.
+    let usage = bare.budget_usage(&l, NOW).await.unwrap();
+    assert_eq!(
+        (usage.settled, usage.reserved),
+        (Micros(1_000), Micros::ZERO)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrency_two_leased_processes_never_exceed_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.db");
+    let a = Arc::new(LeasedStore::new(SqliteStore::open(&path).unwrap()));
+    let b = Arc::new(LeasedStore::new(SqliteStore::open(&path).unwrap()));
+    let k = key();
+    a.insert_key(&k, None).await.unwrap();
+    let l = line(&k, 500_000, 0);
+    let barrier = Arc::new(Barrier::new(200));
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        let store: Arc<dyn KeyStore> = if n % 2 == 0 { a.clone() } else { b.clone() };
+        let (l, barrier) = (l.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            match store
+                .reserve(&l, Micros(10_000), Micros(10_000), NOW, LATER)
+                .await
+            {
+                Ok(r) => {
+                    store.settle(&[settle_at(&r, 10_000)]).await.unwrap();
+                    1u64
+                }
+                Err(StoreError::BudgetExceeded { .. }) => 0,
+                Err(e) => panic!("unexpected: {e}"),
+            }
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.unwrap();
+    }
+    assert!(granted * 10_000 <= 500_000, "{granted} calls granted");
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    let bare = SqliteStore::open(&path).unwrap();
+    let usage = bare.budget_usage(&l, NOW).await.unwrap();
+    assert_eq!(
+        (usage.settled, usage.reserved),
+        (Micros(granted * 10_000), Micros::ZERO)
+    );
+}
