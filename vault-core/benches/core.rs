@@ -1,6 +1,7 @@
 //! Hot-path costs of vault-core: key generation, parsing and hashing a
 //! presented key, sealing and opening a provider key, and finding a key by
-//! hash in SQLite with 1k and 1M keys stored. Results go in BENCHMARKS.md.
+//! hash in SQLite with 1k and 1M keys stored, and reading usage from a
+//! response. Results go in BENCHMARKS.md.
 //!
 //! Run: `cargo bench -p vault-core --bench core -- --warm-up-time 1 --measurement-time 3`
 
@@ -14,9 +15,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use vault_core::clock::UnixMillis;
 use vault_core::crypto::{Aad, AesGcmEncryptor, Encryptor, MasterKey, ProviderSecret};
 use vault_core::key::{KeyEnv, KeyFormat, KeyHash, KeyId, KeyPrefix};
+use vault_core::meter::{BodyKind, UsageMeter};
 use vault_core::money::Micros;
 use vault_core::policy::Policy;
 use vault_core::provider::Provider;
+use vault_core::provider::UsageFormat;
 use vault_core::record::{KeyRecord, KeyStatus};
 use vault_core::scope::Scopes;
 use vault_core::store::{KeyStore, SqliteStore};
@@ -167,9 +170,42 @@ fn find_by_hash(c: &mut Criterion) {
     group.finish();
 }
 
+/// The OpenAI chat completion the layer bench's inner service returns.
+const OPENAI_BODY: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21},"system_fingerprint":"fp_bench"}"#;
+
+/// An Anthropic stream: start, one text delta, the final usage, stop.
+const ANTHROPIC_STREAM: &str = concat!(
+    "event: message_start\n",
+    r#"data: {"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"claude-3-5-haiku-20241022","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":25,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1}}}"#,
+    "\n\nevent: content_block_delta\n",
+    r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello! How can I help you today?"}}"#,
+    "\n\nevent: message_delta\n",
+    r#"data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}"#,
+    "\n\nevent: message_stop\n",
+    r#"data: {"type":"message_stop"}"#,
+    "\n\n",
+);
+
+fn usage_meter(c: &mut Criterion) {
+    c.bench_function("usage_meter_openai_json", |b| {
+        b.iter(|| {
+            let mut m = UsageMeter::new(UsageFormat::OpenAi, BodyKind::Json);
+            m.feed(black_box(OPENAI_BODY.as_bytes()));
+            m.finish().unwrap()
+        })
+    });
+    c.bench_function("usage_meter_anthropic_sse", |b| {
+        b.iter(|| {
+            let mut m = UsageMeter::new(UsageFormat::Anthropic, BodyKind::Sse);
+            m.feed(black_box(ANTHROPIC_STREAM.as_bytes()));
+            m.finish().unwrap()
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1));
-    targets = keys_and_crypto, find_by_hash
+    targets = usage_meter, keys_and_crypto, find_by_hash
 }
 criterion_main!(benches);

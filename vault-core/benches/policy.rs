@@ -3,6 +3,10 @@
 //! limit, a budget) with `MemoryStore`; and budget reservations per second
 //! under 64-way contention on one key with `SqliteStore`.
 //!
+//! `reserve_settle_with_open_holds/{memory,sqlite}/{0,1000}`: one
+//! reservation and its settlement on a line already holding 0 or 1,000
+//! unsettled reservations (the stores' cost per open hold).
+//!
 //! Run: `cargo bench -p vault-core --bench policy -- --warm-up-time 1 --measurement-time 3`
 //!
 //! The contention figure is printed as `sqlite_reservations_per_sec_64way`
@@ -205,9 +209,67 @@ fn contention(name: &str, store: Arc<dyn KeyStore>) {
     );
 }
 
+/// One reservation and its settlement on a line that already holds `open`
+/// unsettled reservations (calls in flight, or settlements queued for the
+/// usage worker), straight on the store.
+fn reserve_with_open_holds(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stores: Vec<(&str, Arc<dyn KeyStore>)> = vec![
+        ("memory", Arc::new(MemoryStore::new())),
+        (
+            "sqlite",
+            Arc::new(SqliteStore::open_in_dir(dir.path()).unwrap()),
+        ),
+    ];
+    let mut group = c.benchmark_group("reserve_settle_with_open_holds");
+    for (name, store) in stores {
+        let key = typical_key();
+        rt.block_on(store.insert_key(&key, None)).unwrap();
+        let line = BudgetLine {
+            key: key.id.clone(),
+            limit: Micros(1_000_000_000_000),
+            period_start: UnixMillis(0),
+        };
+        let far = UnixMillis(i64::MAX);
+        let mut opened = 0;
+        for open in [0, 1_000] {
+            while opened < open {
+                rt.block_on(store.reserve(&line, Micros(500), Micros(1), UnixMillis(1), far))
+                    .unwrap();
+                opened += 1;
+            }
+            group.bench_function(format!("{name}/{open}"), |b| {
+                b.iter(|| {
+                    rt.block_on(async {
+                        let r = store
+                            .reserve(&line, Micros(500), Micros(1), UnixMillis(1), far)
+                            .await
+                            .unwrap();
+                        let actual = Micros(400);
+                        store
+                            .settle(&[Settlement {
+                                reservation: r,
+                                actual,
+                            }])
+                            .await
+                            .unwrap();
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     check_and_settle(&mut c);
+    reserve_with_open_holds(&mut c);
     c.final_summary();
     if std::env::var_os("BENCH_SKIP_CONTENTION").is_none() {
         sqlite_contention();

@@ -966,3 +966,158 @@ fn boundary_hide_usage_flushes_oversize_events_unchanged() {
     assert_eq!(out, big.as_bytes());
     assert_eq!(h.hidden(), 0);
 }
+
+// ---------------------------------------------------------------------------
+// Document shapes read by the typed usage parser.
+
+#[test]
+fn usage_extras_and_older_shapes_are_read() {
+    // Google: tool-use prompt tokens are input, thoughts are output.
+    let google = r#"{"candidates":[],"usageMetadata":{"promptTokenCount":8,"toolUsePromptTokenCount":3,"candidatesTokenCount":5,"thoughtsTokenCount":7,"promptTokensDetails":[{"modality":"TEXT","tokenCount":8}]}}"#;
+    assert_eq!(
+        meter(UsageFormat::Google, BodyKind::Json, &[google.as_bytes()]),
+        usage(11, 12)
+    );
+    // Cohere v1: `meta.billed_units`.
+    let cohere_v1 = r#"{"text":"hi","generation_id":"g","meta":{"api_version":{"version":"1"},"billed_units":{"input_tokens":12,"output_tokens":34}}}"#;
+    assert_eq!(
+        meter(UsageFormat::Cohere, BodyKind::Json, &[cohere_v1.as_bytes()]),
+        usage(12, 34)
+    );
+    // Cohere v2 wins over v1 when both are present; a null v2 falls back.
+    let both = r#"{"meta":{"billed_units":{"input_tokens":1,"output_tokens":1}},"usage":{"billed_units":{"input_tokens":2,"output_tokens":3}}}"#;
+    assert_eq!(
+        meter(UsageFormat::Cohere, BodyKind::Json, &[both.as_bytes()]),
+        usage(2, 3)
+    );
+    let null_v2 = r#"{"usage":{"billed_units":null},"meta":{"billed_units":{"input_tokens":4,"output_tokens":5}}}"#;
+    assert_eq!(
+        meter(UsageFormat::Cohere, BodyKind::Json, &[null_v2.as_bytes()]),
+        usage(4, 5)
+    );
+    // OpenAI Responses API body: `usage` at the top with input/output names.
+    let responses = r#"{"id":"resp_1","object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"usage"}]}],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":0},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":123}}"#;
+    assert_eq!(
+        meter(UsageFormat::OpenAi, BodyKind::Json, &[responses.as_bytes()]),
+        usage(36, 87)
+    );
+}
+
+#[test]
+fn usage_object_choice_follows_key_values_not_key_order() {
+    // `type` after the message: still a message_start.
+    let anthropic = r#"{"message":{"usage":{"input_tokens":10,"output_tokens":1}},"usage":{"input_tokens":99,"output_tokens":99},"type":"message_start"}"#;
+    assert_eq!(
+        meter(
+            UsageFormat::Anthropic,
+            BodyKind::Json,
+            &[anthropic.as_bytes()]
+        ),
+        usage(10, 1)
+    );
+    // An escaped `type` value is compared decoded.
+    let escaped = r#"{"type":"message\u005fstart","message":{"usage":{"input_tokens":3}}}"#;
+    assert_eq!(
+        meter(
+            UsageFormat::Anthropic,
+            BodyKind::Json,
+            &[escaped.as_bytes()]
+        ),
+        usage(3, 0)
+    );
+    // Not a message_start (a number is not a type name): the top-level usage.
+    let not_start =
+        r#"{"type":5,"message":{"usage":{"input_tokens":3}},"usage":{"output_tokens":8}}"#;
+    assert_eq!(
+        meter(
+            UsageFormat::Anthropic,
+            BodyKind::Json,
+            &[not_start.as_bytes()]
+        ),
+        usage(0, 8)
+    );
+    // Cohere message-end with `type` last.
+    let cohere = r#"{"delta":{"usage":{"billed_units":{"input_tokens":3,"output_tokens":2}}},"type":"message-end"}"#;
+    assert_eq!(
+        meter(UsageFormat::Cohere, BodyKind::Json, &[cohere.as_bytes()]),
+        usage(3, 2)
+    );
+    // OpenAI: a null `usage` falls back to `response.usage`; a non-null
+    // non-object `usage` does not.
+    let fallback = r#"{"usage":null,"response":{"usage":{"input_tokens":6,"output_tokens":7}}}"#;
+    assert_eq!(
+        meter(UsageFormat::OpenAi, BodyKind::Json, &[fallback.as_bytes()]),
+        usage(6, 7)
+    );
+    let unusable = r#"{"usage":"lots","response":{"usage":{"input_tokens":6,"output_tokens":7}}}"#;
+    assert_eq!(
+        meter(UsageFormat::OpenAi, BodyKind::Json, &[unusable.as_bytes()]),
+        None
+    );
+}
+
+#[test]
+fn corruption_repeated_keys_count_their_last_value() {
+    // As a parse into a JSON tree would: the last `usage` replaces the first,
+    // and the last value of a repeated count field counts.
+    let body = r#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"usage":{"prompt_tokens":"x","prompt_tokens":5,"completion_tokens":6}}"#;
+    assert_eq!(
+        meter(UsageFormat::OpenAi, BodyKind::Json, &[body.as_bytes()]),
+        usage(5, 6)
+    );
+    // A later repeat that is not an object leaves nothing to read.
+    let body = r#"{"response":{"usage":{"input_tokens":6}},"response":[]}"#;
+    assert_eq!(
+        meter(UsageFormat::OpenAi, BodyKind::Json, &[body.as_bytes()]),
+        None
+    );
+    let body = r#"{"type":"message_start","type":"message_delta","message":{"usage":{"input_tokens":3}},"usage":{"output_tokens":4}}"#;
+    assert_eq!(
+        meter(UsageFormat::Anthropic, BodyKind::Json, &[body.as_bytes()]),
+        usage(0, 4)
+    );
+}
+
+#[test]
+fn corruption_a_document_counts_only_if_it_parses_whole() {
+    // Usage first, then broken JSON: nothing is merged.
+    let cut = r#"{"usage":{"prompt_tokens":19,"completion_tokens":10},"choices":[}"#;
+    assert_eq!(
+        meter(UsageFormat::OpenAi, BodyKind::Json, &[cut.as_bytes()]),
+        None
+    );
+    let trailing = r#"{"usage":{"prompt_tokens":19,"completion_tokens":10}} x"#;
+    assert_eq!(
+        meter(UsageFormat::OpenAi, BodyKind::Json, &[trailing.as_bytes()]),
+        None
+    );
+    // A buffered array whose last element is broken merges none of it.
+    let array =
+        r#"[{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":1}},{"usageMetadata":"#;
+    assert_eq!(
+        meter(UsageFormat::Google, BodyKind::Json, &[array.as_bytes()]),
+        None
+    );
+    // Array items that are not objects are skipped, the rest count.
+    let mixed = r#"[1,"usage",[{"usageMetadata":{"promptTokenCount":99}}],null,{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":9}}]"#;
+    assert_eq!(
+        meter(UsageFormat::Google, BodyKind::Json, &[mixed.as_bytes()]),
+        usage(8, 9)
+    );
+}
+
+#[test]
+fn boundary_deep_nesting_outside_the_usage_path_is_skipped() {
+    // Skipped values are walked without recursion, so depth there does not
+    // matter (a parse into a JSON tree stopped at 128 levels and lost the
+    // usage). Depth on the usage path is at most three levels.
+    let deep = format!(
+        r#"{{"choices":{}{},"usage":{{"prompt_tokens":1,"completion_tokens":2}}}}"#,
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    assert_eq!(
+        meter(UsageFormat::OpenAi, BodyKind::Json, &[deep.as_bytes()]),
+        usage(1, 2)
+    );
+}

@@ -17,7 +17,9 @@
 //! a report in which a count is not a number at all (a string, an object) is
 //! ignored whole, so that the caller charges the reservation instead.
 
-use serde_json::Value;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::sse::{DEFAULT_EVENT_CAP, SseParser};
 use crate::provider::UsageFormat;
@@ -200,31 +202,29 @@ impl UsageMeter {
     }
 }
 
-/// Parses one JSON document (a body, an SSE event's data, an array
-/// element) and merges any usage it reports. Anything else is ignored.
+/// Reads one JSON document (a body, an SSE event's data, an array
+/// element) and merges any usage it reports. Anything else is ignored, and
+/// so is a document that is not valid JSON as a whole.
+///
+/// The document is not built into a tree: a typed visitor walks it, reads
+/// only the keys on the way to the format's usage objects (and a top-level
+/// `type`), and skips everything else without allocating. It decides as a
+/// parse into `serde_json::Value` would: a repeated key's last value counts.
 fn meter_document(format: UsageFormat, bytes: &[u8], tally: &mut Tally) {
     // A cheap filter: every format names its usage object `usage…`, so a
     // document without the word cannot report it (stream deltas mostly).
     if !contains(bytes, b"usage") && !contains(bytes, b"billed_units") {
         return;
     }
-    let Ok(doc) = serde_json::from_slice::<Value>(bytes) else {
-        return;
+    // Reports are staged and kept only if the whole document parses.
+    let mut staged = *tally;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let body = Body {
+        format,
+        tally: &mut staged,
     };
-    match &doc {
-        // Google's streamed array, buffered as one body: the last counts.
-        Value::Array(items) => {
-            for item in items {
-                if let Some(report) = report(format, item) {
-                    tally.merge(report);
-                }
-            }
-        }
-        _ => {
-            if let Some(report) = report(format, &doc) {
-                tally.merge(report);
-            }
-        }
+    if body.deserialize(&mut de).and_then(|()| de.end()).is_ok() {
+        *tally = staged;
     }
 }
 
@@ -232,104 +232,481 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The usage one document reports, if any.
-fn report(format: UsageFormat, doc: &Value) -> Option<Tally> {
-    match format {
-        UsageFormat::OpenAi => {
-            let usage = non_null(doc.get("usage"))
-                .or_else(|| non_null(doc.get("response").and_then(|r| r.get("usage"))))?;
-            counts(
-                usage,
-                &[&["prompt_tokens"], &["input_tokens"]],
-                &[&["completion_tokens"], &["output_tokens"]],
-            )
-        }
-        UsageFormat::Anthropic => {
-            let usage = if doc.get("type").and_then(Value::as_str) == Some("message_start") {
-                doc.get("message")?.get("usage")?
-            } else {
-                doc.get("usage")?
-            };
-            counts(
-                usage,
-                &[&[
+/// Where a format's usage objects sit in a document.
+#[derive(Debug)]
+struct Layout {
+    /// Key paths from the document's root to each usage object, indexes
+    /// into [`Found::slots`]. No path is a prefix of another.
+    paths: &'static [&'static [&'static str]],
+    /// The top-level `type` value that changes which path counts.
+    event_type: Option<&'static str>,
+    /// The count fields of a usage object, indexes into [`Slot::Object`].
+    fields: &'static [&'static str],
+}
+
+/// The most paths and count fields a layout has.
+const MAX_PATHS: usize = 3;
+const MAX_FIELDS: usize = 4;
+
+impl UsageFormat {
+    fn layout(self) -> &'static Layout {
+        match self {
+            UsageFormat::OpenAi => &Layout {
+                paths: &[&["usage"], &["response", "usage"]],
+                event_type: None,
+                fields: &[
+                    "prompt_tokens",
+                    "input_tokens",
+                    "completion_tokens",
+                    "output_tokens",
+                ],
+            },
+            UsageFormat::Anthropic => &Layout {
+                paths: &[&["usage"], &["message", "usage"]],
+                event_type: Some("message_start"),
+                fields: &[
                     "input_tokens",
                     "cache_creation_input_tokens",
                     "cache_read_input_tokens",
-                ]],
-                &[&["output_tokens"]],
-            )
-        }
-        UsageFormat::Google => counts(
-            non_null(doc.get("usageMetadata"))?,
-            &[&["promptTokenCount", "toolUsePromptTokenCount"]],
-            &[&["candidatesTokenCount", "thoughtsTokenCount"]],
-        ),
-        UsageFormat::Cohere => {
-            let billed = if doc.get("type").and_then(Value::as_str) == Some("message-end") {
-                doc.get("delta")?.get("usage")?.get("billed_units")?
-            } else {
-                non_null(doc.get("usage").and_then(|u| u.get("billed_units")))
-                    .or_else(|| doc.get("meta").and_then(|m| m.get("billed_units")))?
-            };
-            counts(billed, &[&["input_tokens"]], &[&["output_tokens"]])
+                    "output_tokens",
+                ],
+            },
+            UsageFormat::Google => &Layout {
+                paths: &[&["usageMetadata"]],
+                event_type: None,
+                fields: &[
+                    "promptTokenCount",
+                    "toolUsePromptTokenCount",
+                    "candidatesTokenCount",
+                    "thoughtsTokenCount",
+                ],
+            },
+            UsageFormat::Cohere => &Layout {
+                paths: &[
+                    &["usage", "billed_units"],
+                    &["meta", "billed_units"],
+                    &["delta", "usage", "billed_units"],
+                ],
+                event_type: Some("message-end"),
+                fields: &["input_tokens", "output_tokens"],
+            },
         }
     }
 }
 
-fn non_null(v: Option<&Value>) -> Option<&Value> {
-    v.filter(|v| !v.is_null())
+/// What one document holds at its layout's paths.
+#[derive(Debug, Clone, Copy, Default)]
+struct Found {
+    slots: [Slot; MAX_PATHS],
+    /// Whether the top-level `type` is the layout's `event_type`.
+    event_type: bool,
+}
+
+/// The value at a usage path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Slot {
+    #[default]
+    Absent,
+    Null,
+    /// An object, with the layout's count fields read from it.
+    Object([Count; MAX_FIELDS]),
+    /// Any other value (a string, a number, an array).
+    Other,
+}
+
+impl Slot {
+    /// Present and not null.
+    fn is_given(self) -> bool {
+        !matches!(self, Slot::Absent | Slot::Null)
+    }
+}
+
+/// One count field as read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Count {
+    /// Absent or null.
+    #[default]
+    Absent,
+    /// A number, clamped into `0..=TOKEN_CAP` (fractions round up).
+    Tokens(u64),
+    /// Anything else: the report is unusable.
+    NotANumber,
+}
+
+/// The usage one document reports, if any.
+fn report(format: UsageFormat, found: &Found) -> Option<Tally> {
+    let [first, second, third] = found.slots;
+    match format {
+        UsageFormat::OpenAi => {
+            // `usage`, else the Responses API's `response.usage`.
+            let usage = if first.is_given() { first } else { second };
+            counts(usage, &[&[0], &[1]], &[&[2], &[3]])
+        }
+        UsageFormat::Anthropic => {
+            // `message_start` carries it in `message.usage`.
+            let usage = if found.event_type { second } else { first };
+            counts(usage, &[&[0, 1, 2]], &[&[3]])
+        }
+        UsageFormat::Google => counts(first, &[&[0, 1]], &[&[2, 3]]),
+        UsageFormat::Cohere => {
+            // v2 `message-end`: `delta.usage.billed_units`; v2 body:
+            // `usage.billed_units`; v1: `meta.billed_units`.
+            let billed = if found.event_type {
+                third
+            } else if first.is_given() {
+                first
+            } else {
+                second
+            };
+            counts(billed, &[&[0]], &[&[1]])
+        }
+    }
 }
 
 /// Reads the input and output counts of a usage object. Each side is a
 /// list of alternatives; an alternative is a primary field plus extras that
-/// add to it; the first alternative whose primary (or any extra) is present
-/// wins. `None` when the object reports nothing or reports a non-number.
-fn counts(usage: &Value, input: &[&[&str]], output: &[&[&str]]) -> Option<Tally> {
-    let usage = usage.as_object()?;
-    let side = |alternatives: &[&[&str]]| -> Result<Option<u64>, ()> {
-        for fields in alternatives {
+/// add to it (indexes into the layout's fields); the first alternative with
+/// any field present wins. `None` when the slot is not an object, reports
+/// nothing, or reports a non-number.
+fn counts(usage: Slot, input: &[&[usize]], output: &[&[usize]]) -> Option<Tally> {
+    let Slot::Object(fields) = usage else {
+        return None;
+    };
+    // The outer `None`: a field is not a number.
+    let side = |alternatives: &[&[usize]]| -> Option<Option<u64>> {
+        for alternative in alternatives {
             let mut total: Option<u64> = None;
-            for field in *fields {
-                if let Some(n) = count(usage.get(*field))? {
-                    total = Some(total.unwrap_or(0).saturating_add(n).min(TOKEN_CAP));
+            for &i in *alternative {
+                match fields.get(i).copied().unwrap_or_default() {
+                    Count::Absent => {}
+                    Count::Tokens(n) => {
+                        total = Some(total.unwrap_or(0).saturating_add(n).min(TOKEN_CAP));
+                    }
+                    Count::NotANumber => return None,
                 }
             }
             if total.is_some() {
-                return Ok(total);
+                return Some(total);
             }
         }
-        Ok(None)
+        Some(None)
     };
     let tally = Tally {
-        tokens_in: side(input).ok()?,
-        tokens_out: side(output).ok()?,
+        tokens_in: side(input)?,
+        tokens_out: side(output)?,
     };
     (tally.tokens_in.is_some() || tally.tokens_out.is_some()).then_some(tally)
 }
 
-/// One token count: absent or null is `Ok(None)`; a number is clamped into
-/// `0..=TOKEN_CAP` (fractions round up); anything else is `Err`.
-fn count(v: Option<&Value>) -> Result<Option<u64>, ()> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => {
-            if let Some(u) = n.as_u64() {
-                Ok(Some(u.min(TOKEN_CAP)))
-            } else if n.is_i64() {
-                Ok(Some(0)) // negative
+/// A count from a float: `0..=TOKEN_CAP`, fractions rounded up.
+fn clamp_float(f: f64) -> u64 {
+    if f.is_nan() || f <= 0.0 {
+        0
+    } else if f >= TOKEN_CAP as f64 {
+        TOKEN_CAP
+    } else {
+        f.ceil() as u64
+    }
+}
+
+// ----------------------------------------------------------------------
+// The visitors. Only the levels on a layout's paths recurse (three at
+// most); everything else is skipped as `IgnoredAny`, which serde_json
+// walks without recursion.
+
+/// A whole document: an object, or an array of objects (Google's streamed
+/// array buffered as one body), whose reports merge in order.
+struct Body<'t> {
+    format: UsageFormat,
+    tally: &'t mut Tally,
+}
+
+impl<'de> DeserializeSeed<'de> for Body<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Body<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object or array")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        if let Some(report) = Document(self.format).read_map(map)? {
+            self.tally.merge(report);
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element_seed(Peek::new(Document(self.format)))? {
+            if let Peeked::Map(Some(report)) = item {
+                self.tally.merge(report);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads what a map holds, for [`Peek`].
+trait ReadMap<'de> {
+    type Output;
+    fn read_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Output, A::Error>;
+}
+
+/// One JSON value, of which only a map is read further (by `R`).
+enum Peeked<T> {
+    Null,
+    /// A number as a token count.
+    Number(u64),
+    /// A string; whether it equals the one looked for.
+    Text(bool),
+    Map(T),
+    /// `true`, `false` or an array.
+    Other,
+}
+
+struct Peek<R> {
+    map: R,
+    /// The string [`Peeked::Text`] compares with.
+    text: Option<&'static str>,
+}
+
+impl<R> Peek<R> {
+    fn new(map: R) -> Self {
+        Peek { map, text: None }
+    }
+}
+
+impl<'de, R: ReadMap<'de>> DeserializeSeed<'de> for Peek<R> {
+    type Value = Peeked<R::Output>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, R: ReadMap<'de>> Visitor<'de> for Peek<R> {
+    type Value = Peeked<R::Output>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Peeked::Null)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Peeked::Other)
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(Peeked::Number(n.min(TOKEN_CAP)))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+        // Negative counts are 0.
+        Ok(Peeked::Number(u64::try_from(n).unwrap_or(0).min(TOKEN_CAP)))
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Self::Value, E> {
+        Ok(Peeked::Number(clamp_float(f)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Peeked::Text(self.text == Some(s)))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Peeked::Other)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.map.read_map(map).map(Peeked::Map)
+    }
+}
+
+/// A map read only to be skipped.
+struct SkipMap;
+
+impl<'de> ReadMap<'de> for SkipMap {
+    type Output = ();
+
+    fn read_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+}
+
+/// A map key, matched without allocating (`F` maps the name to what the
+/// caller needs).
+struct Key<F>(F);
+
+impl<'de, T, F: FnOnce(&str) -> T> DeserializeSeed<'de> for Key<F> {
+    type Value = T;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, T, F: FnOnce(&str) -> T> Visitor<'de> for Key<F> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<T, E> {
+        Ok((self.0)(s))
+    }
+}
+
+/// A document object: its usage report, if any.
+struct Document(UsageFormat);
+
+impl<'de> ReadMap<'de> for Document {
+    type Output = Option<Tally>;
+
+    fn read_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<Tally>, A::Error> {
+        let layout = self.0.layout();
+        let mut found = Found::default();
+        let all = (1u8 << layout.paths.len()) - 1;
+        Level {
+            layout,
+            depth: 0,
+            live: all,
+            found: &mut found,
+        }
+        .read_map(map)?;
+        Ok(report(self.0, &found))
+    }
+}
+
+/// An object at `depth` on the paths in the bit set `live`.
+struct Level<'f> {
+    layout: &'static Layout,
+    depth: usize,
+    live: u8,
+    found: &'f mut Found,
+}
+
+/// What a key at some level is to the layout.
+enum KeyRole {
+    /// The top-level `type`.
+    EventType,
+    /// On the paths in the bit set.
+    OnPaths(u8),
+    /// Nothing: skipped.
+    Skip,
+}
+
+impl<'de> ReadMap<'de> for Level<'_> {
+    type Output = ();
+
+    fn read_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Level {
+            layout,
+            depth,
+            live,
+            found,
+        } = self;
+        let role = |name: &str| {
+            if depth == 0 && layout.event_type.is_some() && name == "type" {
+                return KeyRole::EventType;
+            }
+            let mut on = 0u8;
+            for (i, path) in layout.paths.iter().enumerate() {
+                if live & (1 << i) != 0 && path.get(depth) == Some(&name) {
+                    on |= 1 << i;
+                }
+            }
+            if on == 0 {
+                KeyRole::Skip
             } else {
-                let f = n.as_f64().unwrap_or(0.0);
-                if f.is_nan() || f <= 0.0 {
-                    Ok(Some(0))
-                } else if f >= TOKEN_CAP as f64 {
-                    Ok(Some(TOKEN_CAP))
-                } else {
-                    Ok(Some(f.ceil() as u64))
+                KeyRole::OnPaths(on)
+            }
+        };
+        while let Some(role) = map.next_key_seed(Key(role))? {
+            match role {
+                KeyRole::Skip => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                KeyRole::EventType => {
+                    let value = map.next_value_seed(Peek {
+                        map: SkipMap,
+                        text: layout.event_type,
+                    })?;
+                    found.event_type = matches!(value, Peeked::Text(true));
+                }
+                KeyRole::OnPaths(on) => {
+                    // A repeated key replaces what the earlier one held.
+                    for (i, slot) in found.slots.iter_mut().enumerate() {
+                        if on & (1 << i) != 0 {
+                            *slot = Slot::Absent;
+                        }
+                    }
+                    let ends_here =
+                        |i: usize| layout.paths.get(i).is_some_and(|p| p.len() == depth + 1);
+                    if (0..MAX_PATHS).any(|i| on & (1 << i) != 0 && ends_here(i)) {
+                        let slot =
+                            match map.next_value_seed(Peek::new(CountFields(layout.fields)))? {
+                                Peeked::Null => Slot::Null,
+                                Peeked::Map(counts) => Slot::Object(counts),
+                                _ => Slot::Other,
+                            };
+                        for (i, s) in found.slots.iter_mut().enumerate() {
+                            if on & (1 << i) != 0 && ends_here(i) {
+                                *s = slot;
+                            }
+                        }
+                    } else {
+                        // Not an object: the paths below are absent.
+                        map.next_value_seed(Peek::new(Level {
+                            layout,
+                            depth: depth + 1,
+                            live: on,
+                            found: &mut *found,
+                        }))?;
+                    }
                 }
             }
         }
-        Some(_) => Err(()),
+        Ok(())
+    }
+}
+
+/// A usage object: the layout's count fields.
+struct CountFields(&'static [&'static str]);
+
+impl<'de> ReadMap<'de> for CountFields {
+    type Output = [Count; MAX_FIELDS];
+
+    fn read_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Output, A::Error> {
+        let fields = self.0;
+        let mut counts = [Count::Absent; MAX_FIELDS];
+        while let Some(index) =
+            map.next_key_seed(Key(|name: &str| fields.iter().position(|f| *f == name)))?
+        {
+            let Some(count) = index.and_then(|i| counts.get_mut(i)) else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            // A repeated field's last value counts.
+            *count = match map.next_value_seed(Peek::new(SkipMap))? {
+                Peeked::Null => Count::Absent,
+                Peeked::Number(n) => Count::Tokens(n),
+                _ => Count::NotANumber,
+            };
+        }
+        Ok(counts)
     }
 }
 
@@ -418,25 +795,49 @@ mod tests {
 
     #[test]
     fn counts_are_clamped() {
-        let v: Value =
-            serde_json::from_str(r#"[-5, 1.2, 1e300, 18446744073709551615, "7", {}]"#).unwrap();
-        let got: Vec<_> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| count(Some(x)))
-            .collect();
+        let got = [
+            r#"-5"#,
+            "1.2",
+            "1e300",
+            "18446744073709551615",
+            r#""7""#,
+            "{}",
+        ]
+        .map(|v| {
+            let body = format!(r#"{{"usage":{{"prompt_tokens":{v},"completion_tokens":1}}}}"#);
+            let mut tally = Tally::default();
+            meter_document(UsageFormat::OpenAi, body.as_bytes(), &mut tally);
+            tally.usage().map(|u| u.tokens_in)
+        });
         assert_eq!(
             got,
-            vec![
-                Ok(Some(0)),
-                Ok(Some(2)),
-                Ok(Some(TOKEN_CAP)),
-                Ok(Some(TOKEN_CAP)),
-                Err(()),
-                Err(())
+            [
+                Some(0),
+                Some(2),
+                Some(TOKEN_CAP),
+                Some(TOKEN_CAP),
+                None,
+                None
             ]
         );
+    }
+
+    #[test]
+    fn layouts_fit_their_bounds_and_no_path_is_a_prefix_of_another() {
+        for format in [
+            UsageFormat::OpenAi,
+            UsageFormat::Anthropic,
+            UsageFormat::Google,
+            UsageFormat::Cohere,
+        ] {
+            let layout = format.layout();
+            assert!(layout.paths.len() <= MAX_PATHS && layout.fields.len() <= MAX_FIELDS);
+            for a in layout.paths {
+                for b in layout.paths {
+                    assert!(a == b || !b.starts_with(a), "{format:?}: {a:?} / {b:?}");
+                }
+            }
+        }
     }
 
     #[test]

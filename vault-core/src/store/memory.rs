@@ -62,6 +62,26 @@ struct CarveOut {
     amount: Micros,
 }
 
+/// A budget line's running totals, kept as holds and carve-outs come and
+/// go so that reading the line never scans them.
+#[derive(Debug, Clone, Copy, Default)]
+struct LineTotals {
+    settled: Micros,
+    /// Open holds plus carve-outs held on the line. Summed without
+    /// saturation (it cannot reach `u128::MAX`), so a release undoes its
+    /// hold exactly; read back saturated, as a saturating sum would be.
+    reserved: u128,
+}
+
+impl LineTotals {
+    fn usage(self) -> BudgetUsage {
+        BudgetUsage {
+            settled: self.settled,
+            reserved: Micros(u64::try_from(self.reserved).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Keys in insertion order (oldest first).
@@ -70,8 +90,8 @@ struct State {
     /// Current and previous hashes, both pointing at the key's position.
     hash_index: HashMap<KeyHash, usize>,
     provider_keys: Vec<ProviderKeyRecord>,
-    /// Settled spend per (key, period start).
-    settled: HashMap<(KeyId, UnixMillis), Micros>,
+    /// Running totals per budget line: key, then period start.
+    lines: HashMap<KeyId, HashMap<UnixMillis, LineTotals>>,
     holds: HashMap<u64, Hold>,
     /// Carve-outs by child key id.
     carve_outs: HashMap<KeyId, CarveOut>,
@@ -81,32 +101,67 @@ struct State {
 }
 
 impl State {
+    /// A line's usage, in constant time.
     fn usage_of(&self, key: &KeyId, period_start: UnixMillis) -> BudgetUsage {
-        let settled = self
-            .settled
-            .get(&(key.clone(), period_start))
+        self.lines
+            .get(key)
+            .and_then(|periods| periods.get(&period_start))
             .copied()
-            .unwrap_or_default();
-        let held = self
-            .holds
-            .values()
-            .filter(|h| &h.key == key && h.period_start == period_start)
-            .fold(Micros::ZERO, |acc, h| acc.saturating_add(h.amount));
-        let carved = self
-            .carve_outs
-            .values()
-            .filter(|c| &c.parent == key && c.period_start == period_start)
-            .fold(Micros::ZERO, |acc, c| acc.saturating_add(c.amount));
-        BudgetUsage {
-            settled,
-            reserved: held.saturating_add(carved),
+            .unwrap_or_default()
+            .usage()
+    }
+
+    /// Updates a line's totals in one lookup (cloning the key id only for
+    /// a key not seen before).
+    fn update_line<T>(
+        &mut self,
+        key: &KeyId,
+        period_start: UnixMillis,
+        update: impl FnOnce(&mut LineTotals) -> T,
+    ) -> T {
+        if let Some(periods) = self.lines.get_mut(key) {
+            update(periods.entry(period_start).or_default())
+        } else {
+            let mut periods = HashMap::new();
+            let out = update(periods.entry(period_start).or_default());
+            self.lines.insert(key.clone(), periods);
+            out
         }
+    }
+
+    /// Closes a hold of `held`, charging `actual` to its line and key.
+    fn close_hold(&mut self, key: &KeyId, period_start: UnixMillis, held: Micros, actual: Micros) {
+        self.update_line(key, period_start, |line| {
+            line.reserved = line.reserved.saturating_sub(u128::from(held.0));
+            line.settled = line.settled.saturating_add(actual);
+        });
+        self.add_spend(key, actual);
+    }
+
+    /// Counts `amount` as reserved on a line (a hold or a carve-out).
+    fn hold(&mut self, key: &KeyId, period_start: UnixMillis, amount: Micros) {
+        self.update_line(key, period_start, |line| {
+            line.reserved = line.reserved.saturating_add(u128::from(amount.0));
+        });
+    }
+
+    /// Undoes [`hold`](Self::hold) of the same amount.
+    fn release(&mut self, key: &KeyId, period_start: UnixMillis, amount: Micros) {
+        self.update_line(key, period_start, |line| {
+            line.reserved = line.reserved.saturating_sub(u128::from(amount.0));
+        });
     }
 
     /// Adds `amount` to the period's settled spend and the key's lifetime spend.
     fn charge(&mut self, key: &KeyId, period_start: UnixMillis, amount: Micros) {
-        let settled = self.settled.entry((key.clone(), period_start)).or_default();
-        *settled = settled.saturating_add(amount);
+        self.update_line(key, period_start, |line| {
+            line.settled = line.settled.saturating_add(amount);
+        });
+        self.add_spend(key, amount);
+    }
+
+    /// Adds `amount` to a key's lifetime spend.
+    fn add_spend(&mut self, key: &KeyId, amount: Micros) {
         if let Some(&i) = self.key_index.get(key) {
             let k = &mut self.keys[i];
             k.spend = k.spend.saturating_add(amount);
@@ -119,6 +174,7 @@ impl State {
         let Some(carve) = self.carve_outs.remove(child) else {
             return false;
         };
+        self.release(&carve.parent, carve.period_start, carve.amount);
         let spent = self
             .key_index
             .get(child)
@@ -184,6 +240,7 @@ impl KeyStore for MemoryStore {
             let usage = s.usage_of(&line.key, line.period_start);
             let remaining = usage.remaining(line.limit);
             check_carve_out(remaining, amount)?;
+            s.hold(&line.key, line.period_start, amount);
             s.carve_outs.insert(
                 key.id.clone(),
                 CarveOut {
@@ -377,10 +434,13 @@ impl KeyStore for MemoryStore {
         expires_at: UnixMillis,
     ) -> Result<(Reservation, Option<Micros>), StoreError> {
         let mut s = self.lock()?;
-        let remaining = s
-            .usage_of(&line.key, line.period_start)
-            .remaining(line.limit);
-        let amount = reservable(remaining, want, at_least)?;
+        // Read the line and hold on it in one lookup.
+        let (remaining, amount) = s.update_line(&line.key, line.period_start, |totals| {
+            let remaining = totals.usage().remaining(line.limit);
+            let amount = reservable(remaining, want, at_least)?;
+            totals.reserved = totals.reserved.saturating_add(u128::from(amount.0));
+            Ok::<_, StoreError>((remaining, amount))
+        })?;
         s.next_reservation += 1;
         let id = s.next_reservation;
         s.holds.insert(
@@ -404,7 +464,7 @@ impl KeyStore for MemoryStore {
         let mut s = self.lock()?;
         for st in settlements {
             if let Some(hold) = s.holds.remove(&st.reservation.id.0) {
-                s.charge(&hold.key, hold.period_start, st.actual);
+                s.close_hold(&hold.key, hold.period_start, hold.amount, st.actual);
             }
         }
         Ok(())
@@ -442,7 +502,7 @@ impl KeyStore for MemoryStore {
         let mut swept = 0;
         for id in expired {
             if let Some(hold) = s.holds.remove(&id) {
-                s.charge(&hold.key, hold.period_start, hold.amount);
+                s.close_hold(&hold.key, hold.period_start, hold.amount, hold.amount);
                 swept += 1;
             }
         }
@@ -518,5 +578,135 @@ impl KeyStore for MemoryStore {
     async fn set_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
         self.lock()?.meta.insert(name.to_owned(), value.to_owned());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeyEnv;
+    use crate::policy::Policy;
+    use crate::record::Settlement;
+    use crate::scope::Scopes;
+
+    fn key(id: &str, parent: Option<&str>, expires_at: Option<i64>) -> KeyRecord {
+        KeyRecord {
+            id: KeyId::parse(id).unwrap(),
+            hash: KeyHash::of(id),
+            prefix: KeyPrefix::new("vpx_live_abcd"),
+            previous_hash: None,
+            previous_valid_until: None,
+            name: id.into(),
+            project: "default".into(),
+            env: KeyEnv::Live,
+            scopes: Scopes::parse(&["chat:write"]).unwrap(),
+            plan: None,
+            policy: Policy::default(),
+            parent: parent.map(|p| KeyId::parse(p).unwrap()),
+            provider_keys: vec![],
+            created_at: UnixMillis(0),
+            expires_at: expires_at.map(UnixMillis),
+            last_used_at: None,
+            request_count: 0,
+            status: KeyStatus::Active,
+            revoked_at: None,
+            spend: Micros::ZERO,
+        }
+    }
+
+    /// What is reserved on a line, summed from scratch.
+    fn scanned(s: &State, key: &KeyId, period_start: UnixMillis) -> Micros {
+        let held = s
+            .holds
+            .values()
+            .filter(|h| &h.key == key && h.period_start == period_start)
+            .fold(Micros::ZERO, |acc, h| acc.saturating_add(h.amount));
+        let carved = s
+            .carve_outs
+            .values()
+            .filter(|c| &c.parent == key && c.period_start == period_start)
+            .fold(Micros::ZERO, |acc, c| acc.saturating_add(c.amount));
+        held.saturating_add(carved)
+    }
+
+    #[test]
+    fn running_totals_match_a_scan_through_every_change() {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let store = MemoryStore::new();
+                let root = key("key_root", None, None);
+                store.insert_key(&root, None).await.unwrap();
+                let lines: Vec<BudgetLine> = [0, 1]
+                    .map(|p| BudgetLine {
+                        key: root.id.clone(),
+                        limit: Micros(1_000_000),
+                        period_start: UnixMillis(p),
+                    })
+                    .into();
+                let check = |store: &MemoryStore| {
+                    let s = store.state.lock().unwrap();
+                    for l in &lines {
+                        let usage = s.usage_of(&l.key, l.period_start);
+                        assert_eq!(usage.reserved, scanned(&s, &l.key, l.period_start));
+                    }
+                };
+                let mut open = Vec::new();
+                for i in 0..40u64 {
+                    let l = &lines[usize::from(i % 3 == 0)];
+                    let r = store
+                        .reserve(
+                            l,
+                            Micros(100 + i),
+                            Micros(1),
+                            UnixMillis(0),
+                            UnixMillis(i as i64),
+                        )
+                        .await
+                        .unwrap();
+                    open.push(r);
+                    check(&store);
+                    if i % 4 == 1 {
+                        let r = open.remove(0);
+                        let settlement = Settlement {
+                            actual: Micros(7),
+                            reservation: r,
+                        };
+                        store
+                            .settle(std::slice::from_ref(&settlement))
+                            .await
+                            .unwrap();
+                        // Settling twice changes nothing.
+                        store.settle(&[settlement]).await.unwrap();
+                        check(&store);
+                    }
+                }
+                // Carve-outs: one revoked, one expiring, one left held.
+                for (id, expires) in [("key_c1", None), ("key_c2", Some(5)), ("key_c3", None)] {
+                    let child = key(id, Some("key_root"), expires);
+                    store
+                        .insert_key(&child, Some((&lines[0], Micros(1_000))))
+                        .await
+                        .unwrap();
+                    check(&store);
+                }
+                store
+                    .revoke_key(&KeyId::parse("key_c1").unwrap(), UnixMillis(1))
+                    .await
+                    .unwrap();
+                check(&store);
+                assert!(store.sweep(UnixMillis(20)).await.unwrap() > 0);
+                check(&store);
+                store.sweep(UnixMillis(1_000)).await.unwrap();
+                check(&store);
+                let s = store.state.lock().unwrap();
+                assert!(s.holds.is_empty());
+                assert_eq!(
+                    s.usage_of(&root.id, UnixMillis(0)).reserved,
+                    Micros(1_000),
+                    "only key_c3's carve-out is left"
+                );
+            });
     }
 }

@@ -98,6 +98,16 @@ const MIGRATIONS: &[&str] = &[
         name  TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // 2: a line's held amounts summed from the index alone (each reservation
+    // and carve-out is one index entry read, no table row), replacing the
+    // indexes these extend. Idempotent, so a database whose version was set
+    // back re-runs it harmlessly.
+    "CREATE INDEX IF NOT EXISTS reservations_by_line_amount
+        ON reservations (key_id, period_start, amount);
+    DROP INDEX IF EXISTS reservations_by_line;
+    CREATE INDEX IF NOT EXISTS carve_outs_by_line_amount
+        ON carve_outs (parent_id, period_start, amount);
+    DROP INDEX IF EXISTS carve_outs_by_line;",
 ];
 
 /// The schema version this build writes.
@@ -128,4 +138,57 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             .map_err(backend)?;
     }
     tx.commit().map_err(backend)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What SQLite plans for a query, one detail per line.
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(3)).unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn budget_sums_read_covering_indexes_only() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        for sql in [
+            "SELECT amount FROM reservations WHERE key_id = 'k' AND period_start = 1",
+            "SELECT amount FROM carve_outs WHERE parent_id = 'k' AND period_start = 1",
+        ] {
+            let plan = plan(&conn, sql);
+            assert!(plan.contains("USING COVERING INDEX"), "{sql}: {plan}");
+        }
+    }
+
+    #[test]
+    fn lifecycle_version_one_database_migrates_keeping_open_reservations() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO reservations (key_id, period_start, amount, expires_at)
+             VALUES ('k', 1, 5, 9), ('k', 1, 7, 9), ('k', 2, 100, 9)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(usize::try_from(version).unwrap(), CURRENT_VERSION);
+        let held: i64 = conn
+            .query_row(
+                "SELECT SUM(amount) FROM reservations WHERE key_id = 'k' AND period_start = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(held, 12);
+        // Migrating again is a no-op.
+        migrate(&mut conn).unwrap();
+    }
 }
