@@ -475,8 +475,11 @@ impl KeyStore for MemoryStore {
         let Some(hold) = s.holds.get_mut(&settlement.reservation.id.0) else {
             return Ok(false);
         };
-        hold.amount = hold.amount.min(keep);
+        let kept = hold.amount.min(keep);
+        let given_back = hold.amount.saturating_sub(kept);
+        hold.amount = kept;
         let (key, period_start) = (hold.key.clone(), hold.period_start);
+        s.release(&key, period_start, given_back);
         s.charge(&key, period_start, settlement.actual);
         Ok(true)
     }
@@ -679,6 +682,18 @@ mod tests {
                             .unwrap();
                         // Settling twice changes nothing.
                         store.settle(&[settlement]).await.unwrap();
+                        check(&store);
+                    }
+                    if i % 4 == 3
+                        && let Some(r) = open.last()
+                    {
+                        // A partial settlement keeps part of the hold.
+                        let keep = Micros(r.amount.0 / 2);
+                        let settlement = Settlement {
+                            actual: Micros(3),
+                            reservation: r.clone(),
+                        };
+                        assert!(store.settle_part(&settlement, keep).await.unwrap());
                         check(&store);
                     }
                 }
