@@ -162,6 +162,15 @@ fn actor(req: &Request) -> Result<Actor, AdminError> {
 }
 
 async fn read_json<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, AdminError> {
+    read_optional_json(req)
+        .await?
+        .ok_or_else(|| AdminError::Invalid("a JSON request body is required".to_owned()))
+}
+
+/// Reads a bounded JSON body; `None` when the body is empty.
+async fn read_optional_json<T: for<'de> Deserialize<'de>>(
+    req: Request,
+) -> Result<Option<T>, AdminError> {
     let body = req.into_body();
     let bytes: Bytes = match Limited::new(body, MAX_ADMIN_BODY).collect().await {
         Ok(c) => c.to_bytes(),
@@ -180,11 +189,11 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, Admi
         }
     };
     if bytes.is_empty() {
-        return Err(AdminError::Invalid(
-            "a JSON request body is required".to_owned(),
-        ));
+        return Ok(None);
     }
-    serde_json::from_slice(&bytes).map_err(|e| body_error::<T>(&bytes, &e))
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| body_error::<T>(&bytes, &e))
 }
 
 /// Explains a body that did not deserialise, naming the field at fault
@@ -338,15 +347,8 @@ async fn rotate_key(
     req: Request,
 ) -> Result<Response, AdminError> {
     let actor = actor(&req)?;
-    let has_body = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .is_some_and(|v| v.as_bytes() != b"0");
-    let b: RotateBody = if has_body {
-        read_json(req).await?
-    } else {
-        RotateBody::default()
-    };
+    // The body is optional, however it is framed (length or chunked).
+    let b: RotateBody = read_optional_json(req).await?.unwrap_or_default();
     let grace = match (b.grace.as_deref(), b.grace_seconds) {
         (Some(_), Some(_)) => {
             return Err(AdminError::Invalid(
