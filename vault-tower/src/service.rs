@@ -413,6 +413,8 @@ where
     let not_sent = |ctx: &VaultContext, grant: Grant, d: Denial| {
         let mut r = pending_record.clone();
         r.status = d.status();
+        r.denial = Some(d.code().to_owned());
+        r.shadow = false;
         ctx.sink.settle_now(Some(grant), CallOutcome::NotSent, r);
         let mut resp = denial_response(&d).map(MeteredBody::full);
         add_limit_headers(resp.headers_mut(), &limits);
