@@ -17,19 +17,28 @@
 //!
 //! `vpx_test_` keys are answered by the built-in [`MockProvider`], offline.
 //!
-//! ```no_run
+//! ```
 //! use std::sync::Arc;
 //! use tower::ServiceBuilder;
+//! use vault_core::clock::SystemClock;
+//! use vault_core::crypto::{AesGcmEncryptor, MasterKey};
+//! use vault_core::policy::DefaultEngine;
+//! use vault_core::pricing::PriceTable;
+//! use vault_core::store::MemoryStore;
 //! use vault_tower::{Forwarder, VaultContext, VaultLayer};
 //!
-//! # fn parts() -> (Arc<dyn vault_core::store::KeyStore>, Arc<dyn vault_core::crypto::Encryptor>, Arc<dyn vault_core::policy::PolicyEngine>) { unimplemented!() }
-//! # async fn run() {
-//! let (store, encryptor, engine) = parts();
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Runtime::new()?.block_on(async {
+//! let store = Arc::new(MemoryStore::new());
+//! let encryptor = Arc::new(AesGcmEncryptor::new(MasterKey::generate()?)?);
+//! let prices = Arc::new(PriceTable::builtin());
+//! let engine = Arc::new(DefaultEngine::new(store.clone(), prices, Arc::new(SystemClock)));
 //! let ctx = VaultContext::builder(store, encryptor, engine).build();
 //! let proxy = ServiceBuilder::new()
 //!     .layer(VaultLayer::new(ctx))
 //!     .service(Forwarder::default());
 //! # let _ = proxy;
+//! # Ok(()) })
 //! # }
 //! ```
 
