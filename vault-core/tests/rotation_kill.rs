@@ -2,7 +2,7 @@
 //!
 //! The parent seeds a SQLite store with 200 provider keys sealed under
 //! master key A, then, for each round, gives a fresh copy to a child (this
-//! test binary, re-run on [`child_rotates_the_store_it_is_given`]) that
+//! test binary, re-run with the child's environment) that
 //! rotates to master key B with A as previous and prints a line after each
 //! record it re-wraps. The parent SIGKILLs the child after a chosen number
 //! of lines (different in every round; some rounds kill a resumed rotation
@@ -36,8 +36,8 @@ use vault_core::record::{
 };
 use vault_core::store::{KeyStore, SqliteStore, StoreError};
 
-/// The child's test, run with `--exact --ignored`.
-const CHILD_TEST: &str = "child_rotates_the_store_it_is_given";
+/// The test the child process re-runs (with the child's environment set).
+const CHILD_TEST: &str = "boundary_sigkill_at_any_point_of_a_rotation_loses_no_record";
 /// Tells the child which data directory to rotate.
 const CHILD_DIR_ENV: &str = "VAULTGATE_TEST_ROTATION_DIR";
 /// The two master keys (base64), for the child.
@@ -74,12 +74,9 @@ fn rotating(a: &str, b: &str) -> AesGcmEncryptor {
     AesGcmEncryptor::with_previous(key(b), vec![key(a)]).unwrap()
 }
 
-/// Re-run on purpose by [`boundary_sigkill_at_any_point_of_a_rotation_loses_no_record`];
-/// skipped (ignored) in a normal run.
-#[test]
-#[ignore = "run as a child process by boundary_sigkill_at_any_point_of_a_rotation_loses_no_record"]
-fn child_rotates_the_store_it_is_given() {
-    let dir = std::env::var(CHILD_DIR_ENV).expect("run by the parent test only");
+/// The child's part: rotate the store named by the environment, printing
+/// progress, until done or killed.
+fn child_rotates_the_store_it_is_given(dir: &str) {
     let a = std::env::var(KEY_A_ENV).unwrap();
     let b = std::env::var(KEY_B_ENV).unwrap();
     runtime().block_on(async {
@@ -154,7 +151,7 @@ fn run_child_and_kill(
     jitter: Duration,
 ) -> (usize, bool) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([CHILD_TEST, "--exact", "--ignored", "--nocapture"])
+        .args([CHILD_TEST, "--exact", "--nocapture"])
         .env(CHILD_DIR_ENV, dir)
         .env(KEY_A_ENV, a)
         .env(KEY_B_ENV, b)
@@ -237,6 +234,11 @@ async fn assert_every_record_opens(
 
 #[test]
 fn boundary_sigkill_at_any_point_of_a_rotation_loses_no_record() {
+    // Re-run as the child process: rotate, and let the parent kill us.
+    if let Ok(dir) = std::env::var(CHILD_DIR_ENV) {
+        child_rotates_the_store_it_is_given(&dir);
+        return;
+    }
     let a = MasterKey::generate().unwrap().to_base64().to_string();
     let b = MasterKey::generate().unwrap().to_base64().to_string();
     let tmp = tempfile::tempdir().unwrap();
