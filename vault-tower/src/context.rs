@@ -8,12 +8,14 @@ use moka::sync::Cache;
 use vault_core::audit::AuditLog;
 use vault_core::clock::{SharedClock, SystemClock};
 use vault_core::crypto::Encryptor;
+use vault_core::denial::Denial;
 use vault_core::key::{KeyFormat, KeyHash, KeyId};
 use vault_core::policy::PolicyEngine;
 use vault_core::provider::Provider;
 use vault_core::record::{KeyRecord, ProviderKeyRecord};
 use vault_core::store::{KeyStore, StoreError};
 
+use crate::credentials::{Presented, presented_key};
 use crate::metrics::Metrics;
 use crate::sink::UsageSink;
 use crate::upstream::Upstreams;
@@ -234,6 +236,40 @@ impl VaultContext {
     /// Waits until every usage record and settlement queued so far is written.
     pub async fn flush(&self) {
         self.sink.flush().await;
+    }
+
+    /// The key a request presents: exactly one credential (SPEC §4 places),
+    /// strictly parsed before any lookup, found by its full hash, and — for a
+    /// rotated-out secret — still inside its grace period. Status is left to
+    /// the caller. Shared by the proxy and the management API.
+    pub(crate) async fn presented_record(
+        &self,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Arc<KeyRecord>, Denial> {
+        let hash = match presented_key(headers, query) {
+            Presented::Missing => return Err(Denial::MissingApiKey),
+            Presented::Invalid => return Err(Denial::InvalidApiKey),
+            Presented::One(s) => self
+                .format
+                .parse(s)
+                .map_err(|_| Denial::InvalidApiKey)?
+                .hash(),
+        };
+        let record = match self.key_by_hash(&hash).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Denial::InvalidApiKey),
+            Err(e) => {
+                tracing::error!(error = %e, "key lookup failed");
+                return Err(Denial::Internal);
+            }
+        };
+        let now = self.clock.now();
+        if record.hash != hash && record.previous_valid_until.is_none_or(|until| now >= until) {
+            // A rotated-out secret whose grace period is over.
+            return Err(Denial::InvalidApiKey);
+        }
+        Ok(record)
     }
 
     /// The key whose current (or grace-period) secret hashes to `hash`.

@@ -37,9 +37,7 @@ use vault_core::record::{BudgetLine, KeyRecord, KeyStatus, UsageRecord};
 
 use crate::body::{BoxError, MeteredBody, Metering};
 use crate::context::VaultContext;
-use crate::credentials::{
-    Presented, presented_key, strip_key_param, strip_request_headers, strip_response_headers,
-};
+use crate::credentials::{strip_key_param, strip_request_headers, strip_response_headers};
 use crate::forward::UpstreamFailure;
 use crate::future::ResponseFuture;
 use crate::mock::{MockProvider, MockTarget};
@@ -236,27 +234,14 @@ where
     }
 
     // 1. The credential: exactly one, strictly parsed, before any lookup.
-    let hash = match presented_key(&parts.headers, parts.uri.query()) {
-        Presented::Missing => return Ok(deny(&ctx, &Denial::MissingApiKey, None, None)),
-        Presented::Invalid => return Ok(deny(&ctx, &Denial::InvalidApiKey, None, None)),
-        Presented::One(s) => match ctx.format.parse(s) {
-            Ok(key) => key.hash(),
-            Err(_) => return Ok(deny(&ctx, &Denial::InvalidApiKey, None, None)),
-        },
-    };
-    let record = match ctx.key_by_hash(&hash).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return Ok(deny(&ctx, &Denial::InvalidApiKey, None, None)),
-        Err(e) => {
-            tracing::error!(error = %e, "key lookup failed");
-            return Ok(deny(&ctx, &Denial::Internal, None, None));
-        }
+    let record = match ctx
+        .presented_record(&parts.headers, parts.uri.query())
+        .await
+    {
+        Ok(r) => r,
+        Err(d) => return Ok(deny(&ctx, &d, None, None)),
     };
     let now = ctx.clock.now();
-    if record.hash != hash && record.previous_valid_until.is_none_or(|until| now >= until) {
-        // A rotated-out secret whose grace period is over.
-        return Ok(deny(&ctx, &Denial::InvalidApiKey, None, None));
-    }
     let endpoint = format!("{} {}", parts.method, parts.uri.path());
     let caller = |provider, endpoint: &str, model: Option<&str>| Caller {
         record: &record,

@@ -30,7 +30,6 @@ use vault_core::record::{KeyStatus, UsageFilter};
 
 use crate::admin::ops::{Actor, Admin, AdminError, NewKey};
 use crate::admin::views;
-use crate::credentials::{Presented, presented_key};
 use crate::response::denial_response;
 
 /// Largest management request body.
@@ -114,26 +113,11 @@ impl IntoResponse for AdminError {
 /// revoked, expired and unknown keys before any handler runs.
 async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: Next) -> Response {
     let ctx = admin.context();
-    let hash = match presented_key(req.headers(), req.uri().query()) {
-        Presented::Missing => return denial(&Denial::MissingApiKey),
-        Presented::Invalid => return denial(&Denial::InvalidApiKey),
-        Presented::One(s) => match ctx.key_format().parse(s) {
-            Ok(k) => k.hash(),
-            Err(_) => return denial(&Denial::InvalidApiKey),
-        },
-    };
-    let record = match ctx.key_by_hash(&hash).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return denial(&Denial::InvalidApiKey),
-        Err(e) => {
-            tracing::error!(error = %e, "key lookup failed");
-            return denial(&Denial::Internal);
-        }
+    let record = match ctx.presented_record(req.headers(), req.uri().query()).await {
+        Ok(r) => r,
+        Err(d) => return denial(&d),
     };
     let now = ctx.clock().now();
-    if record.hash != hash && record.previous_valid_until.is_none_or(|until| now >= until) {
-        return denial(&Denial::InvalidApiKey);
-    }
     match ctx.chain(record.clone()).await {
         Ok(chain) => {
             for k in &chain {
