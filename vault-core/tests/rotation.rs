@@ -7,20 +7,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
 use vault_core::clock::UnixMillis;
 use vault_core::crypto::{
     Aad, AesGcmEncryptor, Encryptor, MasterKey, MasterKeyError, ProviderSecret, RotationError,
     RotationReport, Sealed, rotate_master_key, sealed_key_id, verify_master_keys,
 };
-use vault_core::key::{KeyHash, KeyId, KeyPrefix, ProviderKeyId};
-use vault_core::money::Micros;
+use vault_core::key::ProviderKeyId;
 use vault_core::provider::Provider;
-use vault_core::record::{
-    BudgetLine, BudgetUsage, KeyRecord, ProviderKeyRecord, Reservation, Settlement, UsageFilter,
-    UsageRecord,
-};
-use vault_core::store::{KeyStore, MemoryStore, SqliteStore, StoreError};
+use vault_core::record::ProviderKeyRecord;
+use vault_core::store::{KeyStore, MemoryStore, SqliteStore};
 
 type Store = Arc<dyn KeyStore>;
 
@@ -148,158 +143,9 @@ async fn assert_all_open(
     current
 }
 
-/// What the wrapper does on `replace_sealed`.
-enum Interference {
-    /// Forward this many calls, then fail every later one (a crash).
-    FailAfter(AtomicUsize),
-    /// Before the first call for an id, replace the record concurrently
-    /// with this value.
-    ChangeFirst(Mutex<HashMap<ProviderKeyId, Sealed>>),
-    /// Before the first call, remove the record concurrently.
-    RemoveFirst(AtomicUsize),
-}
-
-/// A store that forwards to another, interfering with `replace_sealed`.
-struct Interfering {
-    inner: Store,
-    interference: Interference,
-    calls: AtomicUsize,
-}
-
-impl Interfering {
-    fn new(inner: Store, interference: Interference) -> Self {
-        Interfering {
-            inner,
-            interference,
-            calls: AtomicUsize::new(0),
-        }
-    }
-}
-
-#[async_trait]
-impl KeyStore for Interfering {
-    async fn insert_key(
-        &self,
-        key: &KeyRecord,
-        carve: Option<(&BudgetLine, Micros)>,
-    ) -> Result<(), StoreError> {
-        self.inner.insert_key(key, carve).await
-    }
-    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.find_by_hash(hash).await
-    }
-    async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.get_key(id).await
-    }
-    async fn list_keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.list_keys(project).await
-    }
-    async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {
-        self.inner.revoke_key(id, at).await
-    }
-    async fn rotate_key(
-        &self,
-        id: &KeyId,
-        new_hash: &KeyHash,
-        new_prefix: &KeyPrefix,
-        grace_until: Option<UnixMillis>,
-    ) -> Result<(), StoreError> {
-        self.inner
-            .rotate_key(id, new_hash, new_prefix, grace_until)
-            .await
-    }
-    async fn insert_provider_key(&self, key: &ProviderKeyRecord) -> Result<(), StoreError> {
-        self.inner.insert_provider_key(key).await
-    }
-    async fn get_provider_key(
-        &self,
-        id: &ProviderKeyId,
-    ) -> Result<Option<ProviderKeyRecord>, StoreError> {
-        self.inner.get_provider_key(id).await
-    }
-    async fn list_provider_keys(
-        &self,
-        project: Option<&str>,
-    ) -> Result<Vec<ProviderKeyRecord>, StoreError> {
-        self.inner.list_provider_keys(project).await
-    }
-    async fn remove_provider_key(&self, id: &ProviderKeyId) -> Result<bool, StoreError> {
-        self.inner.remove_provider_key(id).await
-    }
-    async fn replace_sealed(
-        &self,
-        id: &ProviderKeyId,
-        expected: &Sealed,
-        new: &Sealed,
-    ) -> Result<bool, StoreError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        match &self.interference {
-            Interference::FailAfter(left) => {
-                if left
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_err()
-                {
-                    return Err(StoreError::Backend("injected crash".to_owned()));
-                }
-            }
-            Interference::ChangeFirst(changes) => {
-                let change = changes.lock().unwrap().remove(id);
-                if let Some(value) = change {
-                    assert!(self.inner.replace_sealed(id, expected, &value).await?);
-                }
-            }
-            Interference::RemoveFirst(left) => {
-                if left
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok()
-                {
-                    assert!(self.inner.remove_provider_key(id).await?);
-                }
-            }
-        }
-        self.inner.replace_sealed(id, expected, new).await
-    }
-    async fn reserve(
-        &self,
-        line: &BudgetLine,
-        want: Micros,
-        at_least: Micros,
-        now: UnixMillis,
-        expires_at: UnixMillis,
-    ) -> Result<Reservation, StoreError> {
-        self.inner
-            .reserve(line, want, at_least, now, expires_at)
-            .await
-    }
-    async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
-        self.inner.settle(settlements).await
-    }
-    async fn budget_usage(
-        &self,
-        line: &BudgetLine,
-        now: UnixMillis,
-    ) -> Result<BudgetUsage, StoreError> {
-        self.inner.budget_usage(line, now).await
-    }
-    async fn sweep(&self, now: UnixMillis) -> Result<usize, StoreError> {
-        self.inner.sweep(now).await
-    }
-    async fn add_spend(&self, charges: &[(KeyId, Micros)]) -> Result<(), StoreError> {
-        self.inner.add_spend(charges).await
-    }
-    async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
-        self.inner.append_usage(records).await
-    }
-    async fn list_usage(&self, filter: &UsageFilter) -> Result<Vec<UsageRecord>, StoreError> {
-        self.inner.list_usage(filter).await
-    }
-    async fn get_meta(&self, name: &str) -> Result<Option<String>, StoreError> {
-        self.inner.get_meta(name).await
-    }
-    async fn set_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
-        self.inner.set_meta(name, value).await
-    }
-}
+#[path = "support/interfering_store.rs"]
+mod interfering_store;
+use interfering_store::{Interference, Interfering};
 
 const N: usize = 24;
 

@@ -18,23 +18,22 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use async_trait::async_trait;
+#[path = "support/interfering_store.rs"]
+mod interfering_store;
+
+use interfering_store::{Interference, Interfering};
 use vault_core::clock::UnixMillis;
 use vault_core::crypto::{
-    Aad, AesGcmEncryptor, Encryptor, MasterKey, ProviderSecret, Sealed, rotate_master_key,
-    sealed_key_id, verify_master_keys,
+    Aad, AesGcmEncryptor, Encryptor, MasterKey, ProviderSecret, rotate_master_key, sealed_key_id,
+    verify_master_keys,
 };
-use vault_core::key::{KeyHash, KeyId, KeyPrefix, ProviderKeyId};
-use vault_core::money::Micros;
+use vault_core::key::ProviderKeyId;
 use vault_core::provider::Provider;
-use vault_core::record::{
-    BudgetLine, BudgetUsage, KeyRecord, ProviderKeyRecord, Reservation, Settlement, UsageFilter,
-    UsageRecord,
-};
-use vault_core::store::{KeyStore, SqliteStore, StoreError};
+use vault_core::record::ProviderKeyRecord;
+use vault_core::store::{KeyStore, SqliteStore};
 
 /// The test the child process re-runs (with the child's environment set).
 const CHILD_TEST: &str = "boundary_sigkill_at_any_point_of_a_rotation_loses_no_record";
@@ -80,10 +79,13 @@ fn child_rotates_the_store_it_is_given(dir: &str) {
     let a = std::env::var(KEY_A_ENV).unwrap();
     let b = std::env::var(KEY_B_ENV).unwrap();
     runtime().block_on(async {
-        let store = Progress {
-            inner: Arc::new(SqliteStore::open_in_dir(Path::new(&dir)).unwrap()),
-            rewrapped: AtomicUsize::new(0),
-        };
+        let store = Interfering::new(
+            Arc::new(SqliteStore::open_in_dir(Path::new(&dir)).unwrap()),
+            Interference::Report(
+                Box::new(|n| say(&format!("{REWRAPPED} {n}"))),
+                AtomicUsize::new(0),
+            ),
+        );
         rotate_master_key(&store, &rotating(&a, &b)).await.unwrap();
         say(DONE);
     });
@@ -300,116 +302,5 @@ fn boundary_sigkill_at_any_point_of_a_rotation_loses_no_record() {
                 report.rewrapped
             );
         });
-    }
-}
-
-/// A store that prints a line after each successful re-wrap.
-struct Progress {
-    inner: Arc<SqliteStore>,
-    rewrapped: AtomicUsize,
-}
-
-#[async_trait]
-impl KeyStore for Progress {
-    async fn replace_sealed(
-        &self,
-        id: &ProviderKeyId,
-        expected: &Sealed,
-        new: &Sealed,
-    ) -> Result<bool, StoreError> {
-        let replaced = self.inner.replace_sealed(id, expected, new).await?;
-        if replaced {
-            let n = self.rewrapped.fetch_add(1, Ordering::SeqCst) + 1;
-            say(&format!("{REWRAPPED} {n}"));
-        }
-        Ok(replaced)
-    }
-    async fn insert_key(
-        &self,
-        key: &KeyRecord,
-        carve: Option<(&BudgetLine, Micros)>,
-    ) -> Result<(), StoreError> {
-        self.inner.insert_key(key, carve).await
-    }
-    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.find_by_hash(hash).await
-    }
-    async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.get_key(id).await
-    }
-    async fn list_keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.list_keys(project).await
-    }
-    async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {
-        self.inner.revoke_key(id, at).await
-    }
-    async fn rotate_key(
-        &self,
-        id: &KeyId,
-        new_hash: &KeyHash,
-        new_prefix: &KeyPrefix,
-        grace_until: Option<UnixMillis>,
-    ) -> Result<(), StoreError> {
-        self.inner
-            .rotate_key(id, new_hash, new_prefix, grace_until)
-            .await
-    }
-    async fn insert_provider_key(&self, key: &ProviderKeyRecord) -> Result<(), StoreError> {
-        self.inner.insert_provider_key(key).await
-    }
-    async fn get_provider_key(
-        &self,
-        id: &ProviderKeyId,
-    ) -> Result<Option<ProviderKeyRecord>, StoreError> {
-        self.inner.get_provider_key(id).await
-    }
-    async fn list_provider_keys(
-        &self,
-        project: Option<&str>,
-    ) -> Result<Vec<ProviderKeyRecord>, StoreError> {
-        self.inner.list_provider_keys(project).await
-    }
-    async fn remove_provider_key(&self, id: &ProviderKeyId) -> Result<bool, StoreError> {
-        self.inner.remove_provider_key(id).await
-    }
-    async fn reserve(
-        &self,
-        line: &BudgetLine,
-        want: Micros,
-        at_least: Micros,
-        now: UnixMillis,
-        expires_at: UnixMillis,
-    ) -> Result<Reservation, StoreError> {
-        self.inner
-            .reserve(line, want, at_least, now, expires_at)
-            .await
-    }
-    async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
-        self.inner.settle(settlements).await
-    }
-    async fn add_spend(&self, charges: &[(KeyId, Micros)]) -> Result<(), StoreError> {
-        self.inner.add_spend(charges).await
-    }
-    async fn budget_usage(
-        &self,
-        line: &BudgetLine,
-        now: UnixMillis,
-    ) -> Result<BudgetUsage, StoreError> {
-        self.inner.budget_usage(line, now).await
-    }
-    async fn sweep(&self, now: UnixMillis) -> Result<usize, StoreError> {
-        self.inner.sweep(now).await
-    }
-    async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
-        self.inner.append_usage(records).await
-    }
-    async fn list_usage(&self, filter: &UsageFilter) -> Result<Vec<UsageRecord>, StoreError> {
-        self.inner.list_usage(filter).await
-    }
-    async fn get_meta(&self, name: &str) -> Result<Option<String>, StoreError> {
-        self.inner.get_meta(name).await
-    }
-    async fn set_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
-        self.inner.set_meta(name, value).await
     }
 }
