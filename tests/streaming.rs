@@ -441,3 +441,32 @@ async fn lifecycle_client_disconnect_mid_stream_cancels_upstream_and_settles() {
     );
     assert_eq!(usage[0].cost, held);
 }
+
+/// SPEC §5: usage reaches the store within one second, with no flush asked
+/// for (the usage worker batches off the request path).
+#[tokio::test]
+async fn lifecycle_usage_reaches_the_store_within_one_second_unflushed() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&up.url).await;
+    let (key, id) = gw.test_key().await;
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 4, "messages": []});
+    let r = gw.post("/openai/v1/chat/completions", &key, &body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let sent = std::time::Instant::now();
+    let filter = vault_core::record::UsageFilter {
+        key_id: Some(id),
+        ..Default::default()
+    };
+    loop {
+        let rows = gw.store.list_usage(&filter).await.unwrap();
+        if let Some(row) = rows.first() {
+            assert_eq!((row.tokens_out, row.status), (4, 200));
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(1),
+            "no usage record within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
