@@ -464,7 +464,7 @@ where
     let pending = crate::sink::PendingCall {
         sink: ctx.sink.clone(),
         grant: Some(grant),
-        record: pending_record.clone(),
+        record: pending_record,
         started,
     };
 
