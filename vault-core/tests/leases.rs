@@ -52,7 +52,8 @@ async fn boundary_one_store_reservation_covers_a_lease_of_calls() {
         leased.budget_usage(&l, NOW).await.unwrap().reserved,
         Micros(400)
     );
-    // The fifth takes a second lease.
+    // The fifth takes a second lease, twice as big: the first was used up
+    // within a second.
     calls.push(
         leased
             .reserve(&l, Micros(100), Micros(1), NOW, LATER)
@@ -61,7 +62,7 @@ async fn boundary_one_store_reservation_covers_a_lease_of_calls() {
     );
     assert_eq!(
         bare.budget_usage(&l, NOW).await.unwrap().reserved,
-        Micros(800)
+        Micros(1_200)
     );
     assert_eq!(
         leased.budget_usage(&l, NOW).await.unwrap().reserved,
@@ -79,6 +80,73 @@ async fn boundary_one_store_reservation_covers_a_lease_of_calls() {
         bare.get_key(&k.id).await.unwrap().unwrap().spend,
         Micros(150)
     );
+}
+
+#[tokio::test]
+async fn boundary_leases_grow_under_load_and_shrink_when_quiet() {
+    let leased = LeasedStore::new(vault_core::store::MemoryStore::new()).with_lease_factor(2);
+    let k = key();
+    leased.insert_key(&k, None).await.unwrap();
+    let l = line(&k, 1_000_000_000, 0);
+    // Store-held amount after each call at `now`, with every call settled at
+    // once (so each lease is used up only by calls of its own).
+    let mut held = Vec::new();
+    let mut now = NOW;
+    for step in 0..40 {
+        if step == 30 {
+            // A quiet spell: the next leases are taken seconds apart.
+            now = now.plus_millis(5_000);
+        }
+        let before = leased.get_ref().budget_usage(&l, now).await.unwrap();
+        let r = leased
+            .reserve(&l, Micros(100), Micros(1), now, LATER)
+            .await
+            .unwrap();
+        let after = leased.get_ref().budget_usage(&l, now).await.unwrap();
+        // A used-up lease is settled as the next is taken: count both.
+        let taken = (after.reserved.0 + after.settled.0)
+            .saturating_sub(before.reserved.0 + before.settled.0);
+        if taken > 0 {
+            held.push(taken);
+        }
+        leased.settle(&[settle_at(&r, 100)]).await.unwrap();
+        if step >= 30 {
+            now = now.plus_millis(5_000);
+        }
+    }
+    // Busy: 2 calls, then 4, 8, 16 (each lease covers twice the last).
+    assert_eq!(&held[..4], &[200, 400, 800, 1_600], "{held:?}");
+    // Quiet: back down to halving leases, never below factor × want.
+    let last = *held.last().unwrap();
+    assert!(last < 1_600, "leases shrink when quiet: {held:?}");
+    assert!(held.iter().all(|&h| h >= 200), "{held:?}");
+}
+
+#[tokio::test]
+async fn boundary_a_lease_never_takes_more_than_a_quarter_of_what_is_left() {
+    let leased = LeasedStore::new(vault_core::store::MemoryStore::new()).with_lease_factor(2);
+    let k = key();
+    leased.insert_key(&k, None).await.unwrap();
+    let l = line(&k, 100_000, 0);
+    let mut max_lease = 0;
+    for _ in 0..200 {
+        let before = leased.get_ref().budget_usage(&l, NOW).await.unwrap();
+        let Ok(r) = leased.reserve(&l, Micros(100), Micros(1), NOW, LATER).await else {
+            break;
+        };
+        let after = leased.get_ref().budget_usage(&l, NOW).await.unwrap();
+        // A used-up lease is settled as the next is taken: count both.
+        let taken = (after.reserved.0 + after.settled.0)
+            .saturating_sub(before.reserved.0 + before.settled.0);
+        let left = 100_000 - before.settled.0 - before.reserved.0;
+        assert!(
+            taken <= (left / 4).max(200),
+            "lease of {taken} with {left} left"
+        );
+        max_lease = max_lease.max(taken);
+        leased.settle(&[settle_at(&r, 100)]).await.unwrap();
+    }
+    assert!(max_lease > 200, "leases grew: {max_lease}");
 }
 
 #[tokio::test]

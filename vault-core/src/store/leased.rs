@@ -3,10 +3,19 @@
 //!
 //! For each budget line this process spends on, the decorator holds a
 //! **lease**: one ordinary reservation in the inner store, sized
-//! `clamp(factor × want, want, remaining)` when it is taken. Calls then
+//! `clamp(factor × growth × want, want, remaining)` when it is taken. Calls then
 //! reserve against the lease's free part in memory (a `std::sync::Mutex` per
 //! line, never held across an await) and settle back into it: the unspent
 //! part of a call returns to the lease, its cost adds to the lease's `spent`.
+//!
+//! # How big a lease is
+//! `growth` starts at 1 for each line. A line whose previous lease was taken
+//! less than [`FAST_LEASE_MS`] before doubles it (up to [`MAX_LEASE_GROWTH`]);
+//! a line that took longer halves it. So a key under heavy load takes a few
+//! leases a second, not one per `factor` calls, and a quiet key goes back to
+//! small leases. Growth never asks for more than a quarter of what the line
+//! was last known to have left (but always at least `factor × want`), so a
+//! busy process does not sit on the budget other processes share.
 //!
 //! # Why the cap still holds
 //! A lease is held in the inner store exactly like a call's reservation, so
@@ -90,6 +99,12 @@ pub const DEFAULT_LEASE_FACTOR: u64 = 16;
 /// in the store is that call's expiry plus this).
 pub const DEFAULT_LEASE_WINDOW: Duration = Duration::from_secs(30);
 
+/// A line whose leases are taken closer together than this takes bigger ones.
+pub const FAST_LEASE_MS: i64 = 1_000;
+
+/// The most a lease grows beyond `factor × want`.
+pub const MAX_LEASE_GROWTH: u64 = 256;
+
 /// The first id of calls' reservations; the inner store's stay below.
 const LOCAL_IDS: u64 = 1 << 63;
 
@@ -139,6 +154,10 @@ struct Line {
     /// taken, adjusted by what this store gave back since (signed: a lease
     /// may be settled above its amount).
     inner_remaining: Option<i128>,
+    /// When the last lease was taken.
+    last_taken: Option<UnixMillis>,
+    /// The multiplier of the next lease (see the module docs); 0 means 1.
+    growth: u64,
 }
 
 /// One lease: a reservation in the inner store and the calls held on it.
@@ -210,6 +229,26 @@ impl Line {
         self.leases
             .iter()
             .fold(Micros::ZERO, |acc, l| acc.saturating_add(l.free()))
+    }
+
+    /// What the next lease asks for, taken at `now` for a call of `want`
+    /// (see the module docs); updates the line's growth.
+    fn next_wish(&mut self, want: Micros, factor: u64, now: UnixMillis) -> Micros {
+        let growth = self.growth.max(1);
+        self.growth = match self.last_taken {
+            Some(t) if now.0.saturating_sub(t.0) < FAST_LEASE_MS => {
+                (growth * 2).min(MAX_LEASE_GROWTH)
+            }
+            Some(_) => (growth / 2).max(1),
+            None => 1,
+        };
+        self.last_taken = Some(now);
+        let base = want.0.saturating_mul(factor);
+        let grown = base.saturating_mul(self.growth);
+        let share = self
+            .inner_remaining
+            .map_or(u64::MAX, |r| u64::try_from(r.max(0) / 4).unwrap_or(u64::MAX));
+        Micros(grown.min(share.max(base)))
     }
 
     fn adjust_remaining(&mut self, by: i128) {
@@ -610,7 +649,11 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         }
         let key = (line.key.clone(), line.period_start);
         self.release_line(&key).await?;
-        let wish = Micros(want.0.saturating_mul(self.factor));
+        let wish = {
+            let state = self.lines()?.entry(key.clone()).or_default().clone();
+            let mut state = lock_line(&state)?;
+            state.next_wish(want, self.factor, now)
+        };
         // The floor the bare store would apply to `want`, not to `wish`.
         let floor = at_least.min(want);
         let lease_expiry = expires_at.plus_millis(self.window_ms);
