@@ -132,7 +132,9 @@ async fn run_mix(n: usize, sqlite: bool) {
             match kind {
                 Kind::StreamAbandoned => {
                     assert_eq!(status, StatusCode::OK);
-                    assert_eq!(next_chunk(&mut body).await.unwrap(), chunk("first"));
+                    // The first event, maybe joined with keep-alives already sent.
+                    let first = next_chunk(&mut body).await.unwrap();
+                    assert!(first.starts_with(chunk("first").as_bytes()), "{first:?}");
                     drop(body);
                 }
                 _ => {

@@ -1,32 +1,26 @@
-//! The default inner service: forwards the rewritten request with a pooled
-//! hyper-util client (HTTP/1.1 and HTTP/2, TLS by rustls with the `ring`
-//! provider), explicit timeouts, and no redirects followed.
+//! The default inner service: forwards the rewritten request over pooled
+//! HTTP/1.1 connections that each call drives in its own task (see
+//! [`pool`](crate::pool); TLS by rustls with the `ring` provider), with
+//! explicit timeouts and no redirects followed.
 //!
 //! Failures become SPEC's 502/504 JSON responses carrying an
 //! [`UpstreamFailure`] extension, so the layer knows whether the request
 //! reached the provider (SPEC §3's failed-call rule).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 use vault_core::denial::Denial;
 
+use crate::pool::{BoxError, ConnPool, Exchange, SendError};
 use crate::response::denial_response;
 use crate::upstream::Timeouts;
 
@@ -38,17 +32,12 @@ pub struct UpstreamFailure {
     pub sent: bool,
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, UnsyncBoxBody<Bytes, BoxError>>;
-
-/// Errors of request bodies the forwarder sends.
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Forwards requests whose URI is already absolute (set by the layer).
-/// Cheap to clone; clones share connection pools.
+/// Cheap to clone; clones share the connection pool.
 #[derive(Clone)]
 pub struct Forwarder {
     defaults: Timeouts,
-    clients: Arc<Mutex<HashMap<Duration, HttpsClient>>>,
+    pool: ConnPool,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -71,42 +60,9 @@ impl Forwarder {
     pub fn new(defaults: Timeouts) -> Self {
         Forwarder {
             defaults,
-            clients: Arc::new(Mutex::new(HashMap::new())),
+            pool: ConnPool::new(),
         }
     }
-
-    /// One pooled client per connect timeout (in practice one or two).
-    fn client(&self, connect_timeout: Duration) -> HttpsClient {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients
-            .entry(connect_timeout)
-            .or_insert_with(|| build_client(connect_timeout))
-            .clone()
-    }
-}
-
-fn build_client(connect_timeout: Duration) -> HttpsClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let https =
-        match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_webpki_roots(provider) {
-            Ok(b) => b,
-            // The ring provider always supports the safe default versions; fall
-            // back to the process default provider if that ever changes.
-            Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
-        }
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(TokioTimer::new())
-        .build(https)
 }
 
 impl<B> tower_service::Service<Request<B>> for Forwarder
@@ -129,18 +85,20 @@ where
             .copied()
             .unwrap_or(self.defaults);
         let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
-        let client = self.client(timeouts.connect);
+        let pool = self.pool.clone();
         Box::pin(async move {
             let host = req.uri().host().unwrap_or_default().to_owned();
-            match tokio::time::timeout(timeouts.response, client.request(req)).await {
-                Ok(Ok(resp)) => Ok(resp.map(|b| ForwardBody::upstream(b, timeouts.idle))),
+            let sent = match tokio::time::timeout(
+                timeouts.response,
+                pool.send(req, timeouts.connect),
+            )
+            .await
+            {
+                Ok(Ok(resp)) => return Ok(resp.map(|b| ForwardBody::upstream(b, timeouts.idle))),
                 Ok(Err(e)) => {
-                    let sent = !e.is_connect();
+                    let sent = matches!(e, SendError::Exchange(_));
                     tracing::warn!(upstream = %host, sent, error = %e, "upstream request failed");
-                    let d = Denial::UpstreamUnavailable(format!(
-                        "the upstream {host} could not be reached"
-                    ));
-                    Ok(failure(d, sent))
+                    sent
                 }
                 Err(_) => {
                     tracing::warn!(upstream = %host, "upstream response timed out");
@@ -148,9 +106,12 @@ where
                         "the upstream {host} did not answer within {} s",
                         timeouts.response.as_secs()
                     ));
-                    Ok(failure(d, true))
+                    return Ok(failure(d, true));
                 }
-            }
+            };
+            let d =
+                Denial::UpstreamUnavailable(format!("the upstream {host} could not be reached"));
+            Ok(failure(d, sent))
         })
     }
 }
@@ -171,7 +132,7 @@ pin_project_lite::pin_project! {
         /// Streaming from the upstream.
         Upstream {
             #[pin]
-            body: Incoming,
+            body: Exchange,
             #[pin]
             idle: Sleep,
             idle_for: Duration,
@@ -185,7 +146,7 @@ pin_project_lite::pin_project! {
 }
 
 impl ForwardBody {
-    fn upstream(body: Incoming, idle_for: Duration) -> Self {
+    fn upstream(body: Exchange, idle_for: Duration) -> Self {
         ForwardBody::Upstream {
             body,
             idle: tokio::time::sleep(idle_for),

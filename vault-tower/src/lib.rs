@@ -51,6 +51,7 @@ mod future;
 mod layer;
 mod metrics;
 mod mock;
+mod pool;
 mod response;
 pub mod server;
 mod service;
@@ -64,6 +65,7 @@ pub use future::ResponseFuture;
 pub use layer::VaultLayer;
 pub use metrics::Metrics;
 pub use mock::{MockBody, MockProvider, MockTarget};
+pub use pool::Exchange;
 pub use response::{
     BUDGET_REMAINING, OUTPUT_TOKENS_CLAMPED, RATE_LIMIT_LIMIT, RATE_LIMIT_REMAINING,
     RATE_LIMIT_RESET, SHADOW_DENIAL, add_limit_headers, denial_response,
