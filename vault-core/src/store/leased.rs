@@ -245,9 +245,9 @@ impl Line {
         self.last_taken = Some(now);
         let base = want.0.saturating_mul(factor);
         let grown = base.saturating_mul(self.growth);
-        let share = self
-            .inner_remaining
-            .map_or(u64::MAX, |r| u64::try_from(r.max(0) / 4).unwrap_or(u64::MAX));
+        let share = self.inner_remaining.map_or(u64::MAX, |r| {
+            u64::try_from(r.max(0) / 4).unwrap_or(u64::MAX)
+        });
         Micros(grown.min(share.max(base)))
     }
 

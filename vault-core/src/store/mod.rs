@@ -9,7 +9,9 @@ mod leased;
 mod memory;
 mod sqlite;
 
-pub use leased::{DEFAULT_LEASE_FACTOR, DEFAULT_LEASE_WINDOW, LeasedStore};
+pub use leased::{
+    DEFAULT_LEASE_FACTOR, DEFAULT_LEASE_WINDOW, FAST_LEASE_MS, LeasedStore, MAX_LEASE_GROWTH,
+};
 pub use memory::MemoryStore;
 pub use sqlite::{DB_FILE_NAME, SqliteStore};
 
