@@ -120,6 +120,9 @@ impl HideUsageChunk {
 /// An OpenAI stream chunk that carries only usage: `choices` is an empty
 /// array and `usage` is not null.
 fn is_usage_only(data: &[u8]) -> bool {
+    if !super::usage::may_report_usage(data) {
+        return false;
+    }
     #[derive(Deserialize)]
     struct Probe {
         choices: Option<Vec<IgnoredAny>>,

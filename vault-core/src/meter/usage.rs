@@ -211,9 +211,7 @@ impl UsageMeter {
 /// `type`), and skips everything else without allocating. It decides as a
 /// parse into `serde_json::Value` would: a repeated key's last value counts.
 fn meter_document(format: UsageFormat, bytes: &[u8], tally: &mut Tally) {
-    // A cheap filter: every format names its usage object `usage…`, so a
-    // document without the word cannot report it (stream deltas mostly).
-    if !contains(bytes, b"usage") && !contains(bytes, b"billed_units") {
+    if !may_report_usage(bytes) {
         return;
     }
     // Reports are staged and kept only if the whole document parses.
@@ -228,8 +226,18 @@ fn meter_document(format: UsageFormat, bytes: &[u8], tally: &mut Tally) {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// A cheap filter before a parse: every format names its usage object
+/// `usage…` or `billed_units`, so a document without either word cannot
+/// report usage (stream deltas, mostly), and neither can one where each is
+/// a key set to `null` (OpenAI's stream chunks carry `"usage":null`). Any
+/// other mention, even inside a string, says "maybe": then the parse decides.
+pub(crate) fn may_report_usage(bytes: &[u8]) -> bool {
+    [&b"usage"[..], &b"billed_units"[..]].iter().any(|word| {
+        memchr::memmem::find_iter(bytes, word).any(|at| {
+            let after = &bytes[at + word.len()..];
+            !(after.starts_with(b"\":null") || after.starts_with(b"\": null"))
+        })
+    })
 }
 
 /// Where a format's usage objects sit in a document.
@@ -835,6 +843,67 @@ mod tests {
             for a in layout.paths {
                 for b in layout.paths {
                     assert!(a == b || !b.starts_with(a), "{format:?}: {a:?} / {b:?}");
+                }
+            }
+        }
+    }
+
+    /// The filter never skips a document whose parse would report usage.
+    fn parse_reports(format: UsageFormat, doc: &str) -> bool {
+        let mut staged = Tally::default();
+        let mut de = serde_json::Deserializer::from_slice(doc.as_bytes());
+        let body = Body {
+            format,
+            tally: &mut staged,
+        };
+        body.deserialize(&mut de).and_then(|()| de.end()).is_ok()
+            && staged.usage().is_some()
+    }
+
+    #[test]
+    fn usage_filter_skips_only_documents_that_cannot_report() {
+        let skipped = [
+            r#"{"choices":[{"delta":{"content":"hi"}}],"usage":null}"#,
+            r#"{"choices":[],"usage": null}"#,
+            r#"{"type":"content_block_delta","delta":{"text":"x"}}"#,
+        ];
+        let parsed = [
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            r#"{"usage":null,"response":{"usage":{"input_tokens":1,"output_tokens":2}}}"#,
+            r#"{"usageMetadata":{"promptTokenCount":3}}"#,
+            r#"{"meta":{"billed_units":{"input_tokens":1}}}"#,
+            r#"{"text":"usage"}"#,
+        ];
+        for doc in skipped {
+            assert!(!may_report_usage(doc.as_bytes()), "{doc}");
+        }
+        for doc in parsed {
+            assert!(may_report_usage(doc.as_bytes()), "{doc}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn usage_filter_agrees_with_the_parse(
+            usage in proptest::option::of((0u64..1000, 0u64..1000)),
+            content in "[a-z\\\" ]{0,12}",
+            spaced in proptest::bool::ANY,
+        ) {
+            let usage = match usage {
+                Some((i, o)) => format!(r#"{{"prompt_tokens":{i},"completion_tokens":{o},"input_tokens":{i},"output_tokens":{o}}}"#),
+                None => "null".to_owned(),
+            };
+            let colon = if spaced { ": " } else { ":" };
+            let content = serde_json::to_string(&content).unwrap();
+            for doc in [
+                format!(r#"{{"choices":[{{"delta":{{"content":{content}}}}}],"usage"{colon}{usage}}}"#),
+                format!(r#"{{"type":"message_delta","usage"{colon}{usage}}}"#),
+                format!(r#"{{"message":{{"usage"{colon}{usage}}}}}"#),
+            ] {
+                for format in [UsageFormat::OpenAi, UsageFormat::Anthropic] {
+                    if parse_reports(format, &doc) {
+                        proptest::prop_assert!(may_report_usage(doc.as_bytes()), "{}", doc);
+                    }
                 }
             }
         }
