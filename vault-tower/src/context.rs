@@ -62,7 +62,7 @@ pub struct VaultContext {
     pub(crate) sink: UsageSink,
     by_hash: Cache<KeyHash, Arc<KeyRecord>>,
     by_id: Cache<KeyId, Arc<KeyRecord>>,
-    provider_keys: Cache<String, Arc<Vec<ProviderKeyRecord>>>,
+    provider_keys: Cache<String, Arc<Vec<Arc<ProviderKeyRecord>>>>,
 }
 
 impl std::fmt::Debug for VaultContext {
@@ -323,11 +323,12 @@ impl VaultContext {
         &self,
         key: &KeyRecord,
         provider: Provider,
-    ) -> Result<Option<ProviderKeyRecord>, StoreError> {
+    ) -> Result<Option<Arc<ProviderKeyRecord>>, StoreError> {
         let list = match self.provider_keys.get(&key.project) {
             Some(l) => l,
             None => {
-                let l = Arc::new(self.store.list_provider_keys(Some(&key.project)).await?);
+                let keys = self.store.list_provider_keys(Some(&key.project)).await?;
+                let l = Arc::new(keys.into_iter().map(Arc::new).collect::<Vec<_>>());
                 self.provider_keys.insert(key.project.clone(), l.clone());
                 l
             }

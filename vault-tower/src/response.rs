@@ -1,7 +1,7 @@
 //! Responses vaultgate writes itself: SPEC error bodies and limit headers.
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 use vault_core::denial::Denial;
@@ -19,6 +19,12 @@ pub const BUDGET_REMAINING: &str = "x-budget-remaining-usd";
 pub const OUTPUT_TOKENS_CLAMPED: &str = "x-vaultgate-max-output-tokens";
 /// Set in shadow mode when a request would have been denied (the code).
 pub const SHADOW_DENIAL: &str = "x-vaultgate-shadow-denial";
+
+// The same names, parsed once (inserting by `&str` parses on every call).
+const LIMIT: HeaderName = HeaderName::from_static(RATE_LIMIT_LIMIT);
+const REMAINING: HeaderName = HeaderName::from_static(RATE_LIMIT_REMAINING);
+const RESET: HeaderName = HeaderName::from_static(RATE_LIMIT_RESET);
+const BUDGET: HeaderName = HeaderName::from_static(BUDGET_REMAINING);
 
 /// The SPEC JSON error response for a denial.
 pub fn denial_response(d: &Denial) -> Response<Full<Bytes>> {
@@ -43,20 +49,20 @@ pub fn denial_response(d: &Denial) -> Response<Full<Bytes>> {
 pub fn add_limit_headers(headers: &mut HeaderMap, limits: &LimitHeaders) {
     if limits.limit == 0 {
         let unlimited = HeaderValue::from_static("unlimited");
-        headers.insert(RATE_LIMIT_LIMIT, unlimited.clone());
-        headers.insert(RATE_LIMIT_REMAINING, unlimited);
+        headers.insert(LIMIT, unlimited.clone());
+        headers.insert(REMAINING, unlimited);
     } else {
-        headers.insert(RATE_LIMIT_LIMIT, HeaderValue::from(limits.limit));
-        headers.insert(RATE_LIMIT_REMAINING, HeaderValue::from(limits.remaining));
+        headers.insert(LIMIT, HeaderValue::from(limits.limit));
+        headers.insert(REMAINING, HeaderValue::from(limits.remaining));
     }
-    headers.insert(RATE_LIMIT_RESET, HeaderValue::from(limits.reset_unix_secs));
+    headers.insert(RESET, HeaderValue::from(limits.reset_unix_secs));
     if let Some(secs) = limits.retry_after_secs {
         headers.insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     if let Some(left) = limits.budget_remaining
         && let Ok(v) = HeaderValue::from_str(&left.to_usd_string())
     {
-        headers.insert(BUDGET_REMAINING, v);
+        headers.insert(BUDGET, v);
     }
 }
 

@@ -242,7 +242,8 @@ where
         Err(d) => return Ok(deny(&ctx, &d, None, None)),
     };
     let now = ctx.clock.now();
-    let endpoint = format!("{} {}", parts.method, parts.uri.path());
+    // The endpoint as presented, for refusals before the path is split.
+    let presented = || format!("{} {}", parts.method, parts.uri.path());
     let caller = |provider, endpoint: &str, model: Option<&str>| Caller {
         record: &record,
         provider,
@@ -257,7 +258,7 @@ where
         KeyStatus::Active => None,
     };
     if let Some(d) = refused {
-        return Ok(deny(&ctx, &d, None, Some(caller(None, &endpoint, None))));
+        return Ok(deny(&ctx, &d, None, Some(caller(None, &presented(), None))));
     }
 
     // 2. The provider and the canonical upstream path: checked and forwarded
@@ -266,7 +267,7 @@ where
         Ok(split) => split,
         Err(e) => {
             let d = Denial::InvalidRequest(e.to_string());
-            return Ok(deny(&ctx, &d, None, Some(caller(None, &endpoint, None))));
+            return Ok(deny(&ctx, &d, None, Some(caller(None, &presented(), None))));
         }
     };
     let path = path.to_owned();
