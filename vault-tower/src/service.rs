@@ -601,24 +601,25 @@ where
 /// Puts the provider credential where the provider expects it, marked
 /// sensitive so HTTP/2 never indexes it and `Debug` hides it.
 fn inject_credential(headers: &mut http::HeaderMap, provider: Provider, secret: &ProviderSecret) {
-    let raw = secret.expose_secret();
+    let raw = secret.expose_secret().as_bytes();
+    // `Bearer …` is built in a zeroizing buffer: the header value is then
+    // the only copy outside the vault's own types.
+    let bearer = || {
+        let mut v = zeroize::Zeroizing::new(Vec::with_capacity(7 + raw.len()));
+        v.extend_from_slice(b"Bearer ");
+        v.extend_from_slice(raw);
+        HeaderValue::from_bytes(&v)
+    };
     let (name, value) = match provider.auth_style() {
-        AuthStyle::Bearer => (
-            http::header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {raw}")),
-        ),
         AuthStyle::AnthropicApiKey => (
             HeaderName::from_static("x-api-key"),
-            HeaderValue::from_str(raw),
+            HeaderValue::from_bytes(raw),
         ),
         AuthStyle::GoogApiKey => (
             HeaderName::from_static("x-goog-api-key"),
-            HeaderValue::from_str(raw),
+            HeaderValue::from_bytes(raw),
         ),
-        _ => (
-            http::header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {raw}")),
-        ),
+        _ => (http::header::AUTHORIZATION, bearer()),
     };
     match value {
         Ok(mut v) => {
