@@ -856,8 +856,7 @@ mod tests {
             format,
             tally: &mut staged,
         };
-        body.deserialize(&mut de).and_then(|()| de.end()).is_ok()
-            && staged.usage().is_some()
+        body.deserialize(&mut de).and_then(|()| de.end()).is_ok() && staged.usage().is_some()
     }
 
     #[test]

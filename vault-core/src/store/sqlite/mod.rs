@@ -879,13 +879,18 @@ impl KeyStore for SqliteStore {
         }
         let records = records.to_vec();
         self.write(Durability::Normal, move |tx| {
-            for r in &records {
-                tx.prepare_cached(&format!(
+            let mut insert = tx
+                .prepare_cached(&format!(
                     "INSERT INTO usage ({USAGE_COLUMNS})
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
                 ))
-                .and_then(|mut s| {
-                    s.execute(params![
+                .map_err(backend)?;
+            // One key update per key in the batch: (calls, latest call).
+            let mut per_key: std::collections::HashMap<&str, (i64, i64)> =
+                std::collections::HashMap::new();
+            for r in &records {
+                insert
+                    .execute(params![
                         r.at.0,
                         r.key_id.as_str(),
                         r.project,
@@ -900,16 +905,23 @@ impl KeyStore for SqliteStore {
                         r.denial,
                         r.shadow,
                     ])
-                })
-                .map_err(backend)?;
-                tx.prepare_cached(
-                    "UPDATE keys SET request_count = request_count + 1,
-                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ?2
-                                             THEN ?2 ELSE last_used_at END
+                    .map_err(backend)?;
+                let entry = per_key.entry(r.key_id.as_str()).or_insert((0, r.at.0));
+                entry.0 += 1;
+                entry.1 = entry.1.max(r.at.0);
+            }
+            let mut touch = tx
+                .prepare_cached(
+                    "UPDATE keys SET request_count = request_count + ?2,
+                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ?3
+                                             THEN ?3 ELSE last_used_at END
                      WHERE id = ?1",
                 )
-                .and_then(|mut s| s.execute(params![r.key_id.as_str(), r.at.0]))
                 .map_err(backend)?;
+            for (key, (calls, latest)) in per_key {
+                touch
+                    .execute(params![key, calls, latest])
+                    .map_err(backend)?;
             }
             Ok(())
         })
