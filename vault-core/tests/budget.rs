@@ -165,7 +165,7 @@ async fn concurrency_i1_racing_the_cap_admits_exactly_what_fits() {
     for b in backends() {
         let clock = ManualClock::new(UnixMillis(T0));
         let engine = engine(&b.store, &clock);
-        for round in 0..3 {
+        for round in 0..100 {
             let k = key(Micros(500_000), BudgetPeriod::Total, None);
             b.store.insert_key(&k, None).await.unwrap();
             let admitted = race(&engine, vec![Arc::new(k.clone())], 200).await;
