@@ -553,6 +553,31 @@ async fn leak_upstream_echo_of_the_provider_key_never_reaches_the_client() {
         r.assert_limit_headers();
     }
 
+    // An error sent as an event stream, the key split across two chunks.
+    up.on(|got| {
+        let sent = got
+            .header("authorization")
+            .unwrap()
+            .trim_start_matches("Bearer ")
+            .to_owned();
+        let (a, b) = sent.split_at(sent.len() / 2);
+        Reply::Chunks {
+            status: StatusCode::BAD_REQUEST,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            chunks: vec![
+                Bytes::from(format!("event: error\ndata: {{\"message\":\"bad key {a}")),
+                Bytes::from(format!("{b}\"}}\n\n")),
+            ],
+        }
+    });
+    let r = call(&gw, CHAT, &[("x-api-key", &key)]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_no_secret(&seen(&r), &gw.canaries());
+    assert_eq!(
+        r.text(),
+        "event: error\ndata: {\"message\":\"bad key [REDACTED]\"}\n\n"
+    );
+
     // A successful answer echoing the key in headers is cleaned the same way.
     up.on(move |got| echo(got, StatusCode::OK));
     let r = call(&gw, CHAT, &[("x-api-key", &key)]).await;

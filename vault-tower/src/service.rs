@@ -574,7 +574,9 @@ where
     let status = resp_parts.status;
     let mut pending = pending;
     pending.record.status = status.as_u16();
-    let redact = (status.as_u16() >= 400 && !sse)
+    // An error answer is never a long stream: held whole (up to a cap) and
+    // redacted, whatever its content type.
+    let redact = (status.as_u16() >= 400)
         .then_some(secret)
         .flatten()
         .map(Arc::new);
