@@ -65,6 +65,7 @@ impl Conn {
     }
 }
 
+/// A pooled connection; each origin's list is ordered oldest first.
 struct Idle {
     conn: Conn,
     since: Instant,
@@ -218,9 +219,11 @@ impl ConnPool {
         }
         let mut map = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = map.entry(origin).or_default();
-        if list.len() >= MAX_IDLE_PER_ORIGIN {
-            list.remove(0);
-        }
+        // Oldest first: close the expired ones (a connection the provider
+        // closed lingers half-open until then) and, over the cap, the oldest.
+        let expired = list.partition_point(|i| i.since.elapsed() > IDLE_TIMEOUT);
+        let over = (list.len() - expired + 1).saturating_sub(MAX_IDLE_PER_ORIGIN);
+        list.drain(..expired + over);
         list.push(Idle {
             conn,
             since: Instant::now(),
