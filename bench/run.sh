@@ -14,6 +14,10 @@
 # vaultgate did.
 #
 # Usage: bench/run.sh            (env: REPS=3 DURATION=10 CONNS=32 DELAY_MS=0)
+#   VAULTGATE_BIN=path   run that vaultgate build instead of this tree's
+#                        (e.g. an older commit's, for a before/after)
+#   VG_ENV="K=V ..."     extra environment for the vaultgate process
+#   PROFILE_OUT=path     perf-record vaultgate under load instead (see below)
 # Needs: apt-get (installs wrk and nginx if missing), cargo.
 set -euo pipefail
 
@@ -56,7 +60,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 log "building release binaries"
 (cd "$ROOT" && cargo build --release --locked -q -p vault-cli --bin vaultgate \
   && cargo build --release --locked -q -p vault-tower --example bench_upstream)
-VAULTGATE="$ROOT/target/release/vaultgate"
+VAULTGATE=${VAULTGATE_BIN:-$ROOT/target/release/vaultgate}
 MOCK="$ROOT/target/release/examples/bench_upstream"
 
 wait_port() { # port
@@ -160,7 +164,7 @@ VKEY=$(vg --output env keys create --policy "$WORK/bench.policy.yaml" 2>/dev/nul
 [ -n "$VKEY" ] || die "could not create the benchmark key"
 
 start_vaultgate() {
-  VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" \
+  env ${VG_ENV:-} VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" \
     serve 2>>"$WORK/vaultgate.log" &
   VG_PID=$!
   PIDS+=("$VG_PID")
