@@ -14,6 +14,7 @@
 //! returns); reservations, settlements and usage with `NORMAL` (durable
 //! against a process crash, and at the next checkpoint against power loss).
 
+mod bulk;
 mod rows;
 mod schema;
 
