@@ -5,10 +5,11 @@
 #
 # For each N, everything on 127.0.0.1:
 #   1. a fresh data dir: a provider key for the mock upstream and one key
-#      made with `vaultgate keys create` (the policy of bench/run.sh: a
-#      budget, a rate limit, provider/endpoint/model allowlists), copied
-#      until the store holds N keys (vault-cli/examples/seed_keys.rs); H of
-#      them (the created key included) have known plaintexts;
+#      made with `vaultgate keys create` (bench/bench.policy.yaml, as
+#      bench/run.sh's: a budget, a rate limit, provider/endpoint/model
+#      allowlists), copied until the store holds N keys
+#      (vault-cli/examples/seed_keys.rs); H of them (the created key
+#      included) have known plaintexts;
 #   2. `vaultgate serve` started: cold start = exec to the first proxied 200;
 #      RSS read once it has served that one request;
 #   3. wrk cycles through the H keys (each thread its own share, in order)
@@ -19,7 +20,8 @@
 #      (after the key cache's 0.9 s TTL); then serve is stopped.
 # Processes started here are stopped by PID on exit.
 #
-# BUDGET=0 drops the budget from the policy: no budget leases are taken.
+# BUDGET=0 drops the budget (the policy file's last block): no budget leases
+# are taken. Helpers shared with other load scripts are in bench/lib.sh.
 #
 # Usage: bench/scale.sh      (env: SIZES="1000 100000 1000000" HOT_MAX=10000
 #                             DURATION=30 CONNS=32 BUDGET=1 MOCK_PORT=19200
@@ -37,24 +39,9 @@ MOCK_PORT=${MOCK_PORT:-19200}
 VG_PORT=${VG_PORT:-19201}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/vaultgate-scale.XXXXXX)
-PROVIDER_KEY="sk-proj-bench$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-PIDS=()
-
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-log() { echo "[scale] $*" >&2; }
-die() { echo "[scale] FAIL: $*" >&2; exit 1; }
+LOG_TAG=scale
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 # --- tools -----------------------------------------------------------------
 if ! command -v wrk >/dev/null; then
@@ -67,46 +54,25 @@ log "building release binaries"
   && cargo build --release --locked -q -p vault-tower --example bench_upstream)
 VAULTGATE="$ROOT/target/release/vaultgate"
 SEED="$ROOT/target/release/examples/seed_keys"
-MOCK="$ROOT/target/release/examples/bench_upstream"
-
-wait_port() { # port
-  local i
-  for i in $(seq 1 400); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.025
-  done
-  die "nothing listens on port $1"
-}
-
-mock_count() { curl -s "http://127.0.0.1:$MOCK_PORT/_bench/count"; }
 
 # A field of /proc/PID/status, in MB with one decimal.
 status_mb() { # pid field
   awk -v f="$2:" '$1 == f { printf "%.1f", $2 / 1024 }' "/proc/$1/status"
 }
 
-# --- the mock upstream -------------------------------------------------------
-BENCH_PROVIDER_KEY="$PROVIDER_KEY" "$MOCK" "127.0.0.1:$MOCK_PORT" 0 2>"$WORK/mock.log" &
-MOCK_PID=$!
-PIDS+=("$MOCK_PID")
-wait_port "$MOCK_PORT"
+start_mock 0
 
 BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":64}'
 URL="http://127.0.0.1:$VG_PORT/openai/v1/chat/completions"
 
-cat >"$WORK/bench.policy.yaml" <<'EOF'
-name: bench
-scopes: [chat:write]
-providers: [openai]
-endpoints:
-  - POST /v1/chat/completions
-models: [gpt-4o-mini]
-rate_limit:
-  requests_per_minute: 100000000
-  requests_per_day: 1000000000
-EOF
+# bench/bench.policy.yaml, or the same without its budget block.
 if [ "$BUDGET" != 0 ]; then
-  printf 'budget:\n  limit_usd: 1000000\n  period: total\n' >>"$WORK/bench.policy.yaml"
+  cp "$ROOT/bench/bench.policy.yaml" "$WORK/bench.policy.yaml"
+else
+  sed '/^budget:/,$d' "$ROOT/bench/bench.policy.yaml" >"$WORK/bench.policy.yaml"
+fi
+if [ "$BUDGET" = 0 ] && grep -q '^budget:' "$WORK/bench.policy.yaml"; then
+  die "could not drop the budget"
 fi
 
 # wrk: thread t takes keys t, t + THREADS, ... of $BENCH_KEYS and cycles

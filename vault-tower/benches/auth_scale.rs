@@ -14,13 +14,13 @@
 //!   lease (as after a call on it): what a cache miss costs once H keys
 //!   have been used.
 //!
-//! One key is created through `Admin::create_key` with the policy of
-//! `bench/run.sh`; the store is filled by copying it
+//! One key is created through `Admin::create_key` with
+//! `bench/bench.policy.yaml`; the store is filled by copying it
 //! (`SqliteStore::copy_key_for_bench`). Before measuring, each size checks
 //! that a cached record is served without the store and that an emptied
 //! cache reads the store. First of all, the bench prints how much the
 //! process grows when 10,000 key records are cached. Setting up 1M keys
-//! takes 15–30 s.
+//! takes about 15 s.
 //!
 //! Each sample runs inside one `block_on`, so the timed lookups are awaited
 //! as on the server, without entering the runtime per lookup.
@@ -49,19 +49,8 @@ use vault_core::store::{KeyStore, LeasedStore, SqliteStore};
 use vault_tower::VaultContext;
 use vault_tower::admin::{Actor, Admin, NewKey};
 
-/// The policy of `bench/run.sh`'s benchmark key.
-const POLICY: &str = "
-providers: [openai]
-endpoints:
-  - POST /v1/chat/completions
-models: [gpt-4o-mini]
-budget:
-  limit_usd: 1000000
-  period: total
-rate_limit:
-  requests_per_minute: 100000000
-  requests_per_day: 1000000000
-";
+/// The benchmark key's policy, as `bench/scale.sh` and `bench/run.sh` use.
+const POLICY: &str = include_str!("../../bench/bench.policy.yaml");
 
 /// Keys whose plaintext is known (the rest get random hashes).
 const KNOWN: usize = 10_000;
@@ -119,7 +108,9 @@ async fn setup(n: usize) -> Scale {
             NewKey {
                 name: "bench".to_owned(),
                 scopes: vec!["chat:write".to_owned()],
-                policy: parse_policy_yaml(POLICY, "bench policy").unwrap().policy,
+                policy: parse_policy_yaml(POLICY, "bench.policy.yaml")
+                    .unwrap()
+                    .policy,
                 ..NewKey::default()
             },
         )
