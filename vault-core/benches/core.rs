@@ -86,9 +86,10 @@ fn template_key() -> KeyRecord {
 }
 
 /// A store holding `n` keys: one inserted through the store API, the rest
-/// copied from it in one SQL transaction with fresh ids and random hashes
-/// (the store API commits and fsyncs every insert on its own, which for 1M
-/// keys would take hours). Returns the store and 1024 stored hashes.
+/// copied from it in one SQL transaction (`SqliteStore::copy_key_for_bench`;
+/// the store API commits and fsyncs every insert on its own, which for 1M
+/// keys would take hours). Returns the store and 1024 stored hashes, spread
+/// among the others.
 fn store_with_keys(
     rt: &tokio::runtime::Runtime,
     dir: &Path,
@@ -96,50 +97,22 @@ fn store_with_keys(
 ) -> (SqliteStore, Vec<KeyHash>) {
     let started = Instant::now();
     let store = SqliteStore::open_in_dir(dir).unwrap();
-    let db = store.path().to_owned();
-    rt.block_on(store.insert_key(&template_key(), None))
-        .unwrap();
-    drop(store);
-
-    let mut conn = rusqlite::Connection::open(&db).unwrap();
-    let columns: Vec<String> = conn
-        .prepare("SELECT name FROM pragma_table_info('keys')")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let select: Vec<String> = columns
+    let template = template_key();
+    rt.block_on(store.insert_key(&template, None)).unwrap();
+    let hashes: Vec<KeyHash> = (0..1024.min(n - 1))
+        .map(|i| KeyHash::of(&format!("bench key {i}")))
+        .collect();
+    let known = hashes
         .iter()
-        .map(|c| match c.as_str() {
-            "id" => "'key_bench' || n".to_owned(),
-            "hash" => "lower(hex(randomblob(32)))".to_owned(),
-            other => other.to_owned(),
-        })
+        .map(|h| (*h, template.prefix.clone()))
         .collect();
-    let sql = format!(
-        "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < ?1)
-         INSERT INTO keys ({}) SELECT {} FROM seq, (SELECT * FROM keys LIMIT 1)",
-        columns.join(", "),
-        select.join(", ")
-    );
-    let tx = conn.transaction().unwrap();
-    tx.execute(&sql, [n as i64 - 1]).unwrap();
-    tx.commit().unwrap();
-    let hashes: Vec<KeyHash> = conn
-        .prepare("SELECT hash FROM keys ORDER BY random() LIMIT 1024")
-        .unwrap()
-        .query_map([], |r| r.get::<_, String>(0))
-        .unwrap()
-        .map(|h| KeyHash::from_hex(&h.unwrap()).unwrap())
-        .collect();
-    let count: i64 = conn
-        .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+    let random = n - 1 - hashes.len();
+    let stored = rt
+        .block_on(store.copy_key_for_bench(&template.id, known, random))
         .unwrap();
-    assert_eq!(count as usize, n);
-    drop(conn);
+    assert_eq!(stored, n);
     eprintln!("stored {n} keys in {:.1?}", started.elapsed());
-    (SqliteStore::open(&db).unwrap(), hashes)
+    (store, hashes)
 }
 
 fn find_by_hash(c: &mut Criterion) {

@@ -242,7 +242,11 @@ impl VaultContext {
     /// strictly parsed before any lookup, found by its full hash, and — for a
     /// rotated-out secret — still inside its grace period. Status is left to
     /// the caller. Shared by the proxy and the management API.
-    pub(crate) async fn presented_record(
+    ///
+    /// Public only for `benches/auth_scale.rs`, which measures it on large
+    /// stores; not part of the supported API.
+    #[doc(hidden)]
+    pub async fn presented_record(
         &self,
         headers: &http::HeaderMap,
         query: Option<&str>,

@@ -14,6 +14,7 @@
 //! returns); reservations, settlements and usage with `NORMAL` (durable
 //! against a process crash, and at the next checkpoint against power loss).
 
+mod bulk;
 mod rows;
 mod schema;
 
@@ -44,6 +45,14 @@ use crate::record::{
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle reader connections kept open.
 const MAX_IDLE_READERS: usize = 4;
+
+/// Children whose carve-out is open and whose key has expired (?1: now).
+/// Driven from `carve_outs` (open carve-outs only) with a primary-key probe
+/// into `keys` per row: as a plain join SQLite scans every key (150 ms with
+/// 1M keys, holding the write lock that budget reservations wait for).
+const EXPIRED_CARVE_OUTS: &str = "SELECT c.child_id FROM carve_outs c WHERE EXISTS (
+     SELECT 1 FROM keys k
+     WHERE k.id = c.child_id AND k.expires_at IS NOT NULL AND k.expires_at <= ?1)";
 
 /// The database file's name inside a data directory.
 pub const DB_FILE_NAME: &str = "vaultgate.db";
@@ -828,10 +837,7 @@ impl KeyStore for SqliteStore {
                 swept += 1;
             }
             let children: Vec<String> = tx
-                .prepare_cached(
-                    "SELECT c.child_id FROM carve_outs c JOIN keys k ON k.id = c.child_id
-                     WHERE k.expires_at IS NOT NULL AND k.expires_at <= ?1",
-                )
+                .prepare_cached(EXPIRED_CARVE_OUTS)
                 .and_then(|mut s| s.query_map([now.0], |r| r.get(0))?.collect())
                 .map_err(backend)?;
             let mut by_depth = Vec::with_capacity(children.len());

@@ -165,6 +165,15 @@ mod tests {
     }
 
     #[test]
+    fn sweep_reads_open_carve_outs_not_every_key() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let plan = plan(&conn, &super::super::EXPIRED_CARVE_OUTS.replace("?1", "0"));
+        assert!(plan.contains("SCAN c"), "{plan}");
+        assert!(!plan.contains("SCAN k"), "{plan}");
+    }
+
+    #[test]
     fn lifecycle_version_one_database_migrates_keeping_open_reservations() {
         let mut conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(MIGRATIONS[0]).unwrap();
