@@ -114,6 +114,9 @@ type LineKey = (KeyId, UnixMillis);
 /// One line's leases, shared between the map and the calls on it.
 type SharedLine = Arc<Mutex<Line>>;
 
+/// Lines by key, then period: a key's lines are found without a scan.
+type LinesByKey = HashMap<KeyId, HashMap<UnixMillis, SharedLine>>;
+
 /// A [`KeyStore`] that reserves budgets in memory against leases held in
 /// `S` (see the [module docs](self)); everything else goes straight to `S`.
 ///
@@ -129,7 +132,7 @@ pub struct LeasedStore<S> {
     inner: S,
     factor: u64,
     window_ms: i64,
-    lines: Mutex<HashMap<LineKey, SharedLine>>,
+    lines: Mutex<LinesByKey>,
     /// Written around every inner-store call that takes, charges or settles
     /// a lease (and around the local change that goes with it); read around
     /// reads that combine the store's view with the leases'.
@@ -308,19 +311,34 @@ impl<S: KeyStore> LeasedStore<S> {
         self.flush_all().await
     }
 
-    fn lines(&self) -> Result<MutexGuard<'_, HashMap<LineKey, SharedLine>>, StoreError> {
+    fn lines(&self) -> Result<MutexGuard<'_, LinesByKey>, StoreError> {
         self.lines.lock().map_err(|_| poisoned())
     }
 
-    fn line(&self, key: &LineKey) -> Result<Option<SharedLine>, StoreError> {
-        Ok(self.lines()?.get(key).cloned())
+    fn line(&self, (key, period): &LineKey) -> Result<Option<SharedLine>, StoreError> {
+        Ok(self.lines()?.get(key).and_then(|l| l.get(period)).cloned())
+    }
+
+    /// The line, made empty if it is new.
+    fn line_or_new(&self, (key, period): &LineKey) -> Result<SharedLine, StoreError> {
+        Ok(self
+            .lines()?
+            .entry(key.clone())
+            .or_default()
+            .entry(*period)
+            .or_default()
+            .clone())
     }
 
     fn all_lines(&self) -> Result<Vec<(LineKey, SharedLine)>, StoreError> {
         Ok(self
             .lines()?
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .flat_map(|(k, periods)| {
+                periods
+                    .iter()
+                    .map(|(p, line)| ((k.clone(), *p), line.clone()))
+            })
             .collect())
     }
 
@@ -495,11 +513,13 @@ impl<S: KeyStore> LeasedStore<S> {
     /// What the leases of `key`'s lines spent and the store has not been
     /// charged yet.
     fn unsettled_spend(&self, key: &KeyId) -> Result<Micros, StoreError> {
+        let lines: Vec<SharedLine> = match self.lines()?.get(key) {
+            Some(periods) => periods.values().cloned().collect(),
+            None => return Ok(Micros::ZERO),
+        };
         let mut total = Micros::ZERO;
-        for ((k, _), state) in self.all_lines()? {
-            if &k == key {
-                total = total.saturating_add(lock_line(&state)?.totals().1);
-            }
+        for state in lines {
+            total = total.saturating_add(lock_line(&state)?.totals().1);
         }
         Ok(total)
     }
@@ -650,7 +670,7 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         let key = (line.key.clone(), line.period_start);
         self.release_line(&key).await?;
         let wish = {
-            let state = self.lines()?.entry(key.clone()).or_default().clone();
+            let state = self.line_or_new(&key)?;
             let mut state = lock_line(&state)?;
             state.next_wish(want, self.factor, now)
         };
@@ -661,7 +681,7 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             .inner
             .reserve_reporting(line, wish, floor, now, lease_expiry)
             .await;
-        let state = self.lines()?.entry(key).or_default().clone();
+        let state = self.line_or_new(&key)?;
         let mut state = lock_line(&state)?;
         let (lease, inner_remaining) = match taken {
             Ok(t) => t,
@@ -817,7 +837,10 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             let _gate = self.gate.write().await;
             self.flush_all().await?;
             let mut lines = self.lines()?;
-            lines.retain(|_, state| state.lock().map_or(true, |s| !s.leases.is_empty()));
+            for periods in lines.values_mut() {
+                periods.retain(|_, state| state.lock().map_or(true, |s| !s.leases.is_empty()));
+            }
+            lines.retain(|_, periods| !periods.is_empty());
         }
         Ok(swept + self.inner.sweep(now).await?)
     }
