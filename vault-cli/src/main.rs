@@ -216,6 +216,11 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // The blocking pool runs SQLite calls (one writer, a few readers)
+        // and audit appends: more threads than that only wait on the same
+        // locks, each with its own stack and malloc arena (tokio's default
+        // is 512; under load serve grew to ~60 threads).
+        .max_blocking_threads(16)
         .build()
     {
         Ok(r) => r,
