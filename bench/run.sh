@@ -30,25 +30,10 @@ NGINX_PORT=${NGINX_PORT:-19101}
 VG_PORT=${VG_PORT:-19102}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/vaultgate-bench.XXXXXX)
-PROVIDER_KEY="sk-proj-bench$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 CLK_TCK=$(getconf CLK_TCK)
-PIDS=()
-
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-log() { echo "[bench] $*" >&2; }
-die() { echo "[bench] FAIL: $*" >&2; exit 1; }
+LOG_TAG=bench
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 # --- tools -----------------------------------------------------------------
 if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
@@ -61,16 +46,6 @@ log "building release binaries"
 (cd "$ROOT" && cargo build --release --locked -q -p vault-cli --bin vaultgate \
   && cargo build --release --locked -q -p vault-tower --example bench_upstream)
 VAULTGATE=${VAULTGATE_BIN:-$ROOT/target/release/vaultgate}
-MOCK="$ROOT/target/release/examples/bench_upstream"
-
-wait_port() { # port
-  local i
-  for i in $(seq 1 400); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.025
-  done
-  die "nothing listens on port $1"
-}
 
 # CPU ticks (utime+stime) of a list of pids.
 cpu_ticks() {
@@ -85,14 +60,8 @@ cpu_ticks() {
   echo "$total"
 }
 
-mock_count() { curl -s "http://127.0.0.1:$MOCK_PORT/_bench/count"; }
-
 # --- the mock upstream -------------------------------------------------------
-BENCH_PROVIDER_KEY="$PROVIDER_KEY" "$MOCK" "127.0.0.1:$MOCK_PORT" "$DELAY_MS" \
-  2>"$WORK/mock.log" &
-MOCK_PID=$!
-PIDS+=("$MOCK_PID")
-wait_port "$MOCK_PORT"
+start_mock "$DELAY_MS"
 
 # --- nginx pass-through ------------------------------------------------------
 mkdir -p "$WORK/nginx"
@@ -142,20 +111,7 @@ data_dir = "$VG_DIR"
 [providers.openai]
 base_url = "http://127.0.0.1:$MOCK_PORT"
 EOF
-cat >"$WORK/bench.policy.yaml" <<EOF
-name: bench
-scopes: [chat:write]
-providers: [openai]
-endpoints:
-  - POST /v1/chat/completions
-models: [gpt-4o-mini]
-budget:
-  limit_usd: 1000000
-  period: total
-rate_limit:
-  requests_per_minute: 100000000
-  requests_per_day: 1000000000
-EOF
+cp "$ROOT/bench/bench.policy.yaml" "$WORK/bench.policy.yaml"
 vg() { VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" "$@"; }
 vg init >/dev/null 2>"$WORK/init.log"
 printf '%s' "$PROVIDER_KEY" | vg provider-keys add --provider openai --name bench >/dev/null 2>&1
