@@ -1265,14 +1265,14 @@ mod tests {
         ) -> Result<bool, StoreError> {
             self.0.replace_sealed(id, e, n).await
         }
-        async fn reserve(
+        async fn reserve_reporting(
             &self,
             _: &BudgetLine,
             _: Micros,
             _: Micros,
             _: UnixMillis,
             _: UnixMillis,
-        ) -> Result<crate::record::Reservation, StoreError> {
+        ) -> Result<(crate::record::Reservation, Option<Micros>), StoreError> {
             Err(StoreError::Backend(
                 "database is locked (SELECT secret FROM t)".into(),
             ))

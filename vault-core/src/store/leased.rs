@@ -632,19 +632,6 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         self.inner.replace_sealed(id, expected, new).await
     }
 
-    async fn reserve(
-        &self,
-        line: &BudgetLine,
-        want: Micros,
-        at_least: Micros,
-        now: UnixMillis,
-        expires_at: UnixMillis,
-    ) -> Result<Reservation, StoreError> {
-        self.reserve_reporting(line, want, at_least, now, expires_at)
-            .await
-            .map(|(r, _)| r)
-    }
-
     async fn reserve_reporting(
         &self,
         line: &BudgetLine,

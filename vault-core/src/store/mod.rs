@@ -120,21 +120,10 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Atomically reserves between `at_least` and `want` (as much as fits) on
-    /// `line`, held until settled or until `expires_at`. Fails with
+    /// `line`, held until settled or until `expires_at`, and returns what the
+    /// line has left once it is held (for `X-Budget-Remaining-USD`; `None`
+    /// when unknown), computed in the reserving transaction. Fails with
     /// [`StoreError::BudgetExceeded`] when not even `at_least` fits.
-    async fn reserve(
-        &self,
-        line: &BudgetLine,
-        want: Micros,
-        at_least: Micros,
-        now: UnixMillis,
-        expires_at: UnixMillis,
-    ) -> Result<Reservation, StoreError>;
-
-    /// [`reserve`](Self::reserve), also returning what the line has left
-    /// once the reservation is held (for `X-Budget-Remaining-USD`), `None`
-    /// when that could not be read. The default reads it in a second call;
-    /// backends should compute it in the reserving transaction.
     async fn reserve_reporting(
         &self,
         line: &BudgetLine,
@@ -142,16 +131,21 @@ pub trait KeyStore: Send + Sync + 'static {
         at_least: Micros,
         now: UnixMillis,
         expires_at: UnixMillis,
-    ) -> Result<(Reservation, Option<Micros>), StoreError> {
-        let reservation = self.reserve(line, want, at_least, now, expires_at).await?;
-        let remaining = match self.budget_usage(line, now).await {
-            Ok(u) => Some(u.remaining(line.limit)),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the budget after a reservation failed");
-                None
-            }
-        };
-        Ok((reservation, remaining))
+    ) -> Result<(Reservation, Option<Micros>), StoreError>;
+
+    /// [`reserve_reporting`](Self::reserve_reporting) without the remaining
+    /// figure.
+    async fn reserve(
+        &self,
+        line: &BudgetLine,
+        want: Micros,
+        at_least: Micros,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<Reservation, StoreError> {
+        self.reserve_reporting(line, want, at_least, now, expires_at)
+            .await
+            .map(|(r, _)| r)
     }
 
     /// Settles reservations at their real cost, adding it to the line's period

@@ -140,16 +140,16 @@ impl KeyStore for Interfering {
         }
         Ok(replaced)
     }
-    async fn reserve(
+    async fn reserve_reporting(
         &self,
         line: &BudgetLine,
         want: Micros,
         at_least: Micros,
         now: UnixMillis,
         expires_at: UnixMillis,
-    ) -> Result<Reservation, StoreError> {
+    ) -> Result<(Reservation, Option<Micros>), StoreError> {
         self.inner
-            .reserve(line, want, at_least, now, expires_at)
+            .reserve_reporting(line, want, at_least, now, expires_at)
             .await
     }
     async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError> {

@@ -699,19 +699,6 @@ impl KeyStore for SqliteStore {
         .await
     }
 
-    async fn reserve(
-        &self,
-        line: &BudgetLine,
-        want: Micros,
-        at_least: Micros,
-        now: UnixMillis,
-        expires_at: UnixMillis,
-    ) -> Result<Reservation, StoreError> {
-        self.reserve_reporting(line, want, at_least, now, expires_at)
-            .await
-            .map(|(r, _)| r)
-    }
-
     async fn reserve_reporting(
         &self,
         line: &BudgetLine,
