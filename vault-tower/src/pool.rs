@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -98,7 +99,7 @@ pub(crate) struct ConnPool {
 
 struct Shared {
     connector: HttpsConnector<HttpConnector>,
-    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    idle: Mutex<HashMap<Origin, Vec<Idle>>>,
 }
 
 impl ConnPool {
@@ -172,7 +173,7 @@ impl ConnPool {
 
     /// The most recently used idle connection to `origin` that is still
     /// open and ready for a request.
-    async fn checkout(&self, origin: &str) -> Option<Conn> {
+    async fn checkout(&self, origin: &Origin) -> Option<Conn> {
         loop {
             let idle = {
                 let mut map = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -213,7 +214,7 @@ impl ConnPool {
         Ok(Conn { send, conn })
     }
 
-    fn checkin(&self, origin: String, conn: Conn) {
+    fn checkin(&self, origin: Origin, conn: Conn) {
         if conn.send.is_closed() {
             return;
         }
@@ -231,14 +232,12 @@ impl ConnPool {
     }
 }
 
-/// `scheme://host:port`, the pool's key for connections that may be shared.
-fn origin_of(uri: &Uri) -> String {
-    let scheme = uri.scheme_str().unwrap_or("http");
-    let host = uri.host().unwrap_or_default();
-    let port = uri
-        .port_u16()
-        .unwrap_or(if scheme == "https" { 443 } else { 80 });
-    format!("{scheme}://{host}:{port}")
+/// The pool's key for connections that may be shared: scheme and
+/// authority as the URI has them (cheap clones, no formatting per call).
+type Origin = (Option<Scheme>, Option<Authority>);
+
+fn origin_of(uri: &Uri) -> Origin {
+    (uri.scheme().cloned(), uri.authority().cloned())
 }
 
 /// Moves the absolute URI's authority into `Host` and leaves the path and
@@ -261,8 +260,13 @@ fn to_origin_form(mut req: Request<ReqBody>) -> Request<ReqBody> {
             req.headers_mut().insert(http::header::HOST, v);
         }
     }
-    let target = uri.path_and_query().map_or("/", |p| p.as_str());
-    if let Ok(t) = target.parse() {
+    let mut parts = uri.into_parts();
+    parts.scheme = None;
+    parts.authority = None;
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(t) = Uri::from_parts(parts) {
         *req.uri_mut() = t;
     }
     req
@@ -275,7 +279,7 @@ pub struct Exchange {
     body: Incoming,
     conn: Option<Conn>,
     pool: ConnPool,
-    origin: String,
+    origin: Origin,
     /// Data read but not yet returned: the first chunk as it came (no copy
     /// for a body of one chunk), later ones joined after it.
     first: Option<Bytes>,
@@ -298,7 +302,7 @@ impl std::fmt::Debug for Exchange {
 }
 
 impl Exchange {
-    fn new(body: Incoming, conn: Option<Conn>, pool: ConnPool, origin: String) -> Self {
+    fn new(body: Incoming, conn: Option<Conn>, pool: ConnPool, origin: Origin) -> Self {
         Exchange {
             body,
             conn,
@@ -349,7 +353,7 @@ impl Exchange {
         // Let the connection settle into idle first.
         self.drive(cx);
         if let Some(conn) = self.conn.take() {
-            self.pool.checkin(std::mem::take(&mut self.origin), conn);
+            self.pool.checkin(self.origin.clone(), conn);
         }
     }
 }
