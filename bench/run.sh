@@ -28,6 +28,7 @@ DELAY_MS=${DELAY_MS:-0}
 MOCK_PORT=${MOCK_PORT:-19100}
 NGINX_PORT=${NGINX_PORT:-19101}
 VG_PORT=${VG_PORT:-19102}
+PASS_PORT=${PASS_PORT:-19103}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/vaultgate-bench.XXXXXX)
 CLK_TCK=$(getconf CLK_TCK)
@@ -44,8 +45,15 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 log "building release binaries"
 (cd "$ROOT" && cargo build --release --locked -q -p vault-cli --bin vaultgate \
-  && cargo build --release --locked -q -p vault-tower --example bench_upstream)
+  && cargo build --release --locked -q -p vault-tower --example bench_upstream \
+  && cargo build --release --locked -q -p vault-tower --example bench_passthrough)
 VAULTGATE=${VAULTGATE_BIN:-$ROOT/target/release/vaultgate}
+
+# Context switches (voluntary + involuntary) of every thread of PIDS.
+ctx_switches() {
+  cat $(for pid in "$@"; do echo /proc/"$pid"/task/*/status; done) 2>/dev/null |
+    awk '/ctxt_switches/ { n += $2 } END { print n + 0 }'
+}
 
 # CPU ticks (utime+stime) of a list of pids.
 cpu_ticks() {
@@ -100,6 +108,13 @@ NGINX_PID=$!
 PIDS+=("$NGINX_PID")
 wait_port "$NGINX_PORT"
 nginx_pids() { echo "$NGINX_PID" $(pgrep -P "$NGINX_PID" || true); }
+
+# --- passthrough: vaultgate's server loop and pool without the layer --------
+BENCH_PROVIDER_KEY="$PROVIDER_KEY" "$ROOT/target/release/examples/bench_passthrough" \
+  "127.0.0.1:$PASS_PORT" "127.0.0.1:$MOCK_PORT" 2>"$WORK/passthrough.log" &
+PASS_PID=$!
+PIDS+=("$PASS_PID")
+wait_port "$PASS_PORT"
 
 # --- vaultgate: data dir, provider key, the benchmark key ----------------------
 VG_DIR="$WORK/vg"
@@ -171,12 +186,14 @@ RESULTS="$WORK/results.tsv"
 run() {
   local name=$1 url=$2 key=$3 body=$4 conns=$5 dur=$6
   shift 6
-  local before after line reqs dur_us p50 p99 p999 bad errs mb ma
+  local before after csb csa line reqs dur_us p50 p99 p999 bad errs mb ma
   mb=$(mock_count)
   before=$(cpu_ticks "$@")
+  csb=$(ctx_switches "$@")
   line=$(BENCH_KEY="$key" BENCH_BODY="$body" wrk -t"$([ "$conns" -gt 1 ] && echo 2 || echo 1)" \
     -c"$conns" -d"${dur}s" --timeout 10s -s "$WORK/post.lua" "$url" | grep '^RESULT')
   after=$(cpu_ticks "$@")
+  csa=$(ctx_switches "$@")
   ma=$(mock_count)
   read -r _ reqs dur_us p50 p99 p999 bad errs <<<"$line"
   [ "$bad" = 0 ] && [ "$errs" = 0 ] || die "$name: $bad non-2xx responses, $errs socket errors"
@@ -186,17 +203,19 @@ run() {
   local reached=$((mt1 - mt0)) good=$((mg1 - mg0))
   [ "$reached" = "$good" ] || die "$name: $((reached - good)) of $reached upstream requests lacked the provider key"
   [ "$reached" -ge "$reqs" ] || die "$name: wrk saw $reqs responses but only $reached reached the upstream"
-  local rps cpu_us
+  local rps cpu_us cs
   rps=$(awk -v r="$reqs" -v d="$dur_us" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
   cpu_us=$(awk -v t=$((after - before)) -v h="$CLK_TCK" -v r="$reqs" 'BEGIN { printf "%.1f", t / h * 1e6 / r }')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rps" "$p50" "$p99" "$p999" "$cpu_us" >>"$RESULTS"
-  log "$(printf '%-18s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  cpu %6s us/req  (upstream saw %s, all with the provider key)' \
-    "$name" "$rps" "$p50" "$p99" "$p999" "$cpu_us" "$reached")"
+  cs=$(awk -v c=$((csa - csb)) -v r="$reqs" 'BEGIN { printf "%.2f", c / r }')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rps" "$p50" "$p99" "$p999" "$cpu_us" "$cs" >>"$RESULTS"
+  log "$(printf '%-18s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  cpu %6s us/req  %s cs/req  (upstream saw %s, all with the provider key)' \
+    "$name" "$rps" "$p50" "$p99" "$p999" "$cpu_us" "$cs" "$reached")"
 }
 
 D="http://127.0.0.1:$MOCK_PORT/v1/chat/completions"
 N="http://127.0.0.1:$NGINX_PORT/v1/chat/completions"
 V="http://127.0.0.1:$VG_PORT/openai/v1/chat/completions"
+P="http://127.0.0.1:$PASS_PORT/v1/chat/completions"
 
 if [ -n "${PROFILE_OUT:-}" ]; then
   # Profile mode: perf (cpu-clock, DWARF call graphs) on vaultgate during one
@@ -224,6 +243,8 @@ for rep in $(seq 1 "$REPS"); do
   run direct_stream "$D" "$PROVIDER_KEY" "$SBODY" "$CONNS" "$DURATION" "$MOCK_PID"
   run nginx "$N" "$PROVIDER_KEY" "$BODY" "$CONNS" "$DURATION" $(nginx_pids)
   run nginx_stream "$N" "$PROVIDER_KEY" "$SBODY" "$CONNS" "$DURATION" $(nginx_pids)
+  run passthrough "$P" "$PROVIDER_KEY" "$BODY" "$CONNS" "$DURATION" "$PASS_PID"
+  run passthrough_stream "$P" "$PROVIDER_KEY" "$SBODY" "$CONNS" "$DURATION" "$PASS_PID"
   run vaultgate "$V" "$VKEY" "$BODY" "$CONNS" "$DURATION" "$VG_PID"
   run vaultgate_stream "$V" "$VKEY" "$SBODY" "$CONNS" "$DURATION" "$VG_PID"
 done
@@ -231,10 +252,11 @@ RSS_KB=$(awk '/^VmRSS/ { print $2 }' "/proc/$VG_PID/status")
 
 log "one connection, 5 s each"
 : >"$WORK/one.tsv"
-for name in direct nginx vaultgate; do
+for name in direct nginx passthrough vaultgate; do
   case $name in
     direct) url=$D key=$PROVIDER_KEY pids=$MOCK_PID ;;
     nginx) url=$N key=$PROVIDER_KEY pids=$(nginx_pids) ;;
+    passthrough) url=$P key=$PROVIDER_KEY pids=$PASS_PID ;;
     vaultgate) url=$V key=$VKEY pids=$VG_PID ;;
   esac
   # shellcheck disable=SC2086
@@ -249,15 +271,15 @@ USAGE_ROWS=$(vg --output json usage --limit 1 2>/dev/null | grep -c '"key_id"' |
 echo
 echo "## Load run $(date -u +%Y-%m-%dT%H:%M:%SZ): $REPS x ${DURATION} s, $CONNS connections, upstream delay ${DELAY_MS} ms"
 echo
-echo "Medians of $REPS runs. CPU is the server/proxy process's utime+stime per request (nginx: master and workers)."
+echo "Medians of $REPS runs. CPU is the server/proxy process's utime+stime per request (nginx: master and workers); cs/req its context switches per request. passthrough is vaultgate's server loop and pool without the layer (vault-tower/examples/bench_passthrough.rs)."
 echo
-echo "| target | req/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| target | req/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req | cs/req |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 median() { sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 declare -A MED
-for name in direct direct_stream nginx nginx_stream vaultgate vaultgate_stream; do
+for name in direct direct_stream nginx nginx_stream passthrough passthrough_stream vaultgate vaultgate_stream; do
   row="| $name"
-  for col in 2 3 4 5 6; do
+  for col in 2 3 4 5 6 7; do
     v=$(awk -F'\t' -v n="$name" -v c="$col" '$1 == n { print $c }' "$RESULTS" | median)
     MED[$name.$col]=$v
     row="$row | $v"
@@ -271,15 +293,17 @@ echo "|---|---:|---:|---|"
 echo "| CPU per request | $(ratio "${MED[vaultgate.6]}" "${MED[nginx.6]}") | $(ratio "${MED[vaultgate_stream.6]}" "${MED[nginx_stream.6]}") | ≤ 1.5 |"
 echo "| throughput | $(ratio "${MED[vaultgate.2]}" "${MED[nginx.2]}") | $(ratio "${MED[vaultgate_stream.2]}" "${MED[nginx_stream.2]}") | ≥ 0.8 |"
 echo "| p99 | $(ratio "${MED[vaultgate.4]}" "${MED[nginx.4]}") | $(ratio "${MED[vaultgate_stream.4]}" "${MED[nginx_stream.4]}") | ≤ 1.5 |"
+echo "| passthrough CPU per request (the stack's floor) | $(ratio "${MED[passthrough.6]}" "${MED[nginx.6]}") | $(ratio "${MED[passthrough_stream.6]}" "${MED[nginx_stream.6]}") | |"
 echo
 echo "One connection (5 s, non-streamed): p50 µs"
 echo
 d1=$(awk -F'\t' '$1 == "direct_c1" { print $3 }' "$WORK/one.tsv")
 n1=$(awk -F'\t' '$1 == "nginx_c1" { print $3 }' "$WORK/one.tsv")
+p1=$(awk -F'\t' '$1 == "passthrough_c1" { print $3 }' "$WORK/one.tsv")
 v1=$(awk -F'\t' '$1 == "vaultgate_c1" { print $3 }' "$WORK/one.tsv")
-echo "| direct | nginx | vaultgate | vaultgate added over direct (target ≤ 100 µs) | nginx added |"
-echo "|---:|---:|---:|---:|---:|"
-echo "| $d1 | $n1 | $v1 | $((v1 - d1)) | $((n1 - d1)) |"
+echo "| direct | nginx | passthrough | vaultgate | vaultgate added over direct (target ≤ 100 µs) | nginx added | passthrough added |"
+echo "|---:|---:|---:|---:|---:|---:|---:|"
+echo "| $d1 | $n1 | $p1 | $v1 | $((v1 - d1)) | $((n1 - d1)) | $((p1 - d1)) |"
 echo
 echo "vaultgate RSS after the load: $((RSS_KB / 1024)) MB (${RSS_KB} kB), 3 keys in the store."
 echo "Cold start (exec to first proxied 200, curl polling every ~2 ms): ${COLD_MS} ms."

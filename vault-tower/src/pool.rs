@@ -52,7 +52,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The most bytes of already-decoded chunks joined into one frame.
 const MAX_JOINED_FRAME: usize = 64 * 1024;
 
-/// One upstream connection, owned by one call at a time.
+/// One upstream connection, owned by one call at a time. Always boxed
+/// ([`Pooled`]): with its buffers and TLS state it is kilobytes, and it moves
+/// between the pool, the request future and the response body.
 struct Conn {
     send: SendRequest<ReqBody>,
     conn: Connection<Io, ReqBody>,
@@ -66,9 +68,11 @@ impl Conn {
     }
 }
 
+type Pooled = Box<Conn>;
+
 /// A pooled connection; each origin's list is ordered oldest first.
 struct Idle {
-    conn: Conn,
+    conn: Pooled,
     since: Instant,
 }
 
@@ -143,7 +147,8 @@ impl ConnPool {
         loop {
             let (mut conn, reused) = match self.checkout(&origin).await {
                 Some(c) => (c, true),
-                None => (self.connect(&uri, connect_timeout).await?, false),
+                // Boxed: connecting holds the whole new stream across awaits.
+                None => (Box::pin(self.connect(&uri, connect_timeout)).await?, false),
             };
             let mut response = std::pin::pin!(conn.send.try_send_request(req));
             let mut alive = true;
@@ -173,7 +178,7 @@ impl ConnPool {
 
     /// The most recently used idle connection to `origin` that is still
     /// open and ready for a request.
-    async fn checkout(&self, origin: &Origin) -> Option<Conn> {
+    async fn checkout(&self, origin: &Origin) -> Option<Pooled> {
         loop {
             let idle = {
                 let mut map = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -196,7 +201,7 @@ impl ConnPool {
         }
     }
 
-    async fn connect(&self, uri: &Uri, timeout: Duration) -> Result<Conn, SendError> {
+    async fn connect(&self, uri: &Uri, timeout: Duration) -> Result<Pooled, SendError> {
         let mut connector = self.shared.connector.clone();
         let io = match tokio::time::timeout(timeout, connector.call(uri.clone())).await {
             Ok(Ok(io)) => io,
@@ -211,10 +216,10 @@ impl ConnPool {
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(Box::new(e)))?;
-        Ok(Conn { send, conn })
+        Ok(Box::new(Conn { send, conn }))
     }
 
-    fn checkin(&self, origin: Origin, conn: Conn) {
+    fn checkin(&self, origin: Origin, conn: Pooled) {
         if conn.send.is_closed() {
             return;
         }
@@ -277,7 +282,7 @@ fn to_origin_form(mut req: Request<ReqBody>) -> Request<ReqBody> {
 /// pool when it ends cleanly.
 pub struct Exchange {
     body: Incoming,
-    conn: Option<Conn>,
+    conn: Option<Pooled>,
     pool: ConnPool,
     origin: Origin,
     /// Data read but not yet returned: the first chunk as it came (no copy
@@ -302,7 +307,7 @@ impl std::fmt::Debug for Exchange {
 }
 
 impl Exchange {
-    fn new(body: Incoming, conn: Option<Conn>, pool: ConnPool, origin: Origin) -> Self {
+    fn new(body: Incoming, conn: Option<Pooled>, pool: ConnPool, origin: Origin) -> Self {
         Exchange {
             body,
             conn,
