@@ -927,22 +927,24 @@ impl KeyStore for SqliteStore {
             let limit = filter
                 .limit
                 .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-            let sql = format!(
-                "SELECT {USAGE_COLUMNS} FROM usage
-                 WHERE (?1 IS NULL OR project = ?1)
-                   AND (?2 IS NULL OR key_id = ?2)
-                   AND (?3 IS NULL OR at >= ?3)
-                 ORDER BY at DESC, id DESC
-                 LIMIT ?4"
-            );
+            let key_id = filter.key_id.as_ref().map(KeyId::as_str);
+            let since = filter.since.map(|t| t.0);
+            let mut values: Vec<&dyn rusqlite::ToSql> = Vec::new();
+            if let Some(project) = &filter.project {
+                values.push(project);
+            }
+            if let Some(key_id) = &key_id {
+                values.push(key_id);
+            }
+            if let Some(since) = &since {
+                values.push(since);
+            }
+            values.push(&limit);
+            let sql =
+                usage_listing_sql(filter.project.is_some(), key_id.is_some(), since.is_some());
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
             let mut rows = stmt
-                .query(params![
-                    filter.project,
-                    filter.key_id.as_ref().map(KeyId::as_str),
-                    filter.since.map(|t| t.0),
-                    limit,
-                ])
+                .query(rusqlite::params_from_iter(values))
                 .map_err(backend)?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(backend)? {
@@ -976,4 +978,28 @@ impl KeyStore for SqliteStore {
         })
         .await
     }
+}
+
+/// The usage listing's query with only the filters given, bound in the order
+/// project, key, since, then the limit. `?n IS NULL OR …` terms would hide
+/// `usage_by_key` and `usage_by_project` from SQLite's planner and make every
+/// filtered listing scan the table.
+pub(super) fn usage_listing_sql(project: bool, key: bool, since: bool) -> String {
+    let conditions: Vec<&str> = [
+        // A key belongs to one project: with both given, `+` keeps the
+        // project term off the index so the narrower key index is walked.
+        (project && key, "+project = ?"),
+        (project && !key, "project = ?"),
+        (key, "key_id = ?"),
+        (since, "at >= ?"),
+    ]
+    .into_iter()
+    .filter_map(|(given, condition)| given.then_some(condition))
+    .collect();
+    let filter = if conditions.is_empty() {
+        "1".to_owned()
+    } else {
+        conditions.join(" AND ")
+    };
+    format!("SELECT {USAGE_COLUMNS} FROM usage WHERE {filter} ORDER BY at DESC, id DESC LIMIT ?")
 }

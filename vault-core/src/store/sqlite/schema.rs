@@ -165,6 +165,25 @@ mod tests {
     }
 
     #[test]
+    fn usage_listings_walk_the_index_of_their_filter() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let cases = [
+            ((true, true, false), "usage_by_key"),
+            ((false, true, true), "usage_by_key"),
+            ((true, false, true), "usage_by_project"),
+            ((true, false, false), "usage_by_project"),
+            ((false, false, false), "usage_by_time"),
+        ];
+        for ((project, key, since), index) in cases {
+            let sql = super::super::usage_listing_sql(project, key, since).replace('?', "1");
+            let plan = plan(&conn, &sql);
+            assert!(plan.contains(index), "{sql}: {plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{sql} sorts: {plan}");
+        }
+    }
+
+    #[test]
     fn sweep_reads_open_carve_outs_not_every_key() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
