@@ -20,6 +20,7 @@
 #      (after the key cache's 0.9 s TTL); then serve is stopped.
 # Processes started here are stopped by PID on exit.
 #
+# VG_ENV="K=V ..." is extra environment for the vaultgate process.
 # BUDGET=0 drops the budget (the policy file's last block): no budget leases
 # are taken. Helpers shared with other load scripts are in bench/lib.sh.
 #
@@ -161,7 +162,7 @@ EOF
 
   # Cold start: from exec to the first proxied 200.
   start_ns=$(date +%s%N)
-  VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$DIR/data" --config "$DIR/vaultgate.toml" \
+  env ${VG_ENV:-} VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$DIR/data" --config "$DIR/vaultgate.toml" \
     serve 2>>"$DIR/vaultgate.log" &
   VG_PID=$!
   PIDS+=("$VG_PID")

@@ -288,8 +288,9 @@ impl VaultContext {
             return Ok(None);
         };
         let found = Arc::new(found);
+        // Not into `by_id` too: only parent lookups read it, and a second
+        // entry per presented key costs ~230 bytes for nothing.
         self.by_hash.insert(*hash, found.clone());
-        self.by_id.insert(found.id.clone(), found.clone());
         Ok(Some(found))
     }
 

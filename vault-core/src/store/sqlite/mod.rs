@@ -43,8 +43,12 @@ use crate::record::{
 
 /// How long a connection waits for another's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle reader connections kept open.
-const MAX_IDLE_READERS: usize = 4;
+/// Reader connections, each open for the store's lifetime once made. Reads
+/// beyond this many wait their turn (before taking a blocking thread)
+/// instead of opening a connection for one query: opening costs more than
+/// the query (the schema is parsed again), and every connection grows its
+/// own page cache.
+const MAX_READERS: usize = 4;
 
 /// Children whose carve-out is open and whose key has expired (?1: now).
 /// Driven from `carve_outs` (open carve-outs only) with a primary-key probe
@@ -76,7 +80,10 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     writer: Mutex<Writer>,
+    /// Idle reader connections; at most [`MAX_READERS`] exist.
     readers: Mutex<Vec<Connection>>,
+    /// One permit per reader connection.
+    read_slots: Arc<tokio::sync::Semaphore>,
 }
 
 struct Writer {
@@ -145,6 +152,7 @@ impl SqliteStore {
                     durability: Durability::Full,
                 }),
                 readers: Mutex::new(Vec::new()),
+                read_slots: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             }),
         })
     }
@@ -210,7 +218,16 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = self.inner.clone();
+        let slot = inner
+            .read_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Backend("sqlite reader slots closed".to_owned()))?;
         blocking(move || {
+            // Held while the connection is in use, even if the caller stops
+            // waiting for the result.
+            let _slot = slot;
             let pooled = inner
                 .readers
                 .lock()
@@ -225,9 +242,7 @@ impl SqliteStore {
                 }
             };
             let out = f(&conn);
-            if let Ok(mut pool) = inner.readers.lock()
-                && pool.len() < MAX_IDLE_READERS
-            {
+            if let Ok(mut pool) = inner.readers.lock() {
                 pool.push(conn);
             }
             out
