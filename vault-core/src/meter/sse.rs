@@ -131,7 +131,7 @@ impl SseParser {
         }
         while pos < chunk.len() {
             let rest = &chunk[pos..];
-            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            match memchr::memchr2(b'\n', b'\r', rest) {
                 None => {
                     self.push_line_bytes(rest);
                     pos = chunk.len();

@@ -232,9 +232,17 @@ fn meter_document(format: UsageFormat, bytes: &[u8], tally: &mut Tally) {
 /// a key set to `null` (OpenAI's stream chunks carry `"usage":null`). Any
 /// other mention, even inside a string, says "maybe": then the parse decides.
 pub(crate) fn may_report_usage(bytes: &[u8]) -> bool {
-    [&b"usage"[..], &b"billed_units"[..]].iter().any(|word| {
-        memchr::memmem::find_iter(bytes, word).any(|at| {
-            let after = &bytes[at + word.len()..];
+    // Built once: building a searcher costs more than searching an event.
+    static WORDS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 2]> =
+        std::sync::LazyLock::new(|| {
+            [
+                memchr::memmem::Finder::new(b"usage"),
+                memchr::memmem::Finder::new(b"billed_units"),
+            ]
+        });
+    WORDS.iter().any(|word| {
+        word.find_iter(bytes).any(|at| {
+            let after = &bytes[at + word.needle().len()..];
             !(after.starts_with(b"\":null") || after.starts_with(b"\": null"))
         })
     })
