@@ -612,6 +612,22 @@ fn smuggling_duplicate_keys_are_refused() {
             "{body}"
         );
     }
+    // Past the first sixteen keys too, whichever of them comes back.
+    let many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+    for again in ["k3", "k20", "k39"] {
+        let body = format!(
+            r#"{{"model":"gpt-4o-mini",{},"{again}":0}}"#,
+            many.join(",")
+        );
+        let err =
+            inspect_request(Provider::OpenAi, "/v1/chat/completions", body.as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, BodyError::DuplicateKey(_)),
+            "{again}: {err:?}"
+        );
+    }
+    let body = format!(r#"{{"model":"gpt-4o-mini",{}}}"#, many.join(","));
+    assert!(inspect_request(Provider::OpenAi, "/v1/chat/completions", body.as_bytes()).is_ok());
     // Keys in different objects are not duplicates.
     inspect_request(
         Provider::OpenAi,

@@ -337,10 +337,10 @@ fn walk_object<'de, A: MapAccess<'de>>(
     mut map: A,
     mut on_value: impl FnMut(&str, &mut A) -> Result<(), A::Error>,
 ) -> Result<(), A::Error> {
-    let mut seen: HashSet<Cow<'de, str>> = HashSet::new();
+    let mut seen = SeenKeys::default();
     while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
         let key = canonical_key(format, key);
-        if seen.contains(key.as_ref()) {
+        if seen.contains(&key) {
             return Err(slot.fail(BodyError::DuplicateKey(truncate(&key))));
         }
         on_value(&key, &mut map)?;
@@ -348,6 +348,32 @@ fn walk_object<'de, A: MapAccess<'de>>(
         seen.insert(key);
     }
     Ok(())
+}
+
+/// Keys up to this many are compared one by one; past it they are hashed.
+const LINEAR_KEYS: usize = 16;
+
+/// The keys of one object seen so far. Most request objects have a handful
+/// of keys, where comparing them costs less than hashing each; a hostile
+/// object with thousands of keys moves to a hash set and stays linear.
+#[derive(Default)]
+struct SeenKeys<'de> {
+    few: Vec<Cow<'de, str>>,
+    many: HashSet<Cow<'de, str>>,
+}
+
+impl<'de> SeenKeys<'de> {
+    fn contains(&self, key: &str) -> bool {
+        self.few.iter().any(|k| k == key) || self.many.contains(key)
+    }
+
+    fn insert(&mut self, key: Cow<'de, str>) {
+        if self.few.len() < LINEAR_KEYS {
+            self.few.push(key);
+        } else {
+            self.many.insert(key);
+        }
+    }
 }
 
 struct TopVisitor<'s> {
