@@ -331,7 +331,7 @@ where
             ));
         }
     };
-    let inspection: RequestInspection = match inspect_request(provider, &path, &bytes) {
+    let mut inspection: RequestInspection = match inspect_request(provider, &path, &bytes) {
         Ok(i) => i,
         Err(e) => {
             let d = Denial::InvalidRequest(e.to_string());
@@ -343,7 +343,7 @@ where
             ));
         }
     };
-    let model = inspection.model.clone();
+    let model = inspection.model.take();
 
     // 4. The policy: scopes, allowlists, limits, budget reservation.
     let chain = match ctx.chain(record.clone()).await {
@@ -386,8 +386,8 @@ where
         &ctx,
         &record,
         Some(provider),
-        endpoint.clone(),
-        model.clone(),
+        endpoint,
+        model,
         0,
     );
     if let Some(shadow) = &grant.shadow_denial {

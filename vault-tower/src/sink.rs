@@ -64,9 +64,9 @@ impl PendingCall {
             tracing::debug!(key_id = %self.record.key_id, "response body ended early");
         }
         self.sink.send(Job::Settle {
-            grant: self.grant.take(),
+            grant: self.grant,
             outcome,
-            record: self.record.clone(),
+            record: self.record,
         });
     }
 }
