@@ -4,8 +4,8 @@
 
 use proptest::prelude::*;
 use vault_core::meter::{
-    BodyError, BodyKind, HideUsageChunk, SseParser, TOKEN_CAP, Usage, UsageMeter, inspect_request,
-    rewrite_request,
+    BodyError, BodyKind, Forward, HideUsageChunk, SseParser, TOKEN_CAP, Usage, UsageMeter,
+    inspect_request, rewrite_request,
 };
 use vault_core::provider::{Provider, UsageFormat};
 
@@ -947,6 +947,36 @@ fn hide_usage_removes_only_the_usage_chunk_at_every_split() {
             "{ending:?} byte by byte"
         );
     }
+}
+
+#[test]
+fn hide_usage_forwards_whole_events_without_copying_them() {
+    let events: Vec<String> = OPENAI_SSE
+        .split_inclusive("\n\n")
+        .map(str::to_owned)
+        .collect();
+    let mut h = HideUsageChunk::new(4096);
+    let mut copies = 0;
+    for event in &events {
+        match h.filter(event.as_bytes()) {
+            Forward::Chunk => assert!(!event.contains(HIDDEN_CHUNK), "{event}"),
+            Forward::Bytes(out) => {
+                copies += 1;
+                assert!(event.contains(HIDDEN_CHUNK), "{event}");
+                assert!(out.is_empty());
+            }
+        }
+    }
+    assert_eq!(copies, 1);
+    // Held bytes before a chunk, or an event cut at its end, take the
+    // copying path and still forward every byte.
+    let mut h = HideUsageChunk::new(4096);
+    assert_eq!(h.filter(b"data: {\"a\""), Forward::Bytes(Vec::new()));
+    assert_eq!(
+        h.filter(b":1}\n\ndata: [DONE]\n\n"),
+        Forward::Bytes(b"data: {\"a\":1}\n\ndata: [DONE]\n\n".to_vec())
+    );
+    assert_eq!(h.filter(b"data: x\n\n"), Forward::Chunk);
 }
 
 #[test]

@@ -382,14 +382,7 @@ where
         }
     };
     let limits = grant.headers;
-    let mut pending_record = usage_record(
-        &ctx,
-        &record,
-        Some(provider),
-        endpoint,
-        model,
-        0,
-    );
+    let mut pending_record = usage_record(&ctx, &record, Some(provider), endpoint, model, 0);
     if let Some(shadow) = &grant.shadow_denial {
         // Shadow mode: the call goes ahead; its record says what would have
         // been denied.

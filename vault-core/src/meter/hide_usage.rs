@@ -12,6 +12,15 @@ use serde::de::IgnoredAny;
 
 use super::sse::{DEFAULT_EVENT_CAP, SseParser};
 
+/// What [`HideUsageChunk::filter`] forwards for one chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// The chunk itself, unchanged.
+    Chunk,
+    /// These bytes instead (possibly none).
+    Bytes(Vec<u8>),
+}
+
 /// Forwards complete SSE events unchanged, dropping only events whose JSON
 /// has an empty `choices` array and a non-null `usage`. A partial event is
 /// held until it completes, up to the per-event cap; past the cap the held
@@ -49,8 +58,20 @@ impl HideUsageChunk {
 
     /// Takes the next upstream chunk and returns the bytes to forward now.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(chunk.len() + self.held.len());
+        match self.filter(chunk) {
+            Forward::Chunk => chunk.to_vec(),
+            Forward::Bytes(out) => out,
+        }
+    }
+
+    /// [`push`](Self::push) without a copy in the common case: a chunk of
+    /// whole events, none of them hidden, with nothing held before it, is
+    /// forwarded as it came ([`Forward::Chunk`]).
+    pub fn filter(&mut self, chunk: &[u8]) -> Forward {
+        let nothing_held =
+            self.pending_lf_dropped.is_none() && self.held.is_empty() && !self.flushed_part;
         let mut start = 0;
+        let mut out = Vec::new();
         if let Some(dropped) = self.pending_lf_dropped.take() {
             if chunk.first() == Some(&b'\n') {
                 if !dropped {
@@ -68,6 +89,14 @@ impl HideUsageChunk {
             let hide = event.is_some_and(|e| is_usage_only(e.data));
             boundaries.push((end, hide));
         });
+        if nothing_held
+            && boundaries.last().map(|&(end, _)| end) == Some(chunk.len())
+            && chunk.last() != Some(&b'\r')
+            && boundaries.iter().all(|&(_, hide)| !hide)
+        {
+            return Forward::Chunk;
+        }
+        out.reserve(chunk.len() + self.held.len());
         for (end, hide) in boundaries {
             self.held.extend_from_slice(&chunk[start..end]);
             start = end;
@@ -92,7 +121,7 @@ impl HideUsageChunk {
         } else {
             self.held.extend_from_slice(rest);
         }
-        out
+        Forward::Bytes(out)
     }
 
     /// Ends the stream and returns whatever is still held (a final event
