@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use vault_core::meter::{
-    BodyError, BodyKind, Forward, HideUsageChunk, SseParser, TOKEN_CAP, Usage, UsageMeter,
+    BodyError, BodyKind, Filtered, HideUsageChunk, SseParser, TOKEN_CAP, Usage, UsageMeter,
     inspect_request, rewrite_request,
 };
 use vault_core::provider::{Provider, UsageFormat};
@@ -959,8 +959,8 @@ fn hide_usage_forwards_whole_events_without_copying_them() {
     let mut copies = 0;
     for event in &events {
         match h.filter(event.as_bytes()) {
-            Forward::Chunk => assert!(!event.contains(HIDDEN_CHUNK), "{event}"),
-            Forward::Bytes(out) => {
+            Filtered::Unchanged => assert!(!event.contains(HIDDEN_CHUNK), "{event}"),
+            Filtered::Replaced(out) => {
                 copies += 1;
                 assert!(event.contains(HIDDEN_CHUNK), "{event}");
                 assert!(out.is_empty());
@@ -971,12 +971,12 @@ fn hide_usage_forwards_whole_events_without_copying_them() {
     // Held bytes before a chunk, or an event cut at its end, take the
     // copying path and still forward every byte.
     let mut h = HideUsageChunk::new(4096);
-    assert_eq!(h.filter(b"data: {\"a\""), Forward::Bytes(Vec::new()));
+    assert_eq!(h.filter(b"data: {\"a\""), Filtered::Replaced(Vec::new()));
     assert_eq!(
         h.filter(b":1}\n\ndata: [DONE]\n\n"),
-        Forward::Bytes(b"data: {\"a\":1}\n\ndata: [DONE]\n\n".to_vec())
+        Filtered::Replaced(b"data: {\"a\":1}\n\ndata: [DONE]\n\n".to_vec())
     );
-    assert_eq!(h.filter(b"data: x\n\n"), Forward::Chunk);
+    assert_eq!(h.filter(b"data: x\n\n"), Filtered::Unchanged);
 }
 
 #[test]

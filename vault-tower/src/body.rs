@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use vault_core::crypto::ProviderSecret;
-use vault_core::meter::{Forward, HideUsageChunk, Usage, UsageMeter};
+use vault_core::meter::{Filtered, HideUsageChunk, Usage, UsageMeter};
 use vault_core::policy::CallOutcome;
 
 use crate::mock::MockBody;
@@ -212,8 +212,8 @@ where
                     let mut out = match (&m.redact, m.hide.as_mut()) {
                         (Some(_), _) => Bytes::new(),
                         (None, Some(hide)) => match hide.filter(&frame) {
-                            Forward::Chunk => frame,
-                            Forward::Bytes(out) => Bytes::from(out),
+                            Filtered::Unchanged => frame,
+                            Filtered::Replaced(out) => Bytes::from(out),
                         },
                         (None, None) => frame,
                     };

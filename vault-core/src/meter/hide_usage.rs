@@ -14,11 +14,11 @@ use super::sse::{DEFAULT_EVENT_CAP, SseParser};
 
 /// What [`HideUsageChunk::filter`] forwards for one chunk.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Forward {
-    /// The chunk itself, unchanged.
-    Chunk,
-    /// These bytes instead (possibly none).
-    Bytes(Vec<u8>),
+pub enum Filtered {
+    /// Forward the chunk itself, unchanged.
+    Unchanged,
+    /// Forward these bytes instead (possibly none).
+    Replaced(Vec<u8>),
 }
 
 /// Forwards complete SSE events unchanged, dropping only events whose JSON
@@ -59,15 +59,15 @@ impl HideUsageChunk {
     /// Takes the next upstream chunk and returns the bytes to forward now.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
         match self.filter(chunk) {
-            Forward::Chunk => chunk.to_vec(),
-            Forward::Bytes(out) => out,
+            Filtered::Unchanged => chunk.to_vec(),
+            Filtered::Replaced(out) => out,
         }
     }
 
     /// [`push`](Self::push) without a copy in the common case: a chunk of
     /// whole events, none of them hidden, with nothing held before it, is
-    /// forwarded as it came ([`Forward::Chunk`]).
-    pub fn filter(&mut self, chunk: &[u8]) -> Forward {
+    /// forwarded as it came ([`Filtered::Unchanged`]).
+    pub fn filter(&mut self, chunk: &[u8]) -> Filtered {
         let nothing_held =
             self.pending_lf_dropped.is_none() && self.held.is_empty() && !self.flushed_part;
         let mut start = 0;
@@ -94,7 +94,7 @@ impl HideUsageChunk {
             && chunk.last() != Some(&b'\r')
             && boundaries.iter().all(|&(_, hide)| !hide)
         {
-            return Forward::Chunk;
+            return Filtered::Unchanged;
         }
         out.reserve(chunk.len() + self.held.len());
         for (end, hide) in boundaries {
@@ -121,7 +121,7 @@ impl HideUsageChunk {
         } else {
             self.held.extend_from_slice(rest);
         }
-        Forward::Bytes(out)
+        Filtered::Replaced(out)
     }
 
     /// Ends the stream and returns whatever is still held (a final event

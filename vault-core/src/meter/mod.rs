@@ -27,7 +27,7 @@ pub mod request;
 pub mod sse;
 pub mod usage;
 
-pub use hide_usage::{Forward, HideUsageChunk};
+pub use hide_usage::{Filtered, HideUsageChunk};
 pub use request::{
     BodyError, MAX_DEPTH, RequestInspection, count_chars, inspect_request, rewrite_request,
 };
