@@ -31,20 +31,7 @@ command -v valgrind >/dev/null || apt-get install -y valgrind >/dev/null
 VAULTGATE=$ROOT/target/release/vaultgate
 start_mock 0
 
-VG_DIR="$WORK/vg"
-cat >"$WORK/vaultgate.toml" <<EOF
-listen = "127.0.0.1:$VG_PORT"
-data_dir = "$VG_DIR"
-
-[providers.openai]
-base_url = "http://127.0.0.1:$MOCK_PORT"
-EOF
-vg() { VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" "$@"; }
-vg init >/dev/null 2>"$WORK/init.log"
-printf '%s' "$PROVIDER_KEY" | vg provider-keys add --provider openai --name bench >/dev/null 2>&1
-VKEY=$(vg --output env keys create --policy "$ROOT/bench/bench.policy.yaml" 2>/dev/null |
-  sed -n 's/^export VAULTGATE_KEY=//p')
-[ -n "$VKEY" ] || die "could not create the benchmark key"
+setup_vaultgate
 
 # send PORT PATH KEY STREAM COUNT: COUNT POSTs on one connection, each
 # answered 200 and read to its end.

@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Shared by the load scripts in bench/ (sourced, never run): the cleanup
 # trap that stops every process in PIDS by its id and removes WORK, log and
-# die, waiting for a port, and the mock upstream.
+# die, waiting for a port, the mock upstream, and a vaultgate data dir with
+# the benchmark key.
 #
 # The sourcing script sets ROOT, WORK, LOG_TAG and MOCK_PORT first, and
 # appends the PID of every process it starts to PIDS.
@@ -46,3 +47,27 @@ start_mock() { # delay_ms
 
 # "total good": requests the mock answered, and those with the provider key.
 mock_count() { curl -s "http://127.0.0.1:$MOCK_PORT/_bench/count"; }
+
+# The vaultgate CLI on the data dir setup_vaultgate makes.
+vg() { VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" "$@"; }
+
+# A vaultgate data dir (VG_DIR = WORK/vg, config WORK/vaultgate.toml)
+# serving on VG_PORT with the mock as its OpenAI upstream, PROVIDER_KEY
+# added, and one key made with bench/bench.policy.yaml, in VKEY. Needs
+# VAULTGATE and VG_PORT.
+setup_vaultgate() {
+  VG_DIR="$WORK/vg"
+  mkdir -p "$VG_DIR"
+  cat >"$WORK/vaultgate.toml" <<EOF
+listen = "127.0.0.1:$VG_PORT"
+data_dir = "$VG_DIR"
+
+[providers.openai]
+base_url = "http://127.0.0.1:$MOCK_PORT"
+EOF
+  vg init >/dev/null 2>"$WORK/init.log"
+  printf '%s' "$PROVIDER_KEY" | vg provider-keys add --provider openai --name bench >/dev/null 2>&1
+  VKEY=$(vg --output env keys create --policy "$ROOT/bench/bench.policy.yaml" 2>/dev/null |
+    sed -n 's/^export VAULTGATE_KEY=//p')
+  [ -n "$VKEY" ] || die "could not create the benchmark key"
+}

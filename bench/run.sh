@@ -117,22 +117,7 @@ PIDS+=("$PASS_PID")
 wait_port "$PASS_PORT"
 
 # --- vaultgate: data dir, provider key, the benchmark key ----------------------
-VG_DIR="$WORK/vg"
-mkdir -p "$VG_DIR"
-cat >"$WORK/vaultgate.toml" <<EOF
-listen = "127.0.0.1:$VG_PORT"
-data_dir = "$VG_DIR"
-
-[providers.openai]
-base_url = "http://127.0.0.1:$MOCK_PORT"
-EOF
-cp "$ROOT/bench/bench.policy.yaml" "$WORK/bench.policy.yaml"
-vg() { VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" "$@"; }
-vg init >/dev/null 2>"$WORK/init.log"
-printf '%s' "$PROVIDER_KEY" | vg provider-keys add --provider openai --name bench >/dev/null 2>&1
-VKEY=$(vg --output env keys create --policy "$WORK/bench.policy.yaml" 2>/dev/null |
-  sed -n 's/^export VAULTGATE_KEY=//p')
-[ -n "$VKEY" ] || die "could not create the benchmark key"
+setup_vaultgate
 
 start_vaultgate() {
   env ${VG_ENV:-} VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" \
