@@ -31,7 +31,7 @@ command -v valgrind >/dev/null || apt-get install -y valgrind >/dev/null
 VAULTGATE=$ROOT/target/release/vaultgate
 start_mock 0
 
-setup_vaultgate
+setup_vaultgate "$WORK/vg" "$ROOT/bench/bench.policy.yaml"
 
 # send PORT PATH KEY STREAM COUNT: COUNT POSTs on one connection, each
 # answered 200 and read to its end.
@@ -86,7 +86,7 @@ measure passthrough "$PASS_PORT" /v1/chat/completions "$PROVIDER_KEY" \
   "127.0.0.1:$PASS_PORT" "127.0.0.1:$MOCK_PORT" >"$WORK/results.tsv"
 log "vaultgate"
 measure vaultgate "$VG_PORT" /openai/v1/chat/completions "$VKEY" \
-  "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" serve \
+  "$VAULTGATE" --data-dir "$VG_DIR" --config "$VG_CONFIG" serve \
   >>"$WORK/results.tsv"
 
 echo

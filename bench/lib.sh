@@ -48,26 +48,28 @@ start_mock() { # delay_ms
 # "total good": requests the mock answered, and those with the provider key.
 mock_count() { curl -s "http://127.0.0.1:$MOCK_PORT/_bench/count"; }
 
-# The vaultgate CLI on the data dir setup_vaultgate makes.
-vg() { VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" "$@"; }
+# The vaultgate CLI on the data dir setup_vaultgate made last.
+vg() { VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$VG_CONFIG" "$@"; }
 
-# A vaultgate data dir (VG_DIR = WORK/vg, config WORK/vaultgate.toml)
-# serving on VG_PORT with the mock as its OpenAI upstream, PROVIDER_KEY
-# added, and one key made with bench/bench.policy.yaml, in VKEY. Needs
-# VAULTGATE and VG_PORT.
+# setup_vaultgate DIR POLICY: a vaultgate data dir (VG_DIR = DIR/data,
+# VG_CONFIG = DIR/vaultgate.toml) serving on VG_PORT with the mock as its
+# OpenAI upstream, PROVIDER_KEY added, and one key made with the POLICY
+# file: VKEY, its id VKEY_ID. Needs VAULTGATE and VG_PORT.
 setup_vaultgate() {
-  VG_DIR="$WORK/vg"
-  mkdir -p "$VG_DIR"
-  cat >"$WORK/vaultgate.toml" <<EOF
+  VG_DIR="$1/data"
+  VG_CONFIG="$1/vaultgate.toml"
+  mkdir -p "$1"
+  cat >"$VG_CONFIG" <<EOF
 listen = "127.0.0.1:$VG_PORT"
 data_dir = "$VG_DIR"
 
 [providers.openai]
 base_url = "http://127.0.0.1:$MOCK_PORT"
 EOF
-  vg init >/dev/null 2>"$WORK/init.log"
   printf '%s' "$PROVIDER_KEY" | vg provider-keys add --provider openai --name bench >/dev/null 2>&1
-  VKEY=$(vg --output env keys create --policy "$ROOT/bench/bench.policy.yaml" 2>/dev/null |
-    sed -n 's/^export VAULTGATE_KEY=//p')
-  [ -n "$VKEY" ] || die "could not create the benchmark key"
+  local created
+  created=$(vg --output env keys create --policy "$2" 2>/dev/null)
+  VKEY=$(sed -n 's/^export VAULTGATE_KEY=//p' <<<"$created")
+  VKEY_ID=$(sed -n 's/^export VAULTGATE_KEY_ID=//p' <<<"$created")
+  [ -n "$VKEY" ] && [ -n "$VKEY_ID" ] || die "could not create the benchmark key"
 }

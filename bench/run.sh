@@ -117,10 +117,10 @@ PIDS+=("$PASS_PID")
 wait_port "$PASS_PORT"
 
 # --- vaultgate: data dir, provider key, the benchmark key ----------------------
-setup_vaultgate
+setup_vaultgate "$WORK/vg" "$ROOT/bench/bench.policy.yaml"
 
 start_vaultgate() {
-  env ${VG_ENV:-} VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$WORK/vaultgate.toml" \
+  env ${VG_ENV:-} VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$VG_CONFIG" \
     serve 2>>"$WORK/vaultgate.log" &
   VG_PID=$!
   PIDS+=("$VG_PID")

@@ -136,22 +136,8 @@ RESULTS="$WORK/results.tsv"
 for N in $SIZES; do
   H=$((N < HOT_MAX ? N : HOT_MAX))
   DIR="$WORK/n$N"
-  mkdir -p "$DIR"
-  cat >"$DIR/vaultgate.toml" <<EOF
-listen = "127.0.0.1:$VG_PORT"
-data_dir = "$DIR/data"
-
-[providers.openai]
-base_url = "http://127.0.0.1:$MOCK_PORT"
-EOF
-  vg() { VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$DIR/data" --config "$DIR/vaultgate.toml" "$@"; }
-
   log "N=$N: seeding the store ($H hot keys)"
-  printf '%s' "$PROVIDER_KEY" | vg provider-keys add --provider openai --name bench >/dev/null 2>&1
-  created=$(vg --output env keys create --policy "$WORK/bench.policy.yaml" 2>/dev/null)
-  VKEY=$(sed -n 's/^export VAULTGATE_KEY=//p' <<<"$created")
-  VKEY_ID=$(sed -n 's/^export VAULTGATE_KEY_ID=//p' <<<"$created")
-  [ -n "$VKEY" ] && [ -n "$VKEY_ID" ] || die "could not create the template key"
+  setup_vaultgate "$DIR" "$WORK/bench.policy.yaml"
   seed_started=$(date +%s%N)
   "$SEED" "$DIR/data" "$VKEY_ID" "$N" "$((H - 1))" "$DIR/seeded.keys" 2>"$DIR/seed.log" ||
     die "seeding failed: $(cat "$DIR/seed.log")"
@@ -162,7 +148,7 @@ EOF
 
   # Cold start: from exec to the first proxied 200.
   start_ns=$(date +%s%N)
-  env ${VG_ENV:-} VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$DIR/data" --config "$DIR/vaultgate.toml" \
+  env ${VG_ENV:-} VAULTGATE_LOG=warn "$VAULTGATE" --data-dir "$VG_DIR" --config "$VG_CONFIG" \
     serve 2>>"$DIR/vaultgate.log" &
   VG_PID=$!
   PIDS+=("$VG_PID")
