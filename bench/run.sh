@@ -4,10 +4,14 @@
 # One invocation, everything on 127.0.0.1:
 #   (a) wrk → mock upstream directly
 #   (b) wrk → nginx pass-through proxy → mock (keepalive to the upstream)
+#   (p) wrk → passthrough → mock: vaultgate's server loop and upstream pool
+#       with no layer (vault-tower/examples/bench_passthrough.rs), the
+#       floor of this HTTP stack
 #   (c) wrk → `vaultgate serve` → mock, with a live key whose policy has a
 #       rate limit, a budget, endpoint and model allowlists; metering on
 # each non-streamed and streamed (SSE), same closed-loop load (32
-# connections, 10 s), repeated REPS times; medians reported. Also p50 at one
+# connections, 10 s), repeated REPS times; medians reported, with each
+# process's CPU time and context switches per request. Also p50 at one
 # connection, vaultgate's RSS after the load and its cold start to the first
 # served request. The mock counts requests that carried the injected
 # provider key; the run fails unless every request reaching it through
