@@ -255,6 +255,17 @@ mod tests {
             t.lookup(Provider::Cohere, "command-r-plus-08-2024"),
             t.lookup(Provider::Cohere, "command-r-plus")
         );
+        // A newer release listed on its own is priced as itself, not as the
+        // older entry its name extends (Opus 4.5 costs a third of Opus 4; a
+        // moving `-latest` alias can cost more than the base name).
+        let opus_4_5 = t.lookup(Provider::Anthropic, "claude-opus-4-5-20251101");
+        assert_eq!(opus_4_5, t.lookup(Provider::Anthropic, "claude-opus-4-5"));
+        assert_ne!(opus_4_5, t.lookup(Provider::Anthropic, "claude-opus-4"));
+        let medium = t
+            .lookup(Provider::Mistral, "mistral-medium-latest")
+            .unwrap();
+        let medium_base = t.lookup(Provider::Mistral, "mistral-medium").unwrap();
+        assert!(medium.input_per_million > medium_base.input_per_million);
         // Other models that merely share a prefix are not priced as it.
         assert!(t.lookup(Provider::OpenAi, "o3-pro").is_none());
         assert!(t.lookup(Provider::OpenAi, "gpt-4o-audio-preview").is_none());
