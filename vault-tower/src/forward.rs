@@ -87,7 +87,9 @@ where
         let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
         let pool = self.pool.clone();
         Box::pin(async move {
-            let host = req.uri().host().unwrap_or_default().to_owned();
+            // For failure messages: a clone of shared bytes, no allocation.
+            let authority = req.uri().authority().cloned();
+            let host = authority.as_ref().map_or("", |a| a.host());
             let sent = match tokio::time::timeout(
                 timeouts.response,
                 pool.send(req, timeouts.connect),

@@ -593,6 +593,10 @@ where
     Ok(Response::from_parts(resp_parts, body))
 }
 
+// Provider credential headers, parsed once (`from_static` parses per call).
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
+
 /// Puts the provider credential where the provider expects it, marked
 /// sensitive so HTTP/2 never indexes it and `Debug` hides it.
 fn inject_credential(headers: &mut http::HeaderMap, provider: Provider, secret: &ProviderSecret) {
@@ -606,14 +610,8 @@ fn inject_credential(headers: &mut http::HeaderMap, provider: Provider, secret: 
         HeaderValue::from_bytes(&v)
     };
     let (name, value) = match provider.auth_style() {
-        AuthStyle::AnthropicApiKey => (
-            HeaderName::from_static("x-api-key"),
-            HeaderValue::from_bytes(raw),
-        ),
-        AuthStyle::GoogApiKey => (
-            HeaderName::from_static("x-goog-api-key"),
-            HeaderValue::from_bytes(raw),
-        ),
+        AuthStyle::AnthropicApiKey => (X_API_KEY, HeaderValue::from_bytes(raw)),
+        AuthStyle::GoogApiKey => (X_GOOG_API_KEY, HeaderValue::from_bytes(raw)),
         _ => (http::header::AUTHORIZATION, bearer()),
     };
     match value {
