@@ -25,6 +25,23 @@ fn settle_at(r: &vault_core::record::Reservation, actual: u64) -> Settlement {
     }
 }
 
+/// Reserves a 100 µ$ call on `l` at `now` through `leased`, and returns it
+/// with what the inner store took for it: held plus settled, since a used-up
+/// lease is settled as the next is taken (0 when the call fit the lease).
+async fn reserve_measuring_lease(
+    leased: &LeasedStore<vault_core::store::MemoryStore>,
+    l: &vault_core::record::BudgetLine,
+    now: UnixMillis,
+) -> Result<(vault_core::record::Reservation, u64), StoreError> {
+    let taken_so_far = |u: vault_core::record::BudgetUsage| u.reserved.0 + u.settled.0;
+    let before = taken_so_far(leased.get_ref().budget_usage(l, now).await?);
+    let r = leased
+        .reserve(l, Micros(100), Micros(1), now, LATER)
+        .await?;
+    let after = taken_so_far(leased.get_ref().budget_usage(l, now).await?);
+    Ok((r, after.saturating_sub(before)))
+}
+
 #[tokio::test]
 async fn boundary_one_store_reservation_covers_a_lease_of_calls() {
     let dir = tempfile::tempdir().unwrap();
@@ -97,15 +114,7 @@ async fn boundary_leases_grow_under_load_and_shrink_when_quiet() {
             // A quiet spell: the next leases are taken seconds apart.
             now = now.plus_millis(5_000);
         }
-        let before = leased.get_ref().budget_usage(&l, now).await.unwrap();
-        let r = leased
-            .reserve(&l, Micros(100), Micros(1), now, LATER)
-            .await
-            .unwrap();
-        let after = leased.get_ref().budget_usage(&l, now).await.unwrap();
-        // A used-up lease is settled as the next is taken: count both.
-        let taken = (after.reserved.0 + after.settled.0)
-            .saturating_sub(before.reserved.0 + before.settled.0);
+        let (r, taken) = reserve_measuring_lease(&leased, &l, now).await.unwrap();
         if taken > 0 {
             held.push(taken);
         }
@@ -131,14 +140,10 @@ async fn boundary_a_lease_never_takes_more_than_a_quarter_of_what_is_left() {
     let mut max_lease = 0;
     for _ in 0..200 {
         let before = leased.get_ref().budget_usage(&l, NOW).await.unwrap();
-        let Ok(r) = leased.reserve(&l, Micros(100), Micros(1), NOW, LATER).await else {
+        let left = 100_000 - before.settled.0 - before.reserved.0;
+        let Ok((r, taken)) = reserve_measuring_lease(&leased, &l, NOW).await else {
             break;
         };
-        let after = leased.get_ref().budget_usage(&l, NOW).await.unwrap();
-        // A used-up lease is settled as the next is taken: count both.
-        let taken = (after.reserved.0 + after.settled.0)
-            .saturating_sub(before.reserved.0 + before.settled.0);
-        let left = 100_000 - before.settled.0 - before.reserved.0;
         assert!(
             taken <= (left / 4).max(200),
             "lease of {taken} with {left} left"
