@@ -63,12 +63,19 @@ fn timeouts(s: vault_core::config::UpstreamSettings) -> Timeouts {
     }
 }
 
-fn price(p: vault_core::config::PriceSetting) -> Result<ModelPrice> {
-    Ok(ModelPrice {
-        input_per_million: p.input,
-        output_per_million: p.output,
-        max_output_tokens: p.max_output_tokens.unwrap_or(16_384).max(1),
-    })
+/// A configured price: input and output as given, every token class at its
+/// fallback (docs/budgets.md#token-classes), and the context window of the
+/// built-in entry for the same model when there is one.
+fn price(p: vault_core::config::PriceSetting, builtin: Option<&ModelPrice>) -> ModelPrice {
+    let mut price = ModelPrice::new(
+        p.input,
+        p.output,
+        p.max_output_tokens.unwrap_or(16_384).max(1),
+    );
+    if let Some(b) = builtin {
+        price.context_window = b.context_window;
+    }
+    price
 }
 
 /// Opens (creating if needed) the data directory and assembles the gateway.
@@ -122,9 +129,10 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
 
     let mut prices = PriceTable::builtin();
     for ((provider, model), p) in &config.prices {
-        prices = prices.with_override(*provider, model, price(*p)?);
+        let configured = price(*p, prices.lookup(*provider, model));
+        prices = prices.with_override(*provider, model, configured);
     }
-    prices = prices.with_fallback(config.fallback_price.map(price).transpose()?);
+    prices = prices.with_fallback(config.fallback_price.map(|p| price(p, None)));
     let clock = Arc::new(SystemClock);
     let engine = Arc::new(DefaultEngine::new(
         store.clone(),

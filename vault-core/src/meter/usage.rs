@@ -32,13 +32,27 @@ pub const TOKEN_CAP: u64 = u32::MAX as u64 * 16;
 /// The default cap on a buffered JSON body: 8 MiB.
 pub const DEFAULT_JSON_CAP: usize = 8 << 20;
 
-/// Tokens a call used, as the provider reported them.
+/// Tokens a call used, as the provider reported them, with the token
+/// classes that are billed at their own prices (docs/budgets.md#token-classes).
+/// The classes are parts of the two totals, never added to them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     /// Input (prompt) tokens, cache reads and writes included.
     pub tokens_in: u64,
     /// Output (completion) tokens, reasoning included.
     pub tokens_out: u64,
+    /// Of `tokens_in`: read from the prompt cache.
+    pub cached_in: u64,
+    /// Of `tokens_in`: written to the prompt cache (5-minute lifetime).
+    pub cache_write_in: u64,
+    /// Of `tokens_in`: written to the prompt cache (1-hour lifetime).
+    pub cache_write_1h_in: u64,
+    /// Of `tokens_in`: audio.
+    pub audio_in: u64,
+    /// Of `tokens_out`: reasoning (thinking).
+    pub reasoning_out: u64,
+    /// Of `tokens_out`: audio.
+    pub audio_out: u64,
 }
 
 /// How a response body is framed.
@@ -73,11 +87,19 @@ enum Input {
     Array(ElementScanner),
 }
 
+/// The token classes a report may carry, in [`Tally::classes`] order.
+const CLASSES: usize = 6;
+
 /// What has been metered so far; `None` fields were never reported.
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
     tokens_in: Option<u64>,
     tokens_out: Option<u64>,
+    /// Cached, cache-write (5 min), cache-write (1 h) and audio input, then
+    /// reasoning and audio output.
+    classes: [Option<u64>; CLASSES],
+    /// The stream's terminal event has been seen: the counts are final.
+    terminal: bool,
 }
 
 impl Tally {
@@ -88,17 +110,53 @@ impl Tally {
         if report.tokens_out.is_some() {
             self.tokens_out = report.tokens_out;
         }
+        for (mine, theirs) in self.classes.iter_mut().zip(report.classes) {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
     }
 
     fn usage(self) -> Option<Usage> {
         if self.tokens_in.is_none() && self.tokens_out.is_none() {
             return None;
         }
+        let [
+            cached_in,
+            cache_write_in,
+            cache_write_1h_in,
+            audio_in,
+            reasoning_out,
+            audio_out,
+        ] = self.classes.map(|c| c.unwrap_or(0));
         Some(Usage {
             tokens_in: self.tokens_in.unwrap_or(0),
             tokens_out: self.tokens_out.unwrap_or(0),
+            cached_in,
+            cache_write_in,
+            cache_write_1h_in,
+            audio_in,
+            reasoning_out,
+            audio_out,
         })
     }
+}
+
+/// Whether an SSE event ends its stream: after it the provider sends no
+/// further usage, so what was metered is final even if the connection is
+/// then cut (docs/budgets.md#settlement). OpenAI chat ends with
+/// `data: [DONE]`, the Responses API with `response.completed` (or
+/// `.incomplete`/`.failed`), Anthropic with `message_stop`, Cohere v2 with
+/// `message-end` (which carries the usage itself).
+fn is_terminal(event: &super::sse::SseEvent<'_>) -> bool {
+    matches!(
+        event.event,
+        b"message_stop"
+            | b"response.completed"
+            | b"response.incomplete"
+            | b"response.failed"
+            | b"message-end"
+    ) || event.data == b"[DONE]"
 }
 
 impl UsageMeter {
@@ -151,9 +209,7 @@ impl UsageMeter {
                     buf.extend_from_slice(chunk);
                 }
             }
-            Input::Sse(parser) => {
-                parser.feed(chunk, |event| meter_document(format, event.data, tally))
-            }
+            Input::Sse(parser) => parser.feed(chunk, |event| meter_event(format, &event, tally)),
             Input::Array(scanner) => {
                 scanner.feed(chunk, |element| meter_document(format, element, tally))
             }
@@ -170,16 +226,26 @@ impl UsageMeter {
                 let body = std::mem::take(buf);
                 meter_document(format, &body, tally);
             }
-            Input::Sse(parser) => parser.finish(|event| meter_document(format, event.data, tally)),
+            Input::Sse(parser) => parser.finish(|event| meter_event(format, &event, tally)),
             Input::Array(_) => {}
         }
         self.tally.usage()
     }
 
     /// What has been metered so far (for a stream cut short). Always `None`
-    /// for [`BodyKind::Json`] before [`finish`](Self::finish).
+    /// for [`BodyKind::Json`] before [`finish`](Self::finish). A running
+    /// count inside a stream is not what the provider bills: see
+    /// [`final_usage`](Self::final_usage).
     pub fn seen(&self) -> Option<Usage> {
         self.tally.usage()
+    }
+
+    /// The usage of a body cut short, when it is final: the stream's
+    /// terminal event has passed, so the provider reports nothing more
+    /// (docs/budgets.md#settlement). `None` otherwise, and always for JSON
+    /// bodies and Google's streams, whose counts are final only at the end.
+    pub fn final_usage(&self) -> Option<Usage> {
+        self.tally.terminal.then(|| self.tally.usage()).flatten()
     }
 
     /// Bytes held in memory right now; never above the applicable cap.
@@ -199,6 +265,14 @@ impl UsageMeter {
             Input::Sse(parser) => parser.dropped_oversize(),
             Input::Array(scanner) => scanner.dropped_oversize,
         }
+    }
+}
+
+/// Meters one SSE event, noting a terminal one.
+fn meter_event(format: UsageFormat, event: &super::sse::SseEvent<'_>, tally: &mut Tally) {
+    meter_document(format, event.data, tally);
+    if is_terminal(event) {
+        tally.terminal = true;
     }
 }
 
@@ -256,13 +330,14 @@ struct Layout {
     paths: &'static [&'static [&'static str]],
     /// The top-level `type` value that changes which path counts.
     event_type: Option<&'static str>,
-    /// The count fields of a usage object, indexes into [`Slot::Object`].
+    /// The count fields of a usage object, indexes into [`Slot::Object`];
+    /// `a.b` is field `b` of the object at `a` (one level down).
     fields: &'static [&'static str],
 }
 
 /// The most paths and count fields a layout has.
 const MAX_PATHS: usize = 3;
-const MAX_FIELDS: usize = 4;
+const MAX_FIELDS: usize = 10;
 
 impl UsageFormat {
     fn layout(self) -> &'static Layout {
@@ -275,6 +350,12 @@ impl UsageFormat {
                     "input_tokens",
                     "completion_tokens",
                     "output_tokens",
+                    "prompt_tokens_details.cached_tokens",
+                    "input_tokens_details.cached_tokens",
+                    "prompt_tokens_details.audio_tokens",
+                    "completion_tokens_details.reasoning_tokens",
+                    "output_tokens_details.reasoning_tokens",
+                    "completion_tokens_details.audio_tokens",
                 ],
             },
             UsageFormat::Anthropic => &Layout {
@@ -285,6 +366,8 @@ impl UsageFormat {
                     "cache_creation_input_tokens",
                     "cache_read_input_tokens",
                     "output_tokens",
+                    "cache_creation.ephemeral_5m_input_tokens",
+                    "cache_creation.ephemeral_1h_input_tokens",
                 ],
             },
             UsageFormat::Google => &Layout {
@@ -295,6 +378,7 @@ impl UsageFormat {
                     "toolUsePromptTokenCount",
                     "candidatesTokenCount",
                     "thoughtsTokenCount",
+                    "cachedContentTokenCount",
                 ],
             },
             UsageFormat::Cohere => &Layout {
@@ -354,16 +438,38 @@ fn report(format: UsageFormat, found: &Found) -> Option<Tally> {
     let [first, second, third] = found.slots;
     match format {
         UsageFormat::OpenAi => {
-            // `usage`, else the Responses API's `response.usage`.
+            // `usage`, else the Responses API's `response.usage`. Totals
+            // include the classes: cached and audio input, reasoning and
+            // audio output.
             let usage = if first.is_given() { first } else { second };
-            counts(usage, &[&[0], &[1]], &[&[2], &[3]])
+            counts(
+                usage,
+                &[&[0], &[1]],
+                &[&[2], &[3]],
+                [&[&[4], &[5]], &[], &[], &[&[6]], &[&[7], &[8]], &[&[9]]],
+            )
         }
         UsageFormat::Anthropic => {
-            // `message_start` carries it in `message.usage`.
+            // `message_start` carries it in `message.usage`. Input is the
+            // sum of plain, cache-write and cache-read tokens; cache writes
+            // split by lifetime when `cache_creation` says, else 5-minute.
             let usage = if found.event_type { second } else { first };
-            counts(usage, &[&[0, 1, 2]], &[&[3]])
+            let split = matches!(usage, Slot::Object(f)
+                if !matches!(f[4], Count::Absent) || !matches!(f[5], Count::Absent));
+            let writes: &[&[usize]] = if split { &[&[4]] } else { &[&[1]] };
+            counts(
+                usage,
+                &[&[0, 1, 2]],
+                &[&[3]],
+                [&[&[2]], writes, &[&[5]], &[], &[], &[]],
+            )
         }
-        UsageFormat::Google => counts(first, &[&[0, 1]], &[&[2, 3]]),
+        UsageFormat::Google => counts(
+            first,
+            &[&[0, 1]],
+            &[&[2, 3]],
+            [&[&[4]], &[], &[], &[], &[&[3]], &[]],
+        ),
         UsageFormat::Cohere => {
             // v2 `message-end`: `delta.usage.billed_units`; v2 body:
             // `usage.billed_units`; v1: `meta.billed_units`.
@@ -374,17 +480,22 @@ fn report(format: UsageFormat, found: &Found) -> Option<Tally> {
             } else {
                 second
             };
-            counts(billed, &[&[0]], &[&[1]])
+            counts(billed, &[&[0]], &[&[1]], [&[]; CLASSES])
         }
     }
 }
 
-/// Reads the input and output counts of a usage object. Each side is a
-/// list of alternatives; an alternative is a primary field plus extras that
-/// add to it (indexes into the layout's fields); the first alternative with
-/// any field present wins. `None` when the slot is not an object, reports
-/// nothing, or reports a non-number.
-fn counts(usage: Slot, input: &[&[usize]], output: &[&[usize]]) -> Option<Tally> {
+/// Reads the counts of a usage object: input, output and each token class.
+/// Each is a list of alternatives; an alternative is a primary field plus
+/// extras that add to it (indexes into the layout's fields); the first
+/// alternative with any field present wins. `None` when the slot is not an
+/// object, reports no total, or reports a non-number.
+fn counts(
+    usage: Slot,
+    input: &[&[usize]],
+    output: &[&[usize]],
+    classes: [&[&[usize]]; CLASSES],
+) -> Option<Tally> {
     let Slot::Object(fields) = usage else {
         return None;
     };
@@ -407,10 +518,14 @@ fn counts(usage: Slot, input: &[&[usize]], output: &[&[usize]]) -> Option<Tally>
         }
         Some(None)
     };
-    let tally = Tally {
+    let mut tally = Tally {
         tokens_in: side(input)?,
         tokens_out: side(output)?,
+        ..Tally::default()
     };
+    for (slot, alternatives) in tally.classes.iter_mut().zip(classes) {
+        *slot = side(alternatives)?;
+    }
     (tally.tokens_in.is_some() || tally.tokens_out.is_some()).then_some(tally)
 }
 
@@ -699,8 +814,18 @@ impl<'de> ReadMap<'de> for Level<'_> {
     }
 }
 
-/// A usage object: the layout's count fields.
+/// A usage object: the layout's count fields, `a.b` ones read from the
+/// object at `a`.
 struct CountFields(&'static [&'static str]);
+
+/// What a key of a usage object is to its layout.
+enum FieldRole {
+    /// A count field, by index.
+    Count(usize),
+    /// An object holding `a.b` fields: its name `a`.
+    Details(&'static str),
+    Skip,
+}
 
 impl<'de> ReadMap<'de> for CountFields {
     type Output = [Count; MAX_FIELDS];
@@ -708,21 +833,77 @@ impl<'de> ReadMap<'de> for CountFields {
     fn read_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Output, A::Error> {
         let fields = self.0;
         let mut counts = [Count::Absent; MAX_FIELDS];
-        while let Some(index) =
-            map.next_key_seed(Key(|name: &str| fields.iter().position(|f| *f == name)))?
-        {
-            let Some(count) = index.and_then(|i| counts.get_mut(i)) else {
+        let role = |name: &str| {
+            if let Some(i) = fields.iter().position(|f| *f == name) {
+                return FieldRole::Count(i);
+            }
+            fields
+                .iter()
+                .find_map(|f| {
+                    f.split_once('.')
+                        .filter(|(outer, _)| *outer == name)
+                        .map(|(outer, _)| FieldRole::Details(outer))
+                })
+                .unwrap_or(FieldRole::Skip)
+        };
+        while let Some(role) = map.next_key_seed(Key(role))? {
+            match role {
+                FieldRole::Count(i) => {
+                    // A repeated field's last value counts.
+                    counts[i] = match map.next_value_seed(Peek::new(SkipMap))? {
+                        Peeked::Null => Count::Absent,
+                        Peeked::Number(n) => Count::Tokens(n),
+                        _ => Count::NotANumber,
+                    };
+                }
+                FieldRole::Details(outer) => {
+                    let details = Details {
+                        fields,
+                        outer,
+                        counts: &mut counts,
+                    };
+                    map.next_value_seed(Peek::new(details))?;
+                }
+                FieldRole::Skip => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
+/// The object `outer` inside a usage object: its `outer.b` count fields.
+/// A value that is not an object (or `null`) holds none of them.
+struct Details<'c> {
+    fields: &'static [&'static str],
+    outer: &'static str,
+    counts: &'c mut [Count; MAX_FIELDS],
+}
+
+impl<'de> ReadMap<'de> for Details<'_> {
+    type Output = ();
+
+    fn read_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let (fields, outer) = (self.fields, self.outer);
+        let index = |name: &str| {
+            fields.iter().position(|f| {
+                f.split_once('.')
+                    .is_some_and(|(o, inner)| o == outer && inner == name)
+            })
+        };
+        while let Some(i) = map.next_key_seed(Key(index))? {
+            let Some(count) = i.and_then(|i| self.counts.get_mut(i)) else {
                 map.next_value::<IgnoredAny>()?;
                 continue;
             };
-            // A repeated field's last value counts.
             *count = match map.next_value_seed(Peek::new(SkipMap))? {
                 Peeked::Null => Count::Absent,
                 Peeked::Number(n) => Count::Tokens(n),
                 _ => Count::NotANumber,
             };
         }
-        Ok(counts)
+        Ok(())
     }
 }
 
