@@ -110,10 +110,11 @@ fn check_and_settle(c: &mut Criterion) {
     );
     let chain = vec![Arc::new(key)];
     let facts = facts();
-    let outcome = CallOutcome::Metered {
+    let outcome = CallOutcome::Metered(vault_core::meter::Usage {
         tokens_in: 100,
         tokens_out: 50,
-    };
+        ..Default::default()
+    });
     c.bench_function("policy_check_settle_memory", |b| {
         b.iter(|| {
             rt.block_on(async {

@@ -141,6 +141,72 @@ pub struct UsageRecord {
     pub denial: Option<String>,
     /// Whether the denial was only recorded (shadow mode).
     pub shadow: bool,
+    /// Of `tokens_in`: read from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// Of `tokens_in`: written to the prompt cache (5-minute and 1-hour).
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    /// Of `tokens_out`: reasoning (thinking) tokens.
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    /// Of `tokens_in` and `tokens_out`: audio tokens.
+    #[serde(default)]
+    pub audio_tokens: u64,
+    /// Which settlement rule charged the call (docs/budgets.md#settlement);
+    /// `None` for calls refused before they were admitted.
+    #[serde(default)]
+    pub settlement: Option<SettledBy>,
+}
+
+/// How a call's cost was decided: one rule per way a call can end
+/// (docs/budgets.md#settlement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SettledBy {
+    /// A complete answer with usage: its metered cost.
+    Metered,
+    /// A complete success without usage: the reservation.
+    NoUsage,
+    /// A complete error answer without usage: nothing (the provider bills
+    /// nothing for it); the reservation was released.
+    ErrorReleased,
+    /// Never reached the provider: nothing.
+    NotSent,
+    /// Cut short after the provider's final count: that count.
+    CutAfterFinalCount,
+    /// Cut short before a final count (client gone, reset, timeout, stream
+    /// cut, call abandoned before the answer's headers): the reservation.
+    CutReserved,
+}
+
+impl SettledBy {
+    /// The name stored and shown, e.g. `cut_reserved`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettledBy::Metered => "metered",
+            SettledBy::NoUsage => "no_usage",
+            SettledBy::ErrorReleased => "error_released",
+            SettledBy::NotSent => "not_sent",
+            SettledBy::CutAfterFinalCount => "cut_after_final_count",
+            SettledBy::CutReserved => "cut_reserved",
+        }
+    }
+
+    /// The rule named `name`, as [`as_str`](Self::as_str) writes it.
+    pub fn parse(name: &str) -> Option<SettledBy> {
+        [
+            SettledBy::Metered,
+            SettledBy::NoUsage,
+            SettledBy::ErrorReleased,
+            SettledBy::NotSent,
+            SettledBy::CutAfterFinalCount,
+            SettledBy::CutReserved,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
+    }
 }
 
 /// Which usage records to return.

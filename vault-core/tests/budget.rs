@@ -433,10 +433,11 @@ async fn boundary_i7_daily_and_monthly_budgets_roll_over_at_utc_midnight() {
             engine
                 .settle(
                     in_flight,
-                    CallOutcome::Metered {
+                    CallOutcome::Metered(vault_core::meter::Usage {
                         tokens_in: 0,
                         tokens_out: 500,
-                    },
+                        ..Default::default()
+                    }),
                     None,
                 )
                 .await;

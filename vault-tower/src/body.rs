@@ -10,8 +10,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use vault_core::crypto::ProviderSecret;
-use vault_core::meter::{Filtered, HideUsageChunk, Usage, UsageMeter};
+use vault_core::meter::{Filtered, HideUsageChunk, UsageMeter};
 use vault_core::policy::CallOutcome;
+use vault_core::record::SettledBy;
 
 use crate::mock::MockBody;
 use crate::sink::PendingCall;
@@ -62,10 +63,7 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for MeteredBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(call) = this.metering.pending.take() {
-                let outcome = outcome_of(this.metering.meter.as_mut(), false);
-                call.finish(outcome, true);
-            }
+            settle_cut(this.metering);
         }
     }
 }
@@ -94,18 +92,33 @@ impl<B> MeteredBody<B> {
     }
 }
 
-fn outcome_of(meter: Option<&mut UsageMeter>, complete: bool) -> CallOutcome {
-    let usage: Option<Usage> = match meter {
-        Some(m) if complete => m.finish(),
-        Some(m) => m.seen(),
-        None => None,
+/// Settles a call whose body arrived whole (docs/budgets.md#settlement):
+/// its usage, else nothing for an error status, else the reservation.
+fn settle_complete(m: &mut Metering) {
+    let Some(call) = m.pending.take() else {
+        return;
     };
-    match usage {
-        Some(u) => CallOutcome::Metered {
-            tokens_in: u.tokens_in,
-            tokens_out: u.tokens_out,
-        },
-        None => CallOutcome::Unmetered,
+    let usage = m.meter.as_mut().and_then(UsageMeter::finish);
+    let (outcome, rule) = match usage {
+        Some(u) => (CallOutcome::Metered(u), SettledBy::Metered),
+        None if call.status() >= 400 => (CallOutcome::ErrorReleased, SettledBy::ErrorReleased),
+        None => (CallOutcome::Unmetered, SettledBy::NoUsage),
+    };
+    call.finish(outcome, rule);
+}
+
+/// Settles a call whose body was cut short (client gone, upstream reset,
+/// timeout, malformed stream): the provider's final count if it had
+/// arrived, else the reservation. A running count from inside a stream is
+/// never used: the provider bills what it generated, and stalling or
+/// disconnecting must not buy free tokens (docs/budgets.md#settlement).
+fn settle_cut(m: &mut Metering) {
+    let Some(call) = m.pending.take() else {
+        return;
+    };
+    match m.meter.as_ref().and_then(UsageMeter::final_usage) {
+        Some(u) => call.finish(CallOutcome::Metered(u), SettledBy::CutAfterFinalCount),
+        None => call.finish(CallOutcome::Unmetered, SettledBy::CutReserved),
     }
 }
 
@@ -138,10 +151,7 @@ fn finish(m: &mut Metering, redact_buf: &[u8]) -> Bytes {
     } else {
         Bytes::new()
     };
-    if let Some(call) = m.pending.take() {
-        let outcome = outcome_of(m.meter.as_mut(), true);
-        call.finish(outcome, false);
-    }
+    settle_complete(m);
     tail
 }
 
@@ -239,10 +249,7 @@ where
                 }
                 Some(Err(e)) => {
                     *this.ended = true;
-                    if let Some(call) = m.pending.take() {
-                        let outcome = outcome_of(m.meter.as_mut(), false);
-                        call.finish(outcome, true);
-                    }
+                    settle_cut(m);
                     if m.sse {
                         tracing::warn!(error = %e, "upstream stream cut; ending the client stream with an error event");
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(

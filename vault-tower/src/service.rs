@@ -33,7 +33,7 @@ use vault_core::policy::{
     BudgetPeriod, CallOutcome, Grant, LimitHeaders, RequestFacts, split_proxy_path,
 };
 use vault_core::provider::{AuthStyle, Provider, UsageFormat};
-use vault_core::record::{BudgetLine, KeyRecord, KeyStatus, UsageRecord};
+use vault_core::record::{BudgetLine, KeyRecord, KeyStatus, SettledBy, UsageRecord};
 
 use crate::body::{BoxError, MeteredBody, Metering};
 use crate::context::VaultContext;
@@ -42,6 +42,7 @@ use crate::forward::UpstreamFailure;
 use crate::future::ResponseFuture;
 use crate::mock::{MockProvider, MockTarget};
 use crate::response::{OUTPUT_TOKENS_CLAMPED, SHADOW_DENIAL, add_limit_headers, denial_response};
+use crate::sink::PendingCall;
 
 /// The vaultgate middleware: see the [crate docs](crate). Denials are
 /// responses, never errors, and never reach the inner service.
@@ -200,6 +201,11 @@ fn usage_record(
         status,
         denial: None,
         shadow: false,
+        cached_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        audio_tokens: 0,
+        settlement: None,
     }
 }
 
@@ -382,19 +388,23 @@ where
         }
     };
     let limits = grant.headers;
+    let clamp = grant.clamp_output_tokens;
+    let shadow_code = grant.shadow_denial.as_ref().map(Denial::code);
     let mut pending_record = usage_record(&ctx, &record, Some(provider), endpoint, model, 0);
-    if let Some(shadow) = &grant.shadow_denial {
+    if let Some(code) = shadow_code {
         // Shadow mode: the call goes ahead; its record says what would have
         // been denied.
-        pending_record.denial = Some(shadow.code().to_owned());
+        pending_record.denial = Some(code.to_owned());
         pending_record.shadow = true;
     }
-    let not_sent = |ctx: &VaultContext, grant: Grant, d: Denial| {
-        let mut r = pending_record.clone();
-        r.status = d.status();
-        r.denial = Some(d.code().to_owned());
-        r.shadow = false;
-        ctx.sink.settle_now(Some(grant), CallOutcome::NotSent, r);
+    // From here the call settles exactly once however it ends, even if this
+    // future is dropped (docs/budgets.md#settlement).
+    let mut pending = PendingCall::new(ctx.sink.clone(), grant, pending_record, started);
+    // A refusal after admission: nothing was sent, the reservation is released.
+    let not_sent = |mut pending: PendingCall, d: Denial| {
+        pending.set_status(d.status());
+        pending.set_denial(d.code());
+        pending.finish(CallOutcome::NotSent, SettledBy::NotSent);
         let mut resp = denial_response(&d).map(MeteredBody::full);
         add_limit_headers(resp.headers_mut(), &limits);
         resp
@@ -409,7 +419,7 @@ where
             let d = Denial::UpstreamUnavailable(format!(
                 "no base_url is configured for provider {provider}"
             ));
-            return Ok(not_sent(&ctx, grant, d));
+            return Ok(not_sent(pending, d));
         };
         upstream = Some(up.clone());
         let pk = match ctx.provider_key_for(&record, provider).await {
@@ -419,11 +429,11 @@ where
                     "no {provider} provider key is available to this key in project {}",
                     record.project
                 ));
-                return Ok(not_sent(&ctx, grant, d));
+                return Ok(not_sent(pending, d));
             }
             Err(e) => {
                 tracing::error!(error = %e, "loading provider keys failed");
-                return Ok(not_sent(&ctx, grant, Denial::Internal));
+                return Ok(not_sent(pending, Denial::Internal));
             }
         };
         let aad = Aad {
@@ -435,7 +445,7 @@ where
             Ok(s) => secret = Some(s),
             Err(_) => {
                 tracing::error!(provider_key = %pk.id, "a provider key could not be decrypted");
-                return Ok(not_sent(&ctx, grant, Denial::Internal));
+                return Ok(not_sent(pending, Denial::Internal));
             }
         }
     }
@@ -445,22 +455,13 @@ where
     let add_usage = inspection.stream
         && provider.usage_format() == UsageFormat::OpenAi
         && !inspection.client_asked_usage;
-    let body = match rewrite_request(provider, &bytes, grant.clamp_output_tokens, add_usage) {
+    let body = match rewrite_request(provider, &bytes, clamp, add_usage) {
         Ok(Some(rewritten)) => Bytes::from(rewritten),
         Ok(None) => bytes,
-        Err(e) => return Ok(not_sent(&ctx, grant, Denial::InvalidRequest(e.to_string()))),
+        Err(e) => return Ok(not_sent(pending, Denial::InvalidRequest(e.to_string()))),
     };
     strip_request_headers(&mut parts.headers);
     let query = parts.uri.query().and_then(strip_key_param);
-    let clamp = grant.clamp_output_tokens;
-    let shadow_code = grant.shadow_denial.as_ref().map(Denial::code);
-
-    let pending = crate::sink::PendingCall {
-        sink: ctx.sink.clone(),
-        grant: Some(grant),
-        record: pending_record,
-        started,
-    };
 
     let (mut resp_parts, source) = if use_mock {
         let mut mreq = Request::new(body);
@@ -470,6 +471,7 @@ where
             None => path.parse().unwrap_or_default(),
         };
         mreq.extensions_mut().insert(MockTarget(provider));
+        pending.mark_sent();
         let resp = match MockProvider.call(mreq).await {
             Ok(r) => r,
             Err(never) => match never {},
@@ -478,18 +480,13 @@ where
         (p, Err(b))
     } else {
         let (Some(up), Some(secret)) = (upstream.as_ref(), secret.as_ref()) else {
-            return Ok(deny(&ctx, &Denial::Internal, None, None));
+            return Ok(not_sent(pending, Denial::Internal));
         };
         parts.uri = match up.uri_for(&path, query.as_deref()) {
             Ok(u) => u,
             Err(_) => {
-                pending.finish(CallOutcome::NotSent, false);
-                let mut resp = denial_response(&Denial::InvalidRequest(
-                    "the request target is invalid".to_owned(),
-                ))
-                .map(MeteredBody::full);
-                add_limit_headers(resp.headers_mut(), &limits);
-                return Ok(resp);
+                let d = Denial::InvalidRequest("the request target is invalid".to_owned());
+                return Ok(not_sent(pending, d));
             }
         };
         inject_credential(&mut parts.headers, provider, secret);
@@ -500,16 +497,22 @@ where
         let req = Request::from_parts(parts, ReqBody::from(body));
         // A panic in the inner service (its `call` or its future) must not
         // take the connection down with no answer or leave the reservation
-        // held (THREATS C6). The request may have reached the provider, so
-        // it is charged as sent but unmetered. The panic payload is never
-        // looked at: it may hold anything, secrets included.
+        // held (docs/threat-model.md#c6). The request may have reached the
+        // provider, so it is charged as sent and cut. The panic payload is
+        // never looked at: it may hold anything, secrets included. An error
+        // from the inner service is passed on; the call is charged the same
+        // way as `pending` drops.
+        pending.mark_sent();
         let resp = match CatchPanic::new(async move { inner.call(req).await }).await {
-            Ok(resp) => resp?,
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                pending.set_status(Denial::UpstreamUnavailable(String::new()).status());
+                return Err(e);
+            }
             Err(Panicked) => {
                 tracing::error!(%provider, "the inner service panicked");
-                let mut p = pending;
-                p.record.status = Denial::Internal.status();
-                p.finish(CallOutcome::Unmetered, false);
+                pending.set_status(Denial::Internal.status());
+                pending.finish(CallOutcome::Unmetered, SettledBy::CutReserved);
                 let mut resp = denial_response(&Denial::Internal).map(MeteredBody::full);
                 add_limit_headers(resp.headers_mut(), &limits);
                 return Ok(resp);
@@ -521,14 +524,12 @@ where
 
     // 7. The response: strip echoed credentials, add limit headers, meter.
     if let Some(failure) = resp_parts.extensions.get::<UpstreamFailure>().copied() {
-        let outcome = if failure.sent {
-            CallOutcome::Unmetered
+        pending.set_status(resp_parts.status.as_u16());
+        if failure.sent {
+            pending.finish(CallOutcome::Unmetered, SettledBy::CutReserved);
         } else {
-            CallOutcome::NotSent
-        };
-        let mut p = pending;
-        p.record.status = resp_parts.status.as_u16();
-        p.finish(outcome, false);
+            pending.finish(CallOutcome::NotSent, SettledBy::NotSent);
+        }
         add_limit_headers(&mut resp_parts.headers, &limits);
         let body = match source {
             Ok(b) => MeteredBody::upstream(b, Metering::default()),
@@ -565,8 +566,7 @@ where
         BodyKind::Json
     };
     let status = resp_parts.status;
-    let mut pending = pending;
-    pending.record.status = status.as_u16();
+    pending.set_status(status.as_u16());
     // An error answer is never a long stream: held whole (up to a cap) and
     // redacted, whatever its content type.
     let redact = (status.as_u16() >= 400)

@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use vault_core::audit::{AuditEvent, AuditLog};
+use vault_core::meter::Usage;
 use vault_core::policy::{CallOutcome, Grant, PolicyEngine};
-use vault_core::record::UsageRecord;
+use vault_core::record::{SettledBy, UsageRecord};
 use vault_core::store::KeyStore;
 
 use crate::metrics::Metrics;
@@ -46,28 +47,106 @@ pub(crate) struct UsageSink {
     metrics: Arc<Metrics>,
 }
 
-/// A forwarded call waiting to be settled when its body ends or is dropped.
+/// An admitted call, from its grant until it is settled: exactly once,
+/// however it ends (docs/budgets.md#settlement). Dropped unsettled — the
+/// request future abandoned before the answer's headers (client gone, an
+/// outer timeout), or the inner service failing — it settles itself: a
+/// call not yet handed to the upstream releases its reservation, one
+/// handed over is charged it, and either way leaves a usage record.
 pub(crate) struct PendingCall {
-    pub(crate) sink: UsageSink,
-    pub(crate) grant: Option<Grant>,
-    pub(crate) record: UsageRecord,
-    pub(crate) started: Instant,
+    sink: UsageSink,
+    grant: Option<Grant>,
+    /// `None` once settled.
+    record: Option<UsageRecord>,
+    started: Instant,
+    /// Whether the request may have reached the provider.
+    sent: bool,
 }
 
+/// The status recorded for a call abandoned before its answer's headers
+/// (nginx's "client closed request").
+const ABANDONED: u16 = 499;
+
 impl PendingCall {
-    /// Sends the call to the worker. `cut` marks a body that did not finish
-    /// (client disconnect or upstream failure mid-body).
-    pub(crate) fn finish(mut self, outcome: CallOutcome, cut: bool) {
-        self.record.latency_ms =
-            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if cut {
-            tracing::debug!(key_id = %self.record.key_id, "response body ended early");
+    /// A call that arrived at `started`, admitted with `grant`, to be
+    /// recorded as `record`.
+    pub(crate) fn new(
+        sink: UsageSink,
+        grant: Grant,
+        record: UsageRecord,
+        started: Instant,
+    ) -> Self {
+        PendingCall {
+            sink,
+            grant: Some(grant),
+            record: Some(record),
+            started,
+            sent: false,
+        }
+    }
+
+    /// Marks the request as handed to the upstream: from now on an
+    /// unsettled drop charges the reservation.
+    pub(crate) fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+
+    /// The status the record will carry.
+    pub(crate) fn status(&self) -> u16 {
+        self.record.as_ref().map_or(0, |r| r.status)
+    }
+
+    /// Sets the status the record will carry.
+    pub(crate) fn set_status(&mut self, status: u16) {
+        if let Some(r) = self.record.as_mut() {
+            r.status = status;
+        }
+    }
+
+    /// Sets the denial code the record will carry (a refusal after
+    /// admission, e.g. no provider key).
+    pub(crate) fn set_denial(&mut self, code: &str) {
+        if let Some(r) = self.record.as_mut() {
+            r.denial = Some(code.to_owned());
+            r.shadow = false;
+        }
+    }
+
+    /// Settles the call by `rule` and sends it to the worker.
+    pub(crate) fn finish(mut self, outcome: CallOutcome, rule: SettledBy) {
+        self.settle(outcome, rule);
+    }
+
+    fn settle(&mut self, outcome: CallOutcome, rule: SettledBy) {
+        let Some(mut record) = self.record.take() else {
+            return;
+        };
+        record.latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        record.settlement = Some(rule);
+        if matches!(rule, SettledBy::CutReserved | SettledBy::CutAfterFinalCount) {
+            tracing::debug!(key_id = %record.key_id, "call ended early");
         }
         self.sink.send(Job::Settle {
-            grant: self.grant,
+            grant: self.grant.take(),
             outcome,
-            record: self.record,
+            record,
         });
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        if self.record.is_none() {
+            return;
+        }
+        if self.status() == 0 {
+            self.set_status(ABANDONED);
+        }
+        if self.sent {
+            self.settle(CallOutcome::Unmetered, SettledBy::CutReserved);
+        } else {
+            self.settle(CallOutcome::NotSent, SettledBy::NotSent);
+        }
     }
 }
 
@@ -109,20 +188,6 @@ impl UsageSink {
         self.send(Job::Denied { record, audit });
     }
 
-    /// Records a call that needs no body to finish (e.g. an empty response).
-    pub(crate) fn settle_now(
-        &self,
-        grant: Option<Grant>,
-        outcome: CallOutcome,
-        record: UsageRecord,
-    ) {
-        self.send(Job::Settle {
-            grant,
-            outcome,
-            record,
-        });
-    }
-
     /// Waits until everything queued before this call is settled and written.
     pub(crate) async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
@@ -130,6 +195,16 @@ impl UsageSink {
             let _ = rx.await;
         }
     }
+}
+
+/// Writes a call's token counts, by class, into its usage record.
+fn record_usage(record: &mut UsageRecord, usage: &Usage) {
+    record.tokens_in = usage.tokens_in;
+    record.tokens_out = usage.tokens_out;
+    record.cached_tokens = usage.cached_in;
+    record.cache_write_tokens = usage.cache_write_in.saturating_add(usage.cache_write_1h_in);
+    record.reasoning_tokens = usage.reasoning_out;
+    record.audio_tokens = usage.audio_in.saturating_add(usage.audio_out);
 }
 
 async fn run(
@@ -155,13 +230,8 @@ async fn run(
                 } => {
                     if let Some(grant) = grant {
                         granted.push((grant, outcome, records.len()));
-                    } else if let CallOutcome::Metered {
-                        tokens_in,
-                        tokens_out,
-                    } = outcome
-                    {
-                        record.tokens_in = tokens_in;
-                        record.tokens_out = tokens_out;
+                    } else if let CallOutcome::Metered(usage) = outcome {
+                        record_usage(&mut record, &usage);
                     }
                     records.push(record);
                 }
@@ -183,8 +253,7 @@ async fn run(
             for (i, charge) in indices.into_iter().zip(charges) {
                 let record = &mut records[i];
                 record.cost = charge.cost;
-                record.tokens_in = charge.tokens_in;
-                record.tokens_out = charge.tokens_out;
+                record_usage(record, &charge.usage);
             }
         }
         for r in &records {

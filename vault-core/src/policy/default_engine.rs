@@ -33,11 +33,12 @@
 //! price (and no fallback) is refused for budgeted keys; budgeted keys must
 //! name a model on anything but `GET`/`HEAD` (which are not billed).
 //!
-//! # Settlement
-//! `Metered` calls cost their tokens at the model's price (rounded up);
-//! `NotSent` calls cost nothing and release the reservation; `Unmetered`
-//! calls cost the whole reservation (SPEC §3's failed-call rule). Tokens feed
-//! the tokens-per-minute limits.
+//! # Settlement (docs/budgets.md#settlement)
+//! `Metered` calls cost their tokens at the model's price, each token class
+//! at its own (rounded up); `NotSent` and `ErrorReleased` calls cost nothing
+//! and release the reservation; `Unmetered` calls cost the whole
+//! reservation (a key without a budget: the most the call could cost).
+//! Tokens feed the tokens-per-minute limits.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,7 @@ use async_trait::async_trait;
 use crate::clock::{SharedClock, UnixMillis};
 use crate::denial::Denial;
 use crate::key::KeyId;
+use crate::meter::Usage;
 use crate::money::Micros;
 use crate::pricing::{ModelPrice, PriceTable};
 use crate::provider::Provider;
@@ -546,26 +548,24 @@ impl DefaultEngine {
             .reservation
             .as_ref()
             .map_or(Micros::ZERO, |r| r.amount);
-        let (tokens_in, tokens_out, cost) = match outcome {
-            CallOutcome::NotSent => (0, 0, Micros::ZERO),
-            CallOutcome::Unmetered if grant.reservation.is_some() => (0, 0, held),
-            CallOutcome::Unmetered => {
-                (0, 0, ticket.as_ref().map_or(Micros::ZERO, |t| t.worst_case))
-            }
-            CallOutcome::Metered {
-                tokens_in,
-                tokens_out,
-            } => {
+        let (usage, cost) = match outcome {
+            CallOutcome::NotSent | CallOutcome::ErrorReleased => (Usage::default(), Micros::ZERO),
+            CallOutcome::Unmetered if grant.reservation.is_some() => (Usage::default(), held),
+            CallOutcome::Unmetered => (
+                Usage::default(),
+                ticket.as_ref().map_or(Micros::ZERO, |t| t.worst_case),
+            ),
+            CallOutcome::Metered(usage) => {
                 let price = ticket.as_ref().and_then(|t| {
                     model
                         .and_then(|m| self.prices.lookup(t.provider, m).copied())
                         .or(t.price)
                 });
                 let cost = match price {
-                    Some(p) => p.cost(tokens_in, tokens_out),
+                    Some(p) => p.cost_of(&usage),
                     None => held,
                 };
-                (tokens_in, tokens_out, cost)
+                (usage, cost)
             }
         };
         let spend = match grant.reservation.take() {
@@ -581,15 +581,11 @@ impl DefaultEngine {
         {
             self.limiter.record_tokens(
                 t.token_keys.iter(),
-                tokens_in.saturating_add(tokens_out),
+                usage.tokens_in.saturating_add(usage.tokens_out),
                 now,
             );
         }
-        let charge = Charge {
-            cost,
-            tokens_in,
-            tokens_out,
-        };
+        let charge = Charge { cost, usage };
         (charge, spend)
     }
 
@@ -667,6 +663,14 @@ mod tests {
     }
 
     /// $10 per million output tokens, $1 per million input, 1000 max output.
+    fn used(tokens_in: u64, tokens_out: u64) -> CallOutcome {
+        CallOutcome::Metered(Usage {
+            tokens_in,
+            tokens_out,
+            ..Usage::default()
+        })
+    }
+
     fn test_price() -> ModelPrice {
         ModelPrice::from_usd_per_million(1.0, 10.0, 1000).unwrap()
     }
@@ -897,18 +901,8 @@ mod tests {
         )]);
         let q = facts(Some("m"), None, 0);
         let g = f.engine.check(&k, &q).await.unwrap();
-        let charge = f
-            .engine
-            .settle(
-                g,
-                CallOutcome::Metered {
-                    tokens_in: 60,
-                    tokens_out: 40,
-                },
-                Some("m"),
-            )
-            .await;
-        assert_eq!((charge.tokens_in, charge.tokens_out), (60, 40));
+        let charge = f.engine.settle(g, used(60, 40), Some("m")).await;
+        assert_eq!((charge.usage.tokens_in, charge.usage.tokens_out), (60, 40));
         let (d, h) = f.engine.check(&k, &q).await.unwrap_err();
         assert!(
             d.message().contains("100 tokens per minute"),
@@ -941,14 +935,7 @@ mod tests {
         let charges = f
             .engine
             .settle_many(vec![
-                (
-                    metered,
-                    CallOutcome::Metered {
-                        tokens_in: 90,
-                        tokens_out: 101,
-                    },
-                    Some("m"),
-                ),
+                (metered, used(90, 101), Some("m")),
                 (unmetered, CallOutcome::Unmetered, Some("m")),
                 (not_sent, CallOutcome::NotSent, Some("m")),
             ])
@@ -990,17 +977,7 @@ mod tests {
         assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(5_100));
         assert_eq!(g.headers.budget_remaining, Some(Micros(994_900)));
         assert_eq!(g.clamp_output_tokens, None);
-        let charge = f
-            .engine
-            .settle(
-                g,
-                CallOutcome::Metered {
-                    tokens_in: 90,
-                    tokens_out: 101,
-                },
-                Some("m"),
-            )
-            .await;
+        let charge = f.engine.settle(g, used(90, 101), Some("m")).await;
         assert_eq!(charge.cost, Micros(90 + 1010));
         let usage = f.store.budget_usage(&line, UnixMillis(T0)).await.unwrap();
         assert_eq!(

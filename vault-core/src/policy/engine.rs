@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use crate::clock::UnixMillis;
 use crate::denial::Denial;
 use crate::key::KeyId;
+use crate::meter::Usage;
 use crate::money::Micros;
 use crate::provider::Provider;
 use crate::record::{KeyRecord, Reservation};
@@ -69,19 +70,20 @@ pub struct Grant {
     pub slot: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
-/// How a call ended, as far as cost is concerned.
+/// How a call ended, as far as cost is concerned (docs/budgets.md#settlement).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallOutcome {
     /// The request never reached the provider: release the reservation.
     NotSent,
-    /// The provider reported usage (possibly partial, for a cut stream).
-    Metered {
-        /// Input tokens.
-        tokens_in: u64,
-        /// Output tokens.
-        tokens_out: u64,
-    },
-    /// Sent, but nothing usable was metered: charge the reservation.
+    /// The provider's final count: a complete answer's usage, or the last
+    /// count of a stream cut after its terminal event. Never a running
+    /// count from inside a stream.
+    Metered(Usage),
+    /// A complete error answer (status 4xx/5xx) without usage: the
+    /// provider bills nothing for it, so the reservation is released.
+    ErrorReleased,
+    /// Sent, but no final count was metered (a complete success without
+    /// usage, or a call cut short): charge the reservation.
     Unmetered,
 }
 
@@ -90,10 +92,8 @@ pub enum CallOutcome {
 pub struct Charge {
     /// The cost recorded against the key.
     pub cost: Micros,
-    /// Input tokens counted.
-    pub tokens_in: u64,
-    /// Output tokens counted.
-    pub tokens_out: u64,
+    /// The tokens counted, by class (zero when nothing was metered).
+    pub usage: Usage,
 }
 
 /// Decides whether a call may go ahead and settles it afterwards.

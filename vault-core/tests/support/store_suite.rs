@@ -116,6 +116,11 @@ pub fn usage_of(key: &KeyRecord, at: i64) -> UsageRecord {
         status: 200,
         denial: None,
         shadow: false,
+        cached_tokens: 5,
+        cache_write_tokens: 4,
+        reasoning_tokens: 3,
+        audio_tokens: 2,
+        settlement: Some(vault_core::record::SettledBy::CutReserved),
     }
 }
 

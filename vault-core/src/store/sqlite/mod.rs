@@ -37,8 +37,8 @@ use crate::crypto::Sealed;
 use crate::key::{KeyHash, KeyId, KeyPrefix, ProviderKeyId};
 use crate::money::Micros;
 use crate::record::{
-    BudgetLine, BudgetUsage, KeyRecord, ProviderKeyRecord, Reservation, ReservationId, Settlement,
-    UsageFilter, UsageRecord,
+    BudgetLine, BudgetUsage, KeyRecord, ProviderKeyRecord, Reservation, ReservationId, SettledBy,
+    Settlement, UsageFilter, UsageRecord,
 };
 
 /// How long a connection waits for another's lock before failing.
@@ -897,7 +897,8 @@ impl KeyStore for SqliteStore {
             let mut insert = tx
                 .prepare_cached(&format!(
                     "INSERT INTO usage ({USAGE_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
+                             ?14, ?15, ?16, ?17, ?18)"
                 ))
                 .map_err(backend)?;
             // One key update per key in the batch: (calls, latest call).
@@ -919,6 +920,11 @@ impl KeyStore for SqliteStore {
                         r.status,
                         r.denial,
                         r.shadow,
+                        count(r.cached_tokens),
+                        count(r.cache_write_tokens),
+                        count(r.reasoning_tokens),
+                        count(r.audio_tokens),
+                        r.settlement.map(SettledBy::as_str),
                     ])
                     .map_err(backend)?;
                 let entry = per_key.entry(r.key_id.as_str()).or_insert((0, r.at.0));

@@ -11,7 +11,7 @@ use crate::key::{KeyEnv, KeyHash, KeyId, KeyPrefix, ProviderKeyId};
 use crate::money::Micros;
 use crate::policy::Policy;
 use crate::provider::Provider;
-use crate::record::{KeyRecord, KeyStatus, ProviderKeyRecord, UsageRecord};
+use crate::record::{KeyRecord, KeyStatus, ProviderKeyRecord, SettledBy, UsageRecord};
 use crate::scope::Scopes;
 use crate::store::StoreError;
 
@@ -26,7 +26,8 @@ pub(super) const PROVIDER_KEY_COLUMNS: &str =
 
 /// The columns [`usage_from_row`] reads, in order.
 pub(super) const USAGE_COLUMNS: &str = "at, key_id, project, provider, endpoint, model, \
-     tokens_in, tokens_out, cost, latency_ms, status, denial, shadow";
+     tokens_in, tokens_out, cost, latency_ms, status, denial, shadow, \
+     cached_tokens, cache_write_tokens, reasoning_tokens, audio_tokens, settlement";
 
 /// Money as stored: SQL integers are signed, so amounts saturate at `i64::MAX`.
 pub(super) fn money(m: Micros) -> i64 {
@@ -168,6 +169,7 @@ pub(super) fn usage_from_row(row: &Row<'_>) -> Result<UsageRecord, StoreError> {
     let key_id: String = col(row, 1, what)?;
     let provider: Option<String> = col(row, 3, what)?;
     let status: i64 = col(row, 10, what)?;
+    let settlement: Option<String> = col(row, 17, what)?;
     Ok(UsageRecord {
         at: UnixMillis(col(row, 0, what)?),
         key_id: KeyId::parse(&key_id).ok_or_else(|| corrupt(what, "key_id", "malformed id"))?,
@@ -185,5 +187,14 @@ pub(super) fn usage_from_row(row: &Row<'_>) -> Result<UsageRecord, StoreError> {
         status: u16::try_from(status).map_err(|_| corrupt(what, "status", "out of range"))?,
         denial: col(row, 11, what)?,
         shadow: col::<i64>(row, 12, what)? != 0,
+        cached_tokens: unsigned(col(row, 13, what)?, what, "cached_tokens")?,
+        cache_write_tokens: unsigned(col(row, 14, what)?, what, "cache_write_tokens")?,
+        reasoning_tokens: unsigned(col(row, 15, what)?, what, "reasoning_tokens")?,
+        audio_tokens: unsigned(col(row, 16, what)?, what, "audio_tokens")?,
+        settlement: settlement
+            .map(|s| {
+                SettledBy::parse(&s).ok_or_else(|| corrupt(what, "settlement", "unknown rule"))
+            })
+            .transpose()?,
     })
 }

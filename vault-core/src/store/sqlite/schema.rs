@@ -108,6 +108,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS carve_outs_by_line_amount
         ON carve_outs (parent_id, period_start, amount);
     DROP INDEX IF EXISTS carve_outs_by_line;",
+    // 3: usage records say which token classes a call used and which
+    // settlement rule charged it.
+    "ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN audio_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN settlement TEXT;",
 ];
 
 /// The schema version this build writes.
