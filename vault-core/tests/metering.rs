@@ -1173,3 +1173,47 @@ fn boundary_deep_nesting_outside_the_usage_path_is_skipped() {
         usage(1, 2)
     );
 }
+
+/// A stream cut short is charged its final count only once its terminal
+/// event has passed (docs/budgets.md#settlement); a running count before
+/// it is not what the provider bills.
+#[test]
+fn boundary_only_a_terminal_event_makes_a_cut_streams_count_final() {
+    let cases: [(UsageFormat, &str, &str); 4] = [
+        (
+            UsageFormat::OpenAi,
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9}}\n\n",
+            "data: [DONE]\n\n",
+        ),
+        (
+            UsageFormat::Anthropic,
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ),
+        (
+            UsageFormat::OpenAi,
+            "event: response.in_progress\ndata: {\"type\":\"response.in_progress\",\"response\":{\"usage\":null}}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":9}}}\n\n",
+        ),
+        (
+            UsageFormat::Cohere,
+            "event: content-delta\ndata: {\"type\":\"content-delta\"}\n\n",
+            "event: message-end\ndata: {\"type\":\"message-end\",\"delta\":{\"usage\":{\"billed_units\":{\"input_tokens\":5,\"output_tokens\":9}}}}\n\n",
+        ),
+    ];
+    for (format, before, terminal) in cases {
+        let mut m = UsageMeter::new(format, BodyKind::Sse);
+        m.feed(before.as_bytes());
+        assert_eq!(m.final_usage(), None, "{before}");
+        m.feed(terminal.as_bytes());
+        let u = m.final_usage().unwrap_or_else(|| panic!("{terminal}"));
+        assert_eq!(u.tokens_out, 9);
+    }
+    // Google: running totals in every chunk, none final before the end.
+    let mut m = UsageMeter::new(UsageFormat::Google, BodyKind::Sse);
+    m.feed(
+        b"data: {\"usageMetadata\":{\"promptTokenCount\":5,\"candidatesTokenCount\":9}}\r\n\r\n",
+    );
+    assert!(m.seen().is_some());
+    assert_eq!(m.final_usage(), None);
+}
