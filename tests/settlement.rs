@@ -21,7 +21,6 @@ use vault_core::money::Micros;
 use vault_core::pricing::PriceTable;
 use vault_core::provider::Provider;
 use vault_core::record::SettledBy;
-use vault_core::store::KeyStore;
 use vault_tower::Vault;
 
 const MESSAGES: &str = "/anthropic/v1/messages";
