@@ -232,7 +232,7 @@ async fn edge_complete_upstream_error_answers_cost_nothing_and_release_their_hol
 }
 
 // A complete success without usage is still charged its reservation
-// (docs/threat-model.md#h2): an upstream that omits usage never makes a
+// (docs/threat-model.md, H2): an upstream that omits usage never makes a
 // call free.
 #[tokio::test]
 async fn edge_complete_success_without_usage_is_charged_its_reservation() {

@@ -497,7 +497,7 @@ where
         let req = Request::from_parts(parts, ReqBody::from(body));
         // A panic in the inner service (its `call` or its future) must not
         // take the connection down with no answer or leave the reservation
-        // held (docs/threat-model.md#c6). The request may have reached the
+        // held (docs/threat-model.md, C6). The request may have reached the
         // provider, so it is charged as sent and cut. The panic payload is
         // never looked at: it may hold anything, secrets included. An error
         // from the inner service is passed on; the call is charged the same
