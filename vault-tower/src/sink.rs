@@ -167,10 +167,12 @@ impl UsageSink {
         match self.tx.try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(job)) => {
-                // Settlements must not be lost: hand them over asynchronously.
-                if matches!(job, Job::Settle { .. }) {
+                // Settlements must not be lost: hand them over asynchronously
+                // (a drop outside the runtime, at shutdown, cannot: counted).
+                let runtime = tokio::runtime::Handle::try_current();
+                if let (Job::Settle { .. }, Ok(runtime)) = (&job, runtime) {
                     let tx = self.tx.clone();
-                    tokio::spawn(async move {
+                    runtime.spawn(async move {
                         let _ = tx.send(job).await;
                     });
                 } else {
