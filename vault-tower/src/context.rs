@@ -61,6 +61,10 @@ pub struct VaultContext {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sink: UsageSink,
     by_hash: Cache<KeyHash, Arc<KeyRecord>>,
+    /// Bumped by every [`invalidate_keys`](VaultContext::invalidate_keys):
+    /// a lookup that read the store before a revocation must not put what
+    /// it read back in the caches after it.
+    key_generation: std::sync::atomic::AtomicU64,
     by_id: Cache<KeyId, Arc<KeyRecord>>,
     provider_keys: Cache<String, Arc<Vec<Arc<ProviderKeyRecord>>>>,
 }
@@ -158,6 +162,7 @@ impl VaultContextBuilder {
                 .max_capacity(self.cache_capacity)
                 .time_to_live(KEY_CACHE_TTL)
                 .build(),
+            key_generation: std::sync::atomic::AtomicU64::new(0),
             by_id: Cache::builder()
                 .max_capacity(self.cache_capacity)
                 .time_to_live(KEY_CACHE_TTL)
@@ -224,6 +229,8 @@ impl VaultContext {
     /// Forgets every cached key: call after revoking or rotating a key so the
     /// next request on this node sees it at once.
     pub fn invalidate_keys(&self) {
+        self.key_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.by_hash.invalidate_all();
         self.by_id.invalidate_all();
     }
@@ -256,7 +263,7 @@ impl VaultContext {
             Presented::Invalid => return Err(Denial::InvalidApiKey),
             Presented::One(s) => self
                 .format
-                .parse(s)
+                .parse(&s)
                 .map_err(|_| Denial::InvalidApiKey)?
                 .hash(),
         };
@@ -284,6 +291,7 @@ impl VaultContext {
         if let Some(hit) = self.by_hash.get(hash) {
             return Ok(Some(hit));
         }
+        let generation = self.generation();
         let Some(found) = self.store.find_by_hash(hash).await? else {
             return Ok(None);
         };
@@ -291,7 +299,18 @@ impl VaultContext {
         // Not into `by_id` too: only parent lookups read it, and a second
         // entry per presented key costs ~230 bytes for nothing.
         self.by_hash.insert(*hash, found.clone());
+        if self.generation() != generation {
+            // A revocation or rotation raced this lookup: what was read may
+            // predate it. Inserted first and removed after, so that an
+            // invalidation between the two checks still clears it.
+            self.by_hash.invalidate(hash);
+        }
         Ok(Some(found))
+    }
+
+    fn generation(&self) -> u64 {
+        self.key_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The key followed by its ancestors, nearest first.
@@ -307,13 +326,17 @@ impl VaultContext {
             let rec = match self.by_id.get(&parent) {
                 Some(r) => r,
                 None => {
+                    let generation = self.generation();
                     let r = Arc::new(
                         self.store
                             .get_key(&parent)
                             .await?
                             .ok_or(StoreError::NotFound)?,
                     );
-                    self.by_id.insert(parent, r.clone());
+                    self.by_id.insert(parent.clone(), r.clone());
+                    if self.generation() != generation {
+                        self.by_id.invalidate(&parent);
+                    }
                     r
                 }
             };

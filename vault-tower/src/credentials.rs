@@ -5,6 +5,8 @@
 //! `x-goog-api-key`, `api-key` or the `key` query parameter. Two different
 //! credentials in one request are refused, never "pick one" (THREATS A3).
 
+use std::borrow::Cow;
+
 use http::HeaderMap;
 use http::header::{AUTHORIZATION, HeaderName};
 
@@ -16,8 +18,9 @@ pub(crate) const KEY_HEADERS: [&str; 3] = ["x-api-key", "x-goog-api-key", "api-k
 pub(crate) enum Presented<'a> {
     /// No credential anywhere.
     Missing,
-    /// Exactly one distinct credential.
-    One(&'a str),
+    /// Exactly one distinct credential (percent-decoded when it came in
+    /// the query).
+    One(Cow<'a, str>),
     /// Something unusable: two different credentials, a repeated header with
     /// different values, a non-`Bearer` scheme, or non-UTF-8 bytes.
     Invalid,
@@ -26,9 +29,9 @@ pub(crate) enum Presented<'a> {
 /// Collects every credential in headers and query and decides what was
 /// presented. The scheme is stripped exactly once with `strip_prefix`.
 pub(crate) fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Presented<'a> {
-    let mut found: Option<&'a str> = None;
+    let mut found: Option<Cow<'a, str>> = None;
     let mut invalid = false;
-    fn note<'a>(found: &mut Option<&'a str>, invalid: &mut bool, value: &'a str) {
+    fn note<'a>(found: &mut Option<Cow<'a, str>>, invalid: &mut bool, value: Cow<'a, str>) {
         match found {
             None => *found = Some(value),
             Some(prev) if *prev == value => {}
@@ -47,7 +50,7 @@ pub(crate) fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) 
         }
         match v.strip_prefix("Bearer ") {
             Some(token) if token.trim().is_empty() => {}
-            Some(token) => note(&mut found, &mut invalid, token),
+            Some(token) => note(&mut found, &mut invalid, Cow::Borrowed(token)),
             None => invalid = true,
         }
     }
@@ -55,7 +58,7 @@ pub(crate) fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) 
         for value in headers.get_all(name) {
             match value.to_str() {
                 Ok(v) if v.trim().is_empty() => {}
-                Ok(v) => note(&mut found, &mut invalid, v),
+                Ok(v) => note(&mut found, &mut invalid, Cow::Borrowed(v)),
                 Err(_) => invalid = true,
             }
         }
@@ -63,8 +66,11 @@ pub(crate) fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) 
     if let Some(q) = query {
         for pair in q.split('&') {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if name == "key" && !value.is_empty() {
-                note(&mut found, &mut invalid, value);
+            if is_key_param(name) && !value.is_empty() {
+                match percent_decode(value) {
+                    Some(v) => note(&mut found, &mut invalid, v),
+                    None => invalid = true,
+                }
             }
         }
     }
@@ -75,9 +81,43 @@ pub(crate) fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) 
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus every client credential and
-/// framing header the proxy recomputes.
-const STRIP_ALWAYS: [&str; 17] = [
+/// `%XX` escapes decoded (`+` is kept: it is not a space in a key); `None`
+/// for a bad escape or bytes that are not UTF-8. Borrowed when there are
+/// no escapes.
+fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
+    if !s.contains('%') {
+        return Some(Cow::Borrowed(s));
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok().map(Cow::Owned)
+}
+
+/// Whether a query parameter name is `key` in any spelling the provider
+/// would decode to it (`k%65y`, `%6B%65%79`). A name with a bad escape is
+/// treated as `key` too: never forwarded, so it can never smuggle one.
+fn is_key_param(name: &str) -> bool {
+    percent_decode(name).is_none_or(|n| n == "key")
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), every client credential and
+/// framing header the proxy recomputes, the method-override headers (the
+/// method run upstream must be the method checked) and the OpenAI
+/// organisation and project headers (a client must not pick which
+/// organisation a shared provider key bills).
+const STRIP_ALWAYS: [&str; 22] = [
     "authorization",
     "x-api-key",
     "x-goog-api-key",
@@ -95,6 +135,11 @@ const STRIP_ALWAYS: [&str; 17] = [
     "host",
     "forwarded",
     "accept-encoding",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "openai-organization",
+    "openai-project",
 ];
 
 /// Removes client credentials, hop-by-hop headers (including those a
@@ -128,12 +173,13 @@ pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes only the exact `key` query parameter(s), keeping every other byte
-/// and the order of the rest (THREATS C4). `None` when nothing is left.
+/// Removes only the `key` query parameter(s), in any percent-encoding of
+/// the name, keeping every other byte and the order of the rest
+/// (docs/threat-model.md, C4). `None` when nothing is left.
 pub(crate) fn strip_key_param(query: &str) -> Option<String> {
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|pair| pair.split_once('=').map_or(*pair, |(n, _)| n) != "key")
+        .filter(|pair| !is_key_param(pair.split_once('=').map_or(*pair, |(n, _)| n)))
         .collect();
     let out = kept.join("&");
     (!out.is_empty()).then_some(out)
@@ -198,16 +244,16 @@ mod tests {
     fn finds_the_key_in_each_place() {
         assert_eq!(
             presented_key(&h(&[("authorization", "Bearer k1")]), None),
-            Presented::One("k1")
+            Presented::One("k1".into())
         );
         for name in KEY_HEADERS {
             let mut m = HeaderMap::new();
             m.insert(name, HeaderValue::from_static("k1"));
-            assert_eq!(presented_key(&m, None), Presented::One("k1"));
+            assert_eq!(presented_key(&m, None), Presented::One("k1".into()));
         }
         assert_eq!(
             presented_key(&HeaderMap::new(), Some("a=1&key=k1")),
-            Presented::One("k1")
+            Presented::One("k1".into())
         );
         assert_eq!(
             presented_key(&HeaderMap::new(), Some("monkey=k1")),
@@ -241,7 +287,7 @@ mod tests {
         // `Bearer Bearer k` strips once, leaving `Bearer k`, which fails key parsing.
         assert_eq!(
             presented_key(&h(&[("authorization", "Bearer Bearer k1")]), None),
-            Presented::One("Bearer k1")
+            Presented::One("Bearer k1".into())
         );
     }
 
@@ -259,7 +305,7 @@ mod tests {
         assert_eq!(presented_key(&m, None), Presented::Invalid);
         // The same key twice is one credential.
         let m = h(&[("authorization", "Bearer k1"), ("x-api-key", "k1")]);
-        assert_eq!(presented_key(&m, None), Presented::One("k1"));
+        assert_eq!(presented_key(&m, None), Presented::One("k1".into()));
     }
 
     #[test]
@@ -272,6 +318,47 @@ mod tests {
         assert_eq!(strip_key_param("key"), None);
         assert_eq!(strip_key_param("key=a&key=b"), None);
         assert_eq!(strip_key_param("alt=sse&key=x").as_deref(), Some("alt=sse"));
+        // Percent-encoded names are the same parameter to the provider.
+        assert_eq!(strip_key_param("k%65y=x&a=1").as_deref(), Some("a=1"));
+        assert_eq!(
+            strip_key_param("%6B%65%79=x&%6b=1").as_deref(),
+            Some("%6b=1")
+        );
+        assert_eq!(strip_key_param("k%zzy=x&a=1").as_deref(), Some("a=1"));
+    }
+
+    #[test]
+    fn smuggling_percent_encoded_key_params_are_read_and_stripped() {
+        assert_eq!(
+            presented_key(&HeaderMap::new(), Some("k%65y=vpx%5Flive")),
+            Presented::One("vpx_live".into())
+        );
+        // Two spellings of one parameter carrying different keys.
+        assert_eq!(
+            presented_key(&HeaderMap::new(), Some("key=k1&k%65y=k2")),
+            Presented::Invalid
+        );
+        assert_eq!(
+            presented_key(&HeaderMap::new(), Some("key=k%zz")),
+            Presented::Invalid
+        );
+        let m = h(&[("authorization", "Bearer k1")]);
+        assert_eq!(presented_key(&m, Some("%6Bey=k2")), Presented::Invalid);
+    }
+
+    #[test]
+    fn smuggling_method_override_and_organisation_headers_are_stripped() {
+        let mut m = h(&[
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("openai-organization", "org-victim"),
+            ("openai-project", "proj-victim"),
+            ("content-type", "application/json"),
+        ]);
+        strip_request_headers(&mut m);
+        assert_eq!(m.len(), 1);
+        assert!(m.contains_key("content-type"));
     }
 
     #[test]
