@@ -295,7 +295,7 @@ async fn boundary_sub_agent_keys_are_subsets_of_their_parent() {
 /// THREATS A9: a project-A admin sees "exists in project B" and "does not
 /// exist" as the same 404, for GET, DELETE and rotate; B's key survives.
 #[tokio::test]
-async fn boundary_other_projects_keys_are_indistinguishable_from_missing() {
+async fn boundary_other_projects_keys_are_403_project_mismatch() {
     let dir = tempdir();
     let server = Server::start(dir.path());
     let addr = server.addr;
@@ -337,26 +337,25 @@ async fn boundary_other_projects_keys_are_indistinguishable_from_missing() {
     let missing = format!("key_{}", "Z".repeat(b_id.len() - 4));
 
     for (method, suffix) in [("GET", ""), ("DELETE", ""), ("POST", "/rotate")] {
-        let mut seen: Vec<(u16, Value)> = Vec::new();
-        for id in [&b_id, &missing] {
+        for (id, status, code) in [
+            (&b_id, 403, "project_mismatch"),
+            (&missing, 404, "not_found"),
+        ] {
             let path = format!("/v1/keys/{id}{suffix}");
             let mut req = Req::new(method, &path).bearer(&a_admin);
             if method == "POST" {
                 req = req.json(&json!({"grace": "60s"}));
             }
             let r = send(addr, req).await;
-            assert!(
-                r.status == 404 || r.status == 403,
-                "{method} {path}: {} {}",
-                r.status,
-                r.text()
-            );
-            seen.push((r.status, r.json()));
+            assert_eq!(r.status, status, "{method} {path}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], code, "{method} {path}");
+            if status == 403 {
+                assert_eq!(
+                    r.json()["detail"],
+                    "API key does not have permission to access this project"
+                );
+            }
         }
-        assert_eq!(
-            seen[0], seen[1],
-            "{method}: a B key and a missing key must look the same"
-        );
     }
     // A's list shows none of B's keys.
     let r = get(addr, "/v1/keys", &a_admin).await;

@@ -273,7 +273,9 @@ impl Admin {
     }
 
     /// A key visible to `actor` with `keys:manage` (or an ancestor of it);
-    /// "not yours" and "not there" are the same 404 (THREATS A9).
+    /// Another project's key is 403 `project_mismatch`, a missing one 404
+    /// (docs/api.md#errors); ids are random, so the 403 reveals nothing a
+    /// caller could guess.
     async fn visible_key(&self, actor: &Actor, id: &KeyId) -> Result<KeyRecord, AdminError> {
         let rec = self
             .ctx
@@ -283,7 +285,7 @@ impl Admin {
             .map_err(store_err)?
             .ok_or(AdminError::NotFound("key"))?;
         if !actor.sees(&rec.project) {
-            return Err(AdminError::NotFound("key"));
+            return Err(AdminError::ProjectMismatch);
         }
         if let Actor::Key(k) = actor
             && !k.scopes.allows(Permission::KeysManage)
@@ -672,8 +674,10 @@ impl Admin {
             .get_provider_key(id)
             .await
             .map_err(store_err)?
-            .filter(|r| actor.sees(&r.project))
             .ok_or(AdminError::NotFound("provider key"))?;
+        if !actor.sees(&rec.project) {
+            return Err(AdminError::ProjectMismatch);
+        }
         self.audit(self.event(
             actor,
             AuditKind::ProviderKeyRemoved,

@@ -14,6 +14,7 @@ pub fn key(k: &KeyRecord, now: UnixMillis) -> Value {
         "project": k.project,
         "prefix": k.prefix.as_str(),
         "env": k.env.as_str(),
+        "scopes": k.scopes,
         "permissions": k.scopes,
         "status": k.status_at(now).as_str(),
         "created_at": k.created_at.to_rfc3339(),
