@@ -113,6 +113,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
     if let Some(live) = &keys.live_key {
         println!("live key (reaches OpenAI):        {live}");
     }
-    axum::serve(listener, app(ctx)).await?;
+    // The vault's background work (sweeping stuck reservations), drained
+    // after the server stops: queued usage written, holds given back.
+    let maintenance = ctx.start_maintenance();
+    axum::serve(listener, app(ctx))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    maintenance.shutdown().await;
     Ok(())
 }

@@ -64,7 +64,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
+    let maintenance = ctx.start_maintenance();
     vault_tower::server::serve(listener, app, ctrl_c, Duration::from_secs(30)).await?;
-    ctx.flush().await;
+    maintenance.shutdown().await;
     Ok(())
 }

@@ -38,9 +38,6 @@ pub(crate) struct Opened {
     pub(crate) data_dir: PathBuf,
     /// Whether the data directory was created just now.
     pub(crate) fresh: bool,
-    /// The budget leases when serving (see [`open_serving`]): flushed on
-    /// shutdown after the context.
-    pub(crate) leases: Option<Arc<LeasedStore<SqliteStore>>>,
 }
 
 /// Loads the configuration: `--config`, `VAULTGATE_CONFIG`, or
@@ -113,11 +110,12 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
     );
     let sqlite = SqliteStore::open_in_dir(&data_dir)
         .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display()))?;
-    let (store, leases): (Arc<dyn KeyStore>, _) = if leased {
-        let leases = Arc::new(LeasedStore::new(sqlite));
-        (leases.clone(), Some(leases))
+    // A leased store gives its leases back in `KeyStore::drain`, which
+    // `Maintenance::shutdown` calls.
+    let store: Arc<dyn KeyStore> = if leased {
+        Arc::new(LeasedStore::new(sqlite))
     } else {
-        (Arc::new(sqlite), None)
+        Arc::new(sqlite)
     };
     verify_master_keys(store.as_ref(), encryptor.as_ref())
         .await
@@ -169,6 +167,5 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
         admin,
         data_dir,
         fresh,
-        leases,
     })
 }

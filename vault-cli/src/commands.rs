@@ -3,7 +3,6 @@
 use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
@@ -169,7 +168,7 @@ async fn serve(
                 idle: opened.config.upstream.idle_timeout,
             })),
     );
-    let sweeper = spawn_sweeper(opened.ctx.clone());
+    let maintenance = opened.ctx.start_maintenance();
     tracing::info!(%addr, data_dir = %opened.data_dir.display(), "vaultgate is listening");
     eprintln!(
         "vaultgate: listening on http://{}",
@@ -177,30 +176,10 @@ async fn serve(
     );
     vault_tower::server::serve(listener, router, shutdown_signal(), Duration::from_secs(30))
         .await?;
-    sweeper.abort();
-    opened.ctx.flush().await;
-    // Every call has settled: give the budget leases back to the store.
-    if let Some(leases) = &opened.leases
-        && let Err(e) = leases.flush().await
-    {
-        tracing::warn!(error = %e, "settling the budget leases failed; the sweep will charge them in full");
-    }
+    // Every call has finished: write what is queued, give the leases back.
+    maintenance.shutdown().await;
     tracing::info!("usage flushed; bye");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Charges expired reservations and settles ended children's carve-outs.
-fn spawn_sweeper(ctx: Arc<vault_tower::VaultContext>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
-        loop {
-            tick.tick().await;
-            let now = ctx.clock().now();
-            if let Err(e) = ctx.store().sweep(now).await {
-                tracing::warn!(error = %e, "reservation sweep failed");
-            }
-        }
-    })
 }
 
 async fn shutdown_signal() {

@@ -16,6 +16,7 @@ use vault_core::record::{KeyRecord, ProviderKeyRecord};
 use vault_core::store::{KeyStore, StoreError};
 
 use crate::credentials::{Presented, presented_key};
+use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
 use crate::sink::UsageSink;
 use crate::upstream::Upstreams;
@@ -60,6 +61,7 @@ pub struct VaultContext {
     pub(crate) audit: Option<Arc<AuditLog>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sink: UsageSink,
+    sweep_interval: std::time::Duration,
     by_hash: Cache<KeyHash, Arc<KeyRecord>>,
     /// Bumped by every [`invalidate_keys`](VaultContext::invalidate_keys):
     /// a lookup that read the store before a revocation must not put what
@@ -92,6 +94,7 @@ pub struct VaultContextBuilder {
     test_keys_use_mock: bool,
     audit: Option<Arc<AuditLog>>,
     cache_capacity: u64,
+    sweep_interval: std::time::Duration,
 }
 
 impl VaultContextBuilder {
@@ -131,6 +134,12 @@ impl VaultContextBuilder {
         self
     }
 
+    /// How often [`Maintenance`] sweeps the store (default 30 s).
+    pub fn sweep_interval(mut self, every: std::time::Duration) -> Self {
+        self.sweep_interval = every.max(std::time::Duration::from_millis(1));
+        self
+    }
+
     /// Most key records cached (default 100,000).
     pub fn cache_capacity(mut self, n: u64) -> Self {
         self.cache_capacity = n;
@@ -158,6 +167,7 @@ impl VaultContextBuilder {
             audit: self.audit,
             metrics,
             sink,
+            sweep_interval: self.sweep_interval,
             by_hash: Cache::builder()
                 .max_capacity(self.cache_capacity)
                 .time_to_live(KEY_CACHE_TTL)
@@ -193,6 +203,7 @@ impl VaultContext {
             test_keys_use_mock: true,
             audit: None,
             cache_capacity: 100_000,
+            sweep_interval: crate::maintenance::DEFAULT_SWEEP_INTERVAL,
         }
     }
 
@@ -238,6 +249,28 @@ impl VaultContext {
     /// Forgets cached provider-key lists: call after adding or removing one.
     pub fn invalidate_provider_keys(&self) {
         self.provider_keys.invalidate_all();
+    }
+
+    /// Starts the background maintenance this vault needs — the store's
+    /// sweep every [`sweep_interval`](VaultContextBuilder::sweep_interval) —
+    /// and returns its handle; call [`Maintenance::shutdown`] after the
+    /// server drained to write what is queued and give back the store's
+    /// holds. Every embedding must run it (or sweep itself): without it,
+    /// reservations of calls that never settled stay held.
+    pub fn start_maintenance(self: &Arc<Self>) -> Maintenance {
+        Maintenance::start(self.clone())
+    }
+
+    /// One sweep of the store now (what [`Maintenance`] runs periodically).
+    pub async fn sweep(&self) {
+        if let Err(e) = self.store.sweep(self.clock.now()).await {
+            tracing::warn!(error = %e, "store sweep failed");
+        }
+    }
+
+    /// The pause between two sweeps of [`Maintenance`].
+    pub fn sweep_interval(&self) -> std::time::Duration {
+        self.sweep_interval
     }
 
     /// Waits until every usage record and settlement queued so far is written.

@@ -49,6 +49,7 @@ mod credentials;
 mod forward;
 mod future;
 mod layer;
+mod maintenance;
 mod metrics;
 mod mock;
 mod pool;
@@ -63,6 +64,7 @@ pub use context::{KEY_CACHE_TTL, RequestLimits, VaultContext, VaultContextBuilde
 pub use forward::{ForwardBody, Forwarder, IdleTimeout, UpstreamFailure};
 pub use future::ResponseFuture;
 pub use layer::VaultLayer;
+pub use maintenance::{DEFAULT_SWEEP_INTERVAL, Maintenance};
 pub use metrics::Metrics;
 pub use mock::{MockBody, MockProvider, MockTarget};
 pub use pool::Exchange;

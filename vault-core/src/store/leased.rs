@@ -832,6 +832,10 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         Ok(swept + self.inner.sweep(now).await?)
     }
 
+    async fn drain(&self) -> Result<(), StoreError> {
+        self.flush().await
+    }
+
     async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
         self.inner.append_usage(records).await
     }

@@ -185,6 +185,13 @@ pub trait KeyStore: Send + Sync + 'static {
     /// were swept.
     async fn sweep(&self, now: UnixMillis) -> Result<usize, StoreError>;
 
+    /// Gives back what this handle holds in the store on behalf of the
+    /// process (a [`LeasedStore`]'s leases), on graceful shutdown, once
+    /// every call has settled. The default holds nothing and does nothing.
+    async fn drain(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Appends usage records and updates each key's `last_used_at` and
     /// `request_count` (denied calls count too).
     async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError>;
