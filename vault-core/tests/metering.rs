@@ -100,6 +100,7 @@ fn usage(tokens_in: u64, tokens_out: u64) -> Option<Usage> {
     Some(Usage {
         tokens_in,
         tokens_out,
+        ..Usage::default()
     })
 }
 
