@@ -16,6 +16,9 @@ use vault_core::policy::{Budget, BudgetPeriod, ModelGlob, Policy};
 
 const CLAMP_HEADER: &str = "x-vaultgate-max-output-tokens";
 
+/// Reads the output limit from a forwarded body.
+type LimitOf = fn(&Value) -> Option<u64>;
+
 /// Fields the Responses API accepts at the top level (a subset is enough:
 /// anything else, `max_tokens` and `stream_options` included, is a 400 as
 /// from the real API).
@@ -96,7 +99,9 @@ async fn responses_api_limit_is_clamped_in_max_output_tokens_non_stream() {
         .await;
     assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
     let sent = up.only().json();
-    let clamp = sent["max_output_tokens"].as_u64().expect("max_output_tokens set");
+    let clamp = sent["max_output_tokens"]
+        .as_u64()
+        .expect("max_output_tokens set");
     assert!(clamp > 16 && clamp < 16_384, "{clamp}");
     assert_eq!(resp.header(CLAMP_HEADER), Some(clamp.to_string().as_str()));
     assert!(sent.get("max_tokens").is_none() && sent.get("max_completion_tokens").is_none());
@@ -142,7 +147,11 @@ async fn responses_api_stream_gets_no_stream_options_and_is_metered() {
         "forwarded untouched"
     );
     // Nothing is hidden from the client: it gets every event.
-    assert!(resp.text().contains("response.completed"), "{}", resp.text());
+    assert!(
+        resp.text().contains("response.completed"),
+        "{}",
+        resp.text()
+    );
     let usage = gw.usage_of(&id).await;
     assert_eq!((usage[0].tokens_in, usage[0].tokens_out), (12, 7));
     assert_eq!(gw.budget(&id, 1.0).await.reserved, Micros::ZERO);
@@ -167,7 +176,10 @@ async fn clamp_explicit_limit_over_budget_is_refused_402_not_lowered() {
     assert_eq!(resp.status, StatusCode::PAYMENT_REQUIRED, "{}", resp.text());
     assert_eq!(resp.code(), "budget_exceeded");
     let msg = resp.json()["error"]["message"].as_str().unwrap().to_owned();
-    assert!(msg.contains("$0.005000 of the $0.005000 total budget remains"), "{msg}");
+    assert!(
+        msg.contains("$0.005000 of the $0.005000 total budget remains"),
+        "{msg}"
+    );
     assert!(msg.contains("this call needs at least $0.00"), "{msg}");
     assert!(msg.contains("output limit of 16000"), "{msg}");
     assert_eq!(up.count(), 0, "never forwarded");
@@ -201,7 +213,7 @@ async fn clamp_open_limit_is_set_in_each_apis_own_field_and_announced() {
     });
     let gw = Gateway::start(&up.url).await;
     let (key, _) = gw.key_with(budget(5_000, false)).await;
-    let cases: [(&str, Value, fn(&Value) -> Option<u64>); 3] = [
+    let cases: [(&str, Value, LimitOf); 3] = [
         (
             "/openai/v1/chat/completions",
             json!({"model": "gpt-4o-mini", "n": 2, "messages": [{"role": "user", "content": "hi"}]}),
@@ -224,7 +236,11 @@ async fn clamp_open_limit_is_set_in_each_apis_own_field_and_announced() {
         assert_eq!(resp.status, StatusCode::OK, "{path}: {}", resp.text());
         let sent = up.only().json();
         let clamp = field(&sent).unwrap_or_else(|| panic!("{path}: no limit in {sent}"));
-        assert_eq!(resp.header(CLAMP_HEADER), Some(clamp.to_string().as_str()), "{path}");
+        assert_eq!(
+            resp.header(CLAMP_HEADER),
+            Some(clamp.to_string().as_str()),
+            "{path}"
+        );
     }
 }
 
@@ -247,7 +263,10 @@ async fn clamp_opt_in_is_accepted_by_the_management_api() {
     )
     .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
-    assert_eq!(r.json()["policy"]["budget"]["clamp_explicit_limits"], json!(true));
+    assert_eq!(
+        r.json()["policy"]["budget"]["clamp_explicit_limits"],
+        json!(true)
+    );
     let r = send(
         gw.addr,
         create(json!({"name": "c", "permissions": ["chat:write"],
@@ -272,7 +291,10 @@ fn upload(model: Option<&str>) -> Vec<u8> {
     b.extend_from_slice(b"\r\n");
     if let Some(m) = model {
         b.extend_from_slice(
-            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{m}\r\n").as_bytes(),
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{m}\r\n"
+            )
+            .as_bytes(),
         );
     }
     b.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());

@@ -271,5 +271,8 @@ fn budget_clamp_explicit_limits_is_read_and_defaults_off() {
     assert!(b.clamp_explicit_limits);
     let b: vault_core::policy::Budget = serde_json::from_str(r#"{"limit_usd":5}"#).unwrap();
     assert!(!b.clamp_explicit_limits);
-    assert_eq!(serde_json::to_string(&b).unwrap(), r#"{"limit_usd":5.0,"period":"total"}"#);
+    assert_eq!(
+        serde_json::to_string(&b).unwrap(),
+        r#"{"limit_usd":5.0,"period":"total"}"#
+    );
 }

@@ -9,11 +9,13 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 use vault_core::clock::{ManualClock, UnixMillis};
 use vault_core::key::{KeyEnv, KeyHash, KeyId, KeyPrefix};
+use vault_core::meter::request::{
+    ANTHROPIC_IMAGE_TOKENS, ANTHROPIC_TOOL_PROMPT_TOKENS, OPENAI_IMAGE_TOKENS,
+};
 use vault_core::meter::{
     BodyError, Endpoint, RequestInspection, Usage, inspect_request, rewrite_request_at,
 };
 use vault_core::money::Micros;
-use vault_core::meter::request::{ANTHROPIC_IMAGE_TOKENS, ANTHROPIC_TOOL_PROMPT_TOKENS, OPENAI_IMAGE_TOKENS};
 use vault_core::policy::{
     Budget, BudgetPeriod, CallOutcome, DefaultEngine, Policy, PolicyEngine, RequestFacts,
 };
@@ -40,18 +42,31 @@ fn refused(provider: Provider, path: &str, body: &str) -> BodyError {
 #[test]
 fn bound_output_multipliers_per_provider_and_endpoint() {
     let m = |p, path, body: Value| inspect(p, path, &body).output_multiplier;
-    assert_eq!(m(Provider::OpenAi, CHAT, json!({"n": 40, "max_tokens": 20})), 40);
+    assert_eq!(
+        m(Provider::OpenAi, CHAT, json!({"n": 40, "max_tokens": 20})),
+        40
+    );
     assert_eq!(m(Provider::Mistral, CHAT, json!({"n": 3})), 3);
     assert_eq!(m(Provider::OpenAi, CHAT, json!({"n": null})), 1);
     // Legacy completions: best_of candidates are billed, per batched prompt.
     let legacy = "/v1/completions";
-    assert_eq!(m(Provider::OpenAi, legacy, json!({"n": 2, "best_of": 5})), 5);
     assert_eq!(
-        m(Provider::OpenAi, legacy, json!({"n": 2, "best_of": 3, "prompt": ["a", "b", "c"]})),
+        m(Provider::OpenAi, legacy, json!({"n": 2, "best_of": 5})),
+        5
+    );
+    assert_eq!(
+        m(
+            Provider::OpenAi,
+            legacy,
+            json!({"n": 2, "best_of": 3, "prompt": ["a", "b", "c"]})
+        ),
         9
     );
     assert_eq!(m(Provider::OpenAi, legacy, json!({"prompt": [1, 2, 3]})), 1);
-    assert_eq!(m(Provider::OpenAi, legacy, json!({"prompt": [[1, 2], [3]]})), 2);
+    assert_eq!(
+        m(Provider::OpenAi, legacy, json!({"prompt": [[1, 2], [3]]})),
+        2
+    );
     assert_eq!(m(Provider::OpenAi, legacy, json!({"prompt": "one"})), 1);
     assert_eq!(
         m(
@@ -62,12 +77,33 @@ fn bound_output_multipliers_per_provider_and_endpoint() {
         4
     );
     assert_eq!(
-        m(Provider::Google, GOOGLE, json!({"generation_config": {"candidate_count": 2}})),
+        m(
+            Provider::Google,
+            GOOGLE,
+            json!({"generation_config": {"candidate_count": 2}})
+        ),
         2
     );
-    assert_eq!(m(Provider::Cohere, "/v1/generate", json!({"num_generations": 3})), 3);
-    assert_eq!(m(Provider::Anthropic, "/v1/messages", json!({"max_tokens": 9})), 1);
-    assert_eq!(m(Provider::OpenAi, "/v1/responses", json!({"input": "hi"})), 1);
+    assert_eq!(
+        m(
+            Provider::Cohere,
+            "/v1/generate",
+            json!({"num_generations": 3})
+        ),
+        3
+    );
+    assert_eq!(
+        m(
+            Provider::Anthropic,
+            "/v1/messages",
+            json!({"max_tokens": 9})
+        ),
+        1
+    );
+    assert_eq!(
+        m(Provider::OpenAi, "/v1/responses", json!({"input": "hi"})),
+        1
+    );
     // Embeddings have no output.
     for (p, path) in [
         (Provider::OpenAi, "/v1/embeddings"),
@@ -76,7 +112,11 @@ fn bound_output_multipliers_per_provider_and_endpoint() {
         (Provider::Cohere, "/v2/embed"),
     ] {
         let i = inspect(p, path, &json!({"input": "hi"}));
-        assert_eq!((i.endpoint, i.output_multiplier), (Endpoint::Embeddings, 0), "{path}");
+        assert_eq!(
+            (i.endpoint, i.output_multiplier),
+            (Endpoint::Embeddings, 0),
+            "{path}"
+        );
     }
 }
 
@@ -89,14 +129,24 @@ fn bound_multipliers_out_of_range_are_refused_naming_the_field() {
         (Provider::OpenAi, CHAT, r#"{"n":-1}"#, "n"),
         (Provider::OpenAi, CHAT, r#"{"n":"2"}"#, "n"),
         (Provider::OpenAi, CHAT, r#"{"n":1e400}"#, "n"),
-        (Provider::OpenAi, "/v1/completions", r#"{"best_of":1000}"#, "best_of"),
+        (
+            Provider::OpenAi,
+            "/v1/completions",
+            r#"{"best_of":1000}"#,
+            "best_of",
+        ),
         (
             Provider::Google,
             GOOGLE,
             r#"{"generationConfig":{"candidateCount":0}}"#,
             "generationConfig.candidateCount",
         ),
-        (Provider::Cohere, "/v1/generate", r#"{"num_generations":500}"#, "num_generations"),
+        (
+            Provider::Cohere,
+            "/v1/generate",
+            r#"{"num_generations":500}"#,
+            "num_generations",
+        ),
     ] {
         let err = refused(p, path, body);
         assert_eq!(err, BodyError::InvalidField(field), "{body}");
@@ -141,7 +191,10 @@ fn bound_images_add_their_providers_ceiling() {
         {"type": "input_image", "image_url": "https://example.com/cat.png"}
     ]}]});
     let i = inspect(Provider::OpenAi, "/v1/responses", &body);
-    assert_eq!(i.input_tokens_bound, body.to_string().len() as u64 + OPENAI_IMAGE_TOKENS);
+    assert_eq!(
+        i.input_tokens_bound,
+        body.to_string().len() as u64 + OPENAI_IMAGE_TOKENS
+    );
     // Anthropic images, and its tool-use system prompt.
     let body = json!({"model": "m", "max_tokens": 5, "tools": [{"name": "t", "input_schema": {"type": "object"}}],
         "messages": [{"role": "user", "content": [
@@ -153,7 +206,8 @@ fn bound_images_add_their_providers_ceiling() {
         body.to_string().len() as u64 + ANTHROPIC_IMAGE_TOKENS + ANTHROPIC_TOOL_PROMPT_TOKENS
     );
     // An escaped key or value is read as the provider decodes it.
-    let raw = r#"{"messages":[{"content":[{"typ\u0065":"image\u005furl","image_url":{"url":"u"}}]}]}"#;
+    let raw =
+        r#"{"messages":[{"content":[{"typ\u0065":"image\u005furl","image_url":{"url":"u"}}]}]}"#;
     let i = inspect_request(Provider::OpenAi, CHAT, raw.as_bytes()).unwrap();
     assert_eq!(i.input_tokens_bound, raw.len() as u64 + OPENAI_IMAGE_TOKENS);
 }
@@ -161,33 +215,108 @@ fn bound_images_add_their_providers_ceiling() {
 #[test]
 fn bound_parts_that_cannot_be_bounded_mark_the_input_unbounded() {
     let unbounded = [
-        (Provider::OpenAi, CHAT, json!({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}]})),
-        (Provider::OpenAi, CHAT, json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]})),
-        (Provider::OpenAi, CHAT, json!({"messages": [{"role": "assistant", "audio": {"id": "audio_1"}}]})),
+        (
+            Provider::OpenAi,
+            CHAT,
+            json!({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}]}),
+        ),
+        (
+            Provider::OpenAi,
+            CHAT,
+            json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}),
+        ),
+        (
+            Provider::OpenAi,
+            CHAT,
+            json!({"messages": [{"role": "assistant", "audio": {"id": "audio_1"}}]}),
+        ),
         (Provider::OpenAi, CHAT, json!({"web_search_options": {}})),
-        (Provider::OpenAi, "/v1/responses", json!({"previous_response_id": "resp_1", "input": "and then?"})),
-        (Provider::OpenAi, "/v1/responses", json!({"conversation": "conv_1"})),
-        (Provider::OpenAi, "/v1/responses", json!({"prompt": {"id": "pmpt_1"}})),
-        (Provider::OpenAi, "/v1/responses", json!({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]})),
-        (Provider::OpenAi, "/v1/responses", json!({"input": "x", "tools": [{"type": "web_search"}]})),
-        (Provider::Anthropic, "/v1/messages", json!({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "file", "file_id": "f"}}]}]})),
-        (Provider::Anthropic, "/v1/messages", json!({"messages": [{"role": "user", "content": [{"type": "container_upload", "file_id": "f"}]}]})),
-        (Provider::Anthropic, "/v1/messages", json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]})),
-        (Provider::Google, GOOGLE, json!({"contents": [{"parts": [{"inlineData": {"mimeType": "video/mp4", "data": "AAAA"}}]}]})),
-        (Provider::Google, GOOGLE, json!({"contents": [{"parts": [{"file_data": {"file_uri": "gs://x"}}]}]})),
-        (Provider::Google, GOOGLE, json!({"cachedContent": "cachedContents/1"})),
+        (
+            Provider::OpenAi,
+            "/v1/responses",
+            json!({"previous_response_id": "resp_1", "input": "and then?"}),
+        ),
+        (
+            Provider::OpenAi,
+            "/v1/responses",
+            json!({"conversation": "conv_1"}),
+        ),
+        (
+            Provider::OpenAi,
+            "/v1/responses",
+            json!({"prompt": {"id": "pmpt_1"}}),
+        ),
+        (
+            Provider::OpenAi,
+            "/v1/responses",
+            json!({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]}),
+        ),
+        (
+            Provider::OpenAi,
+            "/v1/responses",
+            json!({"input": "x", "tools": [{"type": "web_search"}]}),
+        ),
+        (
+            Provider::Anthropic,
+            "/v1/messages",
+            json!({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "file", "file_id": "f"}}]}]}),
+        ),
+        (
+            Provider::Anthropic,
+            "/v1/messages",
+            json!({"messages": [{"role": "user", "content": [{"type": "container_upload", "file_id": "f"}]}]}),
+        ),
+        (
+            Provider::Anthropic,
+            "/v1/messages",
+            json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
+        ),
+        (
+            Provider::Google,
+            GOOGLE,
+            json!({"contents": [{"parts": [{"inlineData": {"mimeType": "video/mp4", "data": "AAAA"}}]}]}),
+        ),
+        (
+            Provider::Google,
+            GOOGLE,
+            json!({"contents": [{"parts": [{"file_data": {"file_uri": "gs://x"}}]}]}),
+        ),
+        (
+            Provider::Google,
+            GOOGLE,
+            json!({"cachedContent": "cachedContents/1"}),
+        ),
     ];
     for (p, path, body) in unbounded {
         assert!(inspect(p, path, &body).input_unbounded, "{p} {path} {body}");
     }
     let bounded = [
-        (Provider::OpenAi, CHAT, json!({"messages": [{"role": "user", "content": "file_id input_audio"}]})),
-        (Provider::OpenAi, "/v1/responses", json!({"previous_response_id": null, "input": "hi"})),
-        (Provider::OpenAi, "/v1/responses", json!({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"type": {"type": "string"}}}}]})),
-        (Provider::Google, GOOGLE, json!({"contents": [{"parts": [{"text": "inlineData"}]}]})),
+        (
+            Provider::OpenAi,
+            CHAT,
+            json!({"messages": [{"role": "user", "content": "file_id input_audio"}]}),
+        ),
+        (
+            Provider::OpenAi,
+            "/v1/responses",
+            json!({"previous_response_id": null, "input": "hi"}),
+        ),
+        (
+            Provider::OpenAi,
+            "/v1/responses",
+            json!({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"type": {"type": "string"}}}}]}),
+        ),
+        (
+            Provider::Google,
+            GOOGLE,
+            json!({"contents": [{"parts": [{"text": "inlineData"}]}]}),
+        ),
     ];
     for (p, path, body) in bounded {
-        assert!(!inspect(p, path, &body).input_unbounded, "{p} {path} {body}");
+        assert!(
+            !inspect(p, path, &body).input_unbounded,
+            "{p} {path} {body}"
+        );
     }
 }
 
@@ -228,7 +357,9 @@ fn responses_limit_is_max_output_tokens_and_it_is_clamped_there() {
             .unwrap()
             .map(|b| String::from_utf8(b).unwrap())
             .as_deref(),
-        Some(r#"{"max_completion_tokens":7,"stream_options":{"include_usage":true},"stream":true}"#)
+        Some(
+            r#"{"max_completion_tokens":7,"stream_options":{"include_usage":true},"stream":true}"#
+        )
     );
 }
 
@@ -328,10 +459,16 @@ async fn bound_n_multiplies_the_reservation_so_calls_never_settle_past_the_cap()
     let mut settled = Micros::ZERO;
     let mut admitted = 0;
     for _ in 0..3 {
-        match engine.check(&chain, &facts(Provider::OpenAi, CHAT, &i)).await {
+        match engine
+            .check(&chain, &facts(Provider::OpenAi, CHAT, &i))
+            .await
+        {
             Ok(g) => {
                 // 800 output tokens at $10/M, plus the body's bytes at $1/M.
-                assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(8_000 + bytes));
+                assert_eq!(
+                    g.reservation.as_ref().unwrap().amount,
+                    Micros(8_000 + bytes)
+                );
                 assert_eq!(g.clamp_output_tokens, None);
                 let outcome = CallOutcome::Metered {
                     tokens_in: bytes,
@@ -344,7 +481,10 @@ async fn bound_n_multiplies_the_reservation_so_calls_never_settle_past_the_cap()
         }
     }
     assert_eq!(admitted, 2);
-    assert!(settled <= Micros(cap), "{settled} settled against a cap of {cap}");
+    assert!(
+        settled <= Micros(cap),
+        "{settled} settled against a cap of {cap}"
+    );
 }
 
 #[tokio::test]
@@ -354,9 +494,15 @@ async fn bound_unbounded_input_reserves_the_context_window() {
     let path = "/v1/responses";
     let body = json!({"model": "m", "previous_response_id": "resp_1", "input": "go on", "max_output_tokens": 10});
     let i = inspect(Provider::OpenAi, path, &body);
-    let g = engine.check(&chain, &facts(Provider::OpenAi, path, &i)).await.unwrap();
+    let g = engine
+        .check(&chain, &facts(Provider::OpenAi, path, &i))
+        .await
+        .unwrap();
     // 100,000 context tokens at $1/M + 10 output at $10/M.
-    assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(100_000 + 100));
+    assert_eq!(
+        g.reservation.as_ref().unwrap().amount,
+        Micros(100_000 + 100)
+    );
     // A body larger than the context window is bounded by the window.
     let big = RequestInspection {
         model: Some("m".into()),
@@ -364,15 +510,28 @@ async fn bound_unbounded_input_reserves_the_context_window() {
         max_output_tokens: Some(10),
         ..RequestInspection::default()
     };
-    let g = engine.check(&chain, &facts(Provider::OpenAi, CHAT, &big)).await.unwrap();
-    assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(100_000 + 100));
+    let g = engine
+        .check(&chain, &facts(Provider::OpenAi, CHAT, &big))
+        .await
+        .unwrap();
+    assert_eq!(
+        g.reservation.as_ref().unwrap().amount,
+        Micros(100_000 + 100)
+    );
     // Embeddings reserve their input only, and are never clamped.
-    let emb = inspect(Provider::OpenAi, "/v1/embeddings", &json!({"model": "m", "input": "hi"}));
+    let emb = inspect(
+        Provider::OpenAi,
+        "/v1/embeddings",
+        &json!({"model": "m", "input": "hi"}),
+    );
     let g = engine
         .check(&chain, &facts(Provider::OpenAi, "/v1/embeddings", &emb))
         .await
         .unwrap();
-    assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(emb.input_tokens_bound));
+    assert_eq!(
+        g.reservation.as_ref().unwrap().amount,
+        Micros(emb.input_tokens_bound)
+    );
     assert_eq!(g.clamp_output_tokens, None);
 }
 
@@ -392,9 +551,22 @@ async fn clamp_explicit_limits_are_refused_unless_the_budget_opts_in() {
         .await
         .unwrap_err();
     assert_eq!(d.code(), "budget_exceeded");
-    assert!(d.message().contains("$0.003000 of the $0.003000 total budget remains"), "{}", d.message());
-    assert!(d.message().contains("needs at least $0.005100"), "{}", d.message());
-    assert!(d.message().contains("output limit of 500"), "{}", d.message());
+    assert!(
+        d.message()
+            .contains("$0.003000 of the $0.003000 total budget remains"),
+        "{}",
+        d.message()
+    );
+    assert!(
+        d.message().contains("needs at least $0.005100"),
+        "{}",
+        d.message()
+    );
+    assert!(
+        d.message().contains("output limit of 500"),
+        "{}",
+        d.message()
+    );
     assert_eq!(h.budget_remaining, Some(Micros(3_000)));
 
     // Opted in: clamped to what fits, (3,000 - 100) / 10 = 290.
@@ -429,7 +601,10 @@ async fn multipart_uploads_are_refused_for_budgeted_keys() {
     };
     let mut f = facts(Provider::OpenAi, "/v1/audio/transcriptions", &i);
     f.multipart = true;
-    let (d, _) = engine.check(&key(budget(10_000_000, false)), &f).await.unwrap_err();
+    let (d, _) = engine
+        .check(&key(budget(10_000_000, false)), &f)
+        .await
+        .unwrap_err();
     assert_eq!(d.code(), "invalid_request");
     assert!(d.message().contains("multipart uploads"), "{}", d.message());
     assert!(engine.check(&key(None), &f).await.is_ok());
@@ -493,11 +668,17 @@ fn request(
         Shape::Chat => {
             let mut content = vec![json!({"type": "text", "text": text})];
             content.extend((0..images).map(|_| json!({"type": "image_url", "image_url": img_url})));
-            let mut b = json!({"model": "m", "n": n, "messages": [{"role": "user", "content": content}]});
+            let mut b =
+                json!({"model": "m", "n": n, "messages": [{"role": "user", "content": content}]});
             if let Some(l) = limit {
                 b["max_completion_tokens"] = json!(l);
             }
-            (Provider::OpenAi, CHAT, b, text_bytes + images * OPENAI_IMAGE_TOKENS)
+            (
+                Provider::OpenAi,
+                CHAT,
+                b,
+                text_bytes + images * OPENAI_IMAGE_TOKENS,
+            )
         }
         Shape::Legacy => {
             let prompt: Vec<&str> = (0..prompts).map(|_| text).collect();
@@ -505,16 +686,30 @@ fn request(
             if let Some(l) = limit {
                 b["max_tokens"] = json!(l);
             }
-            (Provider::OpenAi, "/v1/completions", b, text_bytes * prompts as u64)
+            (
+                Provider::OpenAi,
+                "/v1/completions",
+                b,
+                text_bytes * prompts as u64,
+            )
         }
         Shape::Responses => {
             let mut content = vec![json!({"type": "input_text", "text": text})];
-            content.extend((0..images).map(|_| json!({"type": "input_image", "image_url": "https://example.com/i.png"})));
+            content.extend(
+                (0..images).map(
+                    |_| json!({"type": "input_image", "image_url": "https://example.com/i.png"}),
+                ),
+            );
             let mut b = json!({"model": "m", "input": [{"role": "user", "content": content}]});
             if let Some(l) = limit {
                 b["max_output_tokens"] = json!(l);
             }
-            (Provider::OpenAi, "/v1/responses", b, text_bytes + images * OPENAI_IMAGE_TOKENS)
+            (
+                Provider::OpenAi,
+                "/v1/responses",
+                b,
+                text_bytes + images * OPENAI_IMAGE_TOKENS,
+            )
         }
         Shape::Anthropic => {
             let mut content = vec![json!({"type": "text", "text": text})];
@@ -523,7 +718,12 @@ fn request(
             if let Some(l) = limit {
                 b["max_tokens"] = json!(l);
             }
-            (Provider::Anthropic, "/v1/messages", b, text_bytes + images * ANTHROPIC_IMAGE_TOKENS)
+            (
+                Provider::Anthropic,
+                "/v1/messages",
+                b,
+                text_bytes + images * ANTHROPIC_IMAGE_TOKENS,
+            )
         }
         Shape::Google => {
             let mut config = json!({"candidateCount": n.min(8)});

@@ -113,8 +113,10 @@ mod tests {
         let mut b = Vec::new();
         for (name, value) in parts {
             b.extend_from_slice(
-                format!("--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
-                    .as_bytes(),
+                format!(
+                    "--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                )
+                .as_bytes(),
             );
         }
         b.extend_from_slice(b"--XyZ--\r\n");

@@ -417,21 +417,21 @@ fn parse_top(provider: Provider, endpoint: Endpoint, text: &str) -> Result<Facts
             facts
         })
         .map_err(|e| {
-        if let Some(error) = slot.error.take() {
-            return error;
-        }
-        if let Some(field) = slot.field.take()
-            && (e.is_data() || e.classify() == serde_json::error::Category::Syntax)
-        {
-            return BodyError::InvalidField(field);
-        }
-        BodyError::InvalidJson(format!(
-            "{} at line {} column {}",
-            category(&e),
-            e.line(),
-            e.column()
-        ))
-    })
+            if let Some(error) = slot.error.take() {
+                return error;
+            }
+            if let Some(field) = slot.field.take()
+                && (e.is_data() || e.classify() == serde_json::error::Category::Syntax)
+            {
+                return BodyError::InvalidField(field);
+            }
+            BodyError::InvalidJson(format!(
+                "{} at line {} column {}",
+                category(&e),
+                e.line(),
+                e.column()
+            ))
+        })
 }
 
 fn category(e: &serde_json::Error) -> &'static str {
@@ -1048,13 +1048,7 @@ pub fn rewrite_request(
     clamp_output_tokens: Option<u64>,
     add_include_usage: bool,
 ) -> Result<Option<Vec<u8>>, BodyError> {
-    rewrite_request_at(
-        provider,
-        "",
-        body,
-        clamp_output_tokens,
-        add_include_usage,
-    )
+    rewrite_request_at(provider, "", body, clamp_output_tokens, add_include_usage)
 }
 
 /// [`rewrite_request`] for the API at `path`: for the Responses API
