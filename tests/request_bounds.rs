@@ -212,7 +212,6 @@ async fn clamp_open_limit_is_set_in_each_apis_own_field_and_announced() {
         }
     });
     let gw = Gateway::start(&up.url).await;
-    let (key, _) = gw.key_with(budget(5_000, false)).await;
     let cases: [(&str, Value, LimitOf); 3] = [
         (
             "/openai/v1/chat/completions",
@@ -232,6 +231,8 @@ async fn clamp_open_limit_is_set_in_each_apis_own_field_and_announced() {
     ];
     for (path, body, field) in cases {
         up.clear();
+        // A fresh key each: a call holds all that is left until it settles.
+        let (key, _) = gw.key_with(budget(5_000, false)).await;
         let resp = gw.post(path, &key, &body).await;
         assert_eq!(resp.status, StatusCode::OK, "{path}: {}", resp.text());
         let sent = up.only().json();
