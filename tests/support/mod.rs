@@ -518,6 +518,7 @@ pub fn budget_policy(usd: f64) -> Policy {
         budget: Some(vault_core::policy::Budget {
             limit: Micros::from_usd(usd).unwrap(),
             period: BudgetPeriod::Total,
+            clamp_explicit_limits: false,
         }),
         ..open_policy()
     }

@@ -287,6 +287,7 @@ fn new_key_body(args: CreateArgs) -> Result<(NewKey, Value)> {
         new.policy.budget = Some(Budget {
             limit,
             period: BudgetPeriod::Total,
+            clamp_explicit_limits: false,
         });
     }
     if test {

@@ -62,6 +62,7 @@ fn typical_key() -> KeyRecord {
             budget: Some(Budget {
                 limit: Micros(1_000_000_000_000),
                 period: BudgetPeriod::Monthly,
+                clamp_explicit_limits: false,
             }),
             rate_limit: Some(RateLimit {
                 requests_per_minute: Some(1_000_000_000_000),
@@ -93,6 +94,10 @@ fn facts() -> RequestFacts<'static> {
         max_output_tokens: Some(256),
         body_chars: 400,
         stream: false,
+        input_tokens_bound: 400,
+        input_unbounded: false,
+        output_multiplier: 1,
+        multipart: false,
     }
 }
 

@@ -89,6 +89,7 @@ fn key(budget: Micros, period: BudgetPeriod, parent: Option<&KeyRecord>) -> KeyR
             budget: Some(Budget {
                 limit: budget,
                 period,
+                clamp_explicit_limits: false,
             }),
             ..Policy::default()
         },
@@ -114,6 +115,10 @@ fn facts(model: &str, max_tokens: Option<u64>) -> RequestFacts<'_> {
         max_output_tokens: max_tokens,
         body_chars: 0,
         stream: false,
+        input_tokens_bound: 0,
+        input_unbounded: false,
+        output_multiplier: 1,
+        multipart: false,
     }
 }
 
@@ -347,13 +352,19 @@ async fn boundary_i4_no_output_limit_reserves_the_model_maximum() {
         );
         engine.settle(grant, CallOutcome::NotSent, None).await;
 
-        // A built-in model: 16,384 output tokens of gpt-4o-mini at $0.60/M,
-        // plus 100 prompt tokens at $0.15/M, each rounded up.
+        // A built-in model: 16,384 output tokens of gpt-4o-mini at its
+        // dearest output price, plus a 397-byte body's at most 397 prompt
+        // tokens at its dearest input price, each rounded up.
         let mut f = facts("gpt-4o-mini-2024-07-18", None);
         f.body_chars = 397;
+        f.input_tokens_bound = 397;
         let grant = engine.check(&chain, &f).await.unwrap();
-        let expected = Micros::for_tokens(16_384, Micros(600_000))
-            .saturating_add(Micros::for_tokens(100, Micros(150_000)));
+        let p = *PriceTable::builtin()
+            .lookup(Provider::OpenAi, "gpt-4o-mini-2024-07-18")
+            .unwrap();
+        assert_eq!(p.max_output_tokens, 16_384);
+        let expected = Micros::for_tokens(16_384, p.output_ceiling_per_million())
+            .saturating_add(Micros::for_tokens(397, p.input_ceiling_per_million()));
         assert_eq!(
             grant.reservation.as_ref().unwrap().amount,
             expected,

@@ -249,3 +249,30 @@ fn corruption_aliases_cannot_blow_up() {
     }
     assert!(parse_policy_yaml(&text, ORIGIN).is_err());
 }
+
+#[test]
+fn budget_clamp_explicit_limits_is_read_and_defaults_off() {
+    let f = parse_policy_yaml(
+        "budget:\n  limit_usd: 5\n  clamp_explicit_limits: true\n",
+        ORIGIN,
+    )
+    .unwrap();
+    assert!(f.policy.budget.unwrap().clamp_explicit_limits);
+    let f = parse_policy_yaml("budget:\n  limit_usd: 5\n", ORIGIN).unwrap();
+    assert!(!f.policy.budget.unwrap().clamp_explicit_limits);
+    refused(
+        "budget:\n  limit_usd: 5\n  clamp_explicit_limits: sometimes\n",
+        3,
+        "clamp_explicit_limits",
+    );
+    // The stored (and management API) JSON form: absent means off.
+    let b: vault_core::policy::Budget =
+        serde_json::from_str(r#"{"limit_usd":5,"clamp_explicit_limits":true}"#).unwrap();
+    assert!(b.clamp_explicit_limits);
+    let b: vault_core::policy::Budget = serde_json::from_str(r#"{"limit_usd":5}"#).unwrap();
+    assert!(!b.clamp_explicit_limits);
+    assert_eq!(
+        serde_json::to_string(&b).unwrap(),
+        r#"{"limit_usd":5.0,"period":"total"}"#
+    );
+}

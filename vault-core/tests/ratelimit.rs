@@ -74,6 +74,10 @@ const FACTS: RequestFacts<'static> = RequestFacts {
     max_output_tokens: Some(10),
     body_chars: 10,
     stream: false,
+    input_tokens_bound: 10,
+    input_unbounded: false,
+    output_multiplier: 1,
+    multipart: false,
 };
 
 /// One call: the headers it got, and whether it was admitted.

@@ -132,6 +132,7 @@ async fn setup() -> Setup {
         budget: Some(Budget {
             limit: Micros(1_000_000_000_000),
             period: BudgetPeriod::Total,
+            clamp_explicit_limits: false,
         }),
         rate_limit: Some(RateLimit {
             requests_per_minute: Some(1_000_000_000_000),

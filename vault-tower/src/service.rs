@@ -27,7 +27,8 @@ use vault_core::audit::{AuditEvent, AuditKind};
 use vault_core::crypto::{Aad, ProviderSecret};
 use vault_core::denial::Denial;
 use vault_core::meter::{
-    BodyKind, HideUsageChunk, RequestInspection, UsageMeter, inspect_request, rewrite_request,
+    BodyKind, Endpoint, HideUsageChunk, RequestInspection, UsageMeter, count_chars,
+    inspect_request, multipart, rewrite_request_at,
 };
 use vault_core::policy::{
     BudgetPeriod, CallOutcome, Grant, LimitHeaders, RequestFacts, split_proxy_path,
@@ -337,7 +338,27 @@ where
             ));
         }
     };
-    let mut inspection: RequestInspection = match inspect_request(provider, &path, &bytes) {
+    // Multipart uploads (audio, files) are forwarded unread: only a `model`
+    // field is read, for model allowlists; the policy refuses them for
+    // budgeted keys, as their cost cannot be bounded in advance.
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let is_multipart = multipart::is_multipart(content_type);
+    let inspected = if is_multipart {
+        Ok(RequestInspection {
+            model: multipart::form_field(content_type, &bytes, "model"),
+            body_chars: count_chars(&bytes),
+            input_tokens_bound: bytes.len() as u64,
+            input_unbounded: true,
+            ..RequestInspection::default()
+        })
+    } else {
+        inspect_request(provider, &path, &bytes)
+    };
+    let mut inspection: RequestInspection = match inspected {
         Ok(i) => i,
         Err(e) => {
             let d = Denial::InvalidRequest(e.to_string());
@@ -372,6 +393,10 @@ where
         max_output_tokens: inspection.max_output_tokens,
         body_chars: inspection.body_chars,
         stream: inspection.stream,
+        input_tokens_bound: inspection.input_tokens_bound,
+        input_unbounded: inspection.input_unbounded,
+        output_multiplier: inspection.output_multiplier,
+        multipart: is_multipart,
     };
     let grant: Grant = match ctx.engine.check(&chain, &facts).await {
         Ok(g) => g,
@@ -451,11 +476,19 @@ where
     }
 
     // 6. Rewrite: the body only when the policy clamps the output limit or
-    //    usage must be requested; headers always.
+    //    usage must be requested (never for multipart uploads, and never
+    //    `stream_options` for the Responses API, which refuses it); headers
+    //    always.
     let add_usage = inspection.stream
         && provider.usage_format() == UsageFormat::OpenAi
+        && inspection.endpoint != Endpoint::Responses
         && !inspection.client_asked_usage;
-    let body = match rewrite_request(provider, &bytes, clamp, add_usage) {
+    let rewritten = if is_multipart {
+        Ok(None)
+    } else {
+        rewrite_request_at(provider, &path, &bytes, clamp, add_usage)
+    };
+    let body = match rewritten {
         Ok(Some(rewritten)) => Bytes::from(rewritten),
         Ok(None) => bytes,
         Err(e) => return Ok(not_sent(pending, Denial::InvalidRequest(e.to_string()))),

@@ -8,6 +8,8 @@
 //! - [`request`]: [`inspect_request`] (model, output limit, stream, size,
 //!   refusing ambiguous bodies) and [`rewrite_request`] (clamp the output
 //!   limit, ask for stream usage) by byte edits.
+//! - [`multipart`]: one text field (the `model`) of a `multipart/form-data`
+//!   upload, which is otherwise forwarded unread.
 //! - [`hide_usage`]: [`HideUsageChunk`], which removes the usage chunk the
 //!   proxy asked for on the client's behalf.
 //!
@@ -23,13 +25,15 @@
 //! ```
 
 pub mod hide_usage;
+pub mod multipart;
 pub mod request;
 pub mod sse;
 pub mod usage;
 
 pub use hide_usage::{Filtered, HideUsageChunk};
 pub use request::{
-    BodyError, MAX_DEPTH, RequestInspection, count_chars, inspect_request, rewrite_request,
+    BodyError, Endpoint, MAX_DEPTH, MAX_MULTIPLIER, RequestInspection, count_chars,
+    inspect_request, rewrite_request, rewrite_request_at,
 };
 pub use sse::{DEFAULT_EVENT_CAP, SseEvent, SseParser};
 pub use usage::{BodyKind, DEFAULT_JSON_CAP, TOKEN_CAP, Usage, UsageMeter};

@@ -2,8 +2,11 @@
 //! and the few edits the proxy makes to it.
 //!
 //! [`inspect_request`] reads the model, the output limit, whether a stream
-//! is asked for and the body's size in characters. It refuses bodies a
-//! provider might read differently from us (THREATS E5, G2): duplicate keys
+//! is asked for, the body's size in characters, and what bounds the call's
+//! cost (the output multipliers `n`, `best_of`, `candidateCount`,
+//! `num_generations`; images and parts whose input cannot be bounded). It
+//! refuses bodies a provider might read differently from us
+//! (docs/threat-model.md E5, G2): duplicate keys
 //! (decoded, so `"m\u006fdel"` duplicates `model`; for Google, whose proto
 //! JSON accepts both spellings, `generation_config` duplicates
 //! `generationConfig`), non-integer or negative token limits, invalid UTF-8,
@@ -30,8 +33,69 @@ use crate::provider::{Provider, UsageFormat};
 /// without a depth limit; providers refuse such bodies anyway).
 pub const MAX_DEPTH: usize = 128;
 
+/// The largest output multiplier accepted (`n`, `best_of`, `candidateCount`,
+/// `num_generations`); providers allow far less (OpenAI `n` ≤ 128).
+pub const MAX_MULTIPLIER: u64 = 128;
+
+/// Input tokens one image may cost at most, for OpenAI-compatible and
+/// Cohere bodies (images given by URL have no bytes in the body). The
+/// dearest published figure: OpenAI's `gpt-4o-mini` at high detail, an
+/// image scaled to 768×2048 = 8 tiles of 512 px at 5,667 tokens plus 2,833
+/// base = 48,169 (platform.openai.com/docs/guides/images-vision, "Calculating
+/// costs"; other models: 85 + 8 × 170 = 1,445 for `gpt-4o`, 1,536 patches
+/// × 2.46 = 3,779 for `gpt-4.1-nano`).
+pub const OPENAI_IMAGE_TOKENS: u64 = 48_169;
+
+/// Input tokens one image may cost at most for Anthropic: images are
+/// scaled to at most 1,568 px on the long edge and about 1.15 megapixels,
+/// at (width × height) / 750 tokens: about 1,600
+/// (docs.anthropic.com/en/docs/build-with-claude/vision, "Evaluate image size").
+pub const ANTHROPIC_IMAGE_TOKENS: u64 = 1_600;
+
+/// Input tokens Anthropic adds for its tool-use system prompt when `tools`
+/// is present: 159–530 depending on model and `tool_choice`
+/// (docs.anthropic.com/en/docs/agents-and-tools/tool-use/overview, "Pricing").
+pub const ANTHROPIC_TOOL_PROMPT_TOKENS: u64 = 600;
+
+/// Which API of a provider a request is for, as far as its cost goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Endpoint {
+    /// Chat-style generation: OpenAI-compatible chat completions, Anthropic
+    /// messages, Google `generateContent`, Cohere chat; anything unknown.
+    #[default]
+    Chat,
+    /// OpenAI legacy `/v1/completions` (`best_of`, batched prompts).
+    LegacyCompletions,
+    /// OpenAI Responses API (`/v1/responses`): `max_output_tokens`, no
+    /// `stream_options`.
+    Responses,
+    /// Embeddings: input only, no output.
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The endpoint of `path` (query ignored) for `provider`.
+    pub fn of(provider: Provider, path: &str) -> Endpoint {
+        let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
+        match provider.usage_format() {
+            UsageFormat::OpenAi if path.ends_with("/chat/completions") => Endpoint::Chat,
+            UsageFormat::OpenAi if path.ends_with("/completions") => Endpoint::LegacyCompletions,
+            UsageFormat::OpenAi if path.ends_with("/responses") => Endpoint::Responses,
+            UsageFormat::OpenAi if path.ends_with("/embeddings") => Endpoint::Embeddings,
+            UsageFormat::Google
+                if path.ends_with(":embedContent") || path.ends_with(":batchEmbedContents") =>
+            {
+                Endpoint::Embeddings
+            }
+            UsageFormat::Cohere if path.ends_with("/embed") => Endpoint::Embeddings,
+            _ => Endpoint::Chat,
+        }
+    }
+}
+
 /// The facts about a request the policy engine needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestInspection {
     /// The model, decoded exactly as the provider reads it (no trimming or
     /// case folding); for Google, from the path.
@@ -48,6 +112,40 @@ pub struct RequestInspection {
     /// The field [`max_output_tokens`](Self::max_output_tokens) came from,
     /// e.g. `max_tokens` or `generationConfig.maxOutputTokens`.
     pub output_limit_field: Option<&'static str>,
+    /// The API the request is for.
+    pub endpoint: Endpoint,
+    /// How many outputs of up to the output limit one call may bill: `n`
+    /// (OpenAI chat), `max(n, best_of)` × prompts (legacy completions),
+    /// `candidateCount` (Google), `num_generations` (Cohere); 1 otherwise,
+    /// 0 for embeddings (no output).
+    pub output_multiplier: u64,
+    /// The most input tokens the body's content can cost: its UTF-8 bytes
+    /// (a token covers at least one byte) plus each image's ceiling plus
+    /// fixed prompts the provider adds. Meaningless when
+    /// [`input_unbounded`](Self::input_unbounded).
+    pub input_tokens_bound: u64,
+    /// The body refers to input it does not carry (file ids, audio, earlier
+    /// responses, server-side tools, Google media): only the model's context
+    /// window bounds it.
+    pub input_unbounded: bool,
+}
+
+impl Default for RequestInspection {
+    /// Nothing known: a chat call of one output and no input.
+    fn default() -> Self {
+        RequestInspection {
+            model: None,
+            max_output_tokens: None,
+            stream: false,
+            body_chars: 0,
+            client_asked_usage: false,
+            output_limit_field: None,
+            endpoint: Endpoint::Chat,
+            output_multiplier: 1,
+            input_tokens_bound: 0,
+            input_unbounded: false,
+        }
+    }
 }
 
 /// A request body the policy cannot read safely (→ 400 `invalid_request`).
@@ -85,6 +183,9 @@ pub enum BodyError {
 
 fn expected_for(field: &str) -> &'static str {
     match field {
+        "n" | "best_of" | "num_generations" | "generationConfig.candidateCount" => {
+            "an integer from 1 to 128"
+        }
         "model" => "a string",
         "stream" | "stream_options.include_usage" => "true or false",
         "stream_options" | "generationConfig" => "an object",
@@ -104,9 +205,13 @@ pub fn inspect_request(
     let google_path = (provider == Provider::Google)
         .then(|| google_model_and_action(path))
         .flatten();
+    let endpoint = Endpoint::of(provider, path);
     let mut inspection = RequestInspection {
         model: google_path.map(|(model, _)| model.to_owned()),
         stream: google_path.is_some_and(|(_, action)| action == Some("streamGenerateContent")),
+        endpoint,
+        output_multiplier: u64::from(endpoint != Endpoint::Embeddings),
+        input_tokens_bound: body.len() as u64,
         ..RequestInspection::default()
     };
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -116,7 +221,7 @@ pub fn inspect_request(
     let text = std::str::from_utf8(body).map_err(|_| BodyError::InvalidUtf8)?;
     inspection.body_chars = text.chars().count() as u64;
     check_depth(body)?;
-    let facts = parse_top(provider, text)?;
+    let facts = parse_top(provider, endpoint, text)?;
 
     if let Some(body_model) = facts.model {
         match &inspection.model {
@@ -132,7 +237,13 @@ pub fn inspect_request(
             None => inspection.model = Some(body_model),
         }
     }
-    match provider.usage_format() {
+    let format = provider.usage_format();
+    match format {
+        UsageFormat::OpenAi if endpoint == Endpoint::Responses => {
+            inspection.stream = facts.stream.unwrap_or(false);
+            inspection.max_output_tokens = facts.max_output_tokens;
+            inspection.output_limit_field = facts.max_output_tokens.map(|_| "max_output_tokens");
+        }
         UsageFormat::OpenAi => {
             inspection.stream = facts.stream.unwrap_or(false);
             inspection.client_asked_usage = facts.include_usage == Some(true);
@@ -157,6 +268,31 @@ pub fn inspect_request(
                 .map(|_| "generationConfig.maxOutputTokens");
         }
     }
+    if endpoint != Endpoint::Embeddings {
+        let n = facts.n.unwrap_or(1);
+        inspection.output_multiplier = match endpoint {
+            // `best_of` candidates are generated (and billed) server-side,
+            // per prompt of a batch.
+            Endpoint::LegacyCompletions => n
+                .max(facts.best_of.unwrap_or(1))
+                .saturating_mul(facts.prompts.unwrap_or(1).max(1)),
+            _ => n,
+        };
+    }
+    let scan = facts.scan;
+    let image_tokens = match format {
+        UsageFormat::Anthropic => ANTHROPIC_IMAGE_TOKENS,
+        _ => OPENAI_IMAGE_TOKENS,
+    };
+    let tool_prompt = if scan.tool_prompt {
+        ANTHROPIC_TOOL_PROMPT_TOKENS
+    } else {
+        0
+    };
+    inspection.input_tokens_bound = (body.len() as u64)
+        .saturating_add(scan.images.saturating_mul(image_tokens))
+        .saturating_add(tool_prompt);
+    inspection.input_unbounded = scan.unbounded;
     Ok(inspection)
 }
 
@@ -227,17 +363,34 @@ struct Facts {
     model: Option<String>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
+    /// Google `generationConfig.maxOutputTokens`, Responses `max_output_tokens`.
     max_output_tokens: Option<u64>,
     stream: Option<bool>,
     include_usage: Option<bool>,
+    /// `n`, `candidateCount` or `num_generations`.
+    n: Option<u64>,
+    best_of: Option<u64>,
+    /// Prompts in a legacy completions batch.
+    prompts: Option<u64>,
+    scan: ScanFacts,
 }
 
-/// Carries our own error out of serde, and which field was being read when
-/// serde_json failed (so `1e400` for `max_tokens` names `max_tokens`).
+/// What the content scan found anywhere in the body.
+#[derive(Debug, Default, Clone, Copy)]
+struct ScanFacts {
+    images: u64,
+    unbounded: bool,
+    tool_prompt: bool,
+}
+
+/// Carries our own error out of serde, which field was being read when
+/// serde_json failed (so `1e400` for `max_tokens` names `max_tokens`), and
+/// what the content scan found.
 #[derive(Default)]
 struct ErrorSlot {
     error: RefCell<Option<BodyError>>,
     field: RefCell<Option<&'static str>>,
+    scan: RefCell<ScanFacts>,
 }
 
 impl ErrorSlot {
@@ -247,32 +400,38 @@ impl ErrorSlot {
     }
 }
 
-fn parse_top(provider: Provider, text: &str) -> Result<Facts, BodyError> {
+fn parse_top(provider: Provider, endpoint: Endpoint, text: &str) -> Result<Facts, BodyError> {
     let slot = ErrorSlot::default();
     let mut de = serde_json::Deserializer::from_str(text);
     let visitor = TopVisitor {
         format: provider.usage_format(),
+        endpoint,
         slot: &slot,
     };
     let result = (&mut de)
         .deserialize_any(visitor)
         .and_then(|facts| de.end().map(|()| facts));
-    result.map_err(|e| {
-        if let Some(error) = slot.error.take() {
-            return error;
-        }
-        if let Some(field) = slot.field.take()
-            && (e.is_data() || e.classify() == serde_json::error::Category::Syntax)
-        {
-            return BodyError::InvalidField(field);
-        }
-        BodyError::InvalidJson(format!(
-            "{} at line {} column {}",
-            category(&e),
-            e.line(),
-            e.column()
-        ))
-    })
+    result
+        .map(|mut facts| {
+            facts.scan = *slot.scan.borrow();
+            facts
+        })
+        .map_err(|e| {
+            if let Some(error) = slot.error.take() {
+                return error;
+            }
+            if let Some(field) = slot.field.take()
+                && (e.is_data() || e.classify() == serde_json::error::Category::Syntax)
+            {
+                return BodyError::InvalidField(field);
+            }
+            BodyError::InvalidJson(format!(
+                "{} at line {} column {}",
+                category(&e),
+                e.line(),
+                e.column()
+            ))
+        })
 }
 
 fn category(e: &serde_json::Error) -> &'static str {
@@ -378,6 +537,7 @@ impl<'de> SeenKeys<'de> {
 
 struct TopVisitor<'s> {
     format: UsageFormat,
+    endpoint: Endpoint,
     slot: &'s ErrorSlot,
 }
 
@@ -390,10 +550,57 @@ impl<'de> Visitor<'de> for TopVisitor<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Facts, A::Error> {
         let mut facts = Facts::default();
-        let (format, slot) = (self.format, self.slot);
+        let (format, endpoint, slot) = (self.format, self.endpoint, self.slot);
         let field = |name: &'static str| *slot.field.borrow_mut() = Some(name);
+        let scan = ScanSeed {
+            format,
+            slot,
+            type_value: false,
+        };
+        let responses = endpoint == Endpoint::Responses;
+        let legacy = endpoint == Endpoint::LegacyCompletions;
         walk_object(format, slot, map, |key, map| {
             match (format, key) {
+                (UsageFormat::OpenAi, "max_output_tokens") if responses => {
+                    field("max_output_tokens");
+                    facts.max_output_tokens = map.next_value::<Option<TokenLimit>>()?.map(|t| t.0);
+                }
+                (UsageFormat::OpenAi, "n") => {
+                    field("n");
+                    facts.n = map.next_value::<Option<Multiplier>>()?.map(|m| m.0);
+                }
+                (UsageFormat::OpenAi, "best_of") if legacy => {
+                    field("best_of");
+                    facts.best_of = map.next_value::<Option<Multiplier>>()?.map(|m| m.0);
+                }
+                (UsageFormat::Cohere, "num_generations") => {
+                    field("num_generations");
+                    facts.n = map.next_value::<Option<Multiplier>>()?.map(|m| m.0);
+                }
+                (UsageFormat::OpenAi, "prompt") if legacy => {
+                    facts.prompts = Some(map.next_value::<PromptCount>()?.0);
+                }
+                // Input the body does not carry: an earlier response or
+                // conversation, a stored prompt, web search results.
+                (UsageFormat::OpenAi, "previous_response_id" | "conversation" | "prompt")
+                    if responses =>
+                {
+                    if map.next_value::<Option<IgnoredAny>>()?.is_some() {
+                        slot.scan.borrow_mut().unbounded = true;
+                    }
+                }
+                (UsageFormat::OpenAi, "web_search_options")
+                | (UsageFormat::Anthropic, "mcp_servers" | "container")
+                | (UsageFormat::Google, "cachedContent") => {
+                    if map.next_value::<Option<IgnoredAny>>()?.is_some() {
+                        slot.scan.borrow_mut().unbounded = true;
+                    }
+                }
+                (UsageFormat::Anthropic, "tools") => {
+                    if map.next_value_seed(OptionSeed(scan))?.is_some() {
+                        slot.scan.borrow_mut().tool_prompt = true;
+                    }
+                }
                 (_, "model") => {
                     field("model");
                     facts.model = map.next_value::<Option<String>>()?;
@@ -421,8 +628,8 @@ impl<'de> Visitor<'de> for TopVisitor<'_> {
                         slot,
                         kind: Nested::StreamOptions,
                     };
-                    if let Some(NestedValue::Flag(flag)) = map.next_value_seed(OptionSeed(seed))? {
-                        facts.include_usage = flag;
+                    if let Some(nested) = map.next_value_seed(OptionSeed(seed))? {
+                        facts.include_usage = nested.flag;
                     }
                 }
                 (UsageFormat::Google, "generationConfig") => {
@@ -432,15 +639,12 @@ impl<'de> Visitor<'de> for TopVisitor<'_> {
                         slot,
                         kind: Nested::GenerationConfig,
                     };
-                    if let Some(NestedValue::Limit(limit)) =
-                        map.next_value_seed(OptionSeed(seed))?
-                    {
-                        facts.max_output_tokens = limit;
+                    if let Some(nested) = map.next_value_seed(OptionSeed(seed))? {
+                        facts.max_output_tokens = nested.limit;
+                        facts.n = nested.count;
                     }
                 }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+                _ => map.next_value_seed(scan)?,
             }
             Ok(())
         })?;
@@ -490,6 +694,247 @@ impl<'de> de::Deserialize<'de> for TokenLimit {
     }
 }
 
+/// An output multiplier: a JSON integer from 1 to [`MAX_MULTIPLIER`].
+struct Multiplier(u64);
+
+impl<'de> de::Deserialize<'de> for Multiplier {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MultiplierVisitor;
+        impl Visitor<'_> for MultiplierVisitor {
+            type Value = Multiplier;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an integer from 1 to {MAX_MULTIPLIER}")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Multiplier, E> {
+                if (1..=MAX_MULTIPLIER).contains(&v) {
+                    Ok(Multiplier(v))
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Unsigned(v), &self))
+                }
+            }
+        }
+        d.deserialize_u64(MultiplierVisitor)
+    }
+}
+
+/// How many prompts a legacy completions `prompt` holds: a string or a
+/// token array is one; an array of strings or of token arrays is a batch.
+struct PromptCount(u64);
+
+impl<'de> de::Deserialize<'de> for PromptCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PromptVisitor;
+        impl<'de> Visitor<'de> for PromptVisitor {
+            type Value = PromptCount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a prompt")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<PromptCount, A::Error> {
+                let (mut prompts, mut tokens) = (0u64, false);
+                while let Some(element) = seq.next_element::<PromptElement>()? {
+                    match element {
+                        PromptElement::Token => tokens = true,
+                        PromptElement::Prompt => prompts += 1,
+                    }
+                }
+                Ok(PromptCount(if tokens { 1 } else { prompts.max(1) }))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PromptCount, A::Error> {
+                IgnoredAny.visit_map(map)?;
+                Ok(PromptCount(1))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<PromptCount, E> {
+                Ok(PromptCount(1))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<PromptCount, E> {
+                Ok(PromptCount(1))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<PromptCount, E> {
+                Ok(PromptCount(1))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<PromptCount, E> {
+                Ok(PromptCount(1))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<PromptCount, E> {
+                Ok(PromptCount(1))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<PromptCount, E> {
+                Ok(PromptCount(1))
+            }
+        }
+        d.deserialize_any(PromptVisitor)
+    }
+}
+
+/// One element of a `prompt` array: a token id, or a prompt of its own.
+enum PromptElement {
+    Token,
+    Prompt,
+}
+
+impl<'de> de::Deserialize<'de> for PromptElement {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ElementVisitor;
+        impl<'de> Visitor<'de> for ElementVisitor {
+            type Value = PromptElement;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a prompt or a token")
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<PromptElement, E> {
+                Ok(PromptElement::Token)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<PromptElement, E> {
+                Ok(PromptElement::Token)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<PromptElement, E> {
+                Ok(PromptElement::Token)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<PromptElement, E> {
+                Ok(PromptElement::Prompt)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<PromptElement, E> {
+                Ok(PromptElement::Prompt)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<PromptElement, E> {
+                Ok(PromptElement::Prompt)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<PromptElement, A::Error> {
+                IgnoredAny.visit_seq(seq)?;
+                Ok(PromptElement::Prompt)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PromptElement, A::Error> {
+                IgnoredAny.visit_map(map)?;
+                Ok(PromptElement::Prompt)
+            }
+        }
+        d.deserialize_any(ElementVisitor)
+    }
+}
+
+/// Content `type` values whose input the body does not bound: files and
+/// audio by reference or in formats whose token count is not tied to their
+/// bytes (PDF pages, audio seconds), earlier items, and server-side tools
+/// whose results are billed as input. Matched as prefixes.
+const UNBOUNDED_TYPES: &[&str] = &[
+    "input_audio",
+    "input_file",
+    "file",
+    "document",
+    "container_upload",
+    "item_reference",
+    "web_search",
+    "web_fetch",
+    "code_execution",
+    "code_interpreter",
+    "computer",
+    "bash",
+    "text_editor",
+    "memory",
+    "tool_search",
+    "mcp",
+    "image_generation",
+    "local_shell",
+    "shell",
+    "apply_patch",
+];
+
+/// Walks any value looking for images (`type` `image_url`, `input_image`,
+/// `image`) and input it cannot bound (see [`UNBOUNDED_TYPES`]; `file_id`
+/// and message `audio` references; Google `inlineData`/`fileData`, whose
+/// video, audio, PDF pages and image tiles are not bounded by their
+/// bytes), recording them in the slot's [`ScanFacts`].
+#[derive(Clone, Copy)]
+struct ScanSeed<'s> {
+    format: UsageFormat,
+    slot: &'s ErrorSlot,
+    /// The value of a `type` key.
+    type_value: bool,
+}
+
+impl ScanSeed<'_> {
+    fn classify(&self, value: &str) {
+        if !self.type_value {
+            return;
+        }
+        let mut scan = self.slot.scan.borrow_mut();
+        if matches!(value, "image_url" | "input_image" | "image") {
+            scan.images = scan.images.saturating_add(1);
+        } else if UNBOUNDED_TYPES.iter().any(|t| value.starts_with(t)) {
+            scan.unbounded = true;
+        }
+    }
+
+    fn inner(self) -> Self {
+        ScanSeed {
+            type_value: false,
+            ..self
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for ScanSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ScanSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.inner();
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            let key = canonical_key(self.format, key);
+            match (self.format, key.as_ref()) {
+                (_, "type") => map.next_value_seed(ScanSeed {
+                    type_value: true,
+                    ..inner
+                })?,
+                (UsageFormat::Google, "inlineData" | "fileData")
+                | (UsageFormat::OpenAi | UsageFormat::Anthropic | UsageFormat::Cohere, "file_id")
+                | (UsageFormat::OpenAi, "audio") => {
+                    if map.next_value::<Option<IgnoredAny>>()?.is_some() {
+                        self.slot.scan.borrow_mut().unbounded = true;
+                    }
+                }
+                _ => map.next_value_seed(inner)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.inner();
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.classify(v);
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
 /// `null` or the seed's object.
 struct OptionSeed<S>(S);
 
@@ -530,10 +975,12 @@ struct NestedSeed<'s> {
     kind: Nested,
 }
 
-/// What a nested object yields: `include_usage` or `maxOutputTokens`.
-enum NestedValue {
-    Flag(Option<bool>),
-    Limit(Option<u64>),
+/// What a nested object yields: `include_usage`, or `maxOutputTokens` and
+/// `candidateCount`.
+struct NestedValue {
+    flag: Option<bool>,
+    limit: Option<u64>,
+    count: Option<u64>,
 }
 
 impl<'de> DeserializeSeed<'de> for NestedSeed<'_> {
@@ -554,6 +1001,7 @@ impl<'de> Visitor<'de> for NestedSeed<'_> {
         let (slot, kind) = (self.slot, self.kind);
         let mut flag = None;
         let mut limit = None;
+        let mut count = None;
         walk_object(self.format, slot, map, |key, map| {
             match (kind, key) {
                 (Nested::StreamOptions, "include_usage") => {
@@ -564,16 +1012,17 @@ impl<'de> Visitor<'de> for NestedSeed<'_> {
                     *slot.field.borrow_mut() = Some("generationConfig.maxOutputTokens");
                     limit = map.next_value::<Option<TokenLimit>>()?.map(|t| t.0);
                 }
+                (Nested::GenerationConfig, "candidateCount") => {
+                    *slot.field.borrow_mut() = Some("generationConfig.candidateCount");
+                    count = map.next_value::<Option<Multiplier>>()?.map(|m| m.0);
+                }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
             Ok(())
         })?;
-        Ok(match kind {
-            Nested::StreamOptions => NestedValue::Flag(flag),
-            Nested::GenerationConfig => NestedValue::Limit(limit),
-        })
+        Ok(NestedValue { flag, limit, count })
     }
 }
 
@@ -592,21 +1041,37 @@ impl<'de> Visitor<'de> for NestedSeed<'_> {
 /// depth, types) before any edit. When an output field is added to an
 /// OpenAI body without one, `openai` gets `max_completion_tokens` (its
 /// reasoning models refuse `max_tokens`) and the other compatible
-/// providers `max_tokens`.
+/// providers `max_tokens`. This is [`rewrite_request_at`] for a chat path.
 pub fn rewrite_request(
     provider: Provider,
     body: &[u8],
     clamp_output_tokens: Option<u64>,
     add_include_usage: bool,
 ) -> Result<Option<Vec<u8>>, BodyError> {
+    rewrite_request_at(provider, "", body, clamp_output_tokens, add_include_usage)
+}
+
+/// [`rewrite_request`] for the API at `path`: for the Responses API
+/// (`/v1/responses`) the output limit is `max_output_tokens` and
+/// `add_include_usage` is ignored (that API refuses `stream_options`; its
+/// usage arrives in `response.completed`).
+pub fn rewrite_request_at(
+    provider: Provider,
+    path: &str,
+    body: &[u8],
+    clamp_output_tokens: Option<u64>,
+    add_include_usage: bool,
+) -> Result<Option<Vec<u8>>, BodyError> {
     let format = provider.usage_format();
-    let add_include_usage = add_include_usage && format == UsageFormat::OpenAi;
+    let endpoint = Endpoint::of(provider, path);
+    let add_include_usage =
+        add_include_usage && format == UsageFormat::OpenAi && endpoint != Endpoint::Responses;
     if clamp_output_tokens.is_none() && !add_include_usage {
         return Ok(None);
     }
     let text = std::str::from_utf8(body).map_err(|_| BodyError::InvalidUtf8)?;
     check_depth(body)?;
-    parse_top(provider, text)?;
+    parse_top(provider, endpoint, text)?;
 
     let top = scan_object(body, skip_ws(body, 0))?;
     let mut edits: Vec<(Range<usize>, String)> = Vec::new();
@@ -615,7 +1080,9 @@ pub fn rewrite_request(
     if let Some(clamp) = clamp_output_tokens {
         match format {
             UsageFormat::OpenAi | UsageFormat::Anthropic | UsageFormat::Cohere => {
-                let fields: &[&str] = if format == UsageFormat::OpenAi {
+                let fields: &[&str] = if endpoint == Endpoint::Responses {
+                    &["max_output_tokens"]
+                } else if format == UsageFormat::OpenAi {
                     &["max_completion_tokens", "max_tokens"]
                 } else {
                     &["max_tokens"]
@@ -630,7 +1097,9 @@ pub fn rewrite_request(
                     clamp_value(body, &member.value, clamp, &mut edits)?;
                 }
                 if !present {
-                    let field = if provider == Provider::OpenAi {
+                    let field = if endpoint == Endpoint::Responses {
+                        "max_output_tokens"
+                    } else if provider == Provider::OpenAi {
                         "max_completion_tokens"
                     } else {
                         "max_tokens"

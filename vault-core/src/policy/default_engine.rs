@@ -23,15 +23,28 @@
 //! reserving refuses the call even in shadow mode (fail closed).
 //!
 //! # Reservations
-//! The reservation is the prompt estimate (body characters / 4, rounded up,
-//! at the input price) plus the output limit (the client's, else the model's
-//! maximum output) at the output price. The store grants as much as fits but
-//! at least the prompt estimate plus a small minimum output (16 tokens by
-//! default); when it grants less than everything, the grant carries
-//! [`Grant::clamp_output_tokens`], the output the reservation affords, for
-//! the proxy to forward instead of the client's limit. A model without a
-//! price (and no fallback) is refused for budgeted keys; budgeted keys must
-//! name a model on anything but `GET`/`HEAD` (which are not billed).
+//! The reservation is an upper bound of what the call can cost:
+//! - input: the body's UTF-8 bytes plus each image's ceiling
+//!   ([`RequestFacts::input_tokens_bound`]; a token covers at least one
+//!   byte), at most the model's context window, or the whole context window
+//!   when the body refers to input it does not carry
+//!   ([`RequestFacts::input_unbounded`]), at the dearest input token class
+//!   ([`ModelPrice::input_ceiling_per_million`]);
+//! - output: the output limit (the client's, else the model's maximum
+//!   output) times the output multiplier (`n`, `best_of`, `candidateCount`,
+//!   `num_generations`; 0 for embeddings), at the dearest output class.
+//!
+//! When the client left the output limit open, the store grants as much as
+//! fits but at least the input bound plus a small minimum output (16 tokens
+//! by default); when it grants less than everything, the grant carries
+//! [`Grant::clamp_output_tokens`], the output per candidate the reservation
+//! affords, for the proxy to set in the request. A limit the client set is
+//! never lowered unless the budget opts in
+//! ([`Budget::clamp_explicit_limits`](super::model::Budget)): the call is
+//! refused `budget_exceeded` instead. A model without a price (and no
+//! fallback) is refused for budgeted keys; budgeted keys must name a model
+//! on anything but `GET`/`HEAD` (which are not billed), and cannot make
+//! multipart uploads (which cannot be priced in advance).
 //!
 //! # Settlement (docs/budgets.md#settlement)
 //! `Metered` calls cost their tokens at the model's price, each token class
@@ -103,22 +116,36 @@ struct Ticket {
     _in_flight: Option<InFlightGuard>,
 }
 
-/// The cost bounds of one call at one price.
+/// The cost bounds of one call at one price (see the module docs).
 struct Estimate {
     prompt_cost: Micros,
+    /// The output limit per candidate.
     output_tokens: u64,
+    /// The price of one more token of every candidate: the output ceiling
+    /// times the multiplier.
     output_price: Micros,
     want: Micros,
     at_least: Micros,
 }
 
 impl Estimate {
+    /// With `clamp`, a partial reservation may lower the output limit.
     fn new(price: &ModelPrice, facts: &RequestFacts<'_>, min_output: u64, clamp: bool) -> Self {
-        let prompt_tokens = facts.body_chars.div_ceil(4);
-        let prompt_cost = Micros::for_tokens(prompt_tokens, price.input_per_million);
+        let prompt_tokens = if facts.input_unbounded {
+            price.context_window
+        } else {
+            facts.input_tokens_bound.min(price.context_window)
+        };
+        let prompt_cost = Micros::for_tokens(prompt_tokens, price.input_ceiling_per_million());
         let output_tokens = facts.max_output_tokens.unwrap_or(price.max_output_tokens);
-        let output_price = price.output_per_million;
+        let output_price = Micros(
+            price
+                .output_ceiling_per_million()
+                .0
+                .saturating_mul(facts.output_multiplier),
+        );
         let want = prompt_cost.saturating_add(Micros::for_tokens(output_tokens, output_price));
+        let clamp = clamp && facts.output_multiplier > 0;
         let at_least = if clamp {
             prompt_cost.saturating_add(Micros::for_tokens(
                 min_output.min(output_tokens),
@@ -136,7 +163,7 @@ impl Estimate {
         }
     }
 
-    /// The output tokens `granted` affords after the prompt estimate.
+    /// The output tokens per candidate `granted` affords after the input.
     fn affordable_output(&self, granted: Micros) -> Option<u64> {
         granted
             .saturating_sub(self.prompt_cost)
@@ -418,6 +445,13 @@ impl PolicyEngine for DefaultEngine {
             .find_map(|k| k.policy.budget.map(|b| (&k.id, b)));
         if let Some((budget_key, budget)) = budgeted {
             match (facts.model, price) {
+                _ if facts.multipart => refuse!(
+                    Denial::InvalidRequest(
+                        "multipart uploads (audio, files) cannot be priced in advance, so keys with a budget cannot make them; use a key without a budget"
+                            .to_owned()
+                    ),
+                    headers
+                ),
                 (None, _) if matches!(facts.method, "GET" | "HEAD") => {}
                 (None, _) => refuse!(
                     Denial::InvalidRequest(
@@ -441,7 +475,11 @@ impl PolicyEngine for DefaultEngine {
                         limit: budget.limit,
                         period_start: period_start(budget.period, now),
                     };
-                    let est = Estimate::new(&p, facts, self.min_output_tokens, self.clamp_output);
+                    // Only a limit the client left open is lowered, unless
+                    // the budget opts in to lowering explicit ones too.
+                    let clamp = self.clamp_output
+                        && (facts.max_output_tokens.is_none() || budget.clamp_explicit_limits);
+                    let est = Estimate::new(&p, facts, self.min_output_tokens, clamp);
                     let expires = now.plus_millis(self.reservation_ttl_ms);
                     // One store call: the reservation and what the line has
                     // left once it is held.
@@ -459,9 +497,20 @@ impl PolicyEngine for DefaultEngine {
                         }
                         Err(StoreError::BudgetExceeded { remaining }) => {
                             headers.budget_remaining = Some(remaining);
+                            let hint = match (facts.max_output_tokens, est.at_least == est.want) {
+                                (Some(n), true) => format!(
+                                    " (with its output limit of {n} tokens{}; lower the limit to fit)",
+                                    if facts.output_multiplier > 1 {
+                                        format!(" × {} outputs", facts.output_multiplier)
+                                    } else {
+                                        String::new()
+                                    }
+                                ),
+                                _ => String::new(),
+                            };
                             refuse!(
                                 Denial::BudgetExceeded(format!(
-                                    "budget exceeded: {remaining} of the {} {} budget remains, and this call needs at least {}",
+                                    "budget exceeded: {remaining} of the {} {} budget remains, and this call needs at least {}{hint}",
                                     budget.limit,
                                     period_name(budget.period),
                                     est.at_least
@@ -662,7 +711,6 @@ mod tests {
         }
     }
 
-    /// $10 per million output tokens, $1 per million input, 1000 max output.
     fn used(tokens_in: u64, tokens_out: u64) -> CallOutcome {
         CallOutcome::Metered(Usage {
             tokens_in,
@@ -671,8 +719,13 @@ mod tests {
         })
     }
 
+    /// $10 per million output tokens, $1 per million input, 1000 max output;
+    /// cache writes at the input price, so the input ceiling is $1/M too.
     fn test_price() -> ModelPrice {
-        ModelPrice::from_usd_per_million(1.0, 10.0, 1000).unwrap()
+        let mut p = ModelPrice::from_usd_per_million(1.0, 10.0, 1000).unwrap();
+        p.cache_write_per_million = Some(p.input_per_million);
+        p.cache_write_1h_per_million = Some(p.input_per_million);
+        p
     }
 
     struct Fixture {
@@ -702,6 +755,10 @@ mod tests {
             max_output_tokens: max_out,
             body_chars: chars,
             stream: false,
+            input_tokens_bound: chars,
+            input_unbounded: false,
+            output_multiplier: 1,
+            multipart: false,
         }
     }
 
@@ -713,6 +770,7 @@ mod tests {
         Some(Budget {
             limit: Micros(usd_micros),
             period: BudgetPeriod::Total,
+            clamp_explicit_limits: false,
         })
     }
 
@@ -928,7 +986,7 @@ mod tests {
             limit: Micros(1_000_000),
             period_start: UnixMillis(0),
         };
-        let q = facts(Some("m"), Some(500), 400);
+        let q = facts(Some("m"), Some(500), 100);
         let metered = f.engine.check(&k, &q).await.unwrap();
         let unmetered = f.engine.check(&k, &q).await.unwrap();
         let not_sent = f.engine.check(&k, &q).await.unwrap();
@@ -968,10 +1026,10 @@ mod tests {
             limit: Micros(1_000_000),
             period_start: UnixMillis(0),
         };
-        // 400 chars → 100 prompt tokens at $1/M = 100 µ$; 500 output at $10/M = 5000 µ$.
+        // 100 bytes → at most 100 prompt tokens at $1/M = 100 µ$; 500 output at $10/M = 5000 µ$.
         let g = f
             .engine
-            .check(&k, &facts(Some("m"), Some(500), 400))
+            .check(&k, &facts(Some("m"), Some(500), 100))
             .await
             .unwrap();
         assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(5_100));
@@ -1022,7 +1080,7 @@ mod tests {
         // No budget, so nothing is reserved; the upstream then reports no usage.
         let g = f
             .engine
-            .check(&k, &facts(Some("m"), Some(500), 400))
+            .check(&k, &facts(Some("m"), Some(500), 100))
             .await
             .unwrap();
         assert!(g.reservation.is_none());
@@ -1032,7 +1090,7 @@ mod tests {
         // Not sent stays free; an unpriced model has no worst case to charge.
         let g = f
             .engine
-            .check(&k, &facts(Some("m"), Some(500), 400))
+            .check(&k, &facts(Some("m"), Some(500), 100))
             .await
             .unwrap();
         assert_eq!(
@@ -1041,7 +1099,7 @@ mod tests {
         );
         let g = f
             .engine
-            .check(&k, &facts(Some("unpriced"), Some(500), 400))
+            .check(&k, &facts(Some("unpriced"), Some(500), 100))
             .await
             .unwrap();
         assert_eq!(
@@ -1063,7 +1121,7 @@ mod tests {
         // Wants 100 + 10_000; only 3_000 fits: (3000 - 100) / 10 = 290 tokens.
         let g = f
             .engine
-            .check(&k, &facts(Some("m"), None, 400))
+            .check(&k, &facts(Some("m"), None, 100))
             .await
             .unwrap();
         assert_eq!(g.reservation.as_ref().unwrap().amount, Micros(3_000));
@@ -1072,7 +1130,7 @@ mod tests {
         // Nothing left: refused, naming what remains.
         let (d, h) = f
             .engine
-            .check(&k, &facts(Some("m"), None, 400))
+            .check(&k, &facts(Some("m"), None, 100))
             .await
             .unwrap_err();
         assert_eq!(d.code(), "budget_exceeded");
@@ -1096,7 +1154,7 @@ mod tests {
         )]);
         assert_eq!(
             engine
-                .check(&k, &facts(Some("m"), None, 400))
+                .check(&k, &facts(Some("m"), None, 100))
                 .await
                 .unwrap_err()
                 .0

@@ -25,10 +25,22 @@ pub struct RequestFacts<'a> {
     pub model: Option<&'a str>,
     /// The output limit the client set (`max_tokens` and kin), when present.
     pub max_output_tokens: Option<u64>,
-    /// Characters (not bytes) in the request body.
+    /// Characters (not bytes) in the request body (for `max_request_chars`).
     pub body_chars: u64,
     /// Whether the client asked for a stream.
     pub stream: bool,
+    /// The most input tokens the body can cost (its bytes plus image
+    /// ceilings); see `vault_core::meter::RequestInspection`.
+    pub input_tokens_bound: u64,
+    /// The input cannot be bounded from the body (file ids, audio, earlier
+    /// responses…): only the model's context window bounds it.
+    pub input_unbounded: bool,
+    /// How many outputs of up to the output limit the call may bill (`n`
+    /// and kin); 0 when the endpoint has no output (embeddings).
+    pub output_multiplier: u64,
+    /// The body is a `multipart/form-data` upload, which is forwarded
+    /// unread and cannot be priced in advance.
+    pub multipart: bool,
 }
 
 /// Values for `X-RateLimit-*`, `Retry-After` and `X-Budget-Remaining-USD`.

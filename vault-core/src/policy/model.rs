@@ -60,6 +60,11 @@ pub struct Budget {
     /// The period; `total` when absent.
     #[serde(default = "default_period")]
     pub period: BudgetPeriod,
+    /// When the budget cannot cover a call with the output limit the
+    /// client set, forward it with a lower limit instead of refusing it
+    /// (limits the client left open are always lowered to what fits).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clamp_explicit_limits: bool,
 }
 
 fn default_period() -> BudgetPeriod {

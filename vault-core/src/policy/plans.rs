@@ -147,6 +147,7 @@ mod tests {
             budget: Some(Budget {
                 limit: Micros(1),
                 period: BudgetPeriod::Daily,
+                clamp_explicit_limits: false,
             }),
             ..Policy::default()
         };

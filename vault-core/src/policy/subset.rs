@@ -256,6 +256,7 @@ mod tests {
             budget: Some(Budget {
                 limit: Micros(5_000_000),
                 period: BudgetPeriod::Monthly,
+                clamp_explicit_limits: false,
             }),
             rate_limit: Some(RateLimit {
                 requests_per_minute: Some(60),
@@ -277,6 +278,7 @@ mod tests {
             budget: Some(Budget {
                 limit: Micros(3_000_000),
                 period: BudgetPeriod::Total,
+                clamp_explicit_limits: false,
             }),
             rate_limit: Some(RateLimit {
                 requests_per_minute: Some(10),
@@ -320,12 +322,14 @@ mod tests {
             c.budget = Some(Budget {
                 limit: Micros(6_000_000),
                 period: BudgetPeriod::Total,
+                clamp_explicit_limits: false,
             })
         });
         case("budget", &|c| {
             c.budget = Some(Budget {
                 limit: Micros(1),
                 period: BudgetPeriod::Daily,
+                clamp_explicit_limits: false,
             })
         });
         case("rate_limit", &|c| {

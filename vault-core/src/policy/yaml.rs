@@ -159,6 +159,7 @@ struct RawFile {
 struct RawBudget {
     limit_usd: Spanned<f64>,
     period: Option<Spanned<String>>,
+    clamp_explicit_limits: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -372,7 +373,11 @@ impl Ctx<'_> {
                     }
                 },
             };
-            out.policy.budget = Some(Budget { limit, period });
+            out.policy.budget = Some(Budget {
+                limit,
+                period,
+                clamp_explicit_limits: b.clamp_explicit_limits.is_some_and(|c| c.value),
+            });
         }
         if let Some(rate) = raw.rate_limit {
             any = true;
@@ -606,7 +611,8 @@ max_request_chars: 3000
             p.budget,
             Some(Budget {
                 limit: Micros(5_000_000),
-                period: BudgetPeriod::Total
+                period: BudgetPeriod::Total,
+                clamp_explicit_limits: false,
             })
         );
         let r = p.rate_limit.unwrap();

@@ -51,6 +51,7 @@ pub fn key_at(project: &str, created_at: i64) -> KeyRecord {
             budget: Some(Budget {
                 limit: Micros(5_000_000),
                 period: BudgetPeriod::Daily,
+                clamp_explicit_limits: false,
             }),
             rate_limit: Some(RateLimit {
                 requests_per_minute: Some(60),
