@@ -108,6 +108,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS carve_outs_by_line_amount
         ON carve_outs (parent_id, period_start, amount);
     DROP INDEX IF EXISTS carve_outs_by_line;",
+    // migration added by the leases branch
+    // 3: a closed carve-out (child revoked or expired) stays in `carve_outs`
+    // holding what the child's open calls hold, with what they may still
+    // charge the parent here (docs/threat-model.md: spend never passes the
+    // cap). A carve-out without a row here is open. Idempotent.
+    "CREATE TABLE IF NOT EXISTS closed_carve_outs (
+        child_id   TEXT PRIMARY KEY REFERENCES carve_outs (child_id),
+        chargeable INTEGER NOT NULL
+    );",
 ];
 
 /// The schema version this build writes.
