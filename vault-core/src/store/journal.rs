@@ -20,7 +20,14 @@
 //!
 //! Replaying gives, for each lease not settled, `spent + Σ open calls`
 //! (spent: what settled calls cost less what was already charged): the
-//! amount [`recover_lease_journals`] settles it at. A line cut short at the
+//! amount [`recover_lease_journals`] settles it at.
+//!
+//! A call's `H` is written before its reservation is returned, under its
+//! line's lock, as are `L`, `P`, `D` and `Q`; a batch of settled calls is
+//! journaled in one write (`S` lines) just after the batch is applied. So
+//! a crash between the two charges those calls what they held, not what
+//! they cost (more, unless the provider billed past the reservation), and
+//! an `S` may follow the `P` that already charged it (spent is signed). A line cut short at the
 //! end (killed mid-write) is ignored; a journal with an unreadable line is
 //! charged at least each lease's full amount (never under-counted).
 //! [`Journal::compact`] starts a new generation holding just what is held
@@ -259,8 +266,9 @@ pub(super) fn replay(text: &[u8]) -> (Vec<Settlement>, usize) {
         .into_iter()
         .filter(|(_, l)| !l.done)
         .map(|(id, l)| {
-            let spent = Micros(u64::try_from(l.spent.max(0)).unwrap_or(u64::MAX));
-            let mut actual = spent.saturating_add(open.get(&id).copied().unwrap_or_default());
+            let open = i128::from(open.get(&id).copied().unwrap_or_default().0);
+            let owed = (l.spent + open).max(0);
+            let mut actual = Micros(u64::try_from(owed).unwrap_or(u64::MAX));
             if corrupt > 0 {
                 actual = actual.max(l.amount);
             }

@@ -884,6 +884,9 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
     async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
         let mut forward = Vec::new();
         let mut finished = Vec::new();
+        // Journaled in one write once the batch is applied: a crash before
+        // it charges those calls what they held (see `journal.rs`).
+        let mut journaled = Vec::new();
         for st in settlements {
             let id = st.reservation.id.0;
             if id < LOCAL_IDS {
@@ -897,10 +900,10 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             let mut s = lock_line(&state)?;
             for lease in &mut s.leases {
                 if let Some(hold) = lease.open.remove(&id) {
-                    self.journal_after(&[Record::Settled {
+                    journaled.push(Record::Settled {
                         id,
                         actual: st.actual,
-                    }]);
+                    });
                     lease.held = lease.held.saturating_sub(hold.amount);
                     lease.spent = lease.spent.saturating_add(st.actual);
                     if lease.retired && lease.idle() {
@@ -909,6 +912,9 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
                     break;
                 }
             }
+        }
+        if !journaled.is_empty() {
+            self.journal_after(&journaled);
         }
         if finished.is_empty() {
             if forward.is_empty() {
