@@ -45,10 +45,7 @@ fn start_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, held)
 }
 
-async fn answer(
-    mut stream: tokio::net::TcpStream,
-    held: Arc<AtomicUsize>,
-) -> std::io::Result<()> {
+async fn answer(mut stream: tokio::net::TcpStream, held: Arc<AtomicUsize>) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = Vec::new();
     loop {
@@ -130,12 +127,7 @@ async fn lifecycle_kill_9_with_calls_in_flight_leaves_cap_minus_settled_minus_in
     const CAP: u64 = 5_000_000;
     let (upstream, held) = start_upstream();
     let dir = tempdir();
-    write_config(
-        dir.path(),
-        &["openai"],
-        &format!("http://{upstream}"),
-        "",
-    );
+    write_config(dir.path(), &["openai"], &format!("http://{upstream}"), "");
     let server = Server::start(dir.path());
     let (addr, admin) = (server.addr, server.admin().to_owned());
     add_provider_key(addr, &admin, "openai", "sk-upstream-test").await;
@@ -151,7 +143,10 @@ async fn lifecycle_kill_9_with_calls_in_flight_leaves_cap_minus_settled_minus_in
     assert_eq!(first.status, 200, "{}", first.text());
     let reservation = CAP - remaining(&first);
     let settled = spend(addr, &admin, &id).await;
-    assert!(settled > 0 && settled < reservation, "{settled} of {reservation}");
+    assert!(
+        settled > 0 && settled < reservation,
+        "{settled} of {reservation}"
+    );
 
     // Two calls in flight, reserved and sent, when the server is killed.
     let in_flight: Vec<_> = (0..2)

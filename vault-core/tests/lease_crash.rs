@@ -107,9 +107,7 @@ async fn lifecycle_kill_9_mid_calls_leaves_cap_minus_settled_minus_in_flight_at_
     }
     // While its owner lives, a journal is left alone.
     assert_eq!(
-        recover_lease_journals(&bare, &journal_dir)
-            .await
-            .unwrap(),
+        recover_lease_journals(&bare, &journal_dir).await.unwrap(),
         0
     );
     let held = bare.budget_usage(&l, NOW).await.unwrap();
@@ -136,13 +134,7 @@ async fn lifecycle_kill_9_mid_calls_leaves_cap_minus_settled_minus_in_flight_at_
     );
     // The restarted store can spend the rest at once.
     let r = restarted
-        .reserve(
-            &l,
-            Micros(CAP - 900_000),
-            Micros(CAP - 900_000),
-            NOW,
-            LATER,
-        )
+        .reserve(&l, Micros(CAP - 900_000), Micros(CAP - 900_000), NOW, LATER)
         .await
         .unwrap();
     restarted.settle(&[settle_at(&r, 0)]).await.unwrap();
@@ -199,7 +191,10 @@ async fn lifecycle_dropped_owner_is_recovered_by_a_sibling_sweep_exactly() {
     let usage = bare.budget_usage(&l, NOW).await.unwrap();
     assert_eq!(
         (usage.settled, usage.reserved),
-        (Micros(10_000 + 20_000 + 70_000 + 5_000 + 200_000), Micros::ZERO)
+        (
+            Micros(10_000 + 20_000 + 70_000 + 5_000 + 200_000),
+            Micros::ZERO
+        )
     );
 }
 
@@ -213,7 +208,12 @@ async fn boundary_a_first_lease_is_sized_to_demand_not_the_whole_budget() {
         .reserve(&l, Micros(400_000), Micros(1), NOW, LATER)
         .await
         .unwrap();
-    let held = leased.get_ref().budget_usage(&l, NOW).await.unwrap().reserved;
+    let held = leased
+        .get_ref()
+        .budget_usage(&l, NOW)
+        .await
+        .unwrap()
+        .reserved;
     // 16 × $0.40 would be $6.40 (all of the $5); a quarter of what is left.
     assert_eq!(held, Micros(CAP / 4));
     assert_eq!(r.amount, Micros(400_000));
@@ -284,7 +284,11 @@ async fn random_interleaving(seed: u64) {
                 let (r, of_child) = open_calls.swap_remove(i);
                 let actual = rng.below(r.amount.0 + 1);
                 store.settle(&[settle_at(&r, actual)]).await.unwrap();
-                *(if of_child { &mut child_cost } else { &mut parent_cost }) += actual;
+                *(if of_child {
+                    &mut child_cost
+                } else {
+                    &mut parent_cost
+                }) += actual;
             }
             8 if !child_revoked => {
                 store.revoke_key(&child.id, NOW).await.unwrap();
@@ -294,7 +298,11 @@ async fn random_interleaving(seed: u64) {
             9 => {
                 // kill -9: calls in flight are lost, charged what they hold.
                 for (r, of_child) in open_calls.drain(..) {
-                    *(if of_child { &mut child_cost } else { &mut parent_cost }) += r.amount.0;
+                    *(if of_child {
+                        &mut child_cost
+                    } else {
+                        &mut parent_cost
+                    }) += r.amount.0;
                 }
                 drop(store);
                 store = open();
@@ -312,7 +320,11 @@ async fn random_interleaving(seed: u64) {
     }
     for (r, of_child) in open_calls.drain(..) {
         store.settle(&[settle_at(&r, r.amount.0)]).await.unwrap();
-        *(if of_child { &mut child_cost } else { &mut parent_cost }) += r.amount.0;
+        *(if of_child {
+            &mut child_cost
+        } else {
+            &mut parent_cost
+        }) += r.amount.0;
     }
     if !child_revoked {
         store.revoke_key(&child.id, NOW).await.unwrap();

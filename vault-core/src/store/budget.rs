@@ -138,13 +138,19 @@ mod tests {
         let m = Micros;
         // $3 carved, nothing spent, $2.90 held by a call: $2.90 stays held.
         let c = close_carve_out(m(3_000), m(0), m(2_900));
-        assert_eq!((c.charge, c.residual, c.chargeable), (m(0), m(2_900), m(3_000)));
+        assert_eq!(
+            (c.charge, c.residual, c.chargeable),
+            (m(0), m(2_900), m(3_000))
+        );
         // Spend past the carve-out is capped; nothing more is chargeable.
         let c = close_carve_out(m(3_000), m(3_500), m(100));
         assert_eq!((c.charge, c.residual, c.chargeable), (m(3_000), m(0), m(0)));
         // The call settles: charged in full, the carve-out is gone.
         let p = pass_through(m(2_900), m(3_000), m(2_900), m(2_900));
-        assert_eq!((p.charge, p.release, p.residual), (m(2_900), m(2_900), m(0)));
+        assert_eq!(
+            (p.charge, p.release, p.residual),
+            (m(2_900), m(2_900), m(0))
+        );
         // One of two calls settles at less than it held.
         let p = pass_through(m(300), m(3_000), m(100), m(40));
         assert_eq!((p.charge, p.release, p.residual), (m(40), m(100), m(200)));

@@ -27,7 +27,10 @@
 //! journaled in one write (`S` lines) just after the batch is applied. So
 //! a crash between the two charges those calls what they held, not what
 //! they cost (more, unless the provider billed past the reservation), and
-//! an `S` may follow the `P` that already charged it (spent is signed). A line cut short at the
+//! an `S` may follow the `P` that already charged it (spent is signed).
+//! `P` and `D` follow the store call they record: a crash between a
+//! partial settlement and its `P` charges that spend twice (more, never
+//! less); one before a `D` settles the lease again, a no-op. A line cut short at the
 //! end (killed mid-write) is ignored; a journal with an unreadable line is
 //! charged at least each lease's full amount (never under-counted).
 //! [`Journal::compact`] starts a new generation holding just what is held
@@ -63,7 +66,11 @@ pub(super) enum Record<'a> {
     /// A call settled.
     Settled { id: u64, actual: Micros },
     /// A call settled in part, keeping `keep` held.
-    HoldPart { id: u64, actual: Micros, keep: Micros },
+    HoldPart {
+        id: u64,
+        actual: Micros,
+        keep: Micros,
+    },
     /// A lease's spend so far was charged; it keeps holding `keep`.
     Charged {
         lease: u64,
@@ -171,13 +178,20 @@ impl Journal {
     /// Makes generation `generation` of `owner`'s journal holding `first`:
     /// written and locked under a temporary name first, so that no other
     /// process ever finds it unlocked or partly written.
-    fn new_file(dir: &Path, owner: &str, generation: u64, first: &[u8]) -> Result<File, StoreError> {
+    fn new_file(
+        dir: &Path,
+        owner: &str,
+        generation: u64,
+        first: &[u8],
+    ) -> Result<File, StoreError> {
         let tmp = dir.join(format!("{owner}.{generation}.tmp"));
         let mut options = OpenOptions::new();
         options.create_new(true).append(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&tmp).map_err(|e| io_error("creating", &tmp, e))?;
+        let mut file = options
+            .open(&tmp)
+            .map_err(|e| io_error("creating", &tmp, e))?;
         file.try_lock().map_err(|e| io_error("locking", &tmp, e))?;
         file.write_all(first)
             .map_err(|e| io_error("writing", &tmp, e))?;
@@ -202,8 +216,10 @@ impl Journal {
                 e,
             )
         })?;
-        self.written
-            .fetch_add(u64::try_from(buf.len()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.written.fetch_add(
+            u64::try_from(buf.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 
@@ -219,8 +235,10 @@ impl Journal {
         let file = Self::new_file(&self.dir, &self.owner, generation, &buf)?;
         let old = journal_path(&self.dir, &self.owner, current.generation);
         *current = Current { file, generation };
-        self.written
-            .store(u64::try_from(buf.len()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.written.store(
+            u64::try_from(buf.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         std::fs::remove_file(&old).map_err(|e| io_error("removing", &old, e))
     }
 }

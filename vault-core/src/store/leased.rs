@@ -69,7 +69,7 @@
 //! # Crashes
 //! With [`with_journal`](LeasedStore::with_journal) (as `vaultgate serve`
 //! runs), every lease and call is appended to this process's lease journal
-//! (one small `write(2)` per reservation and per settled call, no fsync:
+//! (one small `write(2)` per reservation and one per settled batch, no fsync:
 //! a killed process loses no page-cache write) under an OS lock held for
 //! the process's life (see `journal.rs`). Whoever next finds the lock free
 //! (the next start, or any process's [`sweep`](KeyStore::sweep)) settles
@@ -808,7 +808,11 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             .unwrap_or(false);
         if !known {
             // A first lease is sized to what is left, never all of it.
-            let left = self.inner.budget_usage(line, now).await?.remaining(line.limit);
+            let left = self
+                .inner
+                .budget_usage(line, now)
+                .await?
+                .remaining(line.limit);
             let state = self.line_or_new(&key)?;
             let mut state = lock_line(&state)?;
             if state.inner_remaining.is_none() {
@@ -855,13 +859,16 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         if let Err(e) = journaled {
             // Not journaled: given back at once rather than held unrecorded.
             drop(state);
-            let _ = self
+            let given_back = self
                 .inner
                 .settle(&[Settlement {
                     reservation: lease,
                     actual: Micros::ZERO,
                 }])
                 .await;
+            if let Err(g) = given_back {
+                tracing::warn!(error = %g, "giving back an unjournaled lease failed; the sweep will charge it");
+            }
             return Err(e);
         }
         state.leases.push(Lease {

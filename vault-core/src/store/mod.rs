@@ -10,11 +10,11 @@ mod leased;
 mod memory;
 mod sqlite;
 
+pub use journal::recover_lease_journals;
 pub use leased::{
     DEFAULT_LEASE_FACTOR, DEFAULT_LEASE_WINDOW, FAST_LEASE_MS, JOURNAL_COMPACT_BYTES, LeasedStore,
     MAX_LEASE_GROWTH,
 };
-pub use journal::recover_lease_journals;
 pub use memory::MemoryStore;
 pub use sqlite::{DB_FILE_NAME, SqliteStore};
 
