@@ -14,9 +14,12 @@ use vault_core::crypto::{
 };
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::{ModelPrice, PriceTable};
-use vault_core::store::{KeyStore, LeasedStore, SqliteStore};
+use vault_core::store::{KeyStore, LeasedStore, SqliteStore, recover_lease_journals};
 use vault_tower::admin::Admin;
 use vault_tower::{RequestLimits, Timeouts, Upstream, Upstreams, VaultContext};
+
+/// Where `serve` journals its budget leases, inside the data directory.
+const LEASE_JOURNAL_DIR: &str = "leases";
 
 /// A usage error: exit code 2 with one clear line.
 #[derive(Debug)]
@@ -110,11 +113,24 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
     );
     let sqlite = SqliteStore::open_in_dir(&data_dir)
         .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display()))?;
-    // A leased store gives its leases back in `KeyStore::drain`, which
-    // `Maintenance::shutdown` calls.
+    // Leases of a server that died are settled now, at what their calls
+    // spent and hold (vault-core's `store/journal.rs`); a live server's
+    // journal is locked and left alone. A leased store gives its own leases
+    // back in `KeyStore::drain`, which `Maintenance::shutdown` calls.
+    let journals = data_dir.join(LEASE_JOURNAL_DIR);
     let store: Arc<dyn KeyStore> = if leased {
-        Arc::new(LeasedStore::new(sqlite))
+        let leases = LeasedStore::new(sqlite)
+            .with_journal(&journals)
+            .map_err(|e| anyhow::anyhow!("cannot open the lease journal: {e}"))?;
+        leases
+            .recover()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot settle a dead server's leases: {e}"))?;
+        Arc::new(leases)
     } else {
+        recover_lease_journals(&sqlite, &journals)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot settle a dead server's leases: {e}"))?;
         Arc::new(sqlite)
     };
     verify_master_keys(store.as_ref(), encryptor.as_ref())

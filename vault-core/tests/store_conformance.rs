@@ -121,6 +121,9 @@ conformance!(
     budget_carve_outs_settle_through_grandchildren,
     budget_carve_out_settles_when_child_expires,
     boundary_carve_out_that_does_not_fit_inserts_nothing,
+    budget_revoking_a_child_keeps_what_its_open_calls_hold,
+    budget_expiring_a_child_keeps_what_its_open_calls_hold,
+    budget_revoked_grandchild_open_call_reaches_the_root,
 );
 
 /// What only the SQLite store promises: persistence, sharing one file

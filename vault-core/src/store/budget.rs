@@ -13,6 +13,13 @@
 //!   charges the parent's line, and the parent's `spend`, with the child's
 //!   lifetime spend capped at the amount carved, deepest descendants first so
 //!   that grandchildren's spend reaches the root.
+//! - Closing a carve-out (revocation or expiry) does not give back what the
+//!   child's calls still hold: the carve-out shrinks to the child's *open*
+//!   amount (what its reservations and its own children's carve-outs hold,
+//!   [`close_carve_out`]) and stays on the parent's line until those calls
+//!   settle. Each of them, as it settles, charges its cost to the parent
+//!   (still capped at the amount carved) and releases its part of the
+//!   carve-out ([`pass_through`]), up the chain of closed carve-outs.
 
 use super::StoreError;
 use crate::money::Micros;
@@ -44,6 +51,68 @@ pub(super) fn check_carve_out(remaining: Micros, amount: Micros) -> Result<(), S
     Ok(())
 }
 
+/// What closing a child's carve-out of `carved` does, given the child's
+/// lifetime `spent` and the `open` amount its calls and carve-outs hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Closed {
+    /// Charged to the parent now: the spend, capped at the carve-out.
+    pub(super) charge: Micros,
+    /// Still held on the parent's line for the open calls (0: the
+    /// carve-out is gone).
+    pub(super) residual: Micros,
+    /// What the open calls may still charge the parent in all.
+    pub(super) chargeable: Micros,
+}
+
+/// Closes a carve-out of `carved` (see the module docs).
+pub(super) fn close_carve_out(carved: Micros, spent: Micros, open: Micros) -> Closed {
+    let charge = spent.min(carved);
+    let chargeable = carved.saturating_sub(charge);
+    Closed {
+        charge,
+        residual: open.min(chargeable),
+        chargeable,
+    }
+}
+
+/// What a hold of `held` settled at `actual` on a child whose carve-out is
+/// closed (holding `residual`, `chargeable` left) does to the parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Passed {
+    /// Charged to the parent's line and spend.
+    pub(super) charge: Micros,
+    /// Released from the parent's line (what the carve-out holds less).
+    pub(super) release: Micros,
+    /// The carve-out's new residual (0: it is gone).
+    pub(super) residual: Micros,
+    /// What is left chargeable.
+    pub(super) chargeable: Micros,
+}
+
+/// Passes a settled hold through a closed carve-out (see the module docs).
+/// Once nothing more is chargeable, or nothing is held, the carve-out goes.
+pub(super) fn pass_through(
+    residual: Micros,
+    chargeable: Micros,
+    held: Micros,
+    actual: Micros,
+) -> Passed {
+    let charge = actual.min(chargeable);
+    let chargeable = chargeable.saturating_sub(charge);
+    let mut release = held.min(residual);
+    let mut residual = residual.saturating_sub(release);
+    if chargeable == Micros::ZERO {
+        release = release.saturating_add(residual);
+        residual = Micros::ZERO;
+    }
+    Passed {
+        charge,
+        release,
+        residual,
+        chargeable,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +131,31 @@ mod tests {
         assert_eq!(reservable(m(5), m(5), m(9)).unwrap(), m(5));
         assert!(check_carve_out(m(4), m(5)).is_err());
         assert!(check_carve_out(m(5), m(5)).is_ok());
+    }
+
+    #[test]
+    fn boundary_closed_carve_outs_keep_what_open_calls_hold() {
+        let m = Micros;
+        // $3 carved, nothing spent, $2.90 held by a call: $2.90 stays held.
+        let c = close_carve_out(m(3_000), m(0), m(2_900));
+        assert_eq!(
+            (c.charge, c.residual, c.chargeable),
+            (m(0), m(2_900), m(3_000))
+        );
+        // Spend past the carve-out is capped; nothing more is chargeable.
+        let c = close_carve_out(m(3_000), m(3_500), m(100));
+        assert_eq!((c.charge, c.residual, c.chargeable), (m(3_000), m(0), m(0)));
+        // The call settles: charged in full, the carve-out is gone.
+        let p = pass_through(m(2_900), m(3_000), m(2_900), m(2_900));
+        assert_eq!(
+            (p.charge, p.release, p.residual),
+            (m(2_900), m(2_900), m(0))
+        );
+        // One of two calls settles at less than it held.
+        let p = pass_through(m(300), m(3_000), m(100), m(40));
+        assert_eq!((p.charge, p.release, p.residual), (m(40), m(100), m(200)));
+        // Billed past the cap: charged the cap, everything released.
+        let p = pass_through(m(300), m(50), m(100), m(80));
+        assert_eq!((p.charge, p.release, p.residual), (m(50), m(300), m(0)));
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! For each budget line this process spends on, the decorator holds a
 //! **lease**: one ordinary reservation in the inner store, sized
-//! `clamp(factor × growth × want, want, remaining)` when it is taken. Calls then
+//! `min(factor × growth × want, max(remaining / 4, want))` when it is taken
+//! (never more than the store grants). Calls then
 //! reserve against the lease's free part in memory (a `std::sync::Mutex` per
 //! line, never held across an await) and settle back into it: the unspent
 //! part of a call returns to the lease, its cost adds to the lease's `spent`.
@@ -13,9 +14,11 @@
 //! less than [`FAST_LEASE_MS`] before doubles it (up to [`MAX_LEASE_GROWTH`]);
 //! a line that took longer halves it. So a key under heavy load takes a few
 //! leases a second, not one per `factor` calls, and a quiet key goes back to
-//! small leases. Growth never asks for more than a quarter of what the line
-//! was last known to have left (but always at least `factor × want`), so a
-//! busy process does not sit on the budget other processes share.
+//! small leases. A lease never asks for more than a quarter of what the line
+//! was last known to have left (but always at least the call's `want`), so
+//! a busy process does not sit on the budget other processes share. A
+//! line's first lease asks the store what is left first (one read), so it
+//! too is sized to demand, never the whole remaining budget.
 //!
 //! # Why the cap still holds
 //! A lease is held in the inner store exactly like a call's reservation, so
@@ -35,11 +38,14 @@
 //!   line's true remaining, and a call is refused, or granted less than it
 //!   wants, exactly when the bare store would have done so.
 //! - A retired lease is settled when its last call settles.
-//! - [`sweep`](KeyStore::sweep) settles every lease with no call in flight
-//!   (leases idle at a sweep) and charges the spend of the others, before
-//!   the store's own sweep (which settles expired children's carve-outs at
-//!   their spend); [`revoke_key`](KeyStore::revoke_key) charges the spend
-//!   of every lease first for the same reason; an `insert_key` that carves
+//! - [`sweep`](KeyStore::sweep) first settles dead processes' leases (see
+//!   Crashes), then gives back every line's leases as above (idle ones
+//!   settled, busy ones keep only what their calls hold), before the
+//!   store's own sweep closes expired children's carve-outs;
+//!   [`revoke_key`](KeyStore::revoke_key) does the same first: a closed
+//!   carve-out keeps held on the parent exactly what the child's calls
+//!   still hold (docs in `budget.rs`), and each lease, as its last call
+//!   settles, passes its cost on to the parent. An `insert_key` that carves
 //!   out of a line first gives back that line's unused lease.
 //! - [`LeasedStore::flush`] settles every lease (graceful shutdown calls it
 //!   once every call has settled).
@@ -61,12 +67,22 @@
 //! this process, stale by what other processes spent since.
 //!
 //! # Crashes
-//! A lease is an ordinary reservation with an expiry (the expiry of the call
-//! that took it plus the lease window). If the process dies, the store's
-//! sweep charges the lease **in full** once it expires: never less than was
-//! spent, possibly more (by the part no call used). A lease accepts only
-//! calls that expire before it does, so the store never sweeps a live
-//! lease of a running process.
+//! With [`with_journal`](LeasedStore::with_journal) (as `vaultgate serve`
+//! runs), every lease and call is appended to this process's lease journal
+//! (one small `write(2)` per reservation and one per settled batch, no fsync:
+//! a killed process loses no page-cache write) under an OS lock held for
+//! the process's life (see `journal.rs`). Whoever next finds the lock free
+//! (the next start, or any process's [`sweep`](KeyStore::sweep)) settles
+//! each of the dead process's leases at once at what its calls spent plus
+//! what its calls in flight hold (those may have reached the provider), so
+//! the budget left is the cap less settled spend less the lost calls'
+//! reservations. A lease taken in the store but not yet journaled when the
+//! process died (a window of one store call), a damaged journal's unread
+//! leases, and any lease of a process without a journal fall back to the
+//! store's sweep, which charges a lease **in full** once it expires (the
+//! expiry of the call that took it plus the lease window): never less
+//! than was spent. A lease accepts only calls that expire before it does,
+//! so the store never sweeps a live lease of a running process.
 //!
 //! # Reservation ids
 //! Calls' reservations get ids from `2^63` up (one counter per store), kept
@@ -75,6 +91,7 @@
 //! passed through (a zero reservation is always the inner store's).
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -82,6 +99,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::budget::reservable;
+use super::journal::{Journal, Record, recover_lease_journals};
 use super::{KeyStore, StoreError};
 use crate::clock::UnixMillis;
 use crate::crypto::Sealed;
@@ -104,6 +122,9 @@ pub const FAST_LEASE_MS: i64 = 1_000;
 
 /// The most a lease grows beyond `factor × want`.
 pub const MAX_LEASE_GROWTH: u64 = 256;
+
+/// A sweep compacts the lease journal once this much was appended to it.
+pub const JOURNAL_COMPACT_BYTES: u64 = 1 << 20;
 
 /// The first id of calls' reservations; the inner store's stay below.
 const LOCAL_IDS: u64 = 1 << 63;
@@ -138,6 +159,9 @@ pub struct LeasedStore<S> {
     /// reads that combine the store's view with the leases'.
     gate: tokio::sync::RwLock<()>,
     next_id: AtomicU64,
+    /// This process's lease journal and the directory of every process's
+    /// (see [`with_journal`](Self::with_journal)).
+    journal: Option<(Journal, PathBuf)>,
 }
 
 impl<S> std::fmt::Debug for LeasedStore<S> {
@@ -251,7 +275,7 @@ impl Line {
         let share = self.inner_remaining.map_or(u64::MAX, |r| {
             u64::try_from(r.max(0) / 4).unwrap_or(u64::MAX)
         });
-        Micros(grown.min(share.max(base)))
+        Micros(grown.min(share.max(want.0)))
     }
 
     fn adjust_remaining(&mut self, by: i128) {
@@ -279,6 +303,98 @@ impl<S: KeyStore> LeasedStore<S> {
             lines: Mutex::new(HashMap::new()),
             gate: tokio::sync::RwLock::new(()),
             next_id: AtomicU64::new(LOCAL_IDS),
+            journal: None,
+        }
+    }
+
+    /// Journals this store's leases in a new file in `dir` (locked for the
+    /// store's life), so that if the process dies they are settled at what
+    /// their calls spent and hold, not in full (module docs, "Crashes").
+    /// Every store sharing the inner store should use the same `dir`; call
+    /// [`recover`](Self::recover) once open ([`sweep`](KeyStore::sweep)
+    /// recovers too).
+    pub fn with_journal(mut self, dir: &Path) -> Result<Self, StoreError> {
+        self.journal = Some((Journal::create(dir)?, dir.to_owned()));
+        Ok(self)
+    }
+
+    /// Settles the leases of dead processes' journals (see
+    /// [`recover_lease_journals`]); returns how many. A no-op without a
+    /// journal.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        match &self.journal {
+            Some((_, dir)) => recover_lease_journals(&self.inner, dir).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Starts a new generation of the lease journal holding only what the
+    /// leases hold now, and deletes the old one (a sweep does it once the
+    /// journal passes [`JOURNAL_COMPACT_BYTES`]). A no-op without a journal.
+    pub async fn compact_journal(&self) -> Result<(), StoreError> {
+        let _gate = self.gate.write().await;
+        self.compact_locked()
+    }
+
+    /// [`compact_journal`](Self::compact_journal) with the gate written.
+    /// Every line is locked meanwhile, so no record is written between the
+    /// snapshot and the switch to the new file.
+    fn compact_locked(&self) -> Result<(), StoreError> {
+        let Some((journal, _)) = &self.journal else {
+            return Ok(());
+        };
+        let lines = self.all_lines()?;
+        let guards = lines
+            .iter()
+            .map(|(_, l)| lock_line(l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut records = Vec::new();
+        for line in &guards {
+            for lease in &line.leases {
+                let id = lease.reservation.id.0;
+                records.push(Record::Lease {
+                    id,
+                    line: &lease.reservation.line,
+                    amount: lease.reservation.amount,
+                });
+                if lease.spent > Micros::ZERO {
+                    // What settled calls spent, as one settled call.
+                    let spent = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    records.push(Record::Hold {
+                        id: spent,
+                        lease: id,
+                        amount: Micros::ZERO,
+                    });
+                    records.push(Record::Settled {
+                        id: spent,
+                        actual: lease.spent,
+                    });
+                }
+                for (&hold, h) in &lease.open {
+                    records.push(Record::Hold {
+                        id: hold,
+                        lease: id,
+                        amount: h.amount,
+                    });
+                }
+            }
+        }
+        journal.compact(&records)
+    }
+
+    /// Journals `records` (before the caller's change is visible).
+    fn journal(&self, records: &[Record<'_>]) -> Result<(), StoreError> {
+        match &self.journal {
+            Some((j, _)) => j.write(records),
+            None => Ok(()),
+        }
+    }
+
+    /// Journals `records` after a change already made: a failure is logged
+    /// (a crash then charges more than was spent, never less).
+    fn journal_after(&self, records: &[Record<'_>]) {
+        if let Err(e) = self.journal(records) {
+            tracing::warn!(error = %e, "lease journal write failed");
         }
     }
 
@@ -364,6 +480,13 @@ impl<S: KeyStore> LeasedStore<S> {
             return Ok(None);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Journaled first, under the line's lock: the journal's order is
+        // the lease's.
+        self.journal(&[Record::Hold {
+            id,
+            lease: lease.reservation.id.0,
+            amount: want,
+        }])?;
         lease.open.insert(
             id,
             Hold {
@@ -424,6 +547,11 @@ impl<S: KeyStore> LeasedStore<S> {
             };
             match result {
                 Ok(true) => {
+                    self.journal_after(&[Record::Charged {
+                        lease: id.0,
+                        charged: settlement.actual,
+                        keep,
+                    }]);
                     let given_back = i128::from(settlement.reservation.amount.0)
                         - i128::from(keep.0)
                         - i128::from(settlement.actual.0);
@@ -433,6 +561,7 @@ impl<S: KeyStore> LeasedStore<S> {
                 // calls settle as no-ops, like the store's own swept ones.
                 Ok(false) => {
                     s.leases.remove(pos);
+                    self.journal_after(&[Record::Done { lease: id.0 }]);
                 }
                 Err(e) => {
                     let lease = &mut s.leases[pos];
@@ -461,6 +590,9 @@ impl<S: KeyStore> LeasedStore<S> {
         match result {
             Ok(()) => {
                 for st in &settlements {
+                    self.journal_after(&[Record::Done {
+                        lease: st.reservation.id.0,
+                    }]);
                     s.adjust_remaining(
                         i128::from(st.reservation.amount.0) - i128::from(st.actual.0),
                     );
@@ -472,6 +604,18 @@ impl<S: KeyStore> LeasedStore<S> {
                 Err(e)
             }
         }
+    }
+
+    /// [`release_line`](Self::release_line) on every line. Call with the
+    /// gate written.
+    async fn release_all(&self) -> Result<(), StoreError> {
+        let mut first_error = None;
+        for (key, _) in self.all_lines()? {
+            if let Err(e) = self.release_line(&key).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Settles every idle lease and charges the busy ones' spend, keeping
@@ -583,9 +727,10 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
     }
 
     async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {
-        // Carve-outs are settled at the children's spend as the store has it.
+        // Carve-outs are settled at the children's spend as the store has
+        // it, and keep held what the leases' calls hold, no more.
         let _gate = self.gate.write().await;
-        self.flush_all().await?;
+        self.release_all().await?;
         self.inner.revoke_key(id, at).await
     }
 
@@ -656,6 +801,24 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         }
         let key = (line.key.clone(), line.period_start);
         self.release_line(&key).await?;
+        let known = self
+            .line(&key)?
+            .map(|state| lock_line(&state).map(|s| s.inner_remaining.is_some()))
+            .transpose()?
+            .unwrap_or(false);
+        if !known {
+            // A first lease is sized to what is left, never all of it.
+            let left = self
+                .inner
+                .budget_usage(line, now)
+                .await?
+                .remaining(line.limit);
+            let state = self.line_or_new(&key)?;
+            let mut state = lock_line(&state)?;
+            if state.inner_remaining.is_none() {
+                state.inner_remaining = Some(i128::from(left.0));
+            }
+        }
         let wish = {
             let state = self.line_or_new(&key)?;
             let mut state = lock_line(&state)?;
@@ -681,6 +844,33 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         };
         let amount = reservable(lease.amount, want, floor)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let journaled = self.journal(&[
+            Record::Lease {
+                id: lease.id.0,
+                line: &lease.line,
+                amount: lease.amount,
+            },
+            Record::Hold {
+                id,
+                lease: lease.id.0,
+                amount,
+            },
+        ]);
+        if let Err(e) = journaled {
+            // Not journaled: given back at once rather than held unrecorded.
+            drop(state);
+            let given_back = self
+                .inner
+                .settle(&[Settlement {
+                    reservation: lease,
+                    actual: Micros::ZERO,
+                }])
+                .await;
+            if let Err(g) = given_back {
+                tracing::warn!(error = %g, "giving back an unjournaled lease failed; the sweep will charge it");
+            }
+            return Err(e);
+        }
         state.leases.push(Lease {
             open: HashMap::from([(id, Hold { amount, expires_at })]),
             held: amount,
@@ -701,6 +891,9 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
     async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
         let mut forward = Vec::new();
         let mut finished = Vec::new();
+        // Journaled in one write once the batch is applied: a crash before
+        // it charges those calls what they held (see `journal.rs`).
+        let mut journaled = Vec::new();
         for st in settlements {
             let id = st.reservation.id.0;
             if id < LOCAL_IDS {
@@ -714,6 +907,10 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             let mut s = lock_line(&state)?;
             for lease in &mut s.leases {
                 if let Some(hold) = lease.open.remove(&id) {
+                    journaled.push(Record::Settled {
+                        id,
+                        actual: st.actual,
+                    });
                     lease.held = lease.held.saturating_sub(hold.amount);
                     lease.spent = lease.spent.saturating_add(st.actual);
                     if lease.retired && lease.idle() {
@@ -722,6 +919,9 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
                     break;
                 }
             }
+        }
+        if !journaled.is_empty() {
+            self.journal_after(&journaled);
         }
         if finished.is_empty() {
             if forward.is_empty() {
@@ -747,6 +947,9 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             let mut s = lock_line(&state)?;
             if result.is_ok() {
                 for l in &leases {
+                    self.journal_after(&[Record::Done {
+                        lease: l.reservation.id.0,
+                    }]);
                     s.adjust_remaining(i128::from(l.reservation.amount.0) - i128::from(l.spent.0));
                 }
             } else {
@@ -768,6 +971,11 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         let mut s = lock_line(&state)?;
         for lease in &mut s.leases {
             if let Some(hold) = lease.open.get_mut(&id) {
+                self.journal_after(&[Record::HoldPart {
+                    id,
+                    actual: settlement.actual,
+                    keep,
+                }]);
                 let kept = hold.amount.min(keep);
                 lease.held = lease.held.saturating_sub(hold.amount.saturating_sub(kept));
                 hold.amount = kept;
@@ -800,7 +1008,9 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
     }
 
     async fn sweep(&self, now: UnixMillis) -> Result<usize, StoreError> {
-        let mut swept = 0;
+        // Dead processes' leases first, before the store's sweep could
+        // charge them in full.
+        let mut swept = self.recover().await?;
         // Calls past their expiry are charged in full, as the store does.
         for (_, state) in self.all_lines()? {
             let mut s = lock_line(&state)?;
@@ -813,6 +1023,10 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
                     .collect();
                 for id in expired {
                     if let Some(hold) = lease.open.remove(&id) {
+                        self.journal_after(&[Record::Settled {
+                            id,
+                            actual: hold.amount,
+                        }]);
                         lease.held = lease.held.saturating_sub(hold.amount);
                         lease.spent = lease.spent.saturating_add(hold.amount);
                         swept += 1;
@@ -822,7 +1036,15 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         }
         {
             let _gate = self.gate.write().await;
-            self.flush_all().await?;
+            // Busy leases keep only what their calls hold, so that a child
+            // expiring now keeps held on its parent just that.
+            self.release_all().await?;
+            if let Some((journal, _)) = &self.journal
+                && journal.written() > JOURNAL_COMPACT_BYTES
+                && let Err(e) = self.compact_locked()
+            {
+                tracing::warn!(error = %e, "compacting the lease journal failed");
+            }
             let mut lines = self.lines()?;
             for periods in lines.values_mut() {
                 periods.retain(|_, state| state.lock().map_or(true, |s| !s.leases.is_empty()));

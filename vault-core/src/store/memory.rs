@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::budget::{check_carve_out, reservable};
+use super::budget::{check_carve_out, close_carve_out, pass_through, reservable};
 use super::{KeyStore, StoreError};
 use crate::clock::UnixMillis;
 use crate::crypto::Sealed;
@@ -59,7 +59,12 @@ struct Hold {
 struct CarveOut {
     parent: KeyId,
     period_start: UnixMillis,
+    /// Held on the parent's line (once closed, what the child's open calls
+    /// hold).
     amount: Micros,
+    /// `None` while the child lives; once closed, what its open calls may
+    /// still charge the parent (see `budget.rs`).
+    chargeable: Option<Micros>,
 }
 
 /// A budget line's running totals, kept as holds and carve-outs come and
@@ -136,6 +141,41 @@ impl State {
             line.settled = line.settled.saturating_add(actual);
         });
         self.add_spend(key, actual);
+        self.pass_up(key, held, actual);
+    }
+
+    /// Passes a hold of `held` closed at `actual` on `key`'s lines up the
+    /// chain of closed carve-outs above it (docs in `budget.rs`).
+    fn pass_up(&mut self, key: &KeyId, mut held: Micros, mut actual: Micros) {
+        let mut child = key.clone();
+        for _ in 0..=self.keys.len() {
+            let Some(carve) = self.carve_outs.get_mut(&child) else {
+                return;
+            };
+            let Some(chargeable) = carve.chargeable else {
+                return;
+            };
+            let p = pass_through(carve.amount, chargeable, held, actual);
+            carve.amount = p.residual;
+            carve.chargeable = Some(p.chargeable);
+            let (parent, period) = (carve.parent.clone(), carve.period_start);
+            if p.residual == Micros::ZERO {
+                self.carve_outs.remove(&child);
+            }
+            self.release(&parent, period, p.release);
+            self.charge(&parent, period, p.charge);
+            (child, held, actual) = (parent, p.release, p.charge);
+        }
+    }
+
+    /// What a key's lines hold: its open reservations and its children's
+    /// carve-outs, in every period.
+    fn open_on(&self, key: &KeyId) -> Micros {
+        let total: u128 = self
+            .lines
+            .get(key)
+            .map_or(0, |periods| periods.values().map(|l| l.reserved).sum());
+        Micros(u64::try_from(total).unwrap_or(u64::MAX))
     }
 
     /// Counts `amount` as reserved on a line (a hold or a carve-out).
@@ -168,18 +208,34 @@ impl State {
         }
     }
 
-    /// Releases a child's carve-out, charging its parent the child's spend
-    /// (capped at the carved amount). `false` if there was none.
+    /// Closes a child's carve-out: charges its parent the child's spend
+    /// (capped at the carved amount) and keeps held only what the child's
+    /// open calls hold (docs in `budget.rs`). `false` if there was no open
+    /// carve-out.
     fn settle_carve_out(&mut self, child: &KeyId) -> bool {
-        let Some(carve) = self.carve_outs.remove(child) else {
+        let open = self.open_on(child);
+        let Some(carve) = self.carve_outs.get_mut(child) else {
             return false;
         };
-        self.release(&carve.parent, carve.period_start, carve.amount);
+        if carve.chargeable.is_some() {
+            return false;
+        }
         let spent = self
             .key_index
             .get(child)
             .map_or(Micros::ZERO, |&i| self.keys[i].spend);
-        self.charge(&carve.parent, carve.period_start, spent.min(carve.amount));
+        let carved = carve.amount;
+        let closed = close_carve_out(carved, spent, open);
+        carve.amount = closed.residual;
+        carve.chargeable = Some(closed.chargeable);
+        let (parent, period) = (carve.parent.clone(), carve.period_start);
+        if closed.residual == Micros::ZERO {
+            self.carve_outs.remove(child);
+        }
+        let released = carved.saturating_sub(closed.residual);
+        self.release(&parent, period, released);
+        self.charge(&parent, period, closed.charge);
+        self.pass_up(&parent, released, closed.charge);
         true
     }
 
@@ -247,6 +303,7 @@ impl KeyStore for MemoryStore {
                     parent: line.key.clone(),
                     period_start: line.period_start,
                     amount,
+                    chargeable: None,
                 },
             );
         }
@@ -468,6 +525,7 @@ impl KeyStore for MemoryStore {
         let (key, period_start) = (hold.key.clone(), hold.period_start);
         s.release(&key, period_start, given_back);
         s.charge(&key, period_start, settlement.actual);
+        s.pass_up(&key, given_back, settlement.actual);
         Ok(true)
     }
 
@@ -498,7 +556,9 @@ impl KeyStore for MemoryStore {
         }
         let mut children: Vec<(usize, KeyId)> = s
             .carve_outs
-            .keys()
+            .iter()
+            .filter(|(_, c)| c.chargeable.is_none())
+            .map(|(child, _)| child)
             .filter(|child| {
                 s.key_index
                     .get(*child)

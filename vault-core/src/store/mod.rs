@@ -5,12 +5,15 @@
 //! default) both pass the same conformance suite (`tests/store_conformance.rs`).
 
 mod budget;
+mod journal;
 mod leased;
 mod memory;
 mod sqlite;
 
+pub use journal::recover_lease_journals;
 pub use leased::{
-    DEFAULT_LEASE_FACTOR, DEFAULT_LEASE_WINDOW, FAST_LEASE_MS, LeasedStore, MAX_LEASE_GROWTH,
+    DEFAULT_LEASE_FACTOR, DEFAULT_LEASE_WINDOW, FAST_LEASE_MS, JOURNAL_COMPACT_BYTES, LeasedStore,
+    MAX_LEASE_GROWTH,
 };
 pub use memory::MemoryStore;
 pub use sqlite::{DB_FILE_NAME, SqliteStore};

@@ -903,6 +903,124 @@ pub async fn budget_carve_out_settles_when_child_expires(store: Store) {
     );
 }
 
+/// Parent $5 with a child carved $3 whose call holds $2.90 open; `end`
+/// ends the child (revocation or expiry). The parent must keep the $2.90
+/// held until the call settles, then be charged it: never $5.40 of $5.
+async fn child_with_open_call_ends(store: Store, expires_at: Option<i64>, end: EndChild) {
+    let parent = inserted(&store, key()).await;
+    let pl = line(&parent, 5_000_000, 0);
+    let mut child = child_of(&parent);
+    child.expires_at = expires_at.map(UnixMillis);
+    store
+        .insert_key(&child, Some((&pl, Micros(3_000_000))))
+        .await
+        .unwrap();
+    let cl = line(&child, 3_000_000, 0);
+    let call = store
+        .reserve(&cl, Micros(2_900_000), Micros(2_900_000), NOW, LATER)
+        .await
+        .unwrap();
+    match end {
+        EndChild::Revoke => {
+            store.revoke_key(&child.id, NOW).await.unwrap();
+        }
+        EndChild::Expire(at) => {
+            store.sweep(UnixMillis(at)).await.unwrap();
+        }
+    }
+    assert_eq!(
+        (settled(&store, &pl).await, reserved(&store, &pl).await),
+        (0, 2_900_000),
+        "the child's open call still holds its $2.90 on the parent"
+    );
+    assert!(matches!(
+        store
+            .reserve(&pl, Micros(2_500_000), Micros(2_500_000), NOW, LATER)
+            .await,
+        Err(StoreError::BudgetExceeded {
+            remaining: Micros(2_100_000)
+        })
+    ));
+    let own = store
+        .reserve(&pl, Micros(2_100_000), Micros(2_100_000), NOW, LATER)
+        .await
+        .unwrap();
+    store.settle(&[settlement(&call, 2_900_000)]).await.unwrap();
+    assert_eq!(
+        (settled(&store, &pl).await, reserved(&store, &pl).await),
+        (2_900_000, 2_100_000),
+        "the call's cost reaches the parent and its hold is released"
+    );
+    assert_eq!(spend(&store, &parent.id).await, 2_900_000);
+    store.settle(&[settlement(&own, 2_100_000)]).await.unwrap();
+    assert_eq!(
+        (settled(&store, &pl).await, reserved(&store, &pl).await),
+        (5_000_000, 0),
+        "settled spend stays within the cap"
+    );
+    // Ending the child again changes nothing.
+    store.sweep(UnixMillis(99_000)).await.unwrap();
+    assert_eq!(settled(&store, &pl).await, 5_000_000);
+}
+
+/// How [`child_with_open_call_ends`] ends the child.
+enum EndChild {
+    Revoke,
+    Expire(i64),
+}
+
+pub async fn budget_revoking_a_child_keeps_what_its_open_calls_hold(store: Store) {
+    child_with_open_call_ends(store, None, EndChild::Revoke).await;
+}
+
+pub async fn budget_expiring_a_child_keeps_what_its_open_calls_hold(store: Store) {
+    child_with_open_call_ends(store, Some(50_000), EndChild::Expire(50_000)).await;
+}
+
+/// The same through a grandchild: its open call keeps held on the child's
+/// line and, once the child is revoked too, on the root's.
+pub async fn budget_revoked_grandchild_open_call_reaches_the_root(store: Store) {
+    let root = inserted(&store, key()).await;
+    let rl = line(&root, 10_000_000, 0);
+    let child = child_of(&root);
+    store
+        .insert_key(&child, Some((&rl, Micros(6_000_000))))
+        .await
+        .unwrap();
+    let cl = line(&child, 6_000_000, 0);
+    let grandchild = child_of(&child);
+    store
+        .insert_key(&grandchild, Some((&cl, Micros(4_000_000))))
+        .await
+        .unwrap();
+    let gl = line(&grandchild, 4_000_000, 0);
+    let g = store
+        .reserve(&gl, Micros(3_000_000), Micros(3_000_000), NOW, LATER)
+        .await
+        .unwrap();
+    let c = store
+        .reserve(&cl, Micros(1_000_000), Micros(1_000_000), NOW, LATER)
+        .await
+        .unwrap();
+    store.settle(&[settlement(&c, 500_000)]).await.unwrap();
+    store.revoke_key(&root.id, NOW).await.unwrap();
+    // The child spent $0.50; the grandchild's call holds $3.
+    assert_eq!(
+        (settled(&store, &rl).await, reserved(&store, &rl).await),
+        (500_000, 3_000_000)
+    );
+    store.settle(&[settlement(&g, 2_000_000)]).await.unwrap();
+    assert_eq!(
+        (settled(&store, &cl).await, reserved(&store, &cl).await),
+        (2_500_000, 0)
+    );
+    assert_eq!(
+        (settled(&store, &rl).await, reserved(&store, &rl).await),
+        (2_500_000, 0)
+    );
+    assert_eq!(spend(&store, &root.id).await, 2_500_000);
+}
+
 pub async fn boundary_carve_out_that_does_not_fit_inserts_nothing(store: Store) {
     let parent = inserted(&store, key()).await;
     let pl = line(&parent, 5_000_000, 0);

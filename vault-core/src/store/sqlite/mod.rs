@@ -30,7 +30,7 @@ use self::rows::{
     KEY_COLUMNS, PROVIDER_KEY_COLUMNS, USAGE_COLUMNS, count, key_from_row, money,
     provider_key_from_row, read_money, to_json, usage_from_row,
 };
-use super::budget::{check_carve_out, reservable};
+use super::budget::{check_carve_out, close_carve_out, pass_through, reservable};
 use super::{KeyStore, StoreError};
 use crate::clock::UnixMillis;
 use crate::crypto::Sealed;
@@ -59,7 +59,9 @@ const READER_CACHE_KIB: i64 = 512;
 /// Driven from `carve_outs` (open carve-outs only) with a primary-key probe
 /// into `keys` per row: as a plain join SQLite scans every key (150 ms with
 /// 1M keys, holding the write lock that budget reservations wait for).
-const EXPIRED_CARVE_OUTS: &str = "SELECT c.child_id FROM carve_outs c WHERE EXISTS (
+const EXPIRED_CARVE_OUTS: &str = "SELECT c.child_id FROM carve_outs c
+     WHERE NOT EXISTS (SELECT 1 FROM closed_carve_outs x WHERE x.child_id = c.child_id)
+     AND EXISTS (
      SELECT 1 FROM keys k
      WHERE k.id = c.child_id AND k.expires_at IS NOT NULL AND k.expires_at <= ?1)";
 
@@ -376,12 +378,101 @@ fn charge(conn: &Connection, key: &str, period: i64, amount: Micros) -> Result<(
     Ok(())
 }
 
-/// Releases a child's carve-out, charging its parent the child's spend
-/// (capped at the carved amount). `false` if there was none.
+/// What `key`'s lines hold in every period: its open reservations and its
+/// children's carve-outs.
+fn open_on(conn: &Connection, key: &str) -> Result<Micros, StoreError> {
+    let mut total = Micros::ZERO;
+    for sql in [
+        "SELECT amount FROM reservations WHERE key_id = ?1",
+        "SELECT amount FROM carve_outs WHERE parent_id = ?1",
+    ] {
+        let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+        let mut rows = stmt.query([key]).map_err(backend)?;
+        while let Some(row) = rows.next().map_err(backend)? {
+            let v: i64 = row.get(0).map_err(backend)?;
+            total = total.saturating_add(read_money(v, "a held amount")?);
+        }
+    }
+    Ok(total)
+}
+
+/// Sets a closed carve-out's residual and chargeable amounts, deleting it
+/// once it holds nothing.
+fn update_closed(
+    conn: &Connection,
+    child: &str,
+    residual: Micros,
+    chargeable: Micros,
+) -> Result<(), StoreError> {
+    let sql: &[&str] = if residual == Micros::ZERO {
+        &[
+            "DELETE FROM closed_carve_outs WHERE child_id = ?1",
+            "DELETE FROM carve_outs WHERE child_id = ?1",
+        ]
+    } else {
+        &[
+            "UPDATE carve_outs SET amount = ?2 WHERE child_id = ?1",
+            "INSERT INTO closed_carve_outs (child_id, chargeable) VALUES (?1, ?3)
+             ON CONFLICT (child_id) DO UPDATE SET chargeable = excluded.chargeable",
+        ]
+    };
+    for q in sql {
+        let mut stmt = conn.prepare_cached(q).map_err(backend)?;
+        let n = stmt.parameter_count();
+        let all = params![child, money(residual), money(chargeable)];
+        stmt.execute(&all[..n]).map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Passes a hold of `held` closed at `actual` on `key`'s lines up the chain
+/// of closed carve-outs above it (docs in `budget.rs`).
+fn pass_up(
+    conn: &Connection,
+    key: &str,
+    mut held: Micros,
+    mut actual: Micros,
+) -> Result<(), StoreError> {
+    let mut child = key.to_owned();
+    // Bounded: a key's ancestors are fewer than this.
+    for _ in 0..1_000 {
+        let closed: Option<(String, i64, i64, i64)> = conn
+            .prepare_cached(
+                "SELECT c.parent_id, c.period_start, c.amount, x.chargeable
+                 FROM closed_carve_outs x JOIN carve_outs c ON c.child_id = x.child_id
+                 WHERE x.child_id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([child.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()
+            })
+            .map_err(backend)?;
+        let Some((parent, period, residual, chargeable)) = closed else {
+            return Ok(());
+        };
+        let p = pass_through(
+            read_money(residual, "a carve-out")?,
+            read_money(chargeable, "a carve-out")?,
+            held,
+            actual,
+        );
+        update_closed(conn, &child, p.residual, p.chargeable)?;
+        charge(conn, &parent, period, p.charge)?;
+        (child, held, actual) = (parent, p.release, p.charge);
+    }
+    Ok(())
+}
+
+/// Closes a child's carve-out: charges its parent the child's spend (capped
+/// at the carved amount) and keeps held only what the child's open calls
+/// hold (docs in `budget.rs`). `false` if there was no open carve-out.
 fn settle_carve_out(conn: &Connection, child: &str) -> Result<bool, StoreError> {
     let carve: Option<(String, i64, i64)> = conn
         .prepare_cached(
-            "SELECT parent_id, period_start, amount FROM carve_outs WHERE child_id = ?1",
+            "SELECT parent_id, period_start, amount FROM carve_outs c WHERE child_id = ?1
+             AND NOT EXISTS (SELECT 1 FROM closed_carve_outs x WHERE x.child_id = c.child_id)",
         )
         .and_then(|mut s| {
             s.query_row([child], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -396,15 +487,15 @@ fn settle_carve_out(conn: &Connection, child: &str) -> Result<bool, StoreError> 
         .and_then(|mut s| s.query_row([child], |r| r.get(0)).optional())
         .map_err(backend)?
         .unwrap_or(0);
-    let spent = read_money(spent, "spend")?;
-    conn.prepare_cached("DELETE FROM carve_outs WHERE child_id = ?1")
-        .and_then(|mut s| s.execute([child]))
-        .map_err(backend)?;
-    charge(
+    let carved = read_money(amount, "a carve-out")?;
+    let closed = close_carve_out(carved, read_money(spent, "spend")?, open_on(conn, child)?);
+    update_closed(conn, child, closed.residual, closed.chargeable)?;
+    charge(conn, &parent, period, closed.charge)?;
+    pass_up(
         conn,
         &parent,
-        period,
-        spent.min(read_money(amount, "a carve-out")?),
+        carved.saturating_sub(closed.residual),
+        closed.charge,
     )?;
     Ok(true)
 }
@@ -769,15 +860,21 @@ impl KeyStore for SqliteStore {
                 let Ok(id) = i64::try_from(st.reservation.id.0) else {
                     continue; // no stored reservation has such an id
                 };
-                let held: Option<(String, i64)> = tx
-                    .prepare_cached("SELECT key_id, period_start FROM reservations WHERE id = ?1")
-                    .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                let held: Option<(String, i64, i64)> = tx
+                    .prepare_cached(
+                        "SELECT key_id, period_start, amount FROM reservations WHERE id = ?1",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                            .optional()
+                    })
                     .map_err(backend)?;
-                if let Some((key, period)) = held {
+                if let Some((key, period, amount)) = held {
                     tx.prepare_cached("DELETE FROM reservations WHERE id = ?1")
                         .and_then(|mut s| s.execute([id]))
                         .map_err(backend)?;
                     charge(tx, &key, period, st.actual)?;
+                    pass_up(tx, &key, read_money(amount, "a reservation")?, st.actual)?;
                 }
             }
             Ok(())
@@ -791,17 +888,24 @@ impl KeyStore for SqliteStore {
         };
         let actual = settlement.actual;
         self.write(Durability::Normal, move |tx| {
-            let held: Option<(String, i64)> = tx
-                .prepare_cached("SELECT key_id, period_start FROM reservations WHERE id = ?1")
-                .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            let held: Option<(String, i64, i64)> = tx
+                .prepare_cached(
+                    "SELECT key_id, period_start, amount FROM reservations WHERE id = ?1",
+                )
+                .and_then(|mut s| {
+                    s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()
+                })
                 .map_err(backend)?;
-            let Some((key, period)) = held else {
+            let Some((key, period, amount)) = held else {
                 return Ok(false);
             };
             tx.prepare_cached("UPDATE reservations SET amount = MIN(amount, ?2) WHERE id = ?1")
                 .and_then(|mut s| s.execute(params![id, money(keep)]))
                 .map_err(backend)?;
             charge(tx, &key, period, actual)?;
+            let amount = read_money(amount, "a reservation")?;
+            pass_up(tx, &key, amount.saturating_sub(amount.min(keep)), actual)?;
             Ok(true)
         })
         .await
@@ -842,7 +946,9 @@ impl KeyStore for SqliteStore {
                 tx.prepare_cached("DELETE FROM reservations WHERE id = ?1")
                     .and_then(|mut s| s.execute([id]))
                     .map_err(backend)?;
-                charge(tx, &key, period, read_money(amount, "a reservation")?)?;
+                let amount = read_money(amount, "a reservation")?;
+                charge(tx, &key, period, amount)?;
+                pass_up(tx, &key, amount, amount)?;
                 swept += 1;
             }
             let children: Vec<String> = tx

@@ -115,6 +115,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN audio_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN settlement TEXT;",
+    // 4: a closed carve-out (child revoked or expired) stays in `carve_outs`
+    // holding what the child's open calls hold, with what they may still
+    // charge the parent here (docs/threat-model.md: spend never passes the
+    // cap). A carve-out without a row here is open. Idempotent.
+    "CREATE TABLE IF NOT EXISTS closed_carve_outs (
+        child_id   TEXT PRIMARY KEY REFERENCES carve_outs (child_id),
+        chargeable INTEGER NOT NULL
+    );",
 ];
 
 /// The schema version this build writes.
