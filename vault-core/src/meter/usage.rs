@@ -833,18 +833,18 @@ impl<'de> ReadMap<'de> for CountFields {
     fn read_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Output, A::Error> {
         let fields = self.0;
         let mut counts = [Count::Absent; MAX_FIELDS];
+        // Compared byte-wise, with no `split_once`: this runs for every key
+        // of every usage object a stream reports.
         let role = |name: &str| {
-            if let Some(i) = fields.iter().position(|f| *f == name) {
-                return FieldRole::Count(i);
+            for (i, f) in fields.iter().enumerate() {
+                if *f == name {
+                    return FieldRole::Count(i);
+                }
+                if let Some(outer) = outer_of(f, name) {
+                    return FieldRole::Details(outer);
+                }
             }
-            fields
-                .iter()
-                .find_map(|f| {
-                    f.split_once('.')
-                        .filter(|(outer, _)| *outer == name)
-                        .map(|(outer, _)| FieldRole::Details(outer))
-                })
-                .unwrap_or(FieldRole::Skip)
+            FieldRole::Skip
         };
         while let Some(role) = map.next_key_seed(Key(role))? {
             match role {
@@ -873,6 +873,13 @@ impl<'de> ReadMap<'de> for CountFields {
     }
 }
 
+/// `field`'s outer object name when `field` is `name.something`.
+fn outer_of(field: &'static str, name: &str) -> Option<&'static str> {
+    let bytes = field.as_bytes();
+    (bytes.len() > name.len() && bytes[name.len()] == b'.' && bytes.starts_with(name.as_bytes()))
+        .then(|| &field[..name.len()])
+}
+
 /// The object `outer` inside a usage object: its `outer.b` count fields.
 /// A value that is not an object (or `null`) holds none of them.
 struct Details<'c> {
@@ -888,8 +895,7 @@ impl<'de> ReadMap<'de> for Details<'_> {
         let (fields, outer) = (self.fields, self.outer);
         let index = |name: &str| {
             fields.iter().position(|f| {
-                f.split_once('.')
-                    .is_some_and(|(o, inner)| o == outer && inner == name)
+                outer_of(f, outer).is_some() && f.get(outer.len() + 1..) == Some(name)
             })
         };
         while let Some(i) = map.next_key_seed(Key(index))? {

@@ -462,7 +462,7 @@ impl PolicyEngine for DefaultEngine {
                 ),
                 (Some(m), None) => refuse!(
                     Denial::ModelNotAllowed(format!(
-                        "model {} has no price, and this key has a budget; the operator must configure a price for {}/{}",
+                        "model {} has no price, and this key has a budget; the operator must add it to vaultgate.toml as [prices.\"{}/{}\"] with input, output and max_output_tokens (USD per million tokens)",
                         shown(m),
                         facts.provider,
                         shown(m)
@@ -1176,7 +1176,7 @@ mod tests {
         let free = chain(&[record("key_f", Policy::default())]);
         let q = facts(Some("unknown-model"), Some(10), 0);
         assert!(
-            matches!(denial(&f, &budgeted, &q).await, Denial::ModelNotAllowed(m) if m.contains("has no price"))
+            matches!(denial(&f, &budgeted, &q).await, Denial::ModelNotAllowed(m) if m.contains("has no price") && m.contains("[prices.\"openai/"))
         );
         assert!(f.engine.check(&free, &q).await.is_ok());
         // No model at all: priced calls must name one; GETs are free.
