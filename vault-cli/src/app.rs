@@ -63,17 +63,25 @@ fn timeouts(s: vault_core::config::UpstreamSettings) -> Timeouts {
     }
 }
 
-/// A configured price: input and output as given, every token class at its
-/// fallback (docs/budgets.md#token-classes), and the context window of the
-/// built-in entry for the same model when there is one.
+/// The most output tokens assumed for a configured model whose entry gives
+/// none and that the built-in table does not know.
+const CONFIGURED_MAX_OUTPUT: u64 = 16_384;
+
+/// A configured price: input and output as given. For a model the built-in
+/// table knows, everything else comes from its entry — maximum output
+/// (unless given), context window, token-class prices and long-context
+/// prices — so an override never makes a reservation smaller than the
+/// model can bill (docs/configuration.md). Otherwise every token class is
+/// at its fallback (docs/budgets.md#token-classes).
 fn price(p: vault_core::config::PriceSetting, builtin: Option<&ModelPrice>) -> ModelPrice {
-    let mut price = ModelPrice::new(
-        p.input,
-        p.output,
-        p.max_output_tokens.unwrap_or(16_384).max(1),
-    );
-    if let Some(b) = builtin {
-        price.context_window = b.context_window;
+    let mut price = match builtin {
+        Some(b) => *b,
+        None => ModelPrice::new(p.input, p.output, CONFIGURED_MAX_OUTPUT),
+    };
+    price.input_per_million = p.input;
+    price.output_per_million = p.output;
+    if let Some(max) = p.max_output_tokens {
+        price.max_output_tokens = max.max(1);
     }
     price
 }
@@ -92,7 +100,11 @@ pub(crate) async fn open_serving(config: Config, data_dir: PathBuf) -> Result<Op
 
 async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Opened> {
     let fresh = !data_dir.join(vault_core::store::DB_FILE_NAME).exists();
-    std::fs::create_dir_all(&data_dir)
+    // Only its owner may enter it: it holds the database (key hashes,
+    // sealed provider keys) and, unless given in the environment, the
+    // master key.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let env_key = std::env::var("VAULTGATE_MASTER_KEY").ok();
     let (master, source) = load_or_create_master_key(&data_dir, env_key.as_deref())
@@ -184,4 +196,44 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
         data_dir,
         fresh,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use vault_core::config::PriceSetting;
+    use vault_core::money::Micros;
+    use vault_core::pricing::PriceTable;
+    use vault_core::provider::Provider;
+
+    use super::*;
+
+    /// Overriding a known model's price must not shrink what a call
+    /// without an output limit reserves (gpt-5 can produce 128,000 tokens).
+    #[test]
+    fn boundary_a_price_override_keeps_the_built_in_maximum_and_classes() {
+        let table = PriceTable::builtin();
+        let builtin = table.lookup(Provider::OpenAi, "gpt-5").copied();
+        let setting = PriceSetting {
+            input: Micros(1_000_000),
+            output: Micros(8_000_000),
+            max_output_tokens: None,
+        };
+        let p = price(setting, builtin.as_ref());
+        let b = builtin.unwrap();
+        assert_eq!(p.max_output_tokens, b.max_output_tokens);
+        assert_eq!(p.context_window, b.context_window);
+        assert_eq!(p.cached_input_per_million, b.cached_input_per_million);
+        assert_eq!(p.input_per_million, Micros(1_000_000));
+        assert_eq!(p.output_per_million, Micros(8_000_000));
+        let unknown = price(setting, None);
+        assert_eq!(unknown.max_output_tokens, CONFIGURED_MAX_OUTPUT);
+        let explicit = price(
+            PriceSetting {
+                max_output_tokens: Some(500),
+                ..setting
+            },
+            builtin.as_ref(),
+        );
+        assert_eq!(explicit.max_output_tokens, 500);
+    }
 }

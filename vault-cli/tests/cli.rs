@@ -237,6 +237,18 @@ fn boundary_bad_config_names_file_and_field() {
 #[test]
 fn leak_group_readable_master_key_is_refused() {
     let dir = tempdir();
+    // A data directory vaultgate creates is its owner's alone.
+    let fresh = dir.path().join("fresh");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vaultgate"))
+        .env_clear()
+        .arg("--data-dir")
+        .arg(&fresh)
+        .args(["init", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "data directory created 0700");
     init(dir.path());
     let path = dir.path().join("master.key");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
