@@ -127,7 +127,7 @@ impl Actor {
         }
     }
 
-    fn require(&self, perm: Permission) -> Result<(), AdminError> {
+    pub(crate) fn require(&self, perm: Permission) -> Result<(), AdminError> {
         match self {
             Actor::Key(k) if !k.scopes.allows(perm) => Err(AdminError::Forbidden(format!(
                 "this key lacks the {} scope",

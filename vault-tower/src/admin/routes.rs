@@ -27,6 +27,7 @@ use vault_core::key::{KeyEnv, KeyId, ProviderKeyId};
 use vault_core::policy::{Budget, EndpointRule, ModelGlob, Policy, RateLimit};
 use vault_core::provider::Provider;
 use vault_core::record::{KeyStatus, UsageFilter};
+use vault_core::scope::Permission;
 
 use crate::admin::ops::{Actor, Admin, AdminError, NewKey};
 use crate::admin::views;
@@ -61,7 +62,7 @@ pub fn admin_router(admin: Admin, options: AdminOptions) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/audit", get(audit));
     let authed = if options.protect_metrics {
-        authed.route("/metrics", get(metrics))
+        authed.route("/metrics", get(protected_metrics))
     } else {
         authed
     };
@@ -479,6 +480,15 @@ async fn audit(
 
 async fn healthz() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+/// `/metrics` when the configuration protects it: a key with `usage:read`.
+async fn protected_metrics(
+    State(admin): State<Arc<Admin>>,
+    req: Request,
+) -> Result<Response, AdminError> {
+    actor(&req)?.require(Permission::UsageRead)?;
+    Ok(metrics(State(admin)).await)
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
