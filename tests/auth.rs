@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 //! Authentication, credential handling and leak tests over real HTTP
-//! (THREATS A1–A5, A7, C3–C5, and SPEC §4's limit headers).
+//! (docs/threat-model.md, A1–A5, A7, C3–C5, and the limit headers of
+//! docs/api.md#headers).
 
 mod support;
 
@@ -45,7 +46,7 @@ async fn call(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Resp {
     .await
 }
 
-// THREATS A1
+// docs/threat-model.md, A1
 #[tokio::test]
 async fn boundary_missing_or_empty_credential_is_401_missing_api_key() {
     let up = MockUpstream::start().await;
@@ -85,7 +86,7 @@ async fn boundary_missing_or_empty_credential_is_401_missing_api_key() {
     assert_eq!(up.count(), 0);
 }
 
-// THREATS A2
+// docs/threat-model.md, A2
 #[tokio::test]
 async fn boundary_malformed_keys_are_401_never_500() {
     let up = MockUpstream::start().await;
@@ -171,7 +172,7 @@ async fn boundary_malformed_keys_are_401_never_500() {
     );
 }
 
-// THREATS A3
+// docs/threat-model.md, A3
 #[tokio::test]
 async fn smuggling_ambiguous_credentials_are_refused() {
     let up = MockUpstream::start().await;
@@ -237,7 +238,7 @@ async fn smuggling_ambiguous_credentials_are_refused() {
     assert_eq!(up.count(), 1);
 }
 
-// THREATS A4
+// docs/threat-model.md, A4
 #[tokio::test]
 async fn boundary_cached_key_does_not_admit_a_same_prefix_key() {
     let up = MockUpstream::start().await;
@@ -263,7 +264,7 @@ async fn boundary_cached_key_does_not_admit_a_same_prefix_key() {
     assert_eq!(up.count(), 1, "only the genuine key's call went upstream");
 }
 
-// THREATS A5
+// docs/threat-model.md, A5
 #[tokio::test]
 async fn lifecycle_revocation_through_the_admin_api_is_immediate() {
     let up = MockUpstream::start().await;
@@ -337,7 +338,7 @@ fn placements(key: &str) -> Vec<(String, Option<(&'static str, String)>)> {
     ]
 }
 
-// THREATS C3
+// docs/threat-model.md, C3
 #[tokio::test]
 async fn leak_client_credentials_never_go_upstream() {
     let up = MockUpstream::start().await;
@@ -441,7 +442,7 @@ async fn leak_client_credentials_never_go_upstream() {
     assert_eq!(up.only().header("anthropic-version"), Some("2024-01-01"));
 }
 
-// THREATS C4
+// docs/threat-model.md, C4
 #[tokio::test]
 async fn smuggling_key_param_removal_is_surgical() {
     let up = MockUpstream::start().await;
@@ -477,7 +478,7 @@ async fn smuggling_key_param_removal_is_surgical() {
     );
 }
 
-// THREATS C5
+// docs/threat-model.md, C5
 #[tokio::test]
 async fn leak_upstream_echo_of_the_provider_key_never_reaches_the_client() {
     let up = MockUpstream::start().await;
@@ -589,8 +590,9 @@ async fn leak_upstream_echo_of_the_provider_key_never_reaches_the_client() {
     assert_no_secret(&headers_only, &gw.canaries());
 }
 
-// SPEC §4: X-RateLimit-* on every proxied response, X-Budget-Remaining-USD
-// for budgeted keys (THREATS F3: numeric values only).
+// docs/api.md#headers: X-RateLimit-* on every proxied response,
+// X-Budget-Remaining-USD for budgeted keys (docs/threat-model.md, F3: numeric
+// values only).
 #[tokio::test]
 async fn boundary_every_response_carries_limit_headers() {
     let up = MockUpstream::start().await;
@@ -663,7 +665,7 @@ async fn boundary_every_response_carries_limit_headers() {
     );
 }
 
-// THREATS A7
+// docs/threat-model.md, A7
 #[tokio::test]
 async fn leak_test_keys_are_answered_offline() {
     let up = MockUpstream::start().await;

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 //! Runs `examples/axum_app.rs`: the vault layer inside an existing axum app
-//! guards `/llm/*` and leaves the app's own routes alone (THREATS A1, A7, E1).
+//! guards `/llm/*` and leaves the app's own routes alone (docs/threat-model.md,
+//! A1, A7, E1).
 
 mod support;
 

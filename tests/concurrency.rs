@@ -2,7 +2,7 @@
 //! Many concurrent calls over real HTTP — allowed and denied, JSON and
 //! streams, finished and abandoned — complete without deadlock and leave
 //! no reservation held; spend equals the sum of the usage records
-//! (THREATS H5, I1, J3's "no leaked reservation").
+//! (docs/threat-model.md, H5, I1, J3's "no leaked reservation").
 
 mod support;
 
@@ -219,7 +219,8 @@ async fn run_mix(n: usize, sqlite: bool) {
     );
 }
 
-// THREATS H5, I1 (no deadlock, no leaked reservation, spend = Σ usage)
+// docs/threat-model.md, H5, I1 (no deadlock, no leaked reservation, spend = Σ
+// usage)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrency_mixed_load_leaves_no_reservation_held() {
     run_mix(1000, false).await;

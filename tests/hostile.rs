@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 //! Hostile requests over real HTTP, many as raw bytes: path tricks, host
-//! tricks, smuggling, hop-by-hop abuse, tunnels, oversized and hostile
-//! bodies, model allowlist bypasses (THREATS E1–E3, E5, F1, F2, F4, G1–G3).
+//! tricks, smuggling, hop-by-hop abuse, tunnels, oversized and hostile bodies,
+//! model allowlist bypasses (docs/threat-model.md, E1–E3, E5, F1, F2, F4,
+//! G1–G3).
 
 mod support;
 
@@ -32,7 +33,7 @@ fn authed(method: &str, target: &str, key: &str, extra: &[(&str, &str)], body: &
     raw_request(method, target, &headers, body)
 }
 
-// THREATS E1, E2
+// docs/threat-model.md, E1, E2
 #[tokio::test]
 async fn smuggling_path_tricks_are_400_and_never_forwarded() {
     let up = MockUpstream::start().await;
@@ -120,7 +121,7 @@ async fn smuggling_path_tricks_are_400_and_never_forwarded() {
     }
 }
 
-// THREATS E3, E4
+// docs/threat-model.md, E3, E4
 #[tokio::test]
 async fn smuggling_client_cannot_choose_the_upstream_host() {
     let up = MockUpstream::start().await;
@@ -179,7 +180,7 @@ async fn smuggling_client_cannot_choose_the_upstream_host() {
     }
 }
 
-// THREATS F1
+// docs/threat-model.md, F1
 #[tokio::test]
 async fn smuggling_ambiguous_framing_is_refused_by_hyper() {
     let up = MockUpstream::start().await;
@@ -298,7 +299,7 @@ async fn smuggling_ambiguous_framing_is_refused_by_hyper() {
     assert_eq!(up.only().body, body);
 }
 
-// THREATS F2
+// docs/threat-model.md, F2
 #[tokio::test]
 async fn smuggling_connection_named_headers_cannot_strip_the_injected_credential() {
     let up = MockUpstream::start().await;
@@ -393,7 +394,7 @@ fn replace_once(req: Vec<u8>, from: &str, to: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-// THREATS F4
+// docs/threat-model.md, F4
 #[tokio::test]
 async fn smuggling_connect_and_trace_are_405() {
     let up = MockUpstream::start().await;
@@ -413,7 +414,7 @@ async fn smuggling_connect_and_trace_are_405() {
     assert_eq!(up.count(), 0);
 }
 
-// THREATS G1
+// docs/threat-model.md, G1
 #[tokio::test]
 async fn boundary_oversized_bodies_are_413() {
     let up = MockUpstream::start().await;
@@ -467,7 +468,7 @@ async fn boundary_oversized_bodies_are_413() {
     assert_eq!(up.count(), 0);
 }
 
-// THREATS G2, G3, E5
+// docs/threat-model.md, G2, G3, E5
 #[tokio::test]
 async fn smuggling_hostile_json_and_model_tricks_are_refused() {
     let up = MockUpstream::start().await;
@@ -563,7 +564,7 @@ async fn smuggling_hostile_json_and_model_tricks_are_refused() {
     req[n - 4] = 0xfe;
     let resp = raw(gw.addr, &req).await;
     assert_eq!(raw_status(&resp), 400, "invalid UTF-8: {resp}");
-    // Compressed bodies are never inspected as JSON (THREATS G3).
+    // Compressed bodies are never inspected as JSON (docs/threat-model.md, G3).
     let resp = raw(
         gw.addr,
         &authed(

@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
-//! A panicking inner service (THREATS C6): the client gets a generic 500
-//! with the SPEC body — no panic text, no secret — the server keeps serving,
-//! and the call's reservation is settled, not left held.
+//! A panicking inner service (docs/threat-model.md, C6): the client gets a
+//! generic 500 with the JSON error body of docs/api.md#errors — no panic text,
+//! no secret — the server keeps serving, and the call's reservation is settled,
+//! not left held.
 
 mod support;
 

@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
-//! Slow and oversized clients over real HTTP (THREATS G1): a body trickled
-//! at one byte per second is answered 408 `request_timeout` once the body
-//! timeout passes, and nothing reaches the upstream; `max_request_chars`
+//! Slow and oversized clients over real HTTP (docs/threat-model.md, G1): a body
+//! trickled at one byte per second is answered 408 `request_timeout` once the
+//! body timeout passes, and nothing reaches the upstream; `max_request_chars`
 //! counts characters, not bytes, end to end.
 
 mod support;

@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
-//! Streaming and metering over real HTTP: chunks pass unbuffered, usage is
-//! read in every provider format, the OpenAI usage chunk is asked for and
-//! hidden, and a client that walks away is still metered (THREATS H2, H5;
-//! SPEC §3 failed calls, §4 streaming).
+//! Streaming and metering over real HTTP: chunks pass unbuffered, usage is read
+//! in every provider format, the OpenAI usage chunk is asked for and hidden,
+//! and a client that walks away is still metered (docs/threat-model.md, H2, H5;
+//! docs/budgets.md#settlement, docs/api.md#streaming).
 
 mod support;
 
@@ -37,7 +37,8 @@ fn openai_usage_chunk(prompt: u64, completion: u64) -> String {
     format!("data: {v}\n\n")
 }
 
-// Unbuffered streaming (SPEC §4; THREATS H2 "unbuffered")
+// Unbuffered streaming (docs/api.md#streaming; docs/threat-model.md, H2
+// "unbuffered")
 #[tokio::test]
 async fn boundary_first_sse_chunk_reaches_the_client_before_the_upstream_finishes() {
     let up = MockUpstream::start().await;
@@ -264,8 +265,9 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-// Metering in every format (SPEC §4 per-provider usage; THREATS H2 "bytes
-// unchanged"); the settled spend is the metered cost, not the reservation.
+// Metering in every format (docs/budgets.md#token-classes per-provider usage;
+// docs/threat-model.md, H2 "bytes unchanged"); the settled spend is the metered
+// cost, not the reservation.
 #[tokio::test]
 async fn lifecycle_usage_is_metered_in_every_format() {
     let up = MockUpstream::start().await;
@@ -322,8 +324,9 @@ async fn lifecycle_usage_is_metered_in_every_format() {
     );
 }
 
-// SPEC §4 (OpenAI-compatible: usage asked with stream_options.include_usage
-// when the client did not ask), THREATS H2 (client bytes otherwise unchanged)
+// docs/api.md#what-is-stripped-and-injected (OpenAI-compatible: usage asked
+// with stream_options.include_usage when the client did not ask),
+// docs/threat-model.md, H2 (client bytes otherwise unchanged)
 #[tokio::test]
 async fn boundary_openai_stream_usage_is_requested_and_hidden_unless_asked() {
     let up = MockUpstream::start().await;
@@ -397,7 +400,8 @@ async fn boundary_openai_stream_usage_is_requested_and_hidden_unless_asked() {
     assert_eq!((usage[0].tokens_in, usage[0].tokens_out), (12, 2));
 }
 
-// THREATS H5 (and SPEC §3: a call cut short is charged, never free)
+// docs/threat-model.md, H5 (and docs/budgets.md#settlement: a call cut short is
+// charged, never free)
 #[tokio::test]
 async fn lifecycle_client_disconnect_mid_stream_cancels_upstream_and_settles() {
     let up = MockUpstream::start().await;
@@ -442,8 +446,9 @@ async fn lifecycle_client_disconnect_mid_stream_cancels_upstream_and_settles() {
     assert_eq!(usage[0].cost, held);
 }
 
-/// SPEC §5: usage reaches the store within one second, with no flush asked
-/// for (the usage worker batches off the request path).
+/// Usage reaches the store within one second, with no flush asked for (the
+/// usage worker batches off the request path, about every 10 ms:
+/// docs/api.md#usage).
 #[tokio::test]
 async fn lifecycle_usage_reaches_the_store_within_one_second_unflushed() {
     let up = MockUpstream::start().await;

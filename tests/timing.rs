@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
-//! Key-validation timing (THREATS B1): the latency of rejecting a
+//! Key-validation timing (docs/threat-model.md, B1): the latency of rejecting a
 //! well-formed unknown key and of rejecting a key that shares a real key's
 //! shown prefix (its first 13 characters) with a different secret have the
 //! same distribution, by a two-sample Kolmogorov–Smirnov statistic over

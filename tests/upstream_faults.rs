@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 //! Upstream faults over real HTTP: timeouts, errors, redirects, refused
-//! connections and malformed streams (THREATS H1, H2, H4, E4; SPEC §3's
-//! failed-call rule).
+//! connections and malformed streams (docs/threat-model.md, H1, H2, H4, E4; the
+//! settlement rules of docs/budgets.md#settlement).
 
 mod support;
 
@@ -43,7 +43,8 @@ fn post(gw: &Gateway, key: &str, body: &Value) -> http::Request<Full<Bytes>> {
         .unwrap()
 }
 
-// THREATS H1 (no response headers → 504; the call was sent, so it is charged)
+// docs/threat-model.md, H1 (no response headers → 504; the call was sent, so it
+// is charged)
 #[tokio::test]
 async fn boundary_upstream_that_never_answers_is_504_and_charged() {
     let up = MockUpstream::start().await;
@@ -67,7 +68,8 @@ async fn boundary_upstream_that_never_answers_is_504_and_charged() {
     assert_eq!(usage[0].cost, budget.settled);
 }
 
-// THREATS H1 (headers, then silence past the idle timeout), H5-style cut
+// docs/threat-model.md, H1 (headers, then silence past the idle timeout),
+// H5-style cut
 #[tokio::test]
 async fn boundary_stream_silent_past_idle_timeout_ends_with_error_event_and_is_charged() {
     let up = MockUpstream::start().await;
@@ -100,7 +102,7 @@ async fn boundary_stream_silent_past_idle_timeout_ends_with_error_event_and_is_c
     assert_eq!(gw.usage_of(&id).await[0].cost, held);
 }
 
-// THREATS H1/H5 (a stream reset mid-body)
+// docs/threat-model.md, H1/H5 (a stream reset mid-body)
 #[tokio::test]
 async fn boundary_stream_reset_mid_body_ends_with_error_event_and_is_charged() {
     let up = MockUpstream::start().await;
@@ -122,7 +124,8 @@ async fn boundary_stream_reset_mid_body_ends_with_error_event_and_is_charged() {
     assert_eq!(budget.settled, held);
 }
 
-// THREATS H4 (429, 500, 503 pass through with vaultgate's headers)
+// docs/threat-model.md, H4 (429, 500, 503 pass through with vaultgate's
+// headers)
 #[tokio::test]
 async fn boundary_upstream_errors_pass_through_with_limit_headers() {
     let up = MockUpstream::start().await;
@@ -168,8 +171,8 @@ async fn boundary_upstream_errors_pass_through_with_limit_headers() {
     assert_eq!(gw.budget(&id, 5.0).await.reserved, Micros::ZERO);
 }
 
-// THREATS H4, E4 (redirects are never followed: credentials never go to a
-// Location host)
+// docs/threat-model.md, H4, E4 (redirects are never followed: credentials never
+// go to a Location host)
 #[tokio::test]
 async fn leak_redirect_to_another_host_is_not_followed() {
     let up = MockUpstream::start().await;
@@ -197,7 +200,8 @@ async fn leak_redirect_to_another_host_is_not_followed() {
     assert_eq!(elsewhere.count(), 0, "a redirect was followed");
 }
 
-// THREATS H4 (connection refused → 502; SPEC §3: never sent → released)
+// docs/threat-model.md, H4 (connection refused → 502;
+// docs/budgets.md#settlement: never sent → released)
 #[tokio::test]
 async fn boundary_connection_refused_is_502_and_releases_the_reservation() {
     let refused = refused_url().await;
@@ -222,7 +226,7 @@ async fn boundary_connection_refused_is_502_and_releases_the_reservation() {
     );
 }
 
-// THREATS H4 (a reset before any response: sent, so charged; 502)
+// docs/threat-model.md, H4 (a reset before any response: sent, so charged; 502)
 #[tokio::test]
 async fn boundary_connection_reset_before_headers_is_502_and_charged() {
     let up = MockUpstream::start().await;
@@ -255,7 +259,8 @@ fn split_bytes(bytes: &[u8], sizes: &[usize]) -> Vec<Bytes> {
     out
 }
 
-// THREATS H2 (malformed SSE: bytes unchanged, no panic, conservative charge)
+// docs/threat-model.md, H2 (malformed SSE: bytes unchanged, no panic,
+// conservative charge)
 #[tokio::test]
 async fn corruption_malformed_sse_passes_through_unchanged() {
     let up = MockUpstream::start().await;

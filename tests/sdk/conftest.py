@@ -34,7 +34,8 @@ OPENAI_SECRET = "sk-proj-sdktest-openai-0123456789abcdefXYZ"
 ANTHROPIC_SECRET = "sk-ant-sdktest-anthropic-0123456789abcdefXYZ"
 
 START_TIMEOUT = 30.0
-# Usage and spend reach the store within a second (SPEC §5); allow slack.
+# Usage and spend reach the store within a second (docs/api.md#usage: batches
+# about every 10 ms); allow slack.
 USAGE_TIMEOUT = 10.0
 
 # Management calls go straight to 127.0.0.1, never through a proxy from the

@@ -84,7 +84,7 @@ def assert_metered(gw: Gateway, key: dict, expected: list[tuple[int, int]]) -> N
 
 
 def assert_denial(err: openai.APIStatusError | anthropic.APIStatusError, status: int, code: str) -> None:
-    """The SPEC error body, readable by both SDK families."""
+    """The JSON error body of docs/api.md#errors, readable by both SDK families."""
     assert err.status_code == status
     body = err.response.json()
     assert body["error"]["code"] == code, body

@@ -771,7 +771,7 @@ impl Resp {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
-    /// The SPEC error code.
+    /// The error code (docs/api.md#errors).
     pub fn code(&self) -> String {
         self.json()["error"]["code"]
             .as_str()

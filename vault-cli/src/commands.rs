@@ -33,7 +33,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         .unwrap_or_else(|| config.data_dir.clone());
     let format = cli.output;
     // A secret on the command line is refused before anything is opened or
-    // created (THREATS C7): a usage error has no side effects.
+    // created (docs/threat-model.md, C7): a usage error has no side effects.
     if let Command::ProviderKeys(ProviderKeysCommand::Add {
         api_key, secret, ..
     }) = &cli.command

@@ -1,4 +1,4 @@
-//! `vaultgate`: serve the proxy and manage keys (SPEC §6).
+//! `vaultgate`: serve the proxy and manage keys (README.md#managing-keys).
 //!
 //! Data goes to stdout, status to stderr. Exit codes: 0 success, 1 runtime
 //! failure, 2 bad usage or bad input. Secrets are read from stdin or an
@@ -243,10 +243,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// A command-line parsing error as one sentence (SPEC §6). clap's own
-/// message quotes the offending argument, which may be a secret typed in the
-/// wrong place (`provider-keys add --provider openai sk-… sk-…`), so a quoted
-/// value that is not a flag name is replaced.
+/// A command-line parsing error as one sentence, exit code 2
+/// (docs/configuration.md#errors-in-the-file). clap's own message quotes the
+/// offending argument, which may be a secret typed in the wrong place
+/// (`provider-keys add --provider openai sk-… sk-…`), so a quoted value that
+/// is not a flag name is replaced.
 fn usage_error_line(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue};
     let rendered = e.render().to_string();

@@ -38,8 +38,8 @@ async fn provider_key_ids(addr: SocketAddr, admin: &str) -> Vec<String> {
     ids
 }
 
-/// Sends `body` raw to `path`; expects a 4xx SPEC error whose message
-/// contains `names` (case-insensitively).
+/// Sends `body` raw to `path`; expects a 4xx JSON error (docs/api.md#errors)
+/// whose message contains `names` (case-insensitively).
 async fn expect_refused(addr: SocketAddr, admin: &str, path: &str, body: &[u8], names: &str) {
     let r = send(
         addr,
@@ -64,9 +64,9 @@ async fn expect_refused(addr: SocketAddr, admin: &str, path: &str, body: &[u8], 
     );
 }
 
-/// THREATS A8: invalid JSON, wrong types, oversized bodies and unknown or
-/// forbidden fields on every route that takes a body → 4xx naming the
-/// field, nothing created, and the server still healthy.
+/// docs/threat-model.md, A8: invalid JSON, wrong types, oversized bodies and
+/// unknown or forbidden fields on every route that takes a body → 4xx naming
+/// the field, nothing created, and the server still healthy.
 #[tokio::test]
 async fn smuggling_mass_assignment_and_hostile_bodies_are_refused() {
     let dir = tempdir();
@@ -111,7 +111,7 @@ async fn smuggling_mass_assignment_and_hostile_bodies_are_refused() {
     for (body, names) in &cases {
         expect_refused(addr, admin, "/v1/keys", body, names).await;
     }
-    // Another tenant's project: the SPEC's project message (403).
+    // Another tenant's project: 403 `project_mismatch` (docs/api.md#errors).
     let r = post(
         addr,
         "/v1/keys",
@@ -195,9 +195,10 @@ async fn smuggling_mass_assignment_and_hostile_bodies_are_refused() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// THREATS A8: a child wider than its parent, or scopes the caller lacks,
-/// are refused naming the field and create nothing. Also: a budgeted
-/// parent mints a child authenticated as itself (SPEC §4).
+/// docs/threat-model.md, A8: a child wider than its parent, or scopes the
+/// caller lacks, are refused naming the field and create nothing. Also: a
+/// budgeted parent mints a child authenticated as itself
+/// (docs/api.md#post-v1keys).
 #[tokio::test]
 async fn boundary_sub_agent_keys_are_subsets_of_their_parent() {
     let dir = tempdir();
@@ -292,8 +293,9 @@ async fn boundary_sub_agent_keys_are_subsets_of_their_parent() {
     );
 }
 
-/// THREATS A9: a project-A admin sees "exists in project B" and "does not
-/// exist" as the same 404, for GET, DELETE and rotate; B's key survives.
+/// docs/threat-model.md, A9: a project-A admin sees "exists in project B" and
+/// "does not exist" as the same 404, for GET, DELETE and rotate; B's key
+/// survives.
 #[tokio::test]
 async fn boundary_other_projects_keys_are_403_project_mismatch() {
     let dir = tempdir();
@@ -366,8 +368,9 @@ async fn boundary_other_projects_keys_are_403_project_mismatch() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// THREATS A10: every route, alias, method and trailing-slash variant, and
-/// unknown paths, answer 401 without a key — except `/healthz` and `/metrics`.
+/// docs/threat-model.md, A10: every route, alias, method and trailing-slash
+/// variant, and unknown paths, answer 401 without a key — except `/healthz` and
+/// `/metrics`.
 #[tokio::test]
 async fn boundary_every_route_requires_a_key() {
     let dir = tempdir();
@@ -426,8 +429,8 @@ async fn boundary_every_route_requires_a_key() {
     }
 }
 
-/// THREATS K2: a rotated key's old secret works during the grace period and
-/// is refused after it; revoking during grace revokes both secrets.
+/// docs/threat-model.md, K2: a rotated key's old secret works during the grace
+/// period and is refused after it; revoking during grace revokes both secrets.
 #[tokio::test]
 async fn lifecycle_rotation_grace_and_revocation_during_grace() {
     let dir = tempdir();

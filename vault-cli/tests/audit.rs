@@ -1,6 +1,6 @@
-//! The audit trail of the real binary: `vaultgate audit verify` finds
-//! tampering (THREATS L1); admin mutations fail closed when the audit log
-//! cannot be written, while proxying goes on (THREATS L2).
+//! The audit trail of the real binary: `vaultgate audit verify` finds tampering
+//! (docs/threat-model.md, L1); admin mutations fail closed when the audit log
+//! cannot be written, while proxying goes on (docs/threat-model.md, L2).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -55,8 +55,9 @@ fn assert_broken_at(dir: &Path, what: &str, line: usize) {
     );
 }
 
-/// THREATS L1: edit a field, delete, swap or insert a line, or truncate one
-/// mid-way → `audit verify` exits non-zero naming the first bad entry.
+/// docs/threat-model.md, L1: edit a field, delete, swap or insert a line, or
+/// truncate one mid-way → `audit verify` exits non-zero naming the first bad
+/// entry.
 #[tokio::test]
 async fn corruption_audit_verify_names_the_first_tampered_entry() {
     let dir = tempdir();
@@ -127,8 +128,9 @@ async fn corruption_audit_verify_names_the_first_tampered_entry() {
     );
 }
 
-/// SPEC §5 with the README's CI flow: the CLI mutates the data directory
-/// while the server runs; the chain both processes append to stays intact.
+/// One audit chain (docs/api.md#audit) with the README's CI flow: the CLI
+/// mutates the data directory while the server runs; the chain both processes
+/// append to stays intact.
 #[tokio::test]
 async fn lifecycle_cli_and_server_append_one_intact_chain() {
     let dir = tempdir();
@@ -151,9 +153,9 @@ async fn lifecycle_cli_and_server_append_one_intact_chain() {
     assert_eq!(out.code, 0, "{out:?}");
 }
 
-/// THREATS L2: the audit file becomes unwritable while the server runs →
-/// key create, rotate, revoke and provider-key add/remove fail with 5xx and
-/// are not applied; proxied requests keep working and denials stay denials.
+/// docs/threat-model.md, L2: the audit file becomes unwritable while the server
+/// runs → key create, rotate, revoke and provider-key add/remove fail with 5xx
+/// and are not applied; proxied requests keep working and denials stay denials.
 ///
 /// Running as root, `chmod 000` stops nothing, and the server holds the log
 /// open, so removing or chmod-ing the path does not make its writes fail.

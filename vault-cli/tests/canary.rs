@@ -1,4 +1,5 @@
-//! THREATS C1: a canary sweep over everything the real binary writes.
+//! docs/threat-model.md, C1: a canary sweep over everything the real binary
+//! writes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -9,12 +10,12 @@ use std::time::Duration;
 use serde_json::json;
 use support::*;
 
-/// THREATS C1 (with C5, C7): plant `sk-CANARY-<random>` and drive success,
-/// denials, upstream 500, an upstream that echoes the credential, a client
-/// disconnect and CLI errors. Neither the provider key nor any virtual key
-/// appears — raw, hex, base64 or percent-encoded — in the server's TRACE
-/// log, any response, the audit file, `usage --output json` or CLI output;
-/// no virtual key's SHA-256 appears in client-facing output.
+/// docs/threat-model.md, C1 (with C5, C7): plant `sk-CANARY-<random>` and drive
+/// success, denials, upstream 500, an upstream that echoes the credential, a
+/// client disconnect and CLI errors. Neither the provider key nor any virtual
+/// key appears — raw, hex, base64 or percent-encoded — in the server's TRACE
+/// log, any response, the audit file, `usage --output json` or CLI output; no
+/// virtual key's SHA-256 appears in client-facing output.
 #[tokio::test]
 async fn leak_canary_sweep_across_logs_responses_audit_and_cli() {
     let upstream = MockUpstream::start();
@@ -502,13 +503,13 @@ async fn raw_exchange(
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// THREATS C1, the remaining sources: an upstream that hangs until the
-/// response timeout, JSON and SSE bodies cut mid-way, an SSE stream that
-/// goes silent past the idle timeout, and malformed SSE, through the
-/// OpenAI and Anthropic routes (two usage formats). Neither the provider
-/// key nor the virtual keys appear in any encoding in the server's TRACE
-/// log, the responses, the audit file or `usage --output json`, and no
-/// virtual key's SHA-256 in client-facing output.
+/// docs/threat-model.md, C1, the remaining sources: an upstream that hangs
+/// until the response timeout, JSON and SSE bodies cut mid-way, an SSE stream
+/// that goes silent past the idle timeout, and malformed SSE, through the
+/// OpenAI and Anthropic routes (two usage formats). Neither the provider key
+/// nor the virtual keys appear in any encoding in the server's TRACE log, the
+/// responses, the audit file or `usage --output json`, and no virtual key's
+/// SHA-256 in client-facing output.
 #[tokio::test]
 async fn leak_canary_sweep_covers_timeouts_cut_streams_and_malformed_sse() {
     let upstream = HostileUpstream::start();

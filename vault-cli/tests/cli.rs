@@ -1,6 +1,6 @@
-//! The `vaultgate` command line: exit codes, one-line errors, secrets only
-//! from stdin or the environment (THREATS C7), configuration and master-key
-//! checks at start (THREATS D4).
+//! The `vaultgate` command line: exit codes, one-line errors, secrets only from
+//! stdin or the environment (docs/threat-model.md, C7), configuration and
+//! master-key checks at start (docs/threat-model.md, D4).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -22,7 +22,8 @@ fn assert_one_line(what: &str, stderr: &str) {
     );
 }
 
-/// SPEC §6: bad flags and bad subcommands exit 2 with one line on stderr.
+/// Bad flags and bad subcommands exit 2
+/// (docs/configuration.md#errors-in-the-file) with one line on stderr.
 #[test]
 fn boundary_bad_usage_exits_2_with_one_line() {
     let dir = tempdir();
@@ -47,8 +48,9 @@ fn boundary_bad_usage_exits_2_with_one_line() {
     assert!(out.stdout.contains("provider-keys"), "{out:?}");
 }
 
-/// THREATS C7: a provider key on the command line is refused (exit 2, "stdin
-/// or --from-env"), whatever the spelling, and never echoed back.
+/// docs/threat-model.md, C7: a provider key on the command line is refused
+/// (exit 2, "stdin or --from-env"), whatever the spelling, and never echoed
+/// back.
 #[test]
 fn leak_provider_key_in_argv_is_refused_and_not_echoed() {
     let dir = tempdir();
@@ -96,9 +98,9 @@ fn leak_provider_key_in_argv_is_refused_and_not_echoed() {
     assert_eq!(out.json()["data"].as_array().unwrap().len(), 0);
 }
 
-/// THREATS C7: from stdin the trailing newline is trimmed (the hint ends
-/// with the real last four characters); `--from-env` works; `--output json`
-/// parses; `--output env` is refused where it means nothing.
+/// docs/threat-model.md, C7: from stdin the trailing newline is trimmed (the
+/// hint ends with the real last four characters); `--from-env` works; `--output
+/// json` parses; `--output env` is refused where it means nothing.
 #[test]
 fn boundary_provider_key_from_stdin_and_env_and_output_formats() {
     let dir = tempdir();
@@ -189,8 +191,8 @@ fn boundary_provider_key_from_stdin_and_env_and_output_formats() {
     );
 }
 
-/// SPEC §7: a bad `vaultgate.toml` stops start-up with exit 2 and a message
-/// naming the file and the field.
+/// docs/configuration.md#errors-in-the-file: a bad `vaultgate.toml` stops
+/// start-up with exit 2 and a message naming the file and the field.
 #[test]
 fn boundary_bad_config_names_file_and_field() {
     for (toml, field) in [
@@ -232,8 +234,9 @@ fn boundary_bad_config_names_file_and_field() {
     }
 }
 
-/// THREATS C7: a master key file readable by group or others → refuse to
-/// start, naming the path and the mode; the fresh file is created 0600.
+/// docs/threat-model.md, C7: a master key file readable by group or others →
+/// refuse to start, naming the path and the mode; the fresh file is created
+/// 0600.
 #[test]
 fn leak_group_readable_master_key_is_refused() {
     let dir = tempdir();
@@ -275,9 +278,9 @@ fn leak_group_readable_master_key_is_refused() {
     assert_eq!(out.code, 0, "{out:?}");
 }
 
-/// THREATS D4: after initialisation, a different, malformed or short
-/// `VAULTGATE_MASTER_KEY` refuses to start with one sentence, exit 1 or 2,
-/// and the key material is not echoed.
+/// docs/threat-model.md, D4: after initialisation, a different, malformed or
+/// short `VAULTGATE_MASTER_KEY` refuses to start with one sentence, exit 1 or
+/// 2, and the key material is not echoed.
 #[test]
 fn corruption_wrong_master_key_refuses_to_start() {
     use base64::Engine as _;

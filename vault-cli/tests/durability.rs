@@ -1,4 +1,4 @@
-//! THREATS J1 and SPEC §5 durability, against the real binary: what was
+//! docs/threat-model.md, J1 (durability), against the real binary: what was
 //! acknowledged survives `kill -9`; a graceful stop flushes usage.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -52,8 +52,8 @@ async fn check_acknowledged(
     }
 }
 
-/// THREATS J1: create a key, add a provider key or revoke a key, then
-/// SIGKILL the server the moment the 2xx arrives; after a restart every
+/// docs/threat-model.md, J1: create a key, add a provider key or revoke a key,
+/// then SIGKILL the server the moment the 2xx arrives; after a restart every
 /// acknowledged object exists and every acknowledged revocation holds.
 #[tokio::test]
 async fn corruption_acknowledged_writes_survive_kill_9() {
@@ -126,8 +126,8 @@ async fn corruption_acknowledged_writes_survive_kill_9() {
     );
 }
 
-/// SPEC §5: SIGTERM after some proxied calls → the process exits 0 and the
-/// usage rows are in the store.
+/// SIGTERM after some proxied calls → the process exits 0 and the usage rows
+/// are in the store.
 #[tokio::test]
 async fn lifecycle_graceful_shutdown_flushes_usage() {
     let dir = tempdir();

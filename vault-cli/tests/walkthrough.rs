@@ -1,4 +1,4 @@
-//! The README's five-minute walkthrough and the SPEC appendix's seed curl
+//! The README's five-minute walkthrough and its "Managing keys" curl
 //! commands, against the real binary on loopback.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -56,7 +56,8 @@ async fn lifecycle_readme_five_minute_walkthrough() {
     assert!(text.contains("data: "), "{text}");
     assert!(text.contains("[DONE]"), "{text}");
 
-    // Usage reaches the store within a second (SPEC §5).
+    // Usage reaches the store within a second (docs/api.md#usage: batches about
+    // every 10 ms).
     let deadline = Instant::now() + Duration::from_secs(2);
     let last = loop {
         let r = get(addr, "/v1/usage", admin).await;
@@ -87,8 +88,8 @@ async fn lifecycle_readme_five_minute_walkthrough() {
     assert!(total > 0.0, "{last}");
 }
 
-/// SPEC appendix: the seed curl commands work as written (only the host
-/// changed); the revoked key's next request is 401 (THREATS A5).
+/// README.md#managing-keys: the curl commands work as written (only the host
+/// changed); the revoked key's next request is 401 (docs/threat-model.md, A5).
 #[tokio::test]
 async fn lifecycle_spec_appendix_seed_commands() {
     let dir = tempdir();
@@ -171,14 +172,15 @@ async fn lifecycle_spec_appendix_seed_commands() {
     let r = get(addr, "/v1/provider-keys", admin).await;
     assert!(!r.text().contains(&pk_id), "removed: {}", r.text());
 
-    // A missing key: the SPEC's default message.
+    // A missing key: the default message of `Denial::MissingApiKey`.
     let r = send(addr, Req::new("GET", "/v1/keys")).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["detail"], "Invalid or missing API key");
 }
 
-/// THREATS I5: the limiter is wired into the real binary — a live key with a
-/// $0 budget is refused 402 on its first call, and the upstream sees nothing.
+/// docs/threat-model.md, I5: the limiter is wired into the real binary — a live
+/// key with a $0 budget is refused 402 on its first call, and the upstream sees
+/// nothing.
 #[tokio::test]
 async fn boundary_zero_budget_is_refused_before_the_upstream() {
     let upstream = MockUpstream::start();
@@ -225,8 +227,9 @@ async fn boundary_zero_budget_is_refused_before_the_upstream() {
 }
 
 /// README "A budgeted key for one CI job": `keys create --policy … --output
-/// env` on the data directory while the server runs; the server accepts the
-/// new key, and `keys revoke` shuts it out within 1 s (SPEC §5, THREATS A5).
+/// env` on the data directory while the server runs; the server accepts the new
+/// key, and `keys revoke` shuts it out within 1 s (docs/api.md#authentication,
+/// docs/threat-model.md, A5).
 #[tokio::test]
 async fn lifecycle_ci_one_liner_with_cross_process_revocation() {
     let upstream = MockUpstream::start();
@@ -302,6 +305,6 @@ max_request_chars: 3000
     };
     assert!(
         took <= Duration::from_millis(1000),
-        "refused after {took:?}; SPEC §5 allows 1 s"
+        "refused after {took:?}; docs/api.md#authentication allows 1 s"
     );
 }

@@ -1,4 +1,5 @@
-//! The audit trail: hash-chained JSON lines (SPEC §5, THREATS L1, L2).
+//! The audit trail: hash-chained JSON lines (docs/api.md#audit;
+//! docs/threat-model.md, L1, L2).
 //!
 //! Every line is one entry:
 //!

@@ -1,6 +1,6 @@
-//! The optional `vaultgate.toml` (SPEC §7). Every field has a default, so no
-//! file is needed to start; an unknown key or a bad value is an error that
-//! names the file, the field and what is allowed.
+//! The optional `vaultgate.toml` (docs/configuration.md). Every field has a
+//! default, so no file is needed to start; an unknown key or a bad value is an
+//! error that names the file, the field and what is allowed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -386,7 +386,8 @@ impl Config {
 mod tests {
     use super::*;
 
-    const SPEC_EXAMPLE: &str = r#"
+    /// The example of docs/configuration.md#the-file.
+    const DOCS_EXAMPLE: &str = r#"
 listen = "127.0.0.1:8080"
 data_dir = ".vaultgate"
 # store = "sqlite"
@@ -413,7 +414,7 @@ output = 0.60
 
     #[test]
     fn the_spec_example_parses() {
-        let c = Config::parse(SPEC_EXAMPLE, "vaultgate.toml").unwrap();
+        let c = Config::parse(DOCS_EXAMPLE, "vaultgate.toml").unwrap();
         assert_eq!(
             c.timeouts(Provider::OpenAi).response_timeout,
             Duration::from_secs(30)

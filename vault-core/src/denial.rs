@@ -1,9 +1,11 @@
-//! Why a request was refused: one enum, one-to-one with SPEC §4's error codes.
+//! Why a request was refused: one enum, one-to-one with the error codes of
+//! docs/api.md#errors.
 
 use std::fmt;
 
-/// A refusal. Maps one-to-one to an HTTP status and SPEC error code; the
-/// message says what was refused and why, and never holds a secret.
+/// A refusal. Maps one-to-one to an HTTP status and error code
+/// (docs/api.md#errors); the message says what was refused and why, and never
+/// holds a secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Denial {
@@ -75,7 +77,7 @@ impl Denial {
         }
     }
 
-    /// The SPEC error code.
+    /// The error code (docs/api.md#errors).
     pub fn code(&self) -> &'static str {
         match self {
             Denial::MissingApiKey => "missing_api_key",
@@ -140,7 +142,7 @@ impl Denial {
         }
     }
 
-    /// The SPEC JSON body:
+    /// The JSON error body (docs/api.md#errors):
     /// `{"detail": m, "error": {"type": t, "code": c, "message": m}}`.
     pub fn to_json(&self) -> String {
         let m = self.message();

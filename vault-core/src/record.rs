@@ -37,7 +37,8 @@ impl KeyStatus {
     }
 }
 
-/// A virtual key as stored: everything of SPEC §1 but the key itself.
+/// A virtual key as stored: everything of the key record (docs/api.md#keys) but
+/// the key itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     /// Public id, stable across rotation.

@@ -1,4 +1,4 @@
-//! Scopes (SPEC §2): what a virtual key may do.
+//! Scopes (docs/policy.md#scopes): what a virtual key may do.
 //!
 //! A key holds *grants* ([`Scope`]): an exact permission (`chat:write`), a
 //! family wildcard (`keys:*`) or everything (`*`). A route requires one

@@ -1,5 +1,6 @@
 //! Provider keys are encrypted at rest: the SQLite files never hold one in
-//! clear, nor in an encoding of it (SPEC §1, THREATS C1, D1).
+//! clear, nor in an encoding of it (docs/api.md#provider-keys;
+//! docs/threat-model.md, C1, D1).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 

@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
-//! The hash-chained audit log (THREATS L1).
+//! The hash-chained audit log (docs/threat-model.md, L1).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,5 +1,6 @@
-//! Budgets under concurrency (THREATS I1–I4, I7), through `DefaultEngine`,
-//! against `MemoryStore`, `SqliteStore` and both behind `LeasedStore`.
+//! Budgets under concurrency (docs/threat-model.md, I1–I4, I7), through
+//! `DefaultEngine`, against `MemoryStore`, `SqliteStore` and both behind
+//! `LeasedStore`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! One `Encryptor` conformance suite, run unchanged against every
-//! implementation (THREATS D1–D3, C2), plus the AES-GCM envelope's format
-//! checks and the master key's loading rules (C7, D4).
+//! implementation (docs/threat-model.md, D1–D3, C2), plus the AES-GCM
+//! envelope's format checks and the master key's loading rules (C7, D4).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -378,7 +378,8 @@ mod aes_gcm_format {
     }
 }
 
-/// Debug, Display and errors never show key material (THREATS C2).
+/// Debug, Display and errors never show key material (docs/threat-model.md,
+/// C2).
 mod leaks {
     use super::*;
 
@@ -520,7 +521,8 @@ mod leaks {
     );
 }
 
-/// Where the master key comes from, and what is refused (THREATS C7, D4).
+/// Where the master key comes from, and what is refused (docs/threat-model.md,
+/// C7, D4).
 mod master_key_file {
     use std::os::unix::fs::PermissionsExt;
 

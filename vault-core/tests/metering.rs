@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 //! Metering, request inspection and rewriting, and usage-chunk hiding
-//! (THREATS E5, G2, H2, H3).
+//! (docs/threat-model.md, E5, G2, H2, H3).
 
 use proptest::prelude::*;
 use vault_core::meter::{

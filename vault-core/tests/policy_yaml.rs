@@ -1,5 +1,5 @@
-//! Policy files: the SPEC example loads, and malformed files are refused with
-//! a message naming the file, the line and the field.
+//! Policy files: the example of docs/policy.md loads, and malformed files are
+//! refused with a message naming the file, the line and the field.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use vault_core::money::Micros;

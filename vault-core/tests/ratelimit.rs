@@ -1,6 +1,6 @@
-//! Rate-limit windows under a controlled clock (THREATS I6), through
-//! `DefaultEngine`: fixed UTC-aligned windows, and `Retry-After` equal to the
-//! real next admission.
+//! Rate-limit windows under a controlled clock (docs/threat-model.md, I6),
+//! through `DefaultEngine`: fixed UTC-aligned windows, and `Retry-After` equal
+//! to the real next admission.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::sync::Arc;

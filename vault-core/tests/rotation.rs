@@ -1,5 +1,5 @@
 //! Master-key rotation and the start-up master-key check, against every
-//! store backend (THREATS D4, J2, K1).
+//! store backend (docs/threat-model.md, D4, J2, K1).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 

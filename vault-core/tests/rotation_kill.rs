@@ -1,4 +1,5 @@
-//! SIGKILL during master-key rotation (THREATS J2), in a real child process.
+//! SIGKILL during master-key rotation (docs/threat-model.md, J2), in a real
+//! child process.
 //!
 //! The parent seeds a SQLite store with 200 provider keys sealed under
 //! master key A, then, for each round, gives a fresh copy to a child (this

@@ -22,8 +22,9 @@ use crate::sink::UsageSink;
 use crate::upstream::Upstreams;
 
 /// How long a cached key record is trusted. A revocation made by another
-/// process sharing the store is seen within this bound (SPEC §5: 1 s); one
-/// made through this process's management API invalidates the cache at once.
+/// process sharing the store is seen within this bound, under the second
+/// docs/api.md#authentication promises; one made through this process's
+/// management API invalidates the cache at once.
 pub const KEY_CACHE_TTL: Duration = Duration::from_millis(900);
 
 /// Deepest sub-agent chain followed.
@@ -278,10 +279,10 @@ impl VaultContext {
         self.sink.flush().await;
     }
 
-    /// The key a request presents: exactly one credential (SPEC §4 places),
-    /// strictly parsed before any lookup, found by its full hash, and — for a
-    /// rotated-out secret — still inside its grace period. Status is left to
-    /// the caller. Shared by the proxy and the management API.
+    /// The key a request presents: exactly one credential (in the places of
+    /// docs/api.md#authentication), strictly parsed before any lookup, found
+    /// by its full hash, and — for a rotated-out secret — still inside its
+    /// grace period. Status is left to the caller. Shared by the proxy and the management API.
     ///
     /// Public only for `benches/auth_scale.rs`, which measures it on large
     /// stores; not part of the supported API.

@@ -1,9 +1,9 @@
 //! Finding the virtual key in a request, and removing every client
 //! credential before the request goes upstream.
 //!
-//! A key may arrive in `Authorization: Bearer`, `x-api-key`,
-//! `x-goog-api-key`, `api-key` or the `key` query parameter. Two different
-//! credentials in one request are refused, never "pick one" (THREATS A3).
+//! A key may arrive in `Authorization: Bearer`, `x-api-key`, `x-goog-api-key`,
+//! `api-key` or the `key` query parameter. Two different credentials in one
+//! request are refused, never "pick one" (docs/threat-model.md, A3).
 
 use std::borrow::Cow;
 
@@ -145,7 +145,8 @@ const STRIP_ALWAYS: [&str; 22] = [
 /// Removes client credentials, hop-by-hop headers (including those a
 /// `Connection` header names), framing and host headers, and `X-Forwarded-*`.
 /// Run *before* the provider credential is injected, so a `Connection:
-/// x-goog-api-key` can never strip the injected header (THREATS F2).
+/// x-goog-api-key` can never strip the injected header (docs/threat-model.md,
+/// F2).
 pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
@@ -186,7 +187,7 @@ pub(crate) fn strip_key_param(query: &str) -> Option<String> {
 }
 
 /// Response headers that carry credentials and must never reach the client,
-/// whatever the upstream echoes (THREATS C5).
+/// whatever the upstream echoes (docs/threat-model.md, C5).
 const RESPONSE_CREDENTIAL_HEADERS: [&str; 7] = [
     "authorization",
     "x-api-key",

@@ -3,9 +3,9 @@
 //! [`pool`](crate::pool); TLS by rustls with the `ring` provider), with
 //! explicit timeouts and no redirects followed.
 //!
-//! Failures become SPEC's 502/504 JSON responses carrying an
-//! [`UpstreamFailure`] extension, so the layer knows whether the request
-//! reached the provider (SPEC §3's failed-call rule).
+//! Failures become the 502/504 JSON responses of docs/api.md#errors, carrying
+//! an [`UpstreamFailure`] extension, so the layer knows whether the request
+//! reached the provider (the `not_sent` rule of docs/budgets.md#settlement).
 
 use std::convert::Infallible;
 use std::future::Future;

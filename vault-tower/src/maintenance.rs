@@ -28,8 +28,9 @@ use crate::context::VaultContext;
 /// The default pause between two sweeps.
 pub const DEFAULT_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The running maintenance of one [`VaultContext`]; see the
-/// [module docs](self). Dropping it stops the sweeps without draining.
+/// The running maintenance of one [`VaultContext`]; see the module
+/// documentation in `vault-tower/src/maintenance.rs`. Dropping it stops the
+/// sweeps without draining.
 #[derive(Debug)]
 pub struct Maintenance {
     ctx: Arc<VaultContext>,

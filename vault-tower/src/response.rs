@@ -1,4 +1,5 @@
-//! Responses vaultgate writes itself: SPEC error bodies and limit headers.
+//! Responses vaultgate writes itself: error bodies (docs/api.md#errors) and
+//! limit headers (docs/api.md#headers).
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
@@ -26,7 +27,7 @@ const REMAINING: HeaderName = HeaderName::from_static(RATE_LIMIT_REMAINING);
 const RESET: HeaderName = HeaderName::from_static(RATE_LIMIT_RESET);
 const BUDGET: HeaderName = HeaderName::from_static(BUDGET_REMAINING);
 
-/// The SPEC JSON error response for a denial.
+/// The JSON error response for a denial (docs/api.md#errors).
 pub fn denial_response(d: &Denial) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(d.to_json())));
     *resp.status_mut() =
@@ -45,7 +46,8 @@ pub fn denial_response(d: &Denial) -> Response<Full<Bytes>> {
 
 /// Adds `X-RateLimit-*` (and `X-Budget-Remaining-USD`, `Retry-After` where
 /// known). Every value is numeric or the one word `unlimited` (a key with no
-/// request limit), built by vaultgate, never from input (THREATS F3).
+/// request limit), built by vaultgate, never from input (docs/threat-model.md,
+/// F3).
 pub fn add_limit_headers(headers: &mut HeaderMap, limits: &LimitHeaders) {
     if limits.limit == 0 {
         let unlimited = HeaderValue::from_static("unlimited");

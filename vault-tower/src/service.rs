@@ -1,4 +1,4 @@
-//! `Vault<S>`: the request path of DESIGN.md as a tower `Service`.
+//! `Vault<S>`: the request path of ARCHITECTURE.md as a tower `Service`.
 //!
 //! ```text
 //! request → extract virtual key → hash → cache / KeyStore → PolicyEngine::check
@@ -151,7 +151,7 @@ fn deny<B>(
 }
 
 /// What the nearest budget in `chain` has left, for the headers of a denial
-/// the engine made before it reached the budget: SPEC §4 promises
+/// the engine made before it reached the budget: docs/api.md#headers promises
 /// `X-Budget-Remaining-USD` on every response to a budgeted key.
 async fn budget_remaining(
     ctx: &VaultContext,
@@ -227,7 +227,8 @@ where
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
 
-    // Tunnels and protocol switches are never proxied (THREATS F4).
+    // Tunnels and protocol switches are never proxied (docs/threat-model.md,
+    // F4).
     if parts.method == Method::CONNECT
         || parts.method == Method::TRACE
         || parts.headers.contains_key(UPGRADE)

@@ -1,6 +1,7 @@
 //! The usage worker: settles calls and writes usage records and denial audit
-//! events in batches, off the request path. Records reach the store as soon
-//! as the worker drains its queue (well within SPEC §5's one second).
+//! events in batches, off the request path. Records reach the store as soon as
+//! the worker drains its queue (well within a second; docs/api.md#usage says
+//! about every 10 ms).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,7 +25,7 @@ const QUEUE: usize = 65_536;
 /// a syscall and a context switch, more than the rest of the layer costs).
 /// Longer pauses also mean fewer, bigger store transactions for the usage
 /// rows (at 13k calls/s, 1 ms pauses made `append_usage` a tenth of the
-/// proxy's CPU). Far inside SPEC §5's one second.
+/// proxy's CPU). Far inside a second.
 const BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 enum Job {

@@ -1,5 +1,6 @@
 //! Where each provider lives and how long vaultgate waits for it. Only the
-//! operator's configuration sets these; nothing in a request can (THREATS E3–E4).
+//! operator's configuration sets these; nothing in a request can
+//! (docs/threat-model.md, E3–E4).
 
 use std::collections::HashMap;
 use std::time::Duration;

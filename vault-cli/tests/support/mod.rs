@@ -364,7 +364,7 @@ impl Resp {
         format!("{}\r\n\r\n{}", self.head, self.text())
     }
 
-    /// Asserts the SPEC error shape and returns the code.
+    /// Asserts the error shape of docs/api.md#errors and returns the code.
     pub fn error_code(&self) -> String {
         let v = self.json();
         let detail = v["detail"].as_str().unwrap_or_default();

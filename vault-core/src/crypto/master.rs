@@ -455,8 +455,9 @@ mod tests {
         assert_eq!(ca.matches_hex(&ca.to_hex()[..62]), None);
     }
 
-    /// THREATS B2: the check value is compared with `subtle::ConstantTimeEq`,
-    /// never with `==` or ring's deprecated slice comparison.
+    /// docs/threat-model.md, B2: the check value is compared with
+    /// `subtle::ConstantTimeEq`, never with `==` or ring's deprecated slice
+    /// comparison.
     #[test]
     fn check_value_compare_is_constant_time() {
         let src = include_str!("master.rs");

@@ -1,5 +1,5 @@
 //! The start-up check: is the loaded master key the one the store was
-//! written with (THREATS D4, B2)?
+//! written with (docs/threat-model.md, D4, B2)?
 //!
 //! Call [`verify_master_keys`] once at every start, after opening the store
 //! and before serving or running a command that reads provider keys. It does

@@ -1,7 +1,8 @@
 //! Token usage read from provider responses as their bytes pass.
 //!
 //! [`UsageMeter`] is fed the response body chunk by chunk and reports the
-//! provider's own count of input and output tokens (SPEC §4):
+//! provider's own count of input and output tokens
+//! (docs/budgets.md#token-classes):
 //!
 //! | format | JSON body | stream |
 //! |---|---|---|
@@ -12,10 +13,11 @@
 //!
 //! Reports never add up: a later report replaces the fields it carries.
 //!
-//! Upstream numbers are not trusted (THREATS H3): a negative count is 0, a
-//! fraction is rounded up, anything above [`TOKEN_CAP`] saturates at it, and
-//! a report in which a count is not a number at all (a string, an object) is
-//! ignored whole, so that the caller charges the reservation instead.
+//! Upstream numbers are not trusted (docs/threat-model.md, H3): a negative
+//! count is 0, a fraction is rounded up, anything above [`TOKEN_CAP`] saturates
+//! at it, and a report in which a count is not a number at all (a string, an
+//! object) is ignored whole, so that the caller charges the reservation
+//! instead.
 
 use std::fmt;
 

@@ -4,7 +4,7 @@
 //! There is no normalisation: a path is either accepted and returned
 //! verbatim (the exact bytes that are checked against allowlists and then
 //! forwarded upstream), or rejected. Nothing downstream may decode or
-//! re-encode it (THREATS E1–E2).
+//! re-encode it (docs/threat-model.md, E1–E2).
 //!
 //! Rejected:
 //! - a path not starting with `/`; a `?` or `#` (the caller passes the path

@@ -120,10 +120,11 @@ pub trait PolicyEngine: Send + Sync + 'static {
         facts: &RequestFacts<'_>,
     ) -> Result<Grant, (Denial, LimitHeaders)>;
 
-    /// Settles a granted call: turns its reservation into the real cost
-    /// (SPEC §3's failed-call rule for `NotSent`/`Unmetered`) and feeds token
-    /// rate limits. Never fails the caller: store errors are logged and the
-    /// reservation is left for the sweep to charge.
+    /// Settles a granted call: turns its reservation into the real cost (the
+    /// settlement rules of docs/budgets.md#settlement for
+    /// `NotSent`/`Unmetered`) and feeds token rate limits. Never fails the
+    /// caller: store errors are logged and the reservation is left for the
+    /// sweep to charge.
     async fn settle(&self, grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge;
 
     /// Settles several calls at once, charges in the same order (the usage

@@ -1,6 +1,7 @@
-//! Policies (SPEC §3) and the engine that enforces them.
+//! Policies (docs/policy.md) and the engine that enforces them.
 //!
-//! - [`split_proxy_path`]: the one path canonicaliser (THREATS E1–E2).
+//! - [`split_proxy_path`]: the one path canonicaliser (docs/threat-model.md,
+//!   E1–E2).
 //! - [`parse_policy_yaml`] / [`load_policy_file`]: policy files.
 //! - [`PlanSet`]: named presets (`free`, `pro`, `enterprise`, custom).
 //! - [`check_child_policy`]: sub-agent keys are subsets of their parent.

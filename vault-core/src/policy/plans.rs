@@ -1,11 +1,11 @@
 //! Named plans: policy presets a key's explicit policy is overlaid on.
 //!
-//! Seeds (SPEC §3): `free` 10 requests/minute and 500/day; `pro` 120/minute
-//! and 50,000/day; `enterprise` 1,000/minute, 1,000,000/day and 5,000,000
-//! tokens/minute (generous enough not to bind a single team's traffic, low
-//! enough that a leaked key cannot run unbounded). None of them sets a
-//! budget or allowlist. Config may define more (`[plans.team]`) or replace
-//! a seed with [`PlanSet::with_custom`].
+//! Seeds (docs/policy.md#plans): `free` 10 requests/minute and 500/day; `pro`
+//! 120/minute and 50,000/day; `enterprise` 1,000/minute, 1,000,000/day and
+//! 5,000,000 tokens/minute (generous enough not to bind a single team's
+//! traffic, low enough that a leaked key cannot run unbounded). None of them
+//! sets a budget or allowlist. Config may define more (`[plans.team]`) or
+//! replace a seed with [`PlanSet::with_custom`].
 
 use std::collections::BTreeMap;
 

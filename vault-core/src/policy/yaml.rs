@@ -1,4 +1,4 @@
-//! Policy files (SPEC §3): YAML read with `serde-saphyr`, strictly.
+//! Policy files (docs/policy.md): YAML read with `serde-saphyr`, strictly.
 //!
 //! Every error names the file, the line (and column when known) and the
 //! field, e.g. `agent.policy.yaml:7:1: unknown field "budjet"; expected one

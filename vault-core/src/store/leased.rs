@@ -139,7 +139,8 @@ type SharedLine = Arc<Mutex<Line>>;
 type LinesByKey = HashMap<KeyId, HashMap<UnixMillis, SharedLine>>;
 
 /// A [`KeyStore`] that reserves budgets in memory against leases held in
-/// `S` (see the [module docs](self)); everything else goes straight to `S`.
+/// `S` (see the module documentation in `vault-core/src/store/leased.rs`);
+/// everything else goes straight to `S`.
 ///
 /// ```
 /// use vault_core::store::{KeyStore, LeasedStore, MemoryStore};

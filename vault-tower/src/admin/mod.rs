@@ -1,5 +1,5 @@
-//! The management API (SPEC §4): operations shared with the CLI, JSON views,
-//! and the axum router that serves them.
+//! The management API (docs/api.md): operations shared with the CLI, JSON
+//! views, and the axum router that serves them.
 
 mod ops;
 mod routes;

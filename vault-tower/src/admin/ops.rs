@@ -1,8 +1,8 @@
 //! Management operations, shared by the HTTP API and the CLI's direct mode.
 //!
-//! Every mutation is authorised, validated in full (nothing is created on
-//! any error), written to the audit log and fsync'd *before* it is applied —
-//! if the audit log cannot be written, the mutation fails (THREATS L2).
+//! Every mutation is authorised, validated in full (nothing is created on any
+//! error), written to the audit log and fsync'd *before* it is applied — if the
+//! audit log cannot be written, the mutation fails (docs/threat-model.md, L2).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +69,7 @@ impl AdminError {
         }
     }
 
-    /// SPEC error code.
+    /// The error code (docs/api.md#errors).
     pub fn code(&self) -> &'static str {
         match self {
             AdminError::Invalid(_) => "invalid_request",
@@ -320,7 +320,7 @@ impl Admin {
         Ok(false)
     }
 
-    /// Creates a key (SPEC §4 `POST /v1/keys`).
+    /// Creates a key (docs/api.md#post-v1keys).
     pub async fn create_key(&self, actor: &Actor, req: NewKey) -> Result<IssuedKey, AdminError> {
         let now = self.now();
         // The parent, when minting a sub-agent key: its holder or a keys:manage

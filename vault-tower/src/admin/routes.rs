@@ -1,9 +1,9 @@
-//! The management API of SPEC §4 as an axum `Router` an app can nest.
+//! The management API of docs/api.md as an axum `Router` an app can nest.
 //!
 //! Every route is authenticated except `/healthz` (and `/metrics` unless
 //! protected): authentication runs as a layer over the whole router,
 //! fallback included, so unknown paths, aliases, `HEAD` and `OPTIONS` all
-//! answer 401 without a key (THREATS A10).
+//! answer 401 without a key (docs/threat-model.md, A10).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,8 +110,8 @@ impl IntoResponse for AdminError {
     }
 }
 
-/// Resolves the caller's key (any place SPEC §4 names) and refuses
-/// revoked, expired and unknown keys before any handler runs.
+/// Resolves the caller's key (any place docs/api.md#authentication names) and
+/// refuses revoked, expired and unknown keys before any handler runs.
 async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: Next) -> Response {
     let ctx = admin.context();
     let record = match ctx.presented_record(req.headers(), req.uri().query()).await {
@@ -182,8 +182,9 @@ async fn read_optional_json<T: for<'de> Deserialize<'de>>(
 }
 
 /// Explains a body that did not deserialise, naming the field at fault
-/// (THREATS A8): serde_json's own message for a wrong type says what was
-/// expected but not where ("invalid type: integer `5`, expected a string").
+/// (docs/threat-model.md, A8): serde_json's own message for a wrong type says
+/// what was expected but not where ("invalid type: integer `5`, expected a
+/// string").
 fn body_error<T: for<'de> Deserialize<'de>>(bytes: &[u8], e: &serde_json::Error) -> AdminError {
     let Ok(value) = serde_json::from_slice::<Value>(bytes) else {
         return AdminError::Invalid(format!("the request body is not valid JSON: {e}"));
@@ -206,7 +207,7 @@ fn body_error<T: for<'de> Deserialize<'de>>(bytes: &[u8], e: &serde_json::Error)
 }
 
 /// `POST /v1/keys`: unknown fields (`spend`, `status`, `id`, `created_at`…)
-/// are refused by name (THREATS A8).
+/// are refused by name (docs/threat-model.md, A8).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateKeyBody {
@@ -423,8 +424,8 @@ struct UsageQuery {
     limit: Option<usize>,
 }
 
-/// A query string that does not parse is a SPEC JSON error naming the
-/// parameter, not axum's plain-text rejection.
+/// A query string that does not parse is a JSON error (docs/api.md#errors)
+/// naming the parameter, not axum's plain-text rejection.
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
     q.map(|Query(q)| q).map_err(|e| {
         let text = e.body_text();
