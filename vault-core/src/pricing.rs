@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::meter::Usage;
 use crate::money::Micros;
-use crate::provider::Provider;
+use crate::provider::{Provider, UsageFormat};
 
 /// The built-in table's source text.
 const BUILTIN: &str = include_str!("../data/prices.toml");
@@ -169,23 +169,26 @@ impl ModelPrice {
         })
     }
 
-    /// The dearest price an input token can have: the most a reservation
-    /// must set aside per input token whatever class it turns out to be.
-    pub fn input_ceiling_per_million(&self) -> Micros {
+    /// The dearest price an input token can have at `provider`: the most a
+    /// reservation must set aside per input token whatever class it turns
+    /// out to be. Cache writes count only where the provider reports (and
+    /// bills) them apart: Anthropic's format.
+    pub fn input_ceiling_per_million(&self, provider: Provider) -> Micros {
         let input = self.above_200k.map_or(self.input_per_million, |(i, _)| {
             i.max(self.input_per_million)
         });
+        let writes = provider.usage_format() == UsageFormat::Anthropic;
         [
             Some(input),
             self.cached_input_per_million,
-            Some(
+            writes.then(|| {
                 self.cache_write_per_million
-                    .unwrap_or(Micros(input.0.saturating_mul(5) / 4)),
-            ),
-            Some(
+                    .unwrap_or(Micros(input.0.saturating_mul(5) / 4))
+            }),
+            writes.then(|| {
                 self.cache_write_1h_per_million
-                    .unwrap_or(Micros(input.0.saturating_mul(2))),
-            ),
+                    .unwrap_or(Micros(input.0.saturating_mul(2)))
+            }),
             self.audio_input_per_million,
         ]
         .into_iter()
@@ -539,7 +542,10 @@ mod tests {
             sonnet.cost_of(&usage),
             Micros(300 + 180 + 750 + 600 + 7_500)
         );
-        assert_eq!(sonnet.input_ceiling_per_million(), Micros(6_000_000));
+        assert_eq!(
+            sonnet.input_ceiling_per_million(Provider::Anthropic),
+            Micros(6_000_000)
+        );
         assert_eq!(sonnet.output_ceiling_per_million(), Micros(22_500_000));
         // Past 200k prompt tokens, the long-context prices apply.
         let pro = t.lookup(Provider::Google, "gemini-2.5-pro").unwrap();
@@ -558,7 +564,15 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(plain.cost_of(&classes), Micros(10 + 10 + 13 + 20 + 10 + 10));
-        assert_eq!(plain.input_ceiling_per_million(), Micros(2_000_000));
+        assert_eq!(
+            plain.input_ceiling_per_million(Provider::Anthropic),
+            Micros(2_000_000)
+        );
+        // Providers that never report cache writes do not reserve for them.
+        assert_eq!(
+            plain.input_ceiling_per_million(Provider::OpenAi),
+            Micros(1_000_000)
+        );
         // A class claiming more than its total is charged whole.
         let hostile = Usage {
             tokens_in: 1,

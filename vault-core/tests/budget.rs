@@ -364,8 +364,9 @@ async fn boundary_i4_no_output_limit_reserves_the_model_maximum() {
             .lookup(Provider::OpenAi, "gpt-4o-mini-2024-07-18")
             .unwrap();
         assert_eq!(p.max_output_tokens, 16_384);
-        let expected = Micros::for_tokens(16_384, p.output_ceiling_per_million())
-            .saturating_add(Micros::for_tokens(397, p.input_ceiling_per_million()));
+        let expected = Micros::for_tokens(16_384, p.output_ceiling_per_million()).saturating_add(
+            Micros::for_tokens(397, p.input_ceiling_per_million(Provider::OpenAi)),
+        );
         assert_eq!(
             grant.reservation.as_ref().unwrap().amount,
             expected,

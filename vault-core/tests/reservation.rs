@@ -811,6 +811,12 @@ proptest! {
         let tokens_in = max_in * input_frac / 100;
         let tokens_out = max_out * output_frac / 100;
         let (cached, write, write_1h) = classes;
+        // Only Anthropic reports (and bills) cache writes.
+        let (write, write_1h) = if provider.usage_format() == vault_core::provider::UsageFormat::Anthropic {
+            (write, write_1h)
+        } else {
+            (0, 0)
+        };
         let usage = Usage {
             tokens_in,
             tokens_out,

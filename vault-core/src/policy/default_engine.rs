@@ -136,7 +136,10 @@ impl Estimate {
         } else {
             facts.input_tokens_bound.min(price.context_window)
         };
-        let prompt_cost = Micros::for_tokens(prompt_tokens, price.input_ceiling_per_million());
+        let prompt_cost = Micros::for_tokens(
+            prompt_tokens,
+            price.input_ceiling_per_million(facts.provider),
+        );
         let output_tokens = facts.max_output_tokens.unwrap_or(price.max_output_tokens);
         let output_price = Micros(
             price
