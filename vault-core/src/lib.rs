@@ -4,7 +4,9 @@
 //! policies and the policy engine ([`policy`]), envelope encryption of
 //! provider keys ([`crypto`]), stores ([`store`]), providers ([`provider`]),
 //! prices ([`pricing`]), usage metering ([`meter`]) and the audit trail
-//! ([`audit`]). No HTTP server or client lives here.
+//! ([`audit`]). No HTTP server or client lives here. With the
+//! `conformance` feature, `conformance` is the suite every `KeyStore` must
+//! pass (docs/conformance.md).
 //!
 //! ```
 //! use vault_core::key::{KeyEnv, KeyFormat};
@@ -21,6 +23,8 @@
 pub mod audit;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod crypto;
 pub mod denial;
 pub mod key;

@@ -1,12 +1,9 @@
-//! SPEC §5: an acknowledged key, provider key or revocation survives
-//! `kill -9`. The test binary re-runs itself as a writer process, kills it
+//! docs/threat-model.md, J1: an acknowledged key, provider key or
+//! revocation survives `kill -9`. The test binary re-runs itself as a writer process, kills it
 //! with SIGKILL after a random number of acknowledged writes, reopens the
 //! database and checks that every acknowledged write is there.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
-
-#[path = "support/store_suite.rs"]
-mod store_suite;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -15,6 +12,7 @@ use std::process::{Command, Stdio};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use vault_core::clock::UnixMillis;
+use vault_core::conformance;
 use vault_core::key::{KeyHash, KeyId, ProviderKeyId};
 use vault_core::record::KeyStatus;
 use vault_core::store::{KeyStore, SqliteStore};
@@ -34,10 +32,10 @@ async fn durability_writer_child() {
     let store = SqliteStore::open(Path::new(&db)).unwrap();
     // Bounded, so an orphaned writer stops by itself.
     for i in 0..5_000u32 {
-        let k = store_suite::key_at("durable", i64::from(i));
+        let k = conformance::key_at("durable", i64::from(i));
         store.insert_key(&k, None).await.unwrap();
         println!("ACK key {} {}", k.id, k.hash.to_hex());
-        let pk = store_suite::provider_key_at("durable", i64::from(i));
+        let pk = conformance::provider_key_at("durable", i64::from(i));
         store.insert_provider_key(&pk).await.unwrap();
         println!("ACK pk {}", pk.id);
         if i % 3 == 1 {

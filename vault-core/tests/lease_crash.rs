@@ -4,15 +4,12 @@
 //! calls spent and still hold (issue #12 item 4).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-#[path = "support/store_suite.rs"]
-mod store_suite;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use store_suite::{child_of, key, line};
 use vault_core::clock::UnixMillis;
+use vault_core::conformance::{child_of, key, line};
 use vault_core::key::KeyId;
 use vault_core::money::Micros;
 use vault_core::record::{BudgetLine, Reservation, Settlement};

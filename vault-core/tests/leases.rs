@@ -3,14 +3,11 @@
 //! crash accounting.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-#[path = "support/store_suite.rs"]
-mod store_suite;
-
 use std::sync::Arc;
 
-use store_suite::{key, line};
 use tokio::sync::Barrier;
 use vault_core::clock::UnixMillis;
+use vault_core::conformance::{key, line};
 use vault_core::money::Micros;
 use vault_core::record::Settlement;
 use vault_core::store::{KeyStore, LeasedStore, SqliteStore, StoreError};

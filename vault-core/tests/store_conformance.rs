@@ -1,130 +1,43 @@
-//! One `KeyStore` conformance suite, run unchanged against every backend.
+//! One `KeyStore` conformance suite (`vault_core::conformance`), run
+//! unchanged against every backend of the workspace exactly as a store
+//! written elsewhere runs it (docs/conformance.md).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
-
-#[path = "support/store_suite.rs"]
-mod store_suite;
 
 use std::sync::Arc;
 
 use tempfile::TempDir;
+use vault_core::conformance;
 use vault_core::store::{LeasedStore, MemoryStore, SqliteStore};
 
-/// A store under test plus whatever must live as long as it.
-struct Harness {
-    store: store_suite::Store,
-    _dir: Option<TempDir>,
+/// A fresh SQLite store in a temporary directory, kept as long as the store.
+fn sqlite_in_temp_dir() -> (SqliteStore, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_in_dir(&dir.path().join("data")).unwrap();
+    (store, dir)
 }
 
-impl Harness {
-    fn memory() -> Self {
-        Harness {
-            store: Arc::new(MemoryStore::new()),
-            _dir: None,
-        }
-    }
-
-    fn sqlite() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open_in_dir(&dir.path().join("data")).unwrap();
-        Harness {
-            store: Arc::new(store),
-            _dir: Some(dir),
-        }
-    }
-
-    fn leased_memory() -> Self {
-        Harness {
-            store: Arc::new(LeasedStore::new(MemoryStore::new())),
-            _dir: None,
-        }
-    }
-
-    fn leased_sqlite() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open_in_dir(&dir.path().join("data")).unwrap();
-        Harness {
-            store: Arc::new(LeasedStore::new(store)),
-            _dir: Some(dir),
-        }
-    }
+mod memory {
+    use super::*;
+    vault_core::store_conformance_tests!(MemoryStore::new);
 }
 
-/// Generates one test module per backend, each running every named case
-/// of `store_suite` on a multi-thread runtime.
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let h = Harness::memory();
-                    store_suite::$case(h.store.clone()).await;
-                }
-            )*
-        }
-
-        mod sqlite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let h = Harness::sqlite();
-                    store_suite::$case(h.store.clone()).await;
-                }
-            )*
-        }
-
-        mod leased_memory {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let h = Harness::leased_memory();
-                    store_suite::$case(h.store.clone()).await;
-                }
-            )*
-        }
-
-        mod leased_sqlite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let h = Harness::leased_sqlite();
-                    store_suite::$case(h.store.clone()).await;
-                }
-            )*
-        }
-    };
+mod sqlite {
+    vault_core::store_conformance_tests!(super::sqlite_in_temp_dir);
 }
 
-conformance!(
-    keys_insert_find_get_list,
-    budget_add_spend_without_reservation,
-    keys_conflicts_insert_nothing,
-    keys_child_of_unknown_parent_is_not_found,
-    lifecycle_revoke_cascades_to_grandchildren,
-    lifecycle_rotate_keeps_previous_hash_for_grace,
-    provider_keys_crud_and_compare_and_swap,
-    usage_append_list_filter_and_count,
-    meta_round_trip,
-    budget_reserve_settle_and_usage,
-    budget_settle_part_keeps_the_rest_held,
-    budget_periods_are_separate,
-    budget_sweep_charges_expired_reservations,
-    concurrency_reserve_never_exceeds_limit,
-    concurrency_first_reservations_on_fresh_key,
-    concurrency_two_children_of_parent_exactly_one_fits,
-    budget_carve_out_settles_on_revoke,
-    budget_carve_outs_settle_through_grandchildren,
-    budget_carve_out_settles_when_child_expires,
-    boundary_carve_out_that_does_not_fit_inserts_nothing,
-    budget_revoking_a_child_keeps_what_its_open_calls_hold,
-    budget_expiring_a_child_keeps_what_its_open_calls_hold,
-    budget_revoked_grandchild_open_call_reaches_the_root,
-);
+mod leased_memory {
+    use super::*;
+    vault_core::store_conformance_tests!(|| LeasedStore::new(MemoryStore::new()));
+}
+
+mod leased_sqlite {
+    use super::*;
+    vault_core::store_conformance_tests!(|| {
+        let (store, dir) = sqlite_in_temp_dir();
+        (LeasedStore::new(store), dir)
+    });
+}
 
 /// What only the SQLite store promises: persistence, sharing one file
 /// between handles (as between processes), and refusing bad rows.
@@ -132,8 +45,8 @@ mod sqlite_only {
     use std::path::Path;
 
     use rusqlite::Connection;
-    use store_suite::{child_of, key, line, provider_key_at, usage_of};
     use vault_core::clock::UnixMillis;
+    use vault_core::conformance::{child_of, key, line, provider_key_at, usage_of};
     use vault_core::key::KeyPrefix;
     use vault_core::money::Micros;
     use vault_core::record::{KeyStatus, Settlement, UsageFilter};
@@ -168,7 +81,7 @@ mod sqlite_only {
             s.insert_provider_key(&pk).await.unwrap();
             s.rotate_key(
                 &parent.id,
-                &store_suite::fresh_hash(),
+                &conformance::fresh_hash(),
                 &KeyPrefix::new("vpx_live_Rot1"),
                 Some(LATER),
             )
@@ -230,8 +143,8 @@ mod sqlite_only {
     async fn concurrency_two_handles_one_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.db");
-        let a: store_suite::Store = Arc::new(SqliteStore::open(&path).unwrap());
-        let b: store_suite::Store = Arc::new(SqliteStore::open(&path).unwrap());
+        let a: conformance::Store = Arc::new(SqliteStore::open(&path).unwrap());
+        let b: conformance::Store = Arc::new(SqliteStore::open(&path).unwrap());
         let owner = key();
         a.insert_key(&owner, None).await.unwrap();
         let l = line(&owner, 500_000, 0);
@@ -246,7 +159,7 @@ mod sqlite_only {
                 let mut keys = Vec::new();
                 let mut granted = 0u32;
                 for i in 0..40 {
-                    let k = store_suite::key_at("shared", (n * 1000 + i) as i64);
+                    let k = conformance::key_at("shared", (n * 1000 + i) as i64);
                     store.insert_key(&k, None).await.unwrap();
                     keys.push(k);
                     match store

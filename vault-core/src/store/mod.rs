@@ -2,7 +2,8 @@
 //!
 //! [`KeyStore`] is the one trait every backend implements;
 //! [`MemoryStore`] (tests, embedding) and [`SqliteStore`] (the embedded
-//! default) both pass the same conformance suite (`tests/store_conformance.rs`).
+//! default) both pass the same conformance suite (`vault_core::conformance`,
+//! behind the `conformance` feature; run by `tests/store_conformance.rs`).
 
 mod budget;
 mod journal;

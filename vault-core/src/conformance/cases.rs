@@ -1,138 +1,20 @@
-//! Record builders and the generic `KeyStore` conformance suite. Every
-//! function here takes an `Arc<dyn KeyStore>` and must pass unchanged for
-//! every backend (`tests/store_conformance.rs` instantiates it).
-
-#![allow(dead_code, unreachable_pub)]
+//! The cases: each makes a fresh store with its factory and checks one
+//! promise of [`KeyStore`](crate::store::KeyStore) that every backend must keep.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tokio::sync::Barrier;
-use vault_core::clock::UnixMillis;
-use vault_core::crypto::{ProviderKeyHint, Sealed};
-use vault_core::key::{KeyEnv, KeyHash, KeyId, KeyPrefix, ProviderKeyId};
-use vault_core::money::Micros;
-use vault_core::policy::{Budget, BudgetPeriod, EndpointRule, ModelGlob, Policy, RateLimit};
-use vault_core::provider::Provider;
-use vault_core::record::{
-    BudgetLine, KeyRecord, KeyStatus, ProviderKeyRecord, Reservation, Settlement, UsageFilter,
-    UsageRecord,
-};
-use vault_core::scope::Scopes;
-use vault_core::store::{KeyStore, StoreError};
 
-pub type Store = Arc<dyn KeyStore>;
-
-/// A fresh random hash (as if of a freshly generated key).
-pub fn fresh_hash() -> KeyHash {
-    KeyHash::of(KeyId::generate().unwrap().as_str())
-}
-
-/// A root key of `project` created at `created_at`, with a rich policy so
-/// that round trips exercise every field.
-pub fn key_at(project: &str, created_at: i64) -> KeyRecord {
-    let id = KeyId::generate().unwrap();
-    KeyRecord {
-        hash: fresh_hash(),
-        prefix: KeyPrefix::new(format!("vpx_live_{}", &id.as_str()[4..8])),
-        previous_hash: None,
-        previous_valid_until: None,
-        name: format!("name of {id}"),
-        project: project.to_owned(),
-        env: KeyEnv::Live,
-        scopes: Scopes::parse(&["chat:write", "usage:*"]).unwrap(),
-        plan: Some("pro".to_owned()),
-        policy: Policy {
-            providers: Some(vec![Provider::OpenAi, Provider::Anthropic]),
-            endpoints: Some(vec![
-                EndpointRule::parse("POST /v1/chat/completions").unwrap(),
-            ]),
-            models: Some(vec![ModelGlob::parse("claude-3-5-haiku-*").unwrap()]),
-            budget: Some(Budget {
-                limit: Micros(5_000_000),
-                period: BudgetPeriod::Daily,
-                clamp_explicit_limits: false,
-            }),
-            rate_limit: Some(RateLimit {
-                requests_per_minute: Some(60),
-                ..RateLimit::default()
-            }),
-            max_request_chars: Some(3000),
-            max_parallel: None,
-            shadow: false,
-        },
-        parent: None,
-        provider_keys: vec![ProviderKeyId::generate().unwrap()],
-        created_at: UnixMillis(created_at),
-        expires_at: Some(UnixMillis(created_at + 3_600_000)),
-        last_used_at: None,
-        request_count: 0,
-        status: KeyStatus::Active,
-        revoked_at: None,
-        spend: Micros::ZERO,
-        id,
-    }
-}
-
-/// A root key of the default project.
-pub fn key() -> KeyRecord {
-    key_at("default", 1_000)
-}
-
-/// A child of `parent` with no expiry.
-pub fn child_of(parent: &KeyRecord) -> KeyRecord {
-    let mut k = key_at(&parent.project, parent.created_at.0 + 1);
-    k.parent = Some(parent.id.clone());
-    k.expires_at = None;
-    k
-}
-
-/// A provider key of `project`.
-pub fn provider_key_at(project: &str, created_at: i64) -> ProviderKeyRecord {
-    let id = ProviderKeyId::generate().unwrap();
-    ProviderKeyRecord {
-        sealed: Sealed::from_bytes(format!("sealed bytes of {id}").into_bytes()),
-        id,
-        project: project.to_owned(),
-        provider: Provider::Anthropic,
-        name: "Anthropic production".to_owned(),
-        hint: ProviderKeyHint::of("sk-ant-0123456789abcdefx7fQ"),
-        created_at: UnixMillis(created_at),
-    }
-}
-
-/// A usage record of `key` at `at`.
-pub fn usage_of(key: &KeyRecord, at: i64) -> UsageRecord {
-    UsageRecord {
-        at: UnixMillis(at),
-        key_id: key.id.clone(),
-        project: key.project.clone(),
-        provider: Some(Provider::OpenAi),
-        endpoint: "POST /v1/chat/completions".to_owned(),
-        model: Some("gpt-4o-mini".to_owned()),
-        tokens_in: 12,
-        tokens_out: 34,
-        cost: Micros(56),
-        latency_ms: 78,
-        status: 200,
-        denial: None,
-        shadow: false,
-        cached_tokens: 5,
-        cache_write_tokens: 4,
-        reasoning_tokens: 3,
-        audio_tokens: 2,
-        settlement: Some(vault_core::record::SettledBy::CutReserved),
-    }
-}
-
-/// `key`'s budget line of `limit` in the period starting at `period_start`.
-pub fn line(key: &KeyRecord, limit: u64, period_start: i64) -> BudgetLine {
-    BudgetLine {
-        key: key.id.clone(),
-        limit: Micros(limit),
-        period_start: UnixMillis(period_start),
-    }
-}
+use super::records::{child_of, fresh_hash, key, key_at, line, provider_key_at, usage_of};
+use super::{Store, StoreFactory};
+use crate::clock::UnixMillis;
+use crate::crypto::Sealed;
+use crate::key::{KeyEnv, KeyId, KeyPrefix, ProviderKeyId};
+use crate::money::Micros;
+use crate::policy::Policy;
+use crate::record::{BudgetLine, KeyRecord, KeyStatus, Reservation, Settlement, UsageFilter};
+use crate::store::StoreError;
 
 const NOW: UnixMillis = UnixMillis(10_000);
 const LATER: UnixMillis = UnixMillis(70_000);
@@ -167,7 +49,10 @@ fn ids(keys: &[KeyRecord]) -> Vec<KeyId> {
 
 // ---------------------------------------------------------------- keys
 
-pub async fn keys_insert_find_get_list(store: Store) {
+/// Keys round-trip every field; lookups by hash and id; listing is oldest first and filters by project.
+pub async fn keys_insert_find_get_list(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let b = inserted(&store, key_at("beta", 3_000)).await;
     let a = inserted(&store, key_at("alpha", 1_000)).await;
     let mut c = key_at("alpha", 2_000);
@@ -194,7 +79,10 @@ pub async fn keys_insert_find_get_list(store: Store) {
     assert!(store.list_keys(Some("nobody")).await.unwrap().is_empty());
 }
 
-pub async fn keys_conflicts_insert_nothing(store: Store) {
+/// A key whose id or hash is taken (a previous hash in its grace period included) is a `Conflict` and inserts nothing.
+pub async fn keys_conflicts_insert_nothing(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let a = inserted(&store, key()).await;
     let mut same_id = key();
     same_id.id = a.id.clone();
@@ -226,7 +114,10 @@ pub async fn keys_conflicts_insert_nothing(store: Store) {
     assert_eq!(store.find_by_hash(&same_id.hash).await.unwrap(), None);
 }
 
-pub async fn keys_child_of_unknown_parent_is_not_found(store: Store) {
+/// A child of an unknown parent, or a carve-out from an unknown key's line, is `NotFound` and inserts nothing.
+pub async fn keys_child_of_unknown_parent_is_not_found(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let ghost = key();
     let child = child_of(&ghost);
     assert!(matches!(
@@ -246,7 +137,10 @@ pub async fn keys_child_of_unknown_parent_is_not_found(store: Store) {
     assert_eq!(store.get_key(&orphan.id).await.unwrap(), None);
 }
 
-pub async fn lifecycle_revoke_cascades_to_grandchildren(store: Store) {
+/// Revocation reaches children and grandchildren, not siblings; a second revocation keeps the first time (docs/threat-model.md, A5).
+pub async fn lifecycle_revoke_cascades_to_grandchildren(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let root = inserted(&store, key()).await;
     let child = inserted(&store, child_of(&root)).await;
     let grandchild = inserted(&store, child_of(&child)).await;
@@ -288,7 +182,10 @@ pub async fn lifecycle_revoke_cascades_to_grandchildren(store: Store) {
     ));
 }
 
-pub async fn lifecycle_rotate_keeps_previous_hash_for_grace(store: Store) {
+/// Rotation keeps the previous hash valid for its grace period, refuses a taken hash and frees old hashes (docs/threat-model.md, K2).
+pub async fn lifecycle_rotate_keeps_previous_hash_for_grace(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let k = inserted(&store, key()).await;
     let other = inserted(&store, key()).await;
     let h1 = fresh_hash();
@@ -341,7 +238,10 @@ pub async fn lifecycle_rotate_keeps_previous_hash_for_grace(store: Store) {
 
 // ---------------------------------------------------------------- provider keys
 
-pub async fn provider_keys_crud_and_compare_and_swap(store: Store) {
+/// Provider keys: insert, conflicts, get, list by project, compare-and-swap of the sealed value, removal.
+pub async fn provider_keys_crud_and_compare_and_swap(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let b = provider_key_at("beta", 2_000);
     let a = provider_key_at("alpha", 1_000);
     store.insert_provider_key(&b).await.unwrap();
@@ -395,7 +295,10 @@ pub async fn provider_keys_crud_and_compare_and_swap(store: Store) {
 
 // ---------------------------------------------------------------- usage and meta
 
-pub async fn usage_append_list_filter_and_count(store: Store) {
+/// Usage records list newest first and filter by key, project, time and limit; appending updates `request_count` and `last_used_at`.
+pub async fn usage_append_list_filter_and_count(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let a = inserted(&store, key_at("alpha", 1)).await;
     let b = inserted(&store, key_at("beta", 2)).await;
     let mut denied = usage_of(&a, 300);
@@ -456,7 +359,10 @@ pub async fn usage_append_list_filter_and_count(store: Store) {
     );
 }
 
-pub async fn meta_round_trip(store: Store) {
+/// Metadata values read back what was last written.
+pub async fn meta_round_trip(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     assert_eq!(store.get_meta("rotation").await.unwrap(), None);
     store.set_meta("rotation", "step 1").await.unwrap();
     store.set_meta("other", "x").await.unwrap();
@@ -474,7 +380,10 @@ pub async fn meta_round_trip(store: Store) {
 
 // ---------------------------------------------------------------- budgets
 
-pub async fn budget_reserve_settle_and_usage(store: Store) {
+/// Reservations take as much as fits, settle once at their real cost and count in the line's usage and the key's spend (docs/budgets.md).
+pub async fn budget_reserve_settle_and_usage(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let k = inserted(&store, key()).await;
     let l = line(&k, 1_000, 0);
     let exp = LATER;
@@ -518,7 +427,7 @@ pub async fn budget_reserve_settle_and_usage(store: Store) {
     // Settling twice is a no-op; so is settling an unknown reservation.
     store.settle(&[settlement(&r1, 100)]).await.unwrap();
     let mut ghost = r1.clone();
-    ghost.id = vault_core::record::ReservationId(u64::MAX / 2);
+    ghost.id = crate::record::ReservationId(u64::MAX / 2);
     store.settle(&[settlement(&ghost, 999)]).await.unwrap();
     assert_eq!(
         (settled(&store, &l).await, spend(&store, &k.id).await),
@@ -546,7 +455,9 @@ pub async fn budget_reserve_settle_and_usage(store: Store) {
 }
 
 /// Settling part of a reservation charges the part and keeps the rest held.
-pub async fn budget_settle_part_keeps_the_rest_held(store: Store) {
+pub async fn budget_settle_part_keeps_the_rest_held(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let k = inserted(&store, key()).await;
     let l = line(&k, 1_000, 0);
     let r = store
@@ -587,7 +498,10 @@ pub async fn budget_settle_part_keeps_the_rest_held(store: Store) {
     assert_eq!(settled(&store, &l).await, 350);
 }
 
-pub async fn budget_periods_are_separate(store: Store) {
+/// Each budget period is its own line; the key's lifetime spend spans them.
+pub async fn budget_periods_are_separate(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let k = inserted(&store, key()).await;
     let day1 = line(&k, 1_000, 0);
     let day2 = line(&k, 1_000, 86_400_000);
@@ -623,7 +537,10 @@ pub async fn budget_periods_are_separate(store: Store) {
     );
 }
 
-pub async fn budget_sweep_charges_expired_reservations(store: Store) {
+/// A sweep charges expired reservations in full; a late settlement of one changes nothing (docs/threat-model.md, J3).
+pub async fn budget_sweep_charges_expired_reservations(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let k = inserted(&store, key()).await;
     let l = line(&k, 1_000, 0);
     let early = store
@@ -681,7 +598,10 @@ async fn race_reservations(
     granted
 }
 
-pub async fn concurrency_reserve_never_exceeds_limit(store: Store) {
+/// 200 racing reservations on one line never together exceed its limit (docs/threat-model.md, I1).
+pub async fn concurrency_reserve_never_exceeds_limit(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let k = inserted(&store, key()).await;
     let l = line(&k, 500_000, 0); // $0.50
     let granted = race_reservations(&store, &l, 200, 10_000).await; // $0.01 each
@@ -699,7 +619,10 @@ pub async fn concurrency_reserve_never_exceeds_limit(store: Store) {
     );
 }
 
-pub async fn concurrency_first_reservations_on_fresh_key(store: Store) {
+/// Racing the first reservations of a brand-new key admits exactly what fits (docs/threat-model.md, I2).
+pub async fn concurrency_first_reservations_on_fresh_key(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     for round in 0..5 {
         let k = key();
         // The key and its line are brand new: no counter rows exist yet.
@@ -711,7 +634,10 @@ pub async fn concurrency_first_reservations_on_fresh_key(store: Store) {
     }
 }
 
-pub async fn concurrency_two_children_of_parent_exactly_one_fits(store: Store) {
+/// Two racing $3 children of a $5 parent: exactly one is inserted (docs/threat-model.md, I3).
+pub async fn concurrency_two_children_of_parent_exactly_one_fits(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     for _ in 0..10 {
         let parent = inserted(&store, key()).await;
         let pl = line(&parent, 5_000_000, 0);
@@ -749,7 +675,10 @@ pub async fn concurrency_two_children_of_parent_exactly_one_fits(store: Store) {
     }
 }
 
-pub async fn budget_carve_out_settles_on_revoke(store: Store) {
+/// A child's carve-out is held on its parent's line and settled at the child's spend when it is revoked.
+pub async fn budget_carve_out_settles_on_revoke(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let parent = inserted(&store, key()).await;
     let pl = line(&parent, 5_000_000, 0);
     let child = child_of(&parent);
@@ -792,7 +721,10 @@ pub async fn budget_carve_out_settles_on_revoke(store: Store) {
     assert_eq!(settled(&store, &pl).await, 1_000_000);
 }
 
-pub async fn budget_carve_outs_settle_through_grandchildren(store: Store) {
+/// Revoking a root settles the carve-outs of its children and grandchildren, each into its parent's line.
+pub async fn budget_carve_outs_settle_through_grandchildren(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let root = inserted(&store, key()).await;
     let rl = line(&root, 10_000_000, 0);
     let child = child_of(&root);
@@ -843,7 +775,10 @@ pub async fn budget_carve_outs_settle_through_grandchildren(store: Store) {
     );
 }
 
-pub async fn budget_carve_out_settles_when_child_expires(store: Store) {
+/// A sweep settles the carve-out of an expired child at its spend, charging the parent at most the carve-out (docs/threat-model.md, J3).
+pub async fn budget_carve_out_settles_when_child_expires(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let parent = inserted(&store, key()).await;
     let pl = line(&parent, 5_000_000, 0);
     let mut child = child_of(&parent);
@@ -969,17 +904,25 @@ enum EndChild {
     Expire(i64),
 }
 
-pub async fn budget_revoking_a_child_keeps_what_its_open_calls_hold(store: Store) {
+/// A revoked child's open call keeps holding on its parent's line until it settles (docs/threat-model.md, I3).
+pub async fn budget_revoking_a_child_keeps_what_its_open_calls_hold(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     child_with_open_call_ends(store, None, EndChild::Revoke).await;
 }
 
-pub async fn budget_expiring_a_child_keeps_what_its_open_calls_hold(store: Store) {
+/// An expired child's open call keeps holding on its parent's line until it settles (docs/threat-model.md, I3).
+pub async fn budget_expiring_a_child_keeps_what_its_open_calls_hold(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     child_with_open_call_ends(store, Some(50_000), EndChild::Expire(50_000)).await;
 }
 
 /// The same through a grandchild: its open call keeps held on the child's
 /// line and, once the child is revoked too, on the root's.
-pub async fn budget_revoked_grandchild_open_call_reaches_the_root(store: Store) {
+pub async fn budget_revoked_grandchild_open_call_reaches_the_root(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let root = inserted(&store, key()).await;
     let rl = line(&root, 10_000_000, 0);
     let child = child_of(&root);
@@ -1021,7 +964,10 @@ pub async fn budget_revoked_grandchild_open_call_reaches_the_root(store: Store) 
     assert_eq!(spend(&store, &root.id).await, 2_500_000);
 }
 
-pub async fn boundary_carve_out_that_does_not_fit_inserts_nothing(store: Store) {
+/// A carve-out one micro-dollar too big inserts nothing; exactly what remains fits.
+pub async fn boundary_carve_out_that_does_not_fit_inserts_nothing(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let parent = inserted(&store, key()).await;
     let pl = line(&parent, 5_000_000, 0);
     let r = store
@@ -1051,7 +997,9 @@ pub async fn boundary_carve_out_that_does_not_fit_inserts_nothing(store: Store) 
 
 /// Spend without a reservation (keys with no budget) adds to the key's
 /// lifetime spend, saturating; unknown keys are skipped.
-pub async fn budget_add_spend_without_reservation(store: Store) {
+pub async fn budget_add_spend_without_reservation(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
     let k = inserted(&store, key_at("alpha", 1_000)).await;
     store
         .add_spend(&[

@@ -1,0 +1,4 @@
+//! The `KeyStore` conformance suite against a store from outside the
+//! workspace: one test per case, each on a fresh store.
+
+vault_core::store_conformance_tests!(external_store::WrappedStore::new);
