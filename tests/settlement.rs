@@ -72,6 +72,33 @@ fn haiku_cost(tokens_in: u64, tokens_out: u64) -> Micros {
         .cost(tokens_in, tokens_out)
 }
 
+/// A streamed call in flight through a gateway, on a key with a $5 budget.
+struct InFlight {
+    _up: MockUpstream,
+    gw: Gateway,
+    id: vault_core::key::KeyId,
+    /// The client's side of the answer.
+    body: hyper::body::Incoming,
+    /// The upstream's side, driven by the test.
+    stream: StreamHandle,
+}
+
+async fn in_flight(path: &str, request: &Value) -> InFlight {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&up.url).await;
+    let (key, id) = gw.key_with(budget_policy(5.0)).await;
+    up.on(|_| Reply::controlled_sse());
+    let resp = open(gw.addr, post(&gw, path, &key, request)).await;
+    let stream = up.next_stream().await;
+    InFlight {
+        _up: up,
+        gw,
+        id,
+        body: resp.into_body(),
+        stream,
+    }
+}
+
 /// Waits until the gateway has dropped its upstream stream.
 async fn until_dropped(stream: &StreamHandle) {
     within("the upstream connection to be dropped", async {
@@ -87,14 +114,14 @@ async fn until_dropped(stream: &StreamHandle) {
 // free tokens, repeatable without limit.
 #[tokio::test]
 async fn edge_stream_cut_by_the_client_is_charged_its_reservation_not_a_running_count() {
-    let up = MockUpstream::start().await;
-    let gw = Gateway::start(&up.url).await;
-    let (key, id) = gw.key_with(budget_policy(5.0)).await;
-    up.on(|_| Reply::controlled_sse());
-    let resp = open(gw.addr, post(&gw, MESSAGES, &key, &messages(true))).await;
-    let stream = up.next_stream().await;
+    let InFlight {
+        gw,
+        id,
+        mut body,
+        stream,
+        ..
+    } = in_flight(MESSAGES, &messages(true)).await;
     let held = gw.budget(&id, 5.0).await.reserved;
-    let mut body = resp.into_body();
     assert!(stream.send(message_start(12)).await);
     for word in ["once", "upon", "a time"] {
         assert!(stream.send(text_delta(word)).await);
@@ -120,13 +147,13 @@ async fn edge_stream_cut_by_the_client_is_charged_its_reservation_not_a_running_
 // after it costs exactly that count.
 #[tokio::test]
 async fn edge_stream_cut_after_its_final_count_is_charged_that_count() {
-    let up = MockUpstream::start().await;
-    let gw = Gateway::start(&up.url).await;
-    let (key, id) = gw.key_with(budget_policy(5.0)).await;
-    up.on(|_| Reply::controlled_sse());
-    let resp = open(gw.addr, post(&gw, MESSAGES, &key, &messages(true))).await;
-    let stream = up.next_stream().await;
-    let mut body = resp.into_body();
+    let InFlight {
+        gw,
+        id,
+        mut body,
+        stream,
+        ..
+    } = in_flight(MESSAGES, &messages(true)).await;
     assert!(stream.send(message_start(12)).await);
     assert!(stream.send(text_delta("the end")).await);
     assert!(stream.send(message_delta(40)).await);
@@ -151,20 +178,20 @@ async fn edge_stream_cut_after_its_final_count_is_charged_that_count() {
 // none of them is final until the stream ends.
 #[tokio::test]
 async fn edge_google_stream_cut_mid_way_is_charged_its_reservation() {
-    let up = MockUpstream::start().await;
-    let gw = Gateway::start(&up.url).await;
-    let (key, id) = gw.key_with(budget_policy(5.0)).await;
-    up.on(|_| Reply::controlled_sse());
     let path = "/google/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse";
-    let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
-                      "generationConfig": {"maxOutputTokens": 2000}});
-    let resp = open(gw.addr, post(&gw, path, &key, &body)).await;
-    let stream = up.next_stream().await;
+    let request = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+                         "generationConfig": {"maxOutputTokens": 2000}});
+    let InFlight {
+        gw,
+        id,
+        mut body,
+        stream,
+        ..
+    } = in_flight(path, &request).await;
     let held = gw.budget(&id, 5.0).await.reserved;
     let chunk = json!({"candidates": [{"content": {"parts": [{"text": "a"}], "role": "model"}}],
                        "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4}});
     assert!(stream.send(format!("data: {chunk}\r\n\r\n")).await);
-    let mut body = resp.into_body();
     next_chunk(&mut body).await.unwrap();
     drop(body);
     until_dropped(&stream).await;
