@@ -22,8 +22,11 @@
 //! (spent: what settled calls cost less what was already charged): the
 //! amount [`recover_lease_journals`] settles it at.
 //!
-//! A call's `H` is written before its reservation is returned, under its
-//! line's lock, as are `L`, `P`, `D` and `Q`; a batch of settled calls is
+//! A call's `H` is written before its reservation is returned (so before
+//! the call can reach the provider), just after the hold is made and
+//! outside its line's lock — replay keys holds by id, and a compaction
+//! holds every line's lock, so its snapshot either has the hold or comes
+//! after the write; `L`, `P`, `D` and `Q` are written under the line's lock; a batch of settled calls is
 //! journaled in one write (`S` lines) just after the batch is applied. So
 //! a crash between the two charges those calls what they held, not what
 //! they cost (more, unless the provider billed past the reservation), and
@@ -40,7 +43,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{KeyStore, StoreError};
@@ -142,7 +145,9 @@ pub(super) struct Journal {
     dir: PathBuf,
     /// Unique to this store: pid, time and a counter.
     owner: String,
-    current: Mutex<Current>,
+    /// Read-locked by writers (appends to an `O_APPEND` file are atomic,
+    /// so they need no queue of their own), write-locked to switch files.
+    current: RwLock<Current>,
     /// Bytes written to the current file.
     written: AtomicU64,
 }
@@ -195,7 +200,7 @@ impl Journal {
         Ok(Journal {
             dir: dir.to_owned(),
             owner,
-            current: Mutex::new(Current {
+            current: RwLock::new(Current {
                 file,
                 generation: 0,
             }),
@@ -236,8 +241,8 @@ impl Journal {
     /// Appends records in one write.
     pub(super) fn write(&self, records: &[Record<'_>]) -> Result<(), StoreError> {
         let buf = format(records);
-        let mut current = self.current.lock().map_err(|_| poisoned())?;
-        current.file.write_all(&buf).map_err(|e| {
+        let current = self.current.read().map_err(|_| poisoned())?;
+        (&current.file).write_all(&buf).map_err(|e| {
             io_error(
                 "writing",
                 &journal_path(&self.dir, &self.owner, current.generation),
@@ -258,7 +263,7 @@ impl Journal {
     /// the two steps loses nothing.
     pub(super) fn compact(&self, snapshot: &[Record<'_>]) -> Result<(), StoreError> {
         let buf = format(snapshot);
-        let mut current = self.current.lock().map_err(|_| poisoned())?;
+        let mut current = self.current.write().map_err(|_| poisoned())?;
         let generation = current.generation + 1;
         let file = Self::new_file(&self.dir, &self.owner, generation, &buf)?;
         let old = journal_path(&self.dir, &self.owner, current.generation);

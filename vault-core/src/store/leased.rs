@@ -466,10 +466,10 @@ impl<S: KeyStore> LeasedStore<S> {
         want: Micros,
         expires_at: UnixMillis,
     ) -> Result<Option<(Reservation, Option<Micros>)>, StoreError> {
-        let Some(state) = self.line(&(line.key.clone(), line.period_start))? else {
+        let Some(shared) = self.line(&(line.key.clone(), line.period_start))? else {
             return Ok(None);
         };
-        let mut state = lock_line(&state)?;
+        let mut state = lock_line(&shared)?;
         let Some(lease) = state.leases.last_mut() else {
             return Ok(None);
         };
@@ -481,13 +481,7 @@ impl<S: KeyStore> LeasedStore<S> {
             return Ok(None);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // Journaled first, under the line's lock: the journal's order is
-        // the lease's.
-        self.journal(&[Record::Hold {
-            id,
-            lease: lease.reservation.id.0,
-            amount: want,
-        }])?;
+        let lease_id = lease.reservation.id.0;
         lease.open.insert(
             id,
             Hold {
@@ -496,12 +490,37 @@ impl<S: KeyStore> LeasedStore<S> {
             },
         );
         lease.held = lease.held.saturating_add(want);
+        let remaining = state.remaining();
+        drop(state);
+        // Journaled before the reservation is returned (so before the call
+        // can reach the provider), but outside the line's lock: calls on one
+        // line do not queue behind each other's write(2). Replay keys holds
+        // by id, so the order against other records does not matter, and a
+        // compaction (which holds every line's lock) either saw this hold in
+        // its snapshot or happens after this write.
+        let hold = Record::Hold {
+            id,
+            lease: lease_id,
+            amount: want,
+        };
+        if let Err(e) = self.journal(&[hold]) {
+            let mut state = lock_line(&shared)?;
+            if let Some(lease) = state
+                .leases
+                .iter_mut()
+                .find(|l| l.reservation.id.0 == lease_id)
+                && let Some(h) = lease.open.remove(&id)
+            {
+                lease.held = lease.held.saturating_sub(h.amount);
+            }
+            return Err(e);
+        }
         let reservation = Reservation {
             id: ReservationId(id),
             line: line.clone(),
             amount: want,
         };
-        Ok(Some((reservation, state.remaining())))
+        Ok(Some((reservation, remaining)))
     }
 
     /// Gives back to the inner store what the line's leases hold but no call
