@@ -30,11 +30,9 @@ use vault_core::meter::{
     BodyKind, Endpoint, HideUsageChunk, RequestInspection, UsageMeter, count_chars,
     inspect_request, multipart, rewrite_request_at,
 };
-use vault_core::policy::{
-    BudgetPeriod, CallOutcome, Grant, LimitHeaders, RequestFacts, split_proxy_path,
-};
+use vault_core::policy::{CallOutcome, Grant, LimitHeaders, RequestFacts, split_proxy_path};
 use vault_core::provider::{AuthStyle, Provider, UsageFormat};
-use vault_core::record::{BudgetLine, KeyRecord, KeyStatus, SettledBy, UsageRecord};
+use vault_core::record::{KeyRecord, KeyStatus, SettledBy, UsageRecord};
 
 use crate::body::{BoxError, MeteredBody, Metering};
 use crate::context::VaultContext;
@@ -161,16 +159,7 @@ async fn budget_remaining(
         .iter()
         .find_map(|k| k.policy.budget.map(|b| (&k.id, b)))?;
     let now = ctx.clock.now();
-    let period_start = match budget.period {
-        BudgetPeriod::Total => vault_core::clock::UnixMillis(0),
-        BudgetPeriod::Daily => now.start_of_utc_day(),
-        BudgetPeriod::Monthly => now.start_of_utc_month(),
-    };
-    let line = BudgetLine {
-        key: key.clone(),
-        limit: budget.limit,
-        period_start,
-    };
+    let line = budget.line(key.clone(), now);
     match ctx.store.budget_usage(&line, now).await {
         Ok(u) => Some(u.remaining(budget.limit)),
         Err(e) => {
