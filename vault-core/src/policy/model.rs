@@ -360,8 +360,14 @@ mod tests {
         // 2024-03-15T13:20:00Z.
         let now = UnixMillis(1_710_508_800_000);
         assert_eq!(BudgetPeriod::Total.start_at(now), UnixMillis(0));
-        assert_eq!(BudgetPeriod::Daily.start_at(now), UnixMillis(1_710_460_800_000));
-        assert_eq!(BudgetPeriod::Monthly.start_at(now), UnixMillis(1_709_251_200_000));
+        assert_eq!(
+            BudgetPeriod::Daily.start_at(now),
+            UnixMillis(1_710_460_800_000)
+        );
+        assert_eq!(
+            BudgetPeriod::Monthly.start_at(now),
+            UnixMillis(1_709_251_200_000)
+        );
         let budget = Budget {
             limit: Micros(5_000_000),
             period: BudgetPeriod::Daily,

@@ -14,8 +14,8 @@ use vault_core::meter::{Filtered, HideUsageChunk, UsageMeter};
 use vault_core::policy::CallOutcome;
 use vault_core::record::SettledBy;
 
+use super::sink::PendingCall;
 use crate::mock::MockBody;
-use crate::sink::PendingCall;
 
 /// Errors a metered body can yield: the inner body's, boxed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

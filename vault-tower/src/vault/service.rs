@@ -34,14 +34,14 @@ use vault_core::policy::{CallOutcome, Grant, LimitHeaders, RequestFacts, split_p
 use vault_core::provider::{AuthStyle, Provider, UsageFormat};
 use vault_core::record::{KeyRecord, KeyStatus, SettledBy, UsageRecord};
 
-use crate::body::{BoxError, MeteredBody, Metering};
+use super::body::{BoxError, MeteredBody, Metering};
+use super::future::ResponseFuture;
+use super::sink::PendingCall;
 use crate::context::VaultContext;
 use crate::credentials::{strip_key_param, strip_request_headers, strip_response_headers};
 use crate::forward::UpstreamFailure;
-use crate::future::ResponseFuture;
 use crate::mock::{MockProvider, MockTarget};
 use crate::response::{OUTPUT_TOKENS_CLAMPED, SHADOW_DENIAL, add_limit_headers, denial_response};
-use crate::sink::PendingCall;
 
 /// The vaultgate middleware: see the [crate docs](crate). Denials are
 /// responses, never errors, and never reach the inner service.
