@@ -24,10 +24,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const REDACT_CAP: usize = 1 << 20;
 
 pin_project_lite::pin_project! {
+    /// Where a [`MeteredBody`]'s bytes come from.
     #[project = SourceProj]
-    enum Source<B> {
+    pub(crate) enum Source<B> {
+        /// The inner service's body.
         Upstream { #[pin] body: B },
+        /// The mock provider's.
         Mock { #[pin] body: MockBody },
+        /// A complete body made by vaultgate (refusals).
         Full { #[pin] body: Full<Bytes> },
     }
 }
@@ -69,20 +73,13 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> MeteredBody<B> {
-    pub(crate) fn upstream(body: B, metering: Metering) -> Self {
-        Self::with_source(Source::Upstream { body }, metering)
-    }
-
-    pub(crate) fn mock(body: MockBody, metering: Metering) -> Self {
-        Self::with_source(Source::Mock { body }, metering)
-    }
-
     /// A complete body made by vaultgate (denials), with nothing to meter.
     pub(crate) fn full(body: Full<Bytes>) -> Self {
-        Self::with_source(Source::Full { body }, Metering::default())
+        Self::new(Source::Full { body }, Metering::default())
     }
 
-    fn with_source(source: Source<B>, metering: Metering) -> Self {
+    /// `source`'s bytes, metered and settled by `metering`.
+    pub(crate) fn new(source: Source<B>, metering: Metering) -> Self {
         MeteredBody {
             source,
             metering,

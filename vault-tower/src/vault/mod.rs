@@ -3,6 +3,8 @@
 mod body;
 mod future;
 mod layer;
+mod phases;
+mod refusal;
 mod service;
 pub(crate) mod sink;
 

@@ -9,9 +9,12 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use vault_core::audit::{AuditEvent, AuditLog};
+use vault_core::clock::UnixMillis;
 use vault_core::meter::Usage;
+use vault_core::money::Micros;
 use vault_core::policy::{CallOutcome, Grant, PolicyEngine};
-use vault_core::record::{SettledBy, UsageRecord};
+use vault_core::provider::Provider;
+use vault_core::record::{KeyRecord, SettledBy, UsageRecord};
 use vault_core::store::KeyStore;
 
 use crate::metrics::Metrics;
@@ -118,6 +121,21 @@ impl PendingCall {
         self.settle(outcome, rule);
     }
 
+    /// Settles a call the provider did not answer: released if the request
+    /// never left (`sent` false), charged its reservation if it may have
+    /// reached the provider (docs/budgets.md#settlement).
+    pub(crate) fn finish_unanswered(mut self, sent: bool) {
+        self.settle_unanswered(sent);
+    }
+
+    fn settle_unanswered(&mut self, sent: bool) {
+        if sent {
+            self.settle(CallOutcome::Unmetered, SettledBy::CutReserved);
+        } else {
+            self.settle(CallOutcome::NotSent, SettledBy::NotSent);
+        }
+    }
+
     fn settle(&mut self, outcome: CallOutcome, rule: SettledBy) {
         let Some(mut record) = self.record.take() else {
             return;
@@ -143,11 +161,38 @@ impl Drop for PendingCall {
         if self.status() == 0 {
             self.set_status(ABANDONED);
         }
-        if self.sent {
-            self.settle(CallOutcome::Unmetered, SettledBy::CutReserved);
-        } else {
-            self.settle(CallOutcome::NotSent, SettledBy::NotSent);
-        }
+        self.settle_unanswered(self.sent);
+    }
+}
+
+/// A usage record of `key`'s call to `endpoint` at `at`, with no usage or
+/// cost yet: a refusal's as it is, an admitted call's until it settles.
+pub(crate) fn usage_record(
+    at: UnixMillis,
+    key: &KeyRecord,
+    provider: Option<Provider>,
+    endpoint: String,
+    model: Option<String>,
+) -> UsageRecord {
+    UsageRecord {
+        at,
+        key_id: key.id.clone(),
+        project: key.project.clone(),
+        provider,
+        endpoint,
+        model,
+        tokens_in: 0,
+        tokens_out: 0,
+        cost: Micros::ZERO,
+        latency_ms: 0,
+        status: 0,
+        denial: None,
+        shadow: false,
+        cached_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        audio_tokens: 0,
+        settlement: None,
     }
 }
 
