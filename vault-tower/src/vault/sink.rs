@@ -291,18 +291,7 @@ async fn run(
             }
         }
         if !granted.is_empty() {
-            // One settlement call (one store transaction) per batch.
-            let indices: Vec<usize> = granted.iter().map(|(_, _, i)| *i).collect();
-            let calls = granted
-                .into_iter()
-                .map(|(grant, outcome, i)| (grant, outcome, records[i].model.as_deref()))
-                .collect();
-            let charges = engine.settle_many(calls).await;
-            for (i, charge) in indices.into_iter().zip(charges) {
-                let record = &mut records[i];
-                record.cost = charge.cost;
-                record_usage(record, &charge.usage);
-            }
+            settle(engine.as_ref(), granted, &mut records).await;
         }
         for r in &records {
             metrics.observe(r);
@@ -327,25 +316,51 @@ async fn run(
             tracing::error!(error = %e, records = records.len(), "writing usage records failed");
         }
         if let (Some(log), false) = (&audit, events.is_empty()) {
-            let log = log.clone();
-            let failed = tokio::task::spawn_blocking(move || {
-                events
-                    .into_iter()
-                    .filter(|e| log.append(e.clone()).is_err())
-                    .count()
-            })
-            .await
-            .unwrap_or(1);
-            if failed > 0 {
-                metrics
-                    .audit_failures
-                    .fetch_add(failed as u64, Ordering::Relaxed);
-                tracing::error!(failed, "writing denial audit events failed");
-            }
+            append_events(log.clone(), events, &metrics).await;
         }
         for done in flushes {
             let _ = done.send(());
         }
         tokio::time::sleep(BATCH_INTERVAL).await;
+    }
+}
+
+/// Settles a batch's granted calls in one settlement call (one store
+/// transaction), writing each charge into its record: `granted` holds
+/// (grant, outcome, index into `records`).
+async fn settle(
+    engine: &dyn PolicyEngine,
+    granted: Vec<(Grant, CallOutcome, usize)>,
+    records: &mut [UsageRecord],
+) {
+    let indices: Vec<usize> = granted.iter().map(|(_, _, i)| *i).collect();
+    let calls = granted
+        .into_iter()
+        .map(|(grant, outcome, i)| (grant, outcome, records[i].model.as_deref()))
+        .collect();
+    let charges = engine.settle_many(calls).await;
+    for (i, charge) in indices.into_iter().zip(charges) {
+        let record = &mut records[i];
+        record.cost = charge.cost;
+        record_usage(record, &charge.usage);
+    }
+}
+
+/// Appends denial audit events off the runtime's worker threads, counting
+/// those that could not be written.
+async fn append_events(log: Arc<AuditLog>, events: Vec<AuditEvent>, metrics: &Metrics) {
+    let failed = tokio::task::spawn_blocking(move || {
+        events
+            .into_iter()
+            .filter(|e| log.append(e.clone()).is_err())
+            .count()
+    })
+    .await
+    .unwrap_or(1);
+    if failed > 0 {
+        metrics
+            .audit_failures
+            .fetch_add(failed as u64, Ordering::Relaxed);
+        tracing::error!(failed, "writing denial audit events failed");
     }
 }
