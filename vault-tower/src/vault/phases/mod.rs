@@ -1,8 +1,13 @@
 //! The request path of [`Vault`](crate::Vault), one phase per file:
 //!
 //! ```text
-//! authenticate → read_body → authorise → prepare_upstream → forward → wrap_response
-//!   Caller      Payload     Admitted     (Outbound, Call)   (Reply, Call)   Response
+//! phase              file              produces
+//! authenticate       authenticate.rs   Caller
+//! read_body          read_body.rs      Payload
+//! authorise          authorise.rs      Admitted (with its Call)
+//! prepare_upstream   prepare.rs        Outbound + Call
+//! forward            forward.rs        Reply + Call
+//! wrap_response      wrap.rs           Response<MeteredBody<_>>
 //! ```
 //!
 //! Each phase takes what the one before it produced and returns what the
@@ -31,6 +36,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
+use vault_core::denial::Denial;
 use vault_core::meter::{Endpoint, RequestInspection};
 use vault_core::policy::LimitHeaders;
 use vault_core::provider::{Provider, UsageFormat};
@@ -176,7 +182,7 @@ struct Call {
 
 impl Call {
     /// Refuses the call before anything was sent: its reservation is released.
-    fn not_sent(self, denial: vault_core::denial::Denial) -> Refusal {
+    fn not_sent(self, denial: Denial) -> Refusal {
         Refusal::not_sent(denial, self.pending, self.limits)
     }
 }
