@@ -18,7 +18,11 @@ use super::sink::{PendingCall, usage_record};
 use crate::context::VaultContext;
 use crate::response::{add_limit_headers, denial_response};
 
-/// A request the layer answers itself, with what it must record. Never
+/// A request the layer answers itself, with what it must record. Small:
+/// phases return it in a `Result` on the hot path, so an admitted call (a
+/// few hundred bytes) is boxed here, on the rare refusals after admission
+/// (no provider key, a panicking inner service), not moved with every
+/// `Result`. Never
 /// reaches the inner service (or, for [`cut`](Refusal::cut), no longer
 /// waits for it).
 pub(crate) struct Refusal {
@@ -39,13 +43,13 @@ enum Refused {
     /// An admitted call refused before anything was sent: its reservation
     /// is released and its record carries the denial.
     NotSent {
-        call: PendingCall,
+        call: Box<PendingCall>,
         limits: LimitHeaders,
     },
     /// An admitted call that failed after the request may have reached the
     /// provider: it is charged its reservation.
     Cut {
-        call: PendingCall,
+        call: Box<PendingCall>,
         limits: LimitHeaders,
     },
 }
@@ -103,7 +107,10 @@ impl Refusal {
     pub(crate) fn not_sent(denial: Denial, call: PendingCall, limits: LimitHeaders) -> Self {
         Refusal {
             denial,
-            of: Refused::NotSent { call, limits },
+            of: Refused::NotSent {
+                call: Box::new(call),
+                limits,
+            },
         }
     }
 
@@ -111,7 +118,10 @@ impl Refusal {
     pub(crate) fn cut(denial: Denial, call: PendingCall, limits: LimitHeaders) -> Self {
         Refusal {
             denial,
-            of: Refused::Cut { call, limits },
+            of: Refused::Cut {
+                call: Box::new(call),
+                limits,
+            },
         }
     }
 

@@ -12,10 +12,9 @@ use tower_service::Service;
 use vault_core::crypto::ProviderSecret;
 use vault_core::denial::Denial;
 
+use super::Call;
 use super::prepare::Outbound;
-use super::{Call, Halt};
 use crate::mock::{MockBody, MockProvider};
-use crate::vault::refusal::Refusal;
 
 /// What came back, and from where.
 pub(super) enum Reply<B> {
@@ -29,13 +28,21 @@ pub(super) enum Reply<B> {
     },
 }
 
-/// Sends `outbound`. From here an unsettled drop charges the reservation:
-/// the request may have reached the provider.
+/// Why there is no reply.
+pub(super) enum Failed<E> {
+    /// The inner service panicked (the payload is dropped unread).
+    Panicked,
+    /// The inner service failed: passed on as the layer's error.
+    Inner(E),
+}
+
+/// Sends `outbound` for `call`. From here an unsettled drop charges the
+/// reservation: the request may have reached the provider.
 pub(super) async fn forward<S, B, R>(
     mut inner: S,
     outbound: Outbound<B>,
-    mut call: Call,
-) -> Result<(Reply<R>, Call), Halt<S::Error>>
+    call: &mut Call,
+) -> Result<Reply<R>, Failed<S::Error>>
 where
     S: Service<Request<B>, Response = Response<R>>,
 {
@@ -46,7 +53,7 @@ where
                 Ok(r) => r,
                 Err(never) => match never {},
             };
-            return Ok((Reply::Mock(response), call));
+            return Ok(Reply::Mock(response));
         }
         Outbound::Provider { request, secret } => (request, secret),
     };
@@ -57,16 +64,15 @@ where
     // secrets included. An error from the inner service is passed on; the
     // call is charged the same way as it drops.
     match CatchPanic::new(async move { inner.call(request).await }).await {
-        Ok(Ok(response)) => Ok((Reply::Provider { response, secret }, call)),
+        Ok(Ok(response)) => Ok(Reply::Provider { response, secret }),
         Ok(Err(e)) => {
             let status = Denial::UpstreamUnavailable(String::new()).status();
             call.pending.set_status(status);
-            Err(Halt::Inner(e))
+            Err(Failed::Inner(e))
         }
         Err(Panicked) => {
             tracing::error!(provider = %call.provider, "the inner service panicked");
-            let refusal = Refusal::cut(Denial::Internal, call.pending, call.limits);
-            Err(Halt::Refused(refusal))
+            Err(Failed::Panicked)
         }
     }
 }

@@ -1,25 +1,26 @@
 //! The request path of [`Vault`](crate::Vault), one phase per file:
 //!
 //! ```text
-//! phase              file              produces
-//! authenticate       authenticate.rs   Caller
-//! read_body          read_body.rs      Payload
-//! authorise          authorise.rs      Admitted (with its Call)
-//! prepare_upstream   prepare.rs        Outbound + Call
-//! forward            forward.rs        Reply + Call
+//! phase              file              produces          or
+//! authenticate       authenticate.rs   Caller            Refusal
+//! read_body          read_body.rs      Payload           Refusal
+//! authorise          authorise.rs      Admitted + Call   Refusal
+//! prepare_upstream   prepare.rs        Outbound          Denial
+//! forward            forward.rs        Reply             Failed
 //! wrap_response      wrap.rs           Response<MeteredBody<_>>
 //! ```
 //!
 //! Each phase takes what the one before it produced and returns what the
-//! next needs, or a [`Refusal`]; [`handle`] hands every refusal to
-//! [`Refusal::respond`]. From [`authorise`](authorise::authorise) on the
-//! call is a [`Call`], which settles exactly once however the path ends
-//! (docs/budgets.md#settlement).
+//! next needs, or why not; [`handle`] hands every [`Refusal`] to
+//! [`Refusal::respond`]. From [`authorise`](authorise::authorise) on, the
+//! call is a [`Call`] that settles exactly once however the path ends
+//! (docs/budgets.md#settlement). [`handle`] keeps it and lends it to the
+//! later phases (moving it into each would copy its few hundred bytes every
+//! time); it turns their denial or failure into the call's refusal.
 
 #![expect(
     clippy::result_large_err,
-    clippy::large_enum_variant,
-    reason = "a Refusal can carry its admitted call (a few hundred bytes); boxing it would cost an allocation per refused request, and these values live in the request's one boxed future anyway"
+    reason = "a Refusal (~150 bytes: a key's attribution and limit headers) is returned by value; boxing it would cost an allocation per refused request"
 )]
 
 mod authenticate;
@@ -47,7 +48,20 @@ use super::refusal::{Attribution, Refusal};
 use super::sink::PendingCall;
 use crate::context::VaultContext;
 
-/// Runs the request path for one request.
+/// The phase's product, or — for a refusal — the answer from
+/// [`Refusal::respond`], returned at once.
+macro_rules! or_refuse {
+    ($ctx:expr, $phase:expr) => {
+        match $phase {
+            Ok(product) => product,
+            Err(refusal) => return Ok(Refusal::respond(refusal, $ctx)),
+        }
+    };
+}
+
+/// Runs the phases in order for one request. One frame for the whole path
+/// (no wrapper turning a returned refusal into a response): the answer is
+/// a few hundred bytes, copied once more per layer it passes through.
 pub(super) async fn handle<S, ReqBody, ResBody>(
     ctx: Arc<VaultContext>,
     inner: S,
@@ -62,51 +76,32 @@ where
     ResBody: Body<Data = Bytes> + Send,
     ResBody::Error: Into<BoxError>,
 {
-    match run(&ctx, inner, req).await {
-        Ok(resp) => Ok(resp),
-        Err(Halt::Refused(refusal)) => Ok(refusal.respond(&ctx)),
-        Err(Halt::Inner(e)) => Err(e),
-    }
-}
-
-/// The phases in order.
-async fn run<S, ReqBody, ResBody>(
-    ctx: &VaultContext,
-    inner: S,
-    req: Request<ReqBody>,
-) -> Result<Response<MeteredBody<ResBody>>, Halt<S::Error>>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
-    S::Future: Send,
-    ReqBody: Body + From<Bytes> + Send,
-    ReqBody::Data: Send,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes> + Send,
-    ResBody::Error: Into<BoxError>,
-{
+    let ctx = &*ctx;
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let caller = authenticate::authenticate(ctx, &parts).await?;
-    let payload = read_body::read_body(ctx, &parts, body, &caller).await?;
-    let admitted = authorise::authorise(ctx, &parts.method, caller, payload, started).await?;
-    let (outbound, call) = prepare::prepare_upstream(ctx, admitted, parts).await?;
-    let (reply, call) = forward::forward(inner, outbound, call).await?;
+    let caller = or_refuse!(ctx, authenticate::authenticate(ctx, &parts).await);
+    let payload = or_refuse!(ctx, read_body::read_body(ctx, &parts, body, &caller).await);
+    let admitted = authorise::authorise(ctx, &parts.method, caller, payload, started).await;
+    // From here the call stays in this frame: the later phases borrow it,
+    // and their denials and failures become its refusal here.
+    let Admitted {
+        key,
+        path,
+        payload,
+        mut call,
+    } = or_refuse!(ctx, admitted);
+    let prepared = prepare::prepare_upstream(ctx, &call, &key, &path, payload, parts).await;
+    let outbound = match prepared {
+        Ok(outbound) => outbound,
+        Err(denial) => return Ok(call.not_sent(denial).respond(ctx)),
+    };
+    let reply = match forward::forward(inner, outbound, &mut call).await {
+        Ok(reply) => reply,
+        Err(forward::Failed::Panicked) => return Ok(call.cut(Denial::Internal).respond(ctx)),
+        // Passed on as the layer's error; the call settles as it drops.
+        Err(forward::Failed::Inner(e)) => return Err(e),
+    };
     Ok(wrap::wrap_response(reply, call))
-}
-
-/// Why the path stopped before there was an answer to wrap.
-enum Halt<E> {
-    /// The layer refused: answered by [`Refusal::respond`].
-    Refused(Refusal),
-    /// The inner service failed: passed on as the layer's error (the call
-    /// settles as it drops).
-    Inner(E),
-}
-
-impl<E> From<Refusal> for Halt<E> {
-    fn from(refusal: Refusal) -> Self {
-        Halt::Refused(refusal)
-    }
 }
 
 /// Who is calling and what for: what [`authenticate`](authenticate::authenticate) found.
@@ -184,5 +179,11 @@ impl Call {
     /// Refuses the call before anything was sent: its reservation is released.
     fn not_sent(self, denial: Denial) -> Refusal {
         Refusal::not_sent(denial, self.pending, self.limits)
+    }
+
+    /// Ends the call with `denial` after it may have been sent: it is
+    /// charged its reservation.
+    fn cut(self, denial: Denial) -> Refusal {
+        Refusal::cut(denial, self.pending, self.limits)
     }
 }

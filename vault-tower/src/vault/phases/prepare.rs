@@ -15,12 +15,11 @@ use vault_core::meter::rewrite_request_at;
 use vault_core::provider::{AuthStyle, Provider};
 use vault_core::record::KeyRecord;
 
-use super::{Admitted, Call, Payload};
+use super::{Call, Payload};
 use crate::context::VaultContext;
 use crate::credentials::{strip_key_param, strip_request_headers};
 use crate::forward::Upstream;
 use crate::mock::MockTarget;
-use crate::vault::refusal::Refusal;
 
 /// Where an admitted call goes: one or the other, never half of each.
 enum Target<'a> {
@@ -46,26 +45,18 @@ pub(super) enum Outbound<B> {
     },
 }
 
-/// The request `admitted` sends, built from the client's `parts`.
+/// The request `call` sends for `key` to the upstream `path`, built from
+/// the client's `parts` and `payload`; or why it cannot be sent.
 pub(super) async fn prepare_upstream<B: From<Bytes>>(
     ctx: &VaultContext,
-    admitted: Admitted,
+    call: &Call,
+    key: &KeyRecord,
+    path: &str,
+    payload: Payload,
     mut parts: Parts,
-) -> Result<(Outbound<B>, Call), Refusal> {
-    let Admitted {
-        key,
-        path,
-        payload,
-        call,
-    } = admitted;
-    let target = match target(ctx, &key, call.provider).await {
-        Ok(t) => t,
-        Err(d) => return Err(call.not_sent(d)),
-    };
-    let body = match rewrite(payload, &call, &path) {
-        Ok(b) => b,
-        Err(d) => return Err(call.not_sent(d)),
-    };
+) -> Result<Outbound<B>, Denial> {
+    let target = target(ctx, key, call.provider).await?;
+    let body = rewrite(payload, call, path)?;
     strip_request_headers(&mut parts.headers);
     let query = parts.uri.query().and_then(strip_key_param);
     let outbound = match target {
@@ -80,11 +71,12 @@ pub(super) async fn prepare_upstream<B: From<Bytes>>(
             Outbound::Mock(req)
         }
         Target::Provider { upstream, secret } => {
-            parts.uri = match upstream.uri_for(&path, query.as_deref()) {
+            parts.uri = match upstream.uri_for(path, query.as_deref()) {
                 Ok(u) => u,
                 Err(_) => {
-                    let d = Denial::InvalidRequest("the request target is invalid".to_owned());
-                    return Err(call.not_sent(d));
+                    return Err(Denial::InvalidRequest(
+                        "the request target is invalid".to_owned(),
+                    ));
                 }
             };
             inject_credential(&mut parts.headers, call.provider, &secret);
@@ -96,7 +88,7 @@ pub(super) async fn prepare_upstream<B: From<Bytes>>(
             Outbound::Provider { request, secret }
         }
     };
-    Ok((outbound, call))
+    Ok(outbound)
 }
 
 /// The mock for test keys (when the context says so); else the provider's
