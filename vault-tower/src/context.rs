@@ -16,10 +16,10 @@ use vault_core::record::{KeyRecord, ProviderKeyRecord};
 use vault_core::store::{KeyStore, StoreError};
 
 use crate::credentials::{Presented, presented_key};
+use crate::forward::Upstreams;
 use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
-use crate::sink::UsageSink;
-use crate::upstream::Upstreams;
+use crate::vault::sink::UsageSink;
 
 /// How long a cached key record is trusted. A revocation made by another
 /// process sharing the store is seen within this bound, under the second

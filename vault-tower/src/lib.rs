@@ -43,34 +43,26 @@
 //! ```
 
 pub mod admin;
-mod body;
 mod context;
 mod credentials;
 mod forward;
-mod future;
-mod layer;
 mod maintenance;
 mod metrics;
 mod mock;
-mod pool;
 mod response;
 pub mod server;
-mod service;
-mod sink;
-mod upstream;
+mod vault;
 
-pub use body::{BoxError, MeteredBody};
 pub use context::{KEY_CACHE_TTL, RequestLimits, VaultContext, VaultContextBuilder};
-pub use forward::{ForwardBody, Forwarder, IdleTimeout, UpstreamFailure};
-pub use future::ResponseFuture;
-pub use layer::VaultLayer;
+pub use forward::{
+    BadBaseUrl, Exchange, ForwardBody, Forwarder, IdleTimeout, Timeouts, Upstream, UpstreamFailure,
+    Upstreams,
+};
 pub use maintenance::{DEFAULT_SWEEP_INTERVAL, Maintenance};
 pub use metrics::Metrics;
 pub use mock::{MockBody, MockProvider, MockTarget};
-pub use pool::Exchange;
 pub use response::{
     BUDGET_REMAINING, OUTPUT_TOKENS_CLAMPED, RATE_LIMIT_LIMIT, RATE_LIMIT_REMAINING,
     RATE_LIMIT_RESET, SHADOW_DENIAL, add_limit_headers, denial_response,
 };
-pub use service::Vault;
-pub use upstream::{BadBaseUrl, Timeouts, Upstream, Upstreams};
+pub use vault::{BoxError, MeteredBody, ResponseFuture, Vault, VaultLayer};

@@ -65,7 +65,7 @@ use crate::meter::Usage;
 use crate::money::Micros;
 use crate::pricing::{ModelPrice, PriceTable};
 use crate::provider::Provider;
-use crate::record::{BudgetLine, KeyRecord, KeyStatus, Settlement};
+use crate::record::{KeyRecord, KeyStatus, Settlement};
 use crate::scope::Permission;
 use crate::store::{KeyStore, StoreError};
 
@@ -172,14 +172,6 @@ impl Estimate {
             .saturating_sub(self.prompt_cost)
             .tokens_affordable(self.output_price)
             .map(|t| t.min(self.output_tokens))
-    }
-}
-
-fn period_start(period: BudgetPeriod, now: UnixMillis) -> UnixMillis {
-    match period {
-        BudgetPeriod::Total => UnixMillis(0),
-        BudgetPeriod::Daily => now.start_of_utc_day(),
-        BudgetPeriod::Monthly => now.start_of_utc_month(),
     }
 }
 
@@ -473,11 +465,7 @@ impl PolicyEngine for DefaultEngine {
                     headers
                 ),
                 (Some(_), Some(p)) => {
-                    let line = BudgetLine {
-                        key: budget_key.clone(),
-                        limit: budget.limit,
-                        period_start: period_start(budget.period, now),
-                    };
+                    let line = budget.line(budget_key.clone(), now);
                     // Only a limit the client left open is lowered, unless
                     // the budget opts in to lowering explicit ones too.
                     let clamp = self.clamp_output
@@ -682,7 +670,7 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::key::{KeyEnv, KeyHash, KeyPrefix};
     use crate::policy::{Budget, EndpointRule, ModelGlob, Policy, RateLimit};
-    use crate::record::BudgetUsage;
+    use crate::record::{BudgetLine, BudgetUsage};
     use crate::scope::Scopes;
     use crate::store::MemoryStore;
 

@@ -4,8 +4,11 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::clock::UnixMillis;
+use crate::key::KeyId;
 use crate::money::Micros;
 use crate::provider::Provider;
+use crate::record::BudgetLine;
 
 /// A key's policy: every field optional; absent means "no restriction".
 /// Stored with the key record (plans are resolved into it at creation).
@@ -50,6 +53,19 @@ pub enum BudgetPeriod {
     Monthly,
 }
 
+impl BudgetPeriod {
+    /// When the period holding `now` began: the epoch for `total`, 00:00 UTC
+    /// for `daily`, the first of the month for `monthly`. A budget line is
+    /// keyed by it, so spend starts afresh when it moves (docs/budgets.md).
+    pub fn start_at(self, now: UnixMillis) -> UnixMillis {
+        match self {
+            BudgetPeriod::Total => UnixMillis(0),
+            BudgetPeriod::Daily => now.start_of_utc_day(),
+            BudgetPeriod::Monthly => now.start_of_utc_month(),
+        }
+    }
+}
+
 /// A dollar budget over a period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,6 +81,18 @@ pub struct Budget {
     /// (limits the client left open are always lowered to what fits).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub clamp_explicit_limits: bool,
+}
+
+impl Budget {
+    /// `key`'s line for this budget in the period holding `now`: what
+    /// reservations are held against and spend is summed over.
+    pub fn line(&self, key: KeyId, now: UnixMillis) -> BudgetLine {
+        BudgetLine {
+            key,
+            limit: self.limit,
+            period_start: self.period.start_at(now),
+        }
+    }
 }
 
 fn default_period() -> BudgetPeriod {
@@ -326,6 +354,31 @@ fn glob_within(inner: &str, outer: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budget_lines_start_with_their_period() {
+        // 2024-03-15T13:20:00Z.
+        let now = UnixMillis(1_710_508_800_000);
+        assert_eq!(BudgetPeriod::Total.start_at(now), UnixMillis(0));
+        assert_eq!(
+            BudgetPeriod::Daily.start_at(now),
+            UnixMillis(1_710_460_800_000)
+        );
+        assert_eq!(
+            BudgetPeriod::Monthly.start_at(now),
+            UnixMillis(1_709_251_200_000)
+        );
+        let budget = Budget {
+            limit: Micros(5_000_000),
+            period: BudgetPeriod::Daily,
+            clamp_explicit_limits: false,
+        };
+        let key = KeyId::generate().unwrap();
+        let line = budget.line(key.clone(), now);
+        assert_eq!(line.key, key);
+        assert_eq!(line.limit, Micros(5_000_000));
+        assert_eq!(line.period_start, UnixMillis(1_710_460_800_000));
+    }
 
     #[test]
     fn endpoint_rules_match_segments() {

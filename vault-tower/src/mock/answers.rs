@@ -1,87 +1,17 @@
-//! The built-in mock provider: answers `vpx_test_` keys in each provider's
-//! own shape (JSON and SSE) with deterministic, realistic `usage`, honouring
-//! the output limit, so a fresh install works offline. It never dials out.
-
-use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::future::{Ready, ready};
-use std::pin::Pin;
-use std::task::{Context, Poll};
+//! Each provider's answer, in its own shape, with deterministic usage.
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
 use serde_json::{Value, json};
 use vault_core::provider::{Provider, UsageFormat};
+
+use super::body::MockBody;
 
 /// The text every mock completion is cut from.
 const MOCK_TEXT: &str = "This is a mock response from the vaultgate test provider. \
 It answers test keys offline with realistic usage so budgets, rate limits and metering \
 can be tried without a real provider key.";
-
-/// The provider a mock request is addressed to (set by the layer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MockTarget(pub Provider);
-
-/// A tower service answering in each provider's shape. The request's path is
-/// the upstream path (e.g. `/v1/chat/completions`); a [`MockTarget`]
-/// extension names the provider (OpenAI-compatible when absent).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct MockProvider;
-
-impl tower_service::Service<Request<Bytes>> for MockProvider {
-    type Response = Response<MockBody>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<MockBody>, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let provider = req
-            .extensions()
-            .get::<MockTarget>()
-            .map_or(Provider::OpenAi, |t| t.0);
-        ready(Ok(answer(provider, &req)))
-    }
-}
-
-/// A mock response body: frames handed out one per poll.
-#[derive(Debug, Default)]
-pub struct MockBody {
-    frames: VecDeque<Bytes>,
-}
-
-impl MockBody {
-    fn new(frames: Vec<Bytes>) -> Self {
-        MockBody {
-            frames: frames.into(),
-        }
-    }
-}
-
-impl Body for MockBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.frames.pop_front().map(|b| Ok(Frame::data(b))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.frames.is_empty()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let n: usize = self.frames.iter().map(Bytes::len).sum();
-        SizeHint::with_exact(n as u64)
-    }
-}
 
 struct Ask {
     model: String,
@@ -101,7 +31,9 @@ impl Ask {
     }
 }
 
-fn answer(provider: Provider, req: &Request<Bytes>) -> Response<MockBody> {
+/// The mock `provider`'s answer to `req`: its models, a completion in its
+/// shape (JSON or SSE), or 404 for a path it does not implement.
+pub(super) fn answer(provider: Provider, req: &Request<Bytes>) -> Response<MockBody> {
     let path = req.uri().path();
     let query = req.uri().query().unwrap_or("");
     if req.method() == http::Method::GET && path.ends_with("/models") {

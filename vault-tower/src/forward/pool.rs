@@ -38,8 +38,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-/// Errors of request bodies the pool sends.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::BoxError;
+
 /// The request body type on upstream connections.
 pub(crate) type ReqBody = UnsyncBoxBody<Bytes, BoxError>;
 

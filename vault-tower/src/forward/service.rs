@@ -1,28 +1,22 @@
-//! The default inner service: forwards the rewritten request over pooled
-//! HTTP/1.1 connections that each call drives in its own task (see
-//! [`pool`](crate::pool); TLS by rustls with the `ring` provider), with
-//! explicit timeouts and no redirects followed.
-//!
-//! Failures become the 502/504 JSON responses of docs/api.md#errors, carrying
-//! an [`UpstreamFailure`] extension, so the layer knows whether the request
-//! reached the provider (the `not_sent` rule of docs/budgets.md#settlement).
+//! `Forwarder`: the `Service` that sends a rewritten request upstream and
+//! turns a failure into a 502/504 answer marked [`UpstreamFailure`].
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full};
-use tokio::time::{Instant, Sleep};
+use http_body::Body;
+use http_body_util::BodyExt;
 use vault_core::denial::Denial;
 
-use crate::pool::{BoxError, ConnPool, Exchange, SendError};
+use super::body::ForwardBody;
+use super::pool::{ConnPool, SendError};
+use super::upstream::Timeouts;
+use crate::BoxError;
 use crate::response::denial_response;
-use crate::upstream::Timeouts;
 
 /// Marks a response that vaultgate made because the upstream failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,90 +116,4 @@ fn failure(d: Denial, sent: bool) -> Response<ForwardBody> {
     let mut resp = denial_response(&d).map(ForwardBody::full);
     resp.extensions_mut().insert(UpstreamFailure { sent });
     resp
-}
-
-pin_project_lite::pin_project! {
-    /// The forwarder's response body: the upstream's, with an idle timeout,
-    /// or vaultgate's own error body.
-    // pin-project-lite cannot carry docs on variant fields.
-    #[allow(missing_docs)]
-    #[project = ForwardBodyProj]
-    pub enum ForwardBody {
-        /// Streaming from the upstream.
-        Upstream {
-            #[pin]
-            body: Exchange,
-            #[pin]
-            idle: Sleep,
-            idle_for: Duration,
-        },
-        /// A complete body made here.
-        Full {
-            #[pin]
-            body: Full<Bytes>,
-        },
-    }
-}
-
-impl ForwardBody {
-    fn upstream(body: Exchange, idle_for: Duration) -> Self {
-        ForwardBody::Upstream {
-            body,
-            idle: tokio::time::sleep(idle_for),
-            idle_for,
-        }
-    }
-
-    fn full(body: Full<Bytes>) -> Self {
-        ForwardBody::Full { body }
-    }
-}
-
-/// The upstream fell silent for longer than the idle timeout mid-body.
-#[derive(Debug, thiserror::Error)]
-#[error("the upstream was silent for longer than the idle timeout")]
-pub struct IdleTimeout;
-
-impl Body for ForwardBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.project() {
-            ForwardBodyProj::Upstream {
-                body,
-                mut idle,
-                idle_for,
-            } => match body.poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    idle.as_mut().reset(Instant::now() + *idle_for);
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => match idle.poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout)))),
-                    Poll::Pending => Poll::Pending,
-                },
-            },
-            ForwardBodyProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ForwardBody::Upstream { body, .. } => body.is_end_stream(),
-            ForwardBody::Full { body } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ForwardBody::Upstream { body, .. } => body.size_hint(),
-            ForwardBody::Full { body } => body.size_hint(),
-        }
-    }
 }

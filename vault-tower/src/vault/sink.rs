@@ -9,9 +9,12 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use vault_core::audit::{AuditEvent, AuditLog};
+use vault_core::clock::UnixMillis;
 use vault_core::meter::Usage;
+use vault_core::money::Micros;
 use vault_core::policy::{CallOutcome, Grant, PolicyEngine};
-use vault_core::record::{SettledBy, UsageRecord};
+use vault_core::provider::Provider;
+use vault_core::record::{KeyRecord, SettledBy, UsageRecord};
 use vault_core::store::KeyStore;
 
 use crate::metrics::Metrics;
@@ -118,6 +121,21 @@ impl PendingCall {
         self.settle(outcome, rule);
     }
 
+    /// Settles a call the provider did not answer: released if the request
+    /// never left (`sent` false), charged its reservation if it may have
+    /// reached the provider (docs/budgets.md#settlement).
+    pub(crate) fn finish_unanswered(mut self, sent: bool) {
+        self.settle_unanswered(sent);
+    }
+
+    fn settle_unanswered(&mut self, sent: bool) {
+        if sent {
+            self.settle(CallOutcome::Unmetered, SettledBy::CutReserved);
+        } else {
+            self.settle(CallOutcome::NotSent, SettledBy::NotSent);
+        }
+    }
+
     fn settle(&mut self, outcome: CallOutcome, rule: SettledBy) {
         let Some(mut record) = self.record.take() else {
             return;
@@ -143,11 +161,38 @@ impl Drop for PendingCall {
         if self.status() == 0 {
             self.set_status(ABANDONED);
         }
-        if self.sent {
-            self.settle(CallOutcome::Unmetered, SettledBy::CutReserved);
-        } else {
-            self.settle(CallOutcome::NotSent, SettledBy::NotSent);
-        }
+        self.settle_unanswered(self.sent);
+    }
+}
+
+/// A usage record of `key`'s call to `endpoint` at `at`, with no usage or
+/// cost yet: a refusal's as it is, an admitted call's until it settles.
+pub(crate) fn usage_record(
+    at: UnixMillis,
+    key: &KeyRecord,
+    provider: Option<Provider>,
+    endpoint: String,
+    model: Option<String>,
+) -> UsageRecord {
+    UsageRecord {
+        at,
+        key_id: key.id.clone(),
+        project: key.project.clone(),
+        provider,
+        endpoint,
+        model,
+        tokens_in: 0,
+        tokens_out: 0,
+        cost: Micros::ZERO,
+        latency_ms: 0,
+        status: 0,
+        denial: None,
+        shadow: false,
+        cached_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        audio_tokens: 0,
+        settlement: None,
     }
 }
 
@@ -246,18 +291,7 @@ async fn run(
             }
         }
         if !granted.is_empty() {
-            // One settlement call (one store transaction) per batch.
-            let indices: Vec<usize> = granted.iter().map(|(_, _, i)| *i).collect();
-            let calls = granted
-                .into_iter()
-                .map(|(grant, outcome, i)| (grant, outcome, records[i].model.as_deref()))
-                .collect();
-            let charges = engine.settle_many(calls).await;
-            for (i, charge) in indices.into_iter().zip(charges) {
-                let record = &mut records[i];
-                record.cost = charge.cost;
-                record_usage(record, &charge.usage);
-            }
+            settle(engine.as_ref(), granted, &mut records).await;
         }
         for r in &records {
             metrics.observe(r);
@@ -282,25 +316,51 @@ async fn run(
             tracing::error!(error = %e, records = records.len(), "writing usage records failed");
         }
         if let (Some(log), false) = (&audit, events.is_empty()) {
-            let log = log.clone();
-            let failed = tokio::task::spawn_blocking(move || {
-                events
-                    .into_iter()
-                    .filter(|e| log.append(e.clone()).is_err())
-                    .count()
-            })
-            .await
-            .unwrap_or(1);
-            if failed > 0 {
-                metrics
-                    .audit_failures
-                    .fetch_add(failed as u64, Ordering::Relaxed);
-                tracing::error!(failed, "writing denial audit events failed");
-            }
+            append_events(log.clone(), events, &metrics).await;
         }
         for done in flushes {
             let _ = done.send(());
         }
         tokio::time::sleep(BATCH_INTERVAL).await;
+    }
+}
+
+/// Settles a batch's granted calls in one settlement call (one store
+/// transaction), writing each charge into its record: `granted` holds
+/// (grant, outcome, index into `records`).
+async fn settle(
+    engine: &dyn PolicyEngine,
+    granted: Vec<(Grant, CallOutcome, usize)>,
+    records: &mut [UsageRecord],
+) {
+    let indices: Vec<usize> = granted.iter().map(|(_, _, i)| *i).collect();
+    let calls = granted
+        .into_iter()
+        .map(|(grant, outcome, i)| (grant, outcome, records[i].model.as_deref()))
+        .collect();
+    let charges = engine.settle_many(calls).await;
+    for (i, charge) in indices.into_iter().zip(charges) {
+        let record = &mut records[i];
+        record.cost = charge.cost;
+        record_usage(record, &charge.usage);
+    }
+}
+
+/// Appends denial audit events off the runtime's worker threads, counting
+/// those that could not be written.
+async fn append_events(log: Arc<AuditLog>, events: Vec<AuditEvent>, metrics: &Metrics) {
+    let failed = tokio::task::spawn_blocking(move || {
+        events
+            .into_iter()
+            .filter(|e| log.append(e.clone()).is_err())
+            .count()
+    })
+    .await
+    .unwrap_or(1);
+    if failed > 0 {
+        metrics
+            .audit_failures
+            .fetch_add(failed as u64, Ordering::Relaxed);
+        tracing::error!(failed, "writing denial audit events failed");
     }
 }

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use http::Response;
 
-use crate::body::MeteredBody;
+use super::body::MeteredBody;
 
 type Inner<B, E> = Pin<Box<dyn Future<Output = Result<Response<MeteredBody<B>>, E>> + Send>>;
 

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
+use super::service::Vault;
 use crate::context::VaultContext;
-use crate::service::Vault;
 
 /// Adds vaultgate to a service: authenticate the virtual key, apply its
 /// policy, inject the provider key, forward, meter. Small and `Clone`.

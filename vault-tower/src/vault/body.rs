@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -14,8 +14,8 @@ use vault_core::meter::{Filtered, HideUsageChunk, UsageMeter};
 use vault_core::policy::CallOutcome;
 use vault_core::record::SettledBy;
 
+use super::sink::PendingCall;
 use crate::mock::MockBody;
-use crate::sink::PendingCall;
 
 /// Errors a metered body can yield: the inner body's, boxed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -24,10 +24,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const REDACT_CAP: usize = 1 << 20;
 
 pin_project_lite::pin_project! {
+    /// Where a [`MeteredBody`]'s bytes come from.
     #[project = SourceProj]
-    enum Source<B> {
+    pub(crate) enum Source<B> {
+        /// The inner service's body.
         Upstream { #[pin] body: B },
+        /// The mock provider's.
         Mock { #[pin] body: MockBody },
+        /// A complete body made by vaultgate (refusals).
         Full { #[pin] body: Full<Bytes> },
     }
 }
@@ -69,20 +73,13 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> MeteredBody<B> {
-    pub(crate) fn upstream(body: B, metering: Metering) -> Self {
-        Self::with_source(Source::Upstream { body }, metering)
-    }
-
-    pub(crate) fn mock(body: MockBody, metering: Metering) -> Self {
-        Self::with_source(Source::Mock { body }, metering)
-    }
-
     /// A complete body made by vaultgate (denials), with nothing to meter.
     pub(crate) fn full(body: Full<Bytes>) -> Self {
-        Self::with_source(Source::Full { body }, Metering::default())
+        Self::new(Source::Full { body }, Metering::default())
     }
 
-    fn with_source(source: Source<B>, metering: Metering) -> Self {
+    /// `source`'s bytes, metered and settled by `metering`.
+    pub(crate) fn new(source: Source<B>, metering: Metering) -> Self {
         MeteredBody {
             source,
             metering,
@@ -155,6 +152,25 @@ fn finish(m: &mut Metering, redact_buf: &[u8]) -> Bytes {
     tail
 }
 
+impl<B> Source<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    fn poll_source(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            SourceProj::Upstream { body } => body
+                .poll_frame(cx)
+                .map(|r| r.map(|r| r.map_err(Into::into))),
+            SourceProj::Mock { body } => body.poll_frame(cx).map_err(|e| match e {}),
+            SourceProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
+        }
+    }
+}
+
 impl<B: Body> Source<B> {
     fn is_end(&self) -> bool {
         match self {
@@ -162,6 +178,64 @@ impl<B: Body> Source<B> {
             Source::Mock { body } => body.is_end_stream(),
             Source::Full { body } => body.is_end_stream(),
         }
+    }
+}
+
+/// What [`on_data`] makes of a data frame.
+enum Step {
+    /// Pass these bytes on.
+    Emit(Bytes),
+    /// Nothing to pass on yet: poll the source again.
+    Continue,
+    /// The body is over.
+    End,
+}
+
+/// Meters a data frame and decides what of it goes out: held back while an
+/// error body is gathered for redaction, the usage chunk vaultgate asked
+/// for hidden, and what was held back joined on when the source has ended
+/// (the call then settles).
+fn on_data(
+    m: &mut Metering,
+    redact_buf: &mut Vec<u8>,
+    ended: &mut bool,
+    frame: Bytes,
+    source_ended: bool,
+) -> Step {
+    if let Some(meter) = m.meter.as_mut() {
+        meter.feed(&frame);
+    }
+    if m.redact.is_some() {
+        let room = REDACT_CAP.saturating_sub(redact_buf.len());
+        redact_buf.extend_from_slice(&frame[..frame.len().min(room)]);
+        if !source_ended {
+            return Step::Continue;
+        }
+    }
+    let mut out = match (&m.redact, m.hide.as_mut()) {
+        (Some(_), _) => Bytes::new(),
+        (None, Some(hide)) => match hide.filter(&frame) {
+            Filtered::Unchanged => frame,
+            Filtered::Replaced(out) => Bytes::from(out),
+        },
+        (None, None) => frame,
+    };
+    if source_ended {
+        // Servers stop polling a body whose length is known once it is all
+        // sent: finish here, not at `None`.
+        *ended = true;
+        let tail = finish(m, redact_buf);
+        if !tail.is_empty() {
+            let mut joined = Vec::with_capacity(out.len() + tail.len());
+            joined.extend_from_slice(&out);
+            joined.extend_from_slice(&tail);
+            out = Bytes::from(joined);
+        }
+    }
+    match (out.is_empty(), source_ended) {
+        (false, _) => Step::Emit(out),
+        (true, false) => Step::Continue,
+        (true, true) => Step::End,
     }
 }
 
@@ -185,67 +259,20 @@ where
             return Poll::Ready(None);
         }
         loop {
-            let polled: Option<Result<Frame<Bytes>, BoxError>> =
-                match this.source.as_mut().project() {
-                    SourceProj::Upstream { body } => match body.poll_frame(cx) {
-                        Poll::Ready(r) => r.map(|r| r.map_err(Into::into)),
-                        Poll::Pending => return Poll::Pending,
-                    },
-                    SourceProj::Mock { body } => match body.poll_frame(cx) {
-                        Poll::Ready(r) => r.map(|r| r.map_err(|e| match e {})),
-                        Poll::Pending => return Poll::Pending,
-                    },
-                    SourceProj::Full { body } => match body.poll_frame(cx) {
-                        Poll::Ready(r) => r.map(|r| r.map_err(|e| match e {})),
-                        Poll::Pending => return Poll::Pending,
-                    },
-                };
+            let polled = ready!(this.source.as_mut().poll_source(cx));
             let m = &mut *this.metering;
             match polled {
                 Some(Ok(frame)) => {
-                    let frame = match frame.into_data() {
+                    let data = match frame.into_data() {
                         Ok(data) => data,
                         Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                     };
-                    if let Some(meter) = m.meter.as_mut() {
-                        meter.feed(&frame);
-                    }
                     let source_ended = this.source.is_end();
-                    if m.redact.is_some() {
-                        let room = REDACT_CAP.saturating_sub(this.redact_buf.len());
-                        this.redact_buf
-                            .extend_from_slice(&frame[..frame.len().min(room)]);
-                        if !source_ended {
-                            continue;
-                        }
+                    match on_data(m, this.redact_buf, this.ended, data, source_ended) {
+                        Step::Emit(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        Step::Continue => continue,
+                        Step::End => return Poll::Ready(None),
                     }
-                    let mut out = match (&m.redact, m.hide.as_mut()) {
-                        (Some(_), _) => Bytes::new(),
-                        (None, Some(hide)) => match hide.filter(&frame) {
-                            Filtered::Unchanged => frame,
-                            Filtered::Replaced(out) => Bytes::from(out),
-                        },
-                        (None, None) => frame,
-                    };
-                    if source_ended {
-                        // Servers stop polling a body whose length is known
-                        // once it is all sent: finish here, not at `None`.
-                        *this.ended = true;
-                        let tail = finish(m, this.redact_buf);
-                        if !tail.is_empty() {
-                            let mut joined = Vec::with_capacity(out.len() + tail.len());
-                            joined.extend_from_slice(&out);
-                            joined.extend_from_slice(&tail);
-                            out = Bytes::from(joined);
-                        }
-                    }
-                    if out.is_empty() {
-                        if source_ended {
-                            return Poll::Ready(None);
-                        }
-                        continue;
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Some(Err(e)) => {
                     *this.ended = true;
