@@ -6,8 +6,10 @@
 
 mod app;
 mod commands;
+mod manage;
 mod output;
 mod remote;
+mod request;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
