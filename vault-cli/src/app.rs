@@ -21,6 +21,8 @@ use vault_core::store::{KeyStore, LeasedStore, SqliteStore, recover_lease_journa
 use vault_tower::admin::Admin;
 use vault_tower::{RequestLimits, Timeouts, Upstream, Upstreams, VaultContext};
 
+use crate::config::BinaryConfig;
+
 /// Where `serve` journals its budget leases, inside the data directory.
 const LEASE_JOURNAL_DIR: &str = "leases";
 
@@ -70,13 +72,12 @@ pub(crate) struct Serving {
 
 /// Loads the configuration: `--config`, `VAULTGATE_CONFIG`, or
 /// `./vaultgate.toml` if present; defaults otherwise.
-pub(crate) fn load_config(explicit: Option<&Path>) -> Result<Config> {
+pub(crate) fn load_config(explicit: Option<&Path>) -> Result<BinaryConfig> {
+    let load = |p: &Path| BinaryConfig::load(p).map_err(|e| UsageError(e.to_string()).into());
     match explicit {
-        Some(p) => Config::load(p).map_err(|e| UsageError(e.to_string()).into()),
-        None if Path::new("vaultgate.toml").exists() => {
-            Config::load(Path::new("vaultgate.toml")).map_err(|e| UsageError(e.to_string()).into())
-        }
-        None => Ok(Config::default()),
+        Some(p) => load(p),
+        None if Path::new("vaultgate.toml").exists() => load(Path::new("vaultgate.toml")),
+        None => Ok(BinaryConfig::default()),
     }
 }
 

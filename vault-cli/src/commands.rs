@@ -17,6 +17,7 @@ use vault_tower::admin::{AdminOptions, admin_router};
 use vault_tower::{Forwarder, VaultLayer};
 
 use crate::app::{self, UsageError};
+use crate::config::LogFormat;
 use crate::manage::{self, Direct};
 use crate::remote::Remote;
 use crate::request::refuse_argv_secret;
@@ -24,12 +25,13 @@ use crate::{AuditCommand, Cli, Command, MasterKeyCommand, Output, ProviderKeysCo
 
 /// Runs the parsed command.
 pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
-    let config = app::load_config(cli.config.as_deref())?;
-    init_logging(config.log_format);
+    let file = app::load_config(cli.config.as_deref())?;
+    init_logging(file.log_format);
     let data_dir = cli
         .data_dir
         .clone()
-        .unwrap_or_else(|| config.data_dir.clone());
+        .unwrap_or_else(|| file.data_dir.clone());
+    let (config, listen_default) = (file.core, file.listen);
     let format = cli.output;
     // A secret on the command line is refused before anything is opened or
     // created (docs/threat-model.md, C7): a usage error has no side effects.
@@ -43,7 +45,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         return manage::run(&Remote::new(url)?, cli.command, format).await;
     }
     match cli.command {
-        Command::Serve { listen } => serve(config, data_dir, listen).await,
+        Command::Serve { listen } => {
+            serve(config, data_dir, listen.unwrap_or(listen_default)).await
+        }
         Command::Init => {
             let opened = app::open(config, data_dir).await?;
             first_start(&opened.manager(), &opened.data_dir, format).await?;
@@ -61,7 +65,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn init_logging(format: vault_core::config::LogFormat) {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VAULTGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only on a terminal: escape codes in a log file get in the way
@@ -71,8 +75,8 @@ fn init_logging(format: vault_core::config::LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
-        vault_core::config::LogFormat::Json => builder.json().try_init(),
-        vault_core::config::LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
     };
 }
 
@@ -132,9 +136,8 @@ async fn first_start(manager: &Manager, data_dir: &std::path::Path, format: Outp
 async fn serve(
     config: vault_core::config::Config,
     data_dir: PathBuf,
-    listen: Option<String>,
+    listen: String,
 ) -> Result<ExitCode> {
-    let listen = listen.unwrap_or_else(|| config.listen.clone());
     let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
         UsageError(format!(
             "--listen {listen:?}: expected an address like 127.0.0.1:8080"

@@ -6,6 +6,7 @@
 
 mod app;
 mod commands;
+mod config;
 mod manage;
 mod output;
 mod remote;
@@ -177,7 +178,8 @@ pub(crate) enum ProviderKeysCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
-    /// The last entries.
+    /// The last entries: as text one per line, oldest first; with
+    /// `--output json`, as `GET /v1/audit` answers (newest first).
     Tail {
         /// How many.
         #[arg(short = 'n', long, default_value_t = 20)]
