@@ -36,16 +36,18 @@ fn normalise(s: &str) -> String {
             continue;
         }
         // RFC 3339 timestamps: 2026-01-02T03:04:05.678Z.
-        if rest.len() >= 20
+        // (All ASCII up to the `Z`, so the slices are on char boundaries.)
+        let time = rest.len() >= 24
             && rest.as_bytes()[4] == b'-'
             && rest.as_bytes()[10] == b'T'
-            && rest[..4].bytes().all(|b| b.is_ascii_digit())
+            && rest[..4].bytes().all(|b| b.is_ascii_digit());
+        if let Some(z) = time
+            .then(|| rest.bytes().take(40).position(|b| b == b'Z'))
+            .flatten()
         {
-            if let Some(z) = rest[..rest.len().min(40)].find('Z') {
-                out.push_str("<time>");
-                i += z + 1;
-                continue;
-            }
+            out.push_str("<time>");
+            i += z + 1;
+            continue;
         }
         // Audit hashes: 64 hex digits.
         let hex = rest.bytes().take_while(u8::is_ascii_hexdigit).count();
