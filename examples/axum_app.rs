@@ -26,11 +26,12 @@ use tower::ServiceBuilder;
 use vault_core::clock::SystemClock;
 use vault_core::crypto::{AesGcmEncryptor, MasterKey, ProviderSecret};
 use vault_core::key::KeyEnv;
+use vault_core::manage::{AddProviderKeyRequest, CreateKeyRequest};
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::PriceTable;
 use vault_core::provider::Provider;
 use vault_core::store::MemoryStore;
-use vault_tower::admin::{Actor, Admin, NewKey};
+use vault_tower::admin::{Actor, Admin};
 use vault_tower::{Forwarder, VaultContext, VaultLayer};
 
 /// The app: its own routes, plus the vault in front of `/llm`. Adding
@@ -71,28 +72,33 @@ pub async fn demo_vault(
         .build();
 
     let admin = Admin::new(ctx.clone(), Arc::new(PlanSet::seeded()));
-    let key = |env: KeyEnv| NewKey {
-        name: format!("axum demo ({})", env.as_str()),
+    let key = |env: KeyEnv| CreateKeyRequest {
+        name: Some(format!("axum demo ({})", env.as_str())),
         env: Some(env),
         plan: Some("free".to_owned()),
-        ..NewKey::default()
+        ..CreateKeyRequest::default()
     };
     let test_key = admin
+        .manager()
         .create_key(&Actor::Operator, key(KeyEnv::Test))
         .await?;
     let mut live_key = None;
     if let Some(secret) = openai_key {
         let secret = ProviderSecret::new(secret);
         admin
+            .manager()
             .add_provider_key(
                 &Actor::Operator,
-                Provider::OpenAi,
-                "demo".to_owned(),
-                None,
-                secret,
+                AddProviderKeyRequest {
+                    provider: Provider::OpenAi,
+                    api_key: secret,
+                    name: Some("demo".to_owned()),
+                    project: None,
+                },
             )
             .await?;
         let live = admin
+            .manager()
             .create_key(&Actor::Operator, key(KeyEnv::Live))
             .await?;
         live_key = Some(live.key.expose_secret().to_owned());

@@ -17,10 +17,11 @@ use tower::ServiceBuilder;
 use vault_core::clock::SystemClock;
 use vault_core::crypto::{AesGcmEncryptor, load_or_create_master_key, verify_master_keys};
 use vault_core::key::KeyEnv;
+use vault_core::manage::CreateKeyRequest;
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::PriceTable;
 use vault_core::store::{KeyStore, SqliteStore};
-use vault_tower::admin::{Actor, Admin, AdminOptions, NewKey, admin_router};
+use vault_tower::admin::{Actor, Admin, AdminOptions, admin_router};
 use vault_tower::{Forwarder, VaultContext, VaultLayer};
 
 #[tokio::main]
@@ -44,13 +45,16 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .build();
     let admin = Admin::new(ctx.clone(), Arc::new(PlanSet::seeded()));
     if ctx.store().list_keys(None).await?.is_empty() {
-        let test_key = NewKey {
-            name: "example".to_owned(),
-            scopes: vec!["chat:write".to_owned(), "usage:read".to_owned()],
+        let test_key = CreateKeyRequest {
+            name: Some("example".to_owned()),
+            permissions: Some(vec!["chat:write".to_owned(), "usage:read".to_owned()]),
             env: Some(KeyEnv::Test),
-            ..NewKey::default()
+            ..CreateKeyRequest::default()
         };
-        let issued = admin.create_key(&Actor::Operator, test_key).await?;
+        let issued = admin
+            .manager()
+            .create_key(&Actor::Operator, test_key)
+            .await?;
         println!("test key (shown once): {}", issued.key.expose_secret());
     }
     let proxy = ServiceBuilder::new()

@@ -11,9 +11,9 @@ use http_body_util::Full;
 use serde_json::json;
 use support::*;
 use vault_core::key::KeyEnv;
+use vault_core::manage::CreateKeyRequest;
 use vault_core::policy::{ModelGlob, Policy};
 use vault_core::provider::Provider;
-use vault_tower::admin::NewKey;
 
 const CHAT: &str = "/openai/v1/chat/completions";
 
@@ -289,23 +289,27 @@ async fn lifecycle_revocation_through_the_admin_api_is_immediate() {
 
     // Revoking a parent disables its sub-agent key at once.
     let parent = gw
-        .create(NewKey {
-            name: "parent".into(),
-            scopes: vec!["chat:write".into(), "keys:manage".into()],
-            env: Some(KeyEnv::Live),
-            policy: open_policy(),
-            ..NewKey::default()
-        })
+        .create(
+            CreateKeyRequest {
+                name: Some("parent".into()),
+                permissions: Some(vec!["chat:write".into(), "keys:manage".into()]),
+                env: Some(KeyEnv::Live),
+                ..CreateKeyRequest::default()
+            }
+            .with_policy(open_policy()),
+        )
         .await;
     let child = gw
-        .create(NewKey {
-            name: "child".into(),
-            scopes: vec!["chat:write".into()],
-            env: Some(KeyEnv::Live),
-            parent: Some(parent.record.id.clone()),
-            policy: open_policy(),
-            ..NewKey::default()
-        })
+        .create(
+            CreateKeyRequest {
+                name: Some("child".into()),
+                permissions: Some(vec!["chat:write".into()]),
+                env: Some(KeyEnv::Live),
+                parent: Some(parent.record.id.clone()),
+                ..CreateKeyRequest::default()
+            }
+            .with_policy(open_policy()),
+        )
         .await;
     let child_key = child.key.expose_secret().to_owned();
     assert_eq!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use vault_core::clock::{SystemClock, UnixMillis};
 use vault_core::crypto::{AesGcmEncryptor, MasterKey};
 use vault_core::key::KeyEnv;
+use vault_core::manage::CreateKeyRequest;
 use vault_core::money::Micros;
 use vault_core::policy::{
     Budget, BudgetPeriod, DefaultEngine, PlanSet, Policy, PolicyEngine, RequestFacts,
@@ -19,7 +20,7 @@ use vault_core::provider::Provider;
 use vault_core::record::BudgetLine;
 use vault_core::store::{KeyStore, MemoryStore};
 use vault_tower::VaultContext;
-use vault_tower::admin::{Actor, Admin, NewKey};
+use vault_tower::admin::{Actor, Admin};
 
 #[tokio::test]
 async fn lifecycle_an_embedded_vault_sweeps_an_abandoned_reservation() {
@@ -41,26 +42,33 @@ async fn lifecycle_an_embedded_vault_sweeps_an_abandoned_reservation() {
     let admin = Admin::new(ctx.clone(), Arc::new(PlanSet::seeded()));
     let limit = Micros::from_usd(5.0).unwrap();
     let issued = admin
+        .manager()
         .create_key(
             &Actor::Operator,
-            NewKey {
-                name: "embedded".into(),
-                scopes: vec!["chat:write".into()],
+            CreateKeyRequest {
+                name: Some("embedded".into()),
+                permissions: Some(vec!["chat:write".into()]),
                 env: Some(KeyEnv::Live),
-                policy: Policy {
-                    budget: Some(Budget {
-                        limit,
-                        period: BudgetPeriod::Total,
-                        clamp_explicit_limits: false,
-                    }),
-                    ..Policy::default()
-                },
-                ..NewKey::default()
-            },
+                ..CreateKeyRequest::default()
+            }
+            .with_policy(Policy {
+                budget: Some(Budget {
+                    limit,
+                    period: BudgetPeriod::Total,
+                    clamp_explicit_limits: false,
+                }),
+                ..Policy::default()
+            }),
         )
         .await
         .unwrap();
-    let chain = vec![Arc::new(issued.record.clone())];
+    let record = ctx
+        .store()
+        .get_key(&issued.record.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let chain = vec![Arc::new(record)];
     let facts = RequestFacts {
         method: "POST",
         provider: Provider::OpenAi,

@@ -11,7 +11,8 @@ use http::StatusCode;
 use http_body_util::Full;
 use support::*;
 use vault_core::key::KeyEnv;
-use vault_tower::admin::{AdminOptions, NewKey, admin_router};
+use vault_core::manage::CreateKeyRequest;
+use vault_tower::admin::{AdminOptions, admin_router};
 
 #[tokio::test]
 async fn leak_protected_metrics_need_usage_read() {
@@ -31,11 +32,11 @@ async fn leak_protected_metrics_need_usage_read() {
         std::future::pending::<()>(),
         Duration::from_millis(100),
     ));
-    let key_with = |scopes: &[&str]| NewKey {
-        name: "metrics".into(),
-        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+    let key_with = |scopes: &[&str]| CreateKeyRequest {
+        name: Some("metrics".into()),
+        permissions: Some(scopes.iter().map(|s| (*s).to_owned()).collect()),
         env: Some(KeyEnv::Live),
-        ..NewKey::default()
+        ..CreateKeyRequest::default()
     };
     let chat = gw.create(key_with(&["chat:write"])).await;
     let reader = gw.create(key_with(&["usage:read"])).await;

@@ -23,12 +23,13 @@ use tower::ServiceBuilder;
 use vault_core::clock::{SharedClock, SystemClock};
 use vault_core::crypto::{AesGcmEncryptor, MasterKey, ProviderSecret};
 use vault_core::key::{KeyEnv, KeyId};
+use vault_core::manage::{AddProviderKeyRequest, CreateKeyRequest};
 use vault_core::money::Micros;
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::PriceTable;
 use vault_core::provider::Provider;
 use vault_core::store::{KeyStore, MemoryStore};
-use vault_tower::admin::{Actor, Admin, NewKey};
+use vault_tower::admin::{Actor, Admin};
 use vault_tower::{Upstream, Upstreams, VaultContext, VaultLayer};
 
 /// What the inner service does, chosen by the request's `x-inner` header.
@@ -115,25 +116,29 @@ async fn serve() -> Served {
     let admin = Admin::new(ctx.clone(), Arc::new(PlanSet::seeded()));
     let canary = format!("sk-CANARY-{}", random_token());
     admin
+        .manager()
         .add_provider_key(
             &Actor::Operator,
-            Provider::OpenAi,
-            "canary".into(),
-            None,
-            ProviderSecret::new(canary.clone()),
+            AddProviderKeyRequest {
+                provider: Provider::OpenAi,
+                api_key: ProviderSecret::new(canary.clone()),
+                name: Some("canary".into()),
+                project: None,
+            },
         )
         .await
         .unwrap();
     let issued = admin
+        .manager()
         .create_key(
             &Actor::Operator,
-            NewKey {
-                name: "panics".into(),
-                scopes: vec!["chat:write".into()],
+            CreateKeyRequest {
+                name: Some("panics".into()),
+                permissions: Some(vec!["chat:write".into()]),
                 env: Some(KeyEnv::Live),
-                policy: budget_policy(BUDGET_USD),
-                ..NewKey::default()
-            },
+                ..CreateKeyRequest::default()
+            }
+            .with_policy(budget_policy(BUDGET_USD)),
         )
         .await
         .unwrap();

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use vault_core::clock::UnixMillis;
 use vault_core::crypto::{AesGcmEncryptor, MasterKey, Sealed};
 use vault_core::key::{KeyEnv, KeyHash, KeyId, KeyPrefix, ProviderKeyId};
+use vault_core::manage::CreateKeyRequest;
 use vault_core::money::Micros;
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::PriceTable;
@@ -20,7 +21,7 @@ use vault_core::record::{
 };
 use vault_core::store::{KeyStore, MemoryStore, StoreError};
 use vault_tower::VaultContext;
-use vault_tower::admin::{Actor, Admin, NewKey};
+use vault_tower::admin::{Actor, Admin};
 
 /// A store whose next `find_by_hash`, once armed, reads the inner store and
 /// then waits for a release before answering: a lookup in flight.
@@ -163,13 +164,14 @@ async fn concurrency_a_lookup_in_flight_cannot_undo_a_revocation() {
     let admin = Admin::new(ctx.clone(), Arc::new(PlanSet::seeded()));
     for round in 0..20 {
         let issued = admin
+            .manager()
             .create_key(
                 &Actor::Operator,
-                NewKey {
-                    name: format!("raced {round}"),
-                    scopes: vec!["chat:write".into()],
+                CreateKeyRequest {
+                    name: Some(format!("raced {round}")),
+                    permissions: Some(vec!["chat:write".into()]),
                     env: Some(KeyEnv::Live),
-                    ..NewKey::default()
+                    ..CreateKeyRequest::default()
                 },
             )
             .await
@@ -186,6 +188,7 @@ async fn concurrency_a_lookup_in_flight_cannot_undo_a_revocation() {
         store.read.notified().await;
         // The key is revoked while the lookup is in flight.
         admin
+            .manager()
             .revoke_key(&Actor::Operator, &issued.record.id)
             .await
             .unwrap();

@@ -23,11 +23,12 @@ use tower::ServiceExt;
 use vault_core::clock::{SharedClock, SystemClock};
 use vault_core::crypto::{AesGcmEncryptor, MasterKey};
 use vault_core::key::{KeyEnv, KeyFormat};
+use vault_core::manage::CreateKeyRequest;
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::PriceTable;
 use vault_core::provider::Provider;
 use vault_core::store::{KeyStore, MemoryStore};
-use vault_tower::admin::{Actor, Admin, NewKey};
+use vault_tower::admin::{Actor, Admin};
 use vault_tower::{Upstream, Upstreams, Vault, VaultContext};
 
 /// Samples per class (the test runs unoptimised in CI: ~10 µs each).
@@ -90,16 +91,27 @@ async fn vault() -> (Vault<Inner>, String, String) {
         .upstreams(upstreams)
         .build();
     let admin = Admin::new(ctx.clone(), Arc::new(PlanSet::seeded()));
-    let new_key = || NewKey {
-        name: "timing".into(),
-        scopes: vec!["chat:write".into()],
-        env: Some(KeyEnv::Live),
-        policy: budget_policy(1.0),
-        ..NewKey::default()
+    let new_key = || {
+        CreateKeyRequest {
+            name: Some("timing".into()),
+            permissions: Some(vec!["chat:write".into()]),
+            env: Some(KeyEnv::Live),
+            ..CreateKeyRequest::default()
+        }
+        .with_policy(budget_policy(1.0))
     };
-    let live = admin.create_key(&Actor::Operator, new_key()).await.unwrap();
-    let revoked = admin.create_key(&Actor::Operator, new_key()).await.unwrap();
+    let live = admin
+        .manager()
+        .create_key(&Actor::Operator, new_key())
+        .await
+        .unwrap();
+    let revoked = admin
+        .manager()
+        .create_key(&Actor::Operator, new_key())
+        .await
+        .unwrap();
     admin
+        .manager()
         .revoke_key(&Actor::Operator, &revoked.record.id)
         .await
         .unwrap();

@@ -28,13 +28,14 @@ use tower::ServiceBuilder;
 use vault_core::clock::{SharedClock, SystemClock};
 use vault_core::crypto::{AesGcmEncryptor, MasterKey, ProviderSecret};
 use vault_core::key::{KeyEnv, KeyId};
+use vault_core::manage::{AddProviderKeyRequest, CreateKeyRequest, IssuedKey};
 use vault_core::money::Micros;
 use vault_core::policy::{BudgetPeriod, DefaultEngine, PlanSet, Policy, RateLimit};
 use vault_core::pricing::PriceTable;
 use vault_core::provider::Provider;
 use vault_core::record::{BudgetLine, BudgetUsage, UsageFilter, UsageRecord};
 use vault_core::store::{KeyStore, MemoryStore, SqliteStore};
-use vault_tower::admin::{Actor, Admin, AdminOptions, IssuedKey, NewKey, admin_router};
+use vault_tower::admin::{Actor, Admin, AdminOptions, admin_router};
 use vault_tower::{
     Forwarder, RequestLimits, Timeouts, Upstream, Upstreams, VaultContext, VaultLayer,
 };
@@ -600,12 +601,15 @@ impl Gateway {
     pub async fn add_provider_key(&self, provider: Provider) -> String {
         let canary = format!("sk-CANARY-{}", random_token());
         self.admin
+            .manager()
             .add_provider_key(
                 &Actor::Operator,
-                provider,
-                format!("{provider} canary"),
-                None,
-                ProviderSecret::new(canary.clone()),
+                AddProviderKeyRequest {
+                    provider,
+                    api_key: ProviderSecret::new(canary.clone()),
+                    name: Some(format!("{provider} canary")),
+                    project: None,
+                },
             )
             .await
             .unwrap();
@@ -638,20 +642,26 @@ impl Gateway {
     }
 
     /// Creates a key as the operator.
-    pub async fn create(&self, new: NewKey) -> IssuedKey {
-        self.admin.create_key(&Actor::Operator, new).await.unwrap()
+    pub async fn create(&self, new: CreateKeyRequest) -> IssuedKey {
+        self.admin
+            .manager()
+            .create_key(&Actor::Operator, new)
+            .await
+            .unwrap()
     }
 
     /// A live `chat:write` key with `policy`; returns (secret, id).
     pub async fn key_with(&self, policy: Policy) -> (String, KeyId) {
         let issued = self
-            .create(NewKey {
-                name: "test".into(),
-                scopes: vec!["chat:write".into()],
-                env: Some(KeyEnv::Live),
-                policy,
-                ..NewKey::default()
-            })
+            .create(
+                CreateKeyRequest {
+                    name: Some("test".into()),
+                    permissions: Some(vec!["chat:write".into()]),
+                    env: Some(KeyEnv::Live),
+                    ..CreateKeyRequest::default()
+                }
+                .with_policy(policy),
+            )
             .await;
         (issued.key.expose_secret().to_owned(), issued.record.id)
     }
@@ -664,13 +674,15 @@ impl Gateway {
     /// A `test` (mock-provider) `chat:write` key with [`open_policy`].
     pub async fn test_key(&self) -> (String, KeyId) {
         let issued = self
-            .create(NewKey {
-                name: "test env".into(),
-                scopes: vec!["chat:write".into()],
-                env: Some(KeyEnv::Test),
-                policy: open_policy(),
-                ..NewKey::default()
-            })
+            .create(
+                CreateKeyRequest {
+                    name: Some("test env".into()),
+                    permissions: Some(vec!["chat:write".into()]),
+                    env: Some(KeyEnv::Test),
+                    ..CreateKeyRequest::default()
+                }
+                .with_policy(open_policy()),
+            )
             .await;
         (issued.key.expose_secret().to_owned(), issued.record.id)
     }
@@ -678,11 +690,11 @@ impl Gateway {
     /// An operator key with `*`, for the management API.
     pub async fn admin_key(&self) -> String {
         let issued = self
-            .create(NewKey {
-                name: "admin".into(),
-                scopes: vec!["*".into()],
+            .create(CreateKeyRequest {
+                name: Some("admin".into()),
+                permissions: Some(vec!["*".into()]),
                 env: Some(KeyEnv::Live),
-                ..NewKey::default()
+                ..CreateKeyRequest::default()
             })
             .await;
         issued.key.expose_secret().to_owned()

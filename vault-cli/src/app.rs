@@ -1,22 +1,27 @@
-//! Opening a data directory: configuration, master key, store, audit log,
-//! policy engine, and the shared context — the one assembly `serve` and the
-//! direct-mode commands use.
+//! Opening a data directory: configuration, master key, store, audit log
+//! and plans — what the direct-mode commands use through a
+//! [`Manager`] — and, for `serve` only, the policy engine and the proxy's
+//! shared context on top.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use vault_core::audit::AuditLog;
-use vault_core::clock::SystemClock;
+use vault_core::clock::{SharedClock, SystemClock};
 use vault_core::config::Config;
 use vault_core::crypto::{
-    AesGcmEncryptor, MasterKey, MasterKeySource, load_or_create_master_key, verify_master_keys,
+    AesGcmEncryptor, Encryptor, MasterKey, MasterKeySource, load_or_create_master_key,
+    verify_master_keys,
 };
+use vault_core::manage::Manager;
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::{ModelPrice, PriceTable};
 use vault_core::store::{KeyStore, LeasedStore, SqliteStore, recover_lease_journals};
 use vault_tower::admin::Admin;
 use vault_tower::{RequestLimits, Timeouts, Upstream, Upstreams, VaultContext};
+
+use crate::config::BinaryConfig;
 
 /// Where `serve` journals its budget leases, inside the data directory.
 const LEASE_JOURNAL_DIR: &str = "leases";
@@ -36,22 +41,43 @@ impl std::error::Error for UsageError {}
 /// Everything a command needs from an opened data directory.
 pub(crate) struct Opened {
     pub(crate) config: Config,
-    pub(crate) ctx: Arc<VaultContext>,
-    pub(crate) admin: Admin,
+    pub(crate) store: Arc<dyn KeyStore>,
+    pub(crate) encryptor: Arc<dyn Encryptor>,
+    pub(crate) audit: Arc<AuditLog>,
+    pub(crate) clock: SharedClock,
+    pub(crate) plans: Arc<PlanSet>,
     pub(crate) data_dir: PathBuf,
     /// Whether the data directory was created just now.
     pub(crate) fresh: bool,
 }
 
+impl Opened {
+    /// The management operations on this data directory, for direct mode
+    /// (no proxy runs in this process, so there is no cache to tell).
+    pub(crate) fn manager(&self) -> Manager {
+        Manager::builder(self.store.clone(), self.encryptor.clone())
+            .audit(self.audit.clone())
+            .plans(self.plans.clone())
+            .clock(self.clock.clone())
+            .build()
+    }
+}
+
+/// What `serve` runs: the proxy's context and the management router's state
+/// (a [`Manager`] that drops the context's cached keys when it revokes).
+pub(crate) struct Serving {
+    pub(crate) ctx: Arc<VaultContext>,
+    pub(crate) admin: Admin,
+}
+
 /// Loads the configuration: `--config`, `VAULTGATE_CONFIG`, or
 /// `./vaultgate.toml` if present; defaults otherwise.
-pub(crate) fn load_config(explicit: Option<&Path>) -> Result<Config> {
+pub(crate) fn load_config(explicit: Option<&Path>) -> Result<BinaryConfig> {
+    let load = |p: &Path| BinaryConfig::load(p).map_err(|e| UsageError(e.to_string()).into());
     match explicit {
-        Some(p) => Config::load(p).map_err(|e| UsageError(e.to_string()).into()),
-        None if Path::new("vaultgate.toml").exists() => {
-            Config::load(Path::new("vaultgate.toml")).map_err(|e| UsageError(e.to_string()).into())
-        }
-        None => Ok(Config::default()),
+        Some(p) => load(p),
+        None if Path::new("vaultgate.toml").exists() => load(Path::new("vaultgate.toml")),
+        None => Ok(BinaryConfig::default()),
     }
 }
 
@@ -153,17 +179,36 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
             .map_err(|e| anyhow::anyhow!("cannot open the audit log: {e}"))?,
     );
 
+    let mut plans = PlanSet::seeded();
+    for (name, policy) in &config.plans {
+        plans = plans.with_custom(name, policy.clone());
+    }
+    Ok(Opened {
+        config,
+        store,
+        encryptor,
+        audit,
+        clock: Arc::new(SystemClock),
+        plans: Arc::new(plans),
+        data_dir,
+        fresh,
+    })
+}
+
+/// The proxy on an opened data directory: prices, the policy engine,
+/// upstreams and the shared context, and the management router's state.
+pub(crate) fn serving(opened: &Opened) -> Result<Serving> {
+    let config = &opened.config;
     let mut prices = PriceTable::builtin();
     for ((provider, model), p) in &config.prices {
         let configured = price(*p, prices.lookup(*provider, model));
         prices = prices.with_override(*provider, model, configured);
     }
     prices = prices.with_fallback(config.fallback_price.map(|p| price(p, None)));
-    let clock = Arc::new(SystemClock);
     let engine = Arc::new(DefaultEngine::new(
-        store.clone(),
+        opened.store.clone(),
         Arc::new(prices),
-        clock.clone(),
+        opened.clock.clone(),
     ));
 
     let mut upstreams = Upstreams::none();
@@ -174,28 +219,18 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
             upstreams.set(provider, up);
         }
     }
-    let ctx = VaultContext::builder(store, encryptor, engine)
-        .clock(clock)
+    let ctx = VaultContext::builder(opened.store.clone(), opened.encryptor.clone(), engine)
+        .clock(opened.clock.clone())
         .upstreams(upstreams)
         .test_keys_use_mock(config.test_keys_use_mock)
         .request_limits(RequestLimits {
             max_body_bytes: config.max_body_bytes,
             ..RequestLimits::default()
         })
-        .audit(audit)
+        .audit(opened.audit.clone())
         .build();
-    let mut plans = PlanSet::seeded();
-    for (name, policy) in &config.plans {
-        plans = plans.with_custom(name, policy.clone());
-    }
-    let admin = Admin::new(ctx.clone(), Arc::new(plans));
-    Ok(Opened {
-        config,
-        ctx,
-        admin,
-        data_dir,
-        fresh,
-    })
+    let admin = Admin::new(ctx.clone(), opened.plans.clone());
+    Ok(Serving { ctx, admin })
 }
 
 #[cfg(test)]

@@ -1,36 +1,37 @@
-//! Each verb, in direct mode (the data directory) or remote mode (`--url`).
+//! Each command: `serve`, `init`, `audit verify` and `master-key rotate` on
+//! the data directory; every management verb through one
+//! [`Management`](crate::manage::Management) implementation, direct (the
+//! data directory) or remote (`--url`).
 
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
-use http::Method;
-use serde_json::{Value, json};
-use vault_core::crypto::{ProviderSecret, rotate_master_key};
-use vault_core::key::{KeyEnv, KeyId, ProviderKeyId};
-use vault_core::policy::{Budget, BudgetPeriod, load_policy_file};
-use vault_core::record::UsageFilter;
-use vault_tower::admin::{Actor, AdminOptions, NewKey, admin_router, views};
+use serde_json::json;
+use vault_core::crypto::rotate_master_key;
+use vault_core::key::KeyEnv;
+use vault_core::manage::wire::CreateKeyRequest;
+use vault_core::manage::{Actor, Manager};
+use vault_tower::admin::{AdminOptions, admin_router};
 use vault_tower::{Forwarder, VaultLayer};
 
-use crate::app::{self, Opened, UsageError};
-use crate::output;
+use crate::app::{self, UsageError};
+use crate::config::LogFormat;
+use crate::manage::{self, Direct};
 use crate::remote::Remote;
-use crate::{
-    AuditCommand, Cli, Command, CreateArgs, KeysCommand, MasterKeyCommand, Output,
-    ProviderKeysCommand,
-};
+use crate::request::refuse_argv_secret;
+use crate::{AuditCommand, Cli, Command, MasterKeyCommand, Output, ProviderKeysCommand};
 
 /// Runs the parsed command.
 pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
-    let config = app::load_config(cli.config.as_deref())?;
-    init_logging(config.log_format);
+    let file = app::load_config(cli.config.as_deref())?;
+    init_logging(file.log_format);
     let data_dir = cli
         .data_dir
         .clone()
-        .unwrap_or_else(|| config.data_dir.clone());
+        .unwrap_or_else(|| file.data_dir.clone());
+    let (config, listen_default) = (file.core, file.listen);
     let format = cli.output;
     // A secret on the command line is refused before anything is opened or
     // created (docs/threat-model.md, C7): a usage error has no side effects.
@@ -41,26 +42,30 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         refuse_argv_secret(api_key.is_some() || secret.is_some())?;
     }
     if let Some(url) = cli.url.as_deref() {
-        return remote(Remote::new(url)?, cli.command, format).await;
+        return manage::run(&Remote::new(url)?, cli.command, format).await;
     }
     match cli.command {
-        Command::Serve { listen } => serve(config, data_dir, listen).await,
+        Command::Serve { listen } => {
+            serve(config, data_dir, listen.unwrap_or(listen_default)).await
+        }
         Command::Init => {
             let opened = app::open(config, data_dir).await?;
-            first_start(&opened, format).await?;
+            first_start(&opened.manager(), &opened.data_dir, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCommand::Verify) => audit_verify(&data_dir),
+        Command::MasterKey(MasterKeyCommand::Rotate) => {
+            let opened = app::open(config, data_dir).await?;
+            master_key_rotate(&opened, format).await
+        }
         other => {
             let opened = app::open(config, data_dir).await?;
-            let code = direct(&opened, other, format).await;
-            opened.ctx.flush().await;
-            code
+            manage::run(&Direct::new(opened.manager()), other, format).await
         }
     }
 }
 
-fn init_logging(format: vault_core::config::LogFormat) {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VAULTGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only on a terminal: escape codes in a log file get in the way
@@ -70,50 +75,43 @@ fn init_logging(format: vault_core::config::LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
-        vault_core::config::LogFormat::Json => builder.json().try_init(),
-        vault_core::config::LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
     };
 }
 
 /// On a fresh data directory: an admin key and a test key, printed once.
-async fn first_start(opened: &Opened, format: Output) -> Result<()> {
-    let keys = opened
-        .ctx
-        .store()
-        .list_keys(None)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    if !keys.is_empty() {
-        eprintln!(
-            "vaultgate: {} is already initialised",
-            opened.data_dir.display()
-        );
+async fn first_start(manager: &Manager, data_dir: &std::path::Path, format: Output) -> Result<()> {
+    let me = Actor::Operator;
+    let keys = manager.list_keys(&me).await.map_err(|e| anyhow!("{e}"))?;
+    if !keys.data.is_empty() {
+        eprintln!("vaultgate: {} is already initialised", data_dir.display());
         return Ok(());
     }
-    let admin = opened
-        .admin
+    let admin = manager
         .create_key(
-            &Actor::Operator,
-            NewKey {
-                name: "admin".to_owned(),
-                scopes: vec!["*".to_owned()],
-                ..NewKey::default()
+            &me,
+            CreateKeyRequest {
+                name: Some("admin".to_owned()),
+                permissions: Some(vec!["*".to_owned()]),
+                ..CreateKeyRequest::default()
             },
         )
-        .await?;
-    let test = opened
-        .admin
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let test = manager
         .create_key(
-            &Actor::Operator,
-            NewKey {
-                name: "test".to_owned(),
-                scopes: vec!["chat:write".to_owned(), "usage:read".to_owned()],
+            &me,
+            CreateKeyRequest {
+                name: Some("test".to_owned()),
+                permissions: Some(vec!["chat:write".to_owned(), "usage:read".to_owned()]),
                 env: Some(KeyEnv::Test),
                 plan: Some("free".to_owned()),
-                ..NewKey::default()
+                ..CreateKeyRequest::default()
             },
         )
-        .await?;
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     match format {
         Output::Json => println!(
             "{}",
@@ -128,7 +126,7 @@ async fn first_start(opened: &Opened, format: Output) -> Result<()> {
             println!("test key:  {}", test.key.expose_secret());
             eprintln!(
                 "vaultgate: initialised {}; these keys are shown once, store them now",
-                opened.data_dir.display()
+                data_dir.display()
             );
         }
     }
@@ -138,37 +136,37 @@ async fn first_start(opened: &Opened, format: Output) -> Result<()> {
 async fn serve(
     config: vault_core::config::Config,
     data_dir: PathBuf,
-    listen: Option<String>,
+    listen: String,
 ) -> Result<ExitCode> {
-    let listen = listen.unwrap_or_else(|| config.listen.clone());
     let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
         UsageError(format!(
             "--listen {listen:?}: expected an address like 127.0.0.1:8080"
         ))
     })?;
     let opened = app::open_serving(config, data_dir).await?;
+    let serving = app::serving(&opened)?;
     if opened.fresh {
-        first_start(&opened, Output::Text).await?;
+        first_start(serving.admin.manager(), &opened.data_dir, Output::Text).await?;
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
     let router = admin_router(
-        opened.admin.clone(),
+        serving.admin.clone(),
         AdminOptions {
             protect_metrics: opened.config.protect_metrics,
         },
     )
     .fallback_service(
         tower::ServiceBuilder::new()
-            .layer(VaultLayer::new(opened.ctx.clone()))
+            .layer(VaultLayer::new(serving.ctx.clone()))
             .service(Forwarder::new(vault_tower::Timeouts {
                 connect: opened.config.upstream.connect_timeout,
                 response: opened.config.upstream.response_timeout,
                 idle: opened.config.upstream.idle_timeout,
             })),
     );
-    let maintenance = opened.ctx.start_maintenance();
+    let maintenance = serving.ctx.start_maintenance();
     tracing::info!(%addr, data_dir = %opened.data_dir.display(), "vaultgate is listening");
     eprintln!(
         "vaultgate: listening on http://{}",
@@ -214,346 +212,29 @@ fn audit_verify(data_dir: &std::path::Path) -> Result<ExitCode> {
     }
 }
 
-fn key_id(s: &str) -> Result<KeyId> {
-    KeyId::parse(s).ok_or_else(|| UsageError(format!("{s:?} is not a key id (key_…)")).into())
-}
-
-fn read_secret(from_env: Option<&str>) -> Result<ProviderSecret> {
-    let raw = match from_env {
-        Some(var) => std::env::var(var)
-            .map_err(|_| UsageError(format!("--from-env {var}: the variable is not set")))?,
-        None => {
-            let mut s = String::new();
-            std::io::stdin()
-                .take(64 * 1024)
-                .read_to_string(&mut s)
-                .map_err(|_| {
-                    UsageError("the provider key on stdin is not UTF-8 text".to_owned())
-                })?;
-            s
-        }
-    };
-    let secret = ProviderSecret::new(raw);
-    if secret.expose_secret().is_empty() {
-        return Err(UsageError(
-            "no provider key given: pipe it on stdin or use --from-env VAR".to_owned(),
-        )
-        .into());
+/// `master-key rotate`: re-wraps every provider key under the current
+/// master key (docs/configuration.md).
+async fn master_key_rotate(opened: &app::Opened, format: Output) -> Result<ExitCode> {
+    if format == Output::Env {
+        return Err(
+            UsageError("--output env is only for keys create and keys rotate".to_owned()).into(),
+        );
     }
-    Ok(secret)
-}
-
-/// The body of a create request, from flags and an optional policy file.
-fn new_key_body(args: CreateArgs) -> Result<(NewKey, Value)> {
-    let CreateArgs {
-        name,
-        policy,
-        scopes,
-        plan,
-        ttl,
-        budget_usd,
-        test,
-        project,
-        parent,
-    } = args;
-    let mut new = NewKey::default();
-    if let Some(path) = policy {
-        let file = load_policy_file(&path).map_err(|e| UsageError(e.to_string()))?;
-        new.name = file.name.unwrap_or_default();
-        new.ttl = file.ttl;
-        new.scopes = file
-            .scopes
-            .map(|s| s.iter().map(|x| x.to_string()).collect())
-            .unwrap_or_default();
-        new.plan = file.plan;
-        new.policy = file.policy;
-    }
-    if let Some(n) = name {
-        new.name = n;
-    }
-    if !scopes.is_empty() {
-        new.scopes = scopes;
-    }
-    if plan.is_some() {
-        new.plan = plan;
-    }
-    if let Some(t) = ttl {
-        new.ttl =
-            Some(vault_core::policy::parse_ttl(&t).map_err(|e| UsageError(format!("--ttl: {e}")))?);
-    }
-    if let Some(usd) = budget_usd {
-        let limit = vault_core::money::Micros::from_usd(usd)
-            .map_err(|e| UsageError(format!("--budget-usd: {e}")))?;
-        new.policy.budget = Some(Budget {
-            limit,
-            period: BudgetPeriod::Total,
-            clamp_explicit_limits: false,
-        });
-    }
-    if test {
-        new.env = Some(KeyEnv::Test);
-    }
-    new.project = project;
-    if let Some(p) = parent {
-        new.parent = Some(key_id(&p)?);
-    }
-    // The same request as JSON, for remote mode.
-    let mut body = serde_json::to_value(&new.policy).unwrap_or_else(|_| json!({}));
-    body["name"] = json!(new.name);
-    if !new.scopes.is_empty() {
-        body["permissions"] = json!(new.scopes);
-    }
-    if let Some(p) = &new.plan {
-        body["plan"] = json!(p);
-    }
-    if let Some(t) = new.ttl {
-        body["ttl"] = json!(format!("{}s", t.as_secs()));
-    }
-    if let Some(e) = new.env {
-        body["env"] = json!(e.as_str());
-    }
-    if let Some(p) = &new.project {
-        body["project"] = json!(p);
-    }
-    if let Some(p) = &new.parent {
-        body["parent"] = json!(p);
-    }
-    Ok((new, body))
-}
-
-async fn direct(opened: &Opened, command: Command, format: Output) -> Result<ExitCode> {
-    let admin = &opened.admin;
-    let me = Actor::Operator;
-    let now = opened.ctx.clock().now();
-    match command {
-        Command::Keys(KeysCommand::Create(args)) => {
-            let (new, _) = new_key_body(args)?;
-            let issued = admin.create_key(&me, new).await?;
-            let mut v = views::key(&issued.record, now);
-            v["key"] = json!(issued.key.expose_secret());
-            output::issued_key(format, &v);
-        }
-        Command::Keys(KeysCommand::List) => {
-            let keys = admin.list_keys(&me).await?;
-            let v = json!({"data": keys.iter().map(|k| views::key(k, now)).collect::<Vec<_>>()});
-            output::value(format, &v, output::keys_text)?;
-        }
-        Command::Keys(KeysCommand::Show { id }) => {
-            let k = admin.get_key(&me, &key_id(&id)?).await?;
-            output::value(format, &views::key(&k, now), output::key_text)?;
-        }
-        Command::Keys(KeysCommand::Revoke { id }) => {
-            let revoked = admin.revoke_key(&me, &key_id(&id)?).await?;
-            let v = json!({"id": id, "status": "revoked", "revoked": revoked});
-            output::value(format, &v, |_| {
-                format!(
-                    "revoked {id} and {} descendant(s)\n",
-                    revoked.len().saturating_sub(1)
-                )
-            })?;
-        }
-        Command::Keys(KeysCommand::Rotate { id, grace }) => {
-            let grace = grace
-                .map(|g| {
-                    vault_core::policy::parse_ttl(&g)
-                        .map_err(|e| UsageError(format!("--grace: {e}")))
-                })
-                .transpose()?;
-            let issued = admin.rotate_key(&me, &key_id(&id)?, grace).await?;
-            let mut v = views::key(&issued.record, now);
-            v["key"] = json!(issued.key.expose_secret());
-            output::issued_key(format, &v);
-        }
-        Command::ProviderKeys(ProviderKeysCommand::Add {
-            provider,
-            name,
-            from_env,
-            project,
-            api_key,
-            secret,
-        }) => {
-            refuse_argv_secret(api_key.is_some() || secret.is_some())?;
-            let provider =
-                provider
-                    .parse()
-                    .map_err(|e: vault_core::provider::UnknownProvider| {
-                        UsageError(format!("--provider: {e}"))
-                    })?;
-            let secret = read_secret(from_env.as_deref())?;
-            let rec = admin
-                .add_provider_key(&me, provider, name, project, secret)
-                .await?;
-            output::value(format, &views::provider_key(&rec), |v| {
-                format!(
-                    "added {} ({} {})\n",
-                    v["id"].as_str().unwrap_or_default(),
-                    v["provider"].as_str().unwrap_or_default(),
-                    v["hint"].as_str().unwrap_or_default()
-                )
-            })?;
-        }
-        Command::ProviderKeys(ProviderKeysCommand::List) => {
-            let list = admin.list_provider_keys(&me).await?;
-            let v = json!({"data": list.iter().map(views::provider_key).collect::<Vec<_>>()});
-            output::value(format, &v, output::provider_keys_text)?;
-        }
-        Command::ProviderKeys(ProviderKeysCommand::Remove { id }) => {
-            let pk = ProviderKeyId::parse(&id)
-                .ok_or_else(|| UsageError(format!("{id:?} is not a provider key id (pk_…)")))?;
-            admin.remove_provider_key(&me, &pk).await?;
-            output::value(format, &json!({"id": id, "deleted": true}), |_| {
-                format!("removed {id}\n")
-            })?;
-        }
-        Command::Usage { key, limit } => {
-            let filter = UsageFilter {
-                key_id: key.as_deref().map(key_id).transpose()?,
-                limit: Some(limit),
-                ..UsageFilter::default()
-            };
-            let records = admin.usage(&me, filter).await?;
-            output::value(format, &views::usage(&records), output::usage_text)?;
-        }
-        Command::Audit(AuditCommand::Tail { lines }) => {
-            let entries = vault_core::audit::tail(&opened.data_dir.join("audit.jsonl"), lines)
-                .map_err(|e| anyhow!("{e}"))?;
-            output::value(format, &json!({"data": entries}), output::lines_text)?;
-        }
-        Command::MasterKey(MasterKeyCommand::Rotate) => {
-            let report =
-                rotate_master_key(opened.ctx.store().as_ref(), opened.ctx.encryptor().as_ref())
-                    .await
-                    .map_err(|e| anyhow!("{e}"))?;
-            output::value(
-                format,
-                &json!({"rewrapped": report.rewrapped, "already_current": report.already_current}),
-                |v| {
-                    format!(
-                        "re-wrapped {} provider key(s); {} already current\n",
-                        v["rewrapped"], v["already_current"]
-                    )
-                },
-            )?;
-        }
-        Command::Serve { .. } | Command::Init | Command::Audit(AuditCommand::Verify) => {}
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn refuse_argv_secret(given: bool) -> Result<()> {
-    if given {
-        return Err(UsageError(
-            "provider keys are never taken from the command line; pipe the key on stdin or use --from-env VAR".to_owned(),
-        )
-        .into());
-    }
-    Ok(())
-}
-
-async fn remote(r: Remote, command: Command, format: Output) -> Result<ExitCode> {
-    match command {
-        Command::Keys(KeysCommand::Create(args)) => {
-            let (_, body) = new_key_body(args)?;
-            let v = r.call(Method::POST, "/v1/keys", Some(body)).await?;
-            output::issued_key(format, &v);
-        }
-        Command::Keys(KeysCommand::List) => output::value(
-            format,
-            &r.call(Method::GET, "/v1/keys", None).await?,
-            output::keys_text,
-        )?,
-        Command::Keys(KeysCommand::Show { id }) => {
-            output::value(
-                format,
-                &r.call(Method::GET, &format!("/v1/keys/{}", key_id(&id)?), None)
-                    .await?,
-                output::key_text,
-            )?;
-        }
-        Command::Keys(KeysCommand::Revoke { id }) => {
-            let v = r
-                .call(Method::DELETE, &format!("/v1/keys/{}", key_id(&id)?), None)
-                .await?;
-            output::value(format, &v, |_| format!("revoked {id}\n"))?;
-        }
-        Command::Keys(KeysCommand::Rotate { id, grace }) => {
-            let body = grace.map(|g| json!({"grace": g}));
-            let v = r
-                .call(
-                    Method::POST,
-                    &format!("/v1/keys/{}/rotate", key_id(&id)?),
-                    body,
-                )
-                .await?;
-            output::issued_key(format, &v);
-        }
-        Command::ProviderKeys(ProviderKeysCommand::Add {
-            provider,
-            name,
-            from_env,
-            project,
-            api_key,
-            secret,
-        }) => {
-            refuse_argv_secret(api_key.is_some() || secret.is_some())?;
-            let secret = read_secret(from_env.as_deref())?;
-            let mut body =
-                json!({"provider": provider, "api_key": secret.expose_secret(), "name": name});
-            if let Some(p) = project {
-                body["project"] = json!(p);
-            }
-            let v = r
-                .call(Method::POST, "/v1/provider-keys", Some(body))
-                .await?;
-            output::value(format, &v, |v| {
-                format!(
-                    "added {} ({})\n",
-                    v["id"].as_str().unwrap_or_default(),
-                    v["hint"].as_str().unwrap_or_default()
-                )
-            })?;
-        }
-        Command::ProviderKeys(ProviderKeysCommand::List) => {
-            output::value(
-                format,
-                &r.call(Method::GET, "/v1/provider-keys", None).await?,
-                output::provider_keys_text,
-            )?;
-        }
-        Command::ProviderKeys(ProviderKeysCommand::Remove { id }) => {
-            let v = r
-                .call(Method::DELETE, &format!("/v1/provider-keys/{id}"), None)
-                .await?;
-            output::value(format, &v, |_| format!("removed {id}\n"))?;
-        }
-        Command::Usage { key, limit } => {
-            let mut path = format!("/v1/usage?limit={limit}");
-            if let Some(k) = key {
-                path.push_str(&format!("&key_id={}", key_id(&k)?));
-            }
-            output::value(
-                format,
-                &r.call(Method::GET, &path, None).await?,
-                output::usage_text,
-            )?;
-        }
-        Command::Audit(AuditCommand::Tail { lines }) => {
-            output::value(
-                format,
-                &r.call(Method::GET, &format!("/v1/audit?limit={lines}"), None)
-                    .await?,
-                output::lines_text,
-            )?;
-        }
-        Command::Serve { .. }
-        | Command::Init
-        | Command::Audit(AuditCommand::Verify)
-        | Command::MasterKey(_) => {
-            return Err(UsageError(
-                "this command works on the data directory; drop --url".to_owned(),
+    let report = rotate_master_key(opened.store.as_ref(), opened.encryptor.as_ref())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    match format {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"rewrapped": report.rewrapped, "already_current": report.already_current})
             )
-            .into());
-        }
+            .unwrap_or_default()
+        ),
+        _ => println!(
+            "re-wrapped {} provider key(s); {} already current",
+            report.rewrapped, report.already_current
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,8 +6,11 @@
 
 mod app;
 mod commands;
+mod config;
+mod manage;
 mod output;
 mod remote;
+mod request;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -175,7 +178,8 @@ pub(crate) enum ProviderKeysCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
-    /// The last entries.
+    /// The last entries: as text one per line, oldest first; with
+    /// `--output json`, as `GET /v1/audit` answers (newest first).
     Tail {
         /// How many.
         #[arg(short = 'n', long, default_value_t = 20)]

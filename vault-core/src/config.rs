@@ -1,15 +1,21 @@
-//! The optional `vaultgate.toml` (docs/configuration.md). Every field has a
-//! default, so no file is needed to start; an unknown key or a bad value is an
-//! error that names the file, the field and what is allowed.
+//! The library's part of the optional `vaultgate.toml`
+//! (docs/configuration.md): upstreams, plans, prices and request limits.
+//! Every field has a default, so no file is needed to start; an unknown key
+//! or a bad value is an error that names the file, the field and what is
+//! allowed. Keys only an application reads (the `vaultgate` binary's
+//! `listen`, `data_dir`, `log_format`) are named by it in
+//! [`Config::parse_for`] and parsed by it from the same text.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::money::Micros;
-use crate::policy::{Budget, EndpointRule, ModelGlob, Policy, RateLimit};
+use crate::policy::{
+    Budget, EndpointRule, ModelGlob, Policy, RateLimit, validate_plan_name, validate_policy,
+};
 use crate::provider::Provider;
 
 /// A configuration problem, in one sentence naming file, field and what is
@@ -18,13 +24,9 @@ use crate::provider::Provider;
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// The whole configuration.
+/// The configuration the library's parts read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Where the proxy listens.
-    pub listen: String,
-    /// The data directory (database, master key, audit log).
-    pub data_dir: PathBuf,
     /// Defaults for every provider.
     pub upstream: UpstreamSettings,
     /// Per-provider overrides.
@@ -41,8 +43,6 @@ pub struct Config {
     pub protect_metrics: bool,
     /// Largest proxied request body, in bytes.
     pub max_body_bytes: usize,
-    /// Log format: `text` or `json`.
-    pub log_format: LogFormat,
 }
 
 /// Upstream timeouts.
@@ -86,21 +86,9 @@ pub struct PriceSetting {
     pub max_output_tokens: Option<u64>,
 }
 
-/// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: "127.0.0.1:8080".to_owned(),
-            data_dir: PathBuf::from(".vaultgate"),
             upstream: UpstreamSettings::default(),
             providers: BTreeMap::new(),
             plans: BTreeMap::new(),
@@ -109,21 +97,31 @@ impl Default for Config {
             test_keys_use_mock: true,
             protect_metrics: false,
             max_body_bytes: 10 << 20,
-            log_format: LogFormat::Text,
         }
     }
 }
 
+/// The library's top-level keys. Unknown top-level keys are found before
+/// this is read (see [`Config::parse_for`]), so it does not deny them;
+/// every nested table does.
+const KEYS: [&str; 9] = [
+    "store",
+    "test_keys_use_mock",
+    "protect_metrics",
+    "max_body_bytes",
+    "upstream",
+    "providers",
+    "plans",
+    "prices",
+    "fallback_price",
+];
+
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
-    listen: Option<String>,
-    data_dir: Option<PathBuf>,
     store: Option<String>,
     test_keys_use_mock: Option<bool>,
     protect_metrics: Option<bool>,
     max_body_bytes: Option<usize>,
-    log_format: Option<LogFormat>,
     upstream: Option<RawTimeouts>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
@@ -188,26 +186,82 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
+/// Reads a configuration file; the error names it.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{}: cannot be read: {e}", path.display())))
+}
+
+/// Deserialises TOML `text` into `T`; errors name `origin`, the line where
+/// known, and the field.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let msg = e.message().to_owned();
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        match line {
+            Some(l) => ConfigError(format!("{origin}:{l}: {msg}")),
+            None => ConfigError(format!("{origin}: {msg}")),
+        }
+    })
+}
+
+/// The line (from 1) where top-level `key` is written, before any table.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            return None;
+        }
+        let name = t.split(['=', ' ', '\t']).next().unwrap_or("");
+        if name.trim_matches('"') == key {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 impl Config {
     /// Loads a file; errors name the file, the field (and line where known).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{}: cannot be read: {e}", path.display())))?;
+        let text = read(path)?;
         Config::parse(&text, &path.display().to_string())
     }
 
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_owned();
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            match line {
-                Some(l) => ConfigError(format!("{origin}:{l}: {msg}")),
-                None => ConfigError(format!("{origin}: {msg}")),
-            }
-        })?;
+        Config::parse_for(text, origin, &[])
+    }
+
+    /// Parses TOML text in which the top-level keys `app_keys` belong to
+    /// the application (which reads them from the same text, e.g. with
+    /// [`parse_toml`]); any other key the library does not know is an
+    /// error naming it and the line.
+    pub fn parse_for(text: &str, origin: &str, app_keys: &[&str]) -> Result<Config, ConfigError> {
+        let table: toml::Table = parse_toml(text, origin)?;
+        // The first unknown key as written (the table is sorted by name).
+        let unknown = table
+            .keys()
+            .filter(|k| !KEYS.contains(&k.as_str()) && !app_keys.contains(&k.as_str()))
+            .map(|k| (line_of_key(text, k), k))
+            .min_by_key(|(line, _)| line.unwrap_or(usize::MAX));
+        if let Some((line, key)) = unknown {
+            let expected: Vec<String> = app_keys
+                .iter()
+                .chain(KEYS.iter())
+                .map(|k| format!("`{k}`"))
+                .collect();
+            let at = line.map_or_else(String::new, |l| format!(":{l}"));
+            return Err(ConfigError(format!(
+                "{origin}{at}: unknown field `{key}`, expected one of {}",
+                expected.join(", ")
+            )));
+        }
+        let raw: RawConfig = parse_toml(text, origin)?;
         let err = |field: &str, allowed: &str| ConfigError(format!("{origin}: {field}: {allowed}"));
         let dur =
             |field: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
@@ -218,15 +272,6 @@ impl Config {
                 }
             };
         let mut cfg = Config::default();
-        if let Some(l) = raw.listen {
-            if l.parse::<std::net::SocketAddr>().is_err() {
-                return Err(err("listen", "expected an address like 127.0.0.1:8080"));
-            }
-            cfg.listen = l;
-        }
-        if let Some(d) = raw.data_dir {
-            cfg.data_dir = d;
-        }
         if let Some(s) = raw.store
             && s != "sqlite"
         {
@@ -243,9 +288,6 @@ impl Config {
                 return Err(err("max_body_bytes", "expected 1 to 1073741824"));
             }
             cfg.max_body_bytes = n;
-        }
-        if let Some(f) = raw.log_format {
-            cfg.log_format = f;
         }
         if let Some(u) = raw.upstream {
             let d = UpstreamSettings::default();
@@ -307,29 +349,24 @@ impl Config {
             );
         }
         for (name, p) in raw.plans {
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return Err(err(
-                    &format!("plans.{name}"),
-                    "plan names are letters, digits, - and _",
-                ));
+            if let Err(e) = validate_plan_name(&name) {
+                return Err(err(&format!("plans.{name}"), &e.message));
             }
-            cfg.plans.insert(
-                name,
-                Policy {
-                    providers: p.providers,
-                    endpoints: p.endpoints,
-                    models: p.models,
-                    budget: p.budget,
-                    rate_limit: p.rate_limit,
-                    max_request_chars: p.max_request_chars,
-                    max_parallel: p.max_parallel,
-                    shadow: p.shadow.unwrap_or(false),
-                },
-            );
+            let policy = Policy {
+                providers: p.providers,
+                endpoints: p.endpoints,
+                models: p.models,
+                budget: p.budget,
+                rate_limit: p.rate_limit,
+                max_request_chars: p.max_request_chars,
+                max_parallel: p.max_parallel,
+                shadow: p.shadow.unwrap_or(false),
+            };
+            // The same rules as a policy file and the API (docs/policy.md#fields).
+            if let Err(e) = validate_policy(&policy) {
+                return Err(err(&format!("plans.{name}.{}", e.field), &e.message));
+            }
+            cfg.plans.insert(name, policy);
         }
         let price = |field: &str, p: &RawPrice| -> Result<PriceSetting, ConfigError> {
             let usd = |v: f64, f: &str| {
@@ -414,7 +451,19 @@ output = 0.60
 
     #[test]
     fn the_spec_example_parses() {
-        let c = Config::parse(DOCS_EXAMPLE, "vaultgate.toml").unwrap();
+        let c = Config::parse_for(
+            DOCS_EXAMPLE,
+            "vaultgate.toml",
+            &["listen", "data_dir", "log_format"],
+        )
+        .unwrap();
+        // Without the application's keys, they are unknown, named with their line.
+        let e = Config::parse(DOCS_EXAMPLE, "vaultgate.toml").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("vaultgate.toml:2: unknown field `listen`"),
+            "{e}"
+        );
         assert_eq!(
             c.timeouts(Provider::OpenAi).response_timeout,
             Duration::from_secs(30)
@@ -443,7 +492,12 @@ output = 0.60
     fn errors_name_file_field_and_allowed() {
         let cases = [
             ("lisen = \"x\"", "unknown field"),
-            ("listen = \"nowhere\"", "listen"),
+            (
+                "[plans.Team]\nrate_limit = { requests_per_minute = 3 }",
+                "plans.Team",
+            ),
+            ("[plans.team]\nmodels = []", "plans.team.models"),
+            ("[plans.team]\nmax_parallel = 0", "plans.team.max_parallel"),
             (
                 "[upstream]\nconnect_timeout = \"5 parsecs\"",
                 "upstream.connect_timeout",

@@ -360,9 +360,24 @@ impl fmt::Display for KeyPrefix {
 macro_rules! public_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         #[serde(transparent)]
         pub struct $name(String);
+
+        /// Read with [`parse`](Self::parse): a malformed id is refused where
+        /// it is read, naming what was expected.
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::parse(&s).ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "expected an id like {}… ({} and 1 to 64 letters, digits or _)",
+                        Self::PREFIX,
+                        Self::PREFIX
+                    ))
+                })
+            }
+        }
 
         impl $name {
             /// The prefix every id of this kind starts with.

@@ -3,8 +3,9 @@
 //! The engine of vaultgate: virtual keys ([`key`]), scopes ([`scope`]),
 //! policies and the policy engine ([`policy`]), envelope encryption of
 //! provider keys ([`crypto`]), stores ([`store`]), providers ([`provider`]),
-//! prices ([`pricing`]), usage metering ([`meter`]) and the audit trail
-//! ([`audit`]). No HTTP server or client lives here. With the
+//! prices ([`pricing`]), usage metering ([`meter`]), the audit trail
+//! ([`audit`]) and the management operations and their wire types
+//! ([`manage`]). No HTTP server or client lives here. With the
 //! `conformance` feature, `conformance` is the suite every `KeyStore` must
 //! pass (docs/conformance.md).
 //!
@@ -28,6 +29,7 @@ pub mod conformance;
 pub mod crypto;
 pub mod denial;
 pub mod key;
+pub mod manage;
 pub mod meter;
 pub mod money;
 pub mod policy;

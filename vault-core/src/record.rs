@@ -14,6 +14,11 @@ use crate::scope::Scopes;
 /// The project every key belongs to unless told otherwise.
 pub const DEFAULT_PROJECT: &str = "default";
 
+/// Most ancestors a sub-agent key may have (docs/policy.md#sub-agent-keys):
+/// creating a key deeper than this is refused, and a chain longer than this
+/// is treated as corrupt wherever it is followed.
+pub const MAX_CHAIN_DEPTH: usize = 16;
+
 /// A key's stored status. `expired` is derived from `expires_at`, never stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -41,13 +41,14 @@ use vault_core::clock::{Clock, SystemClock, UnixMillis};
 use vault_core::crypto::{AesGcmEncryptor, MasterKey};
 use vault_core::denial::Denial;
 use vault_core::key::{KeyEnv, KeyFormat, KeyHash, KeyId};
+use vault_core::manage::CreateKeyRequest;
 use vault_core::money::Micros;
 use vault_core::policy::{DefaultEngine, PlanSet, parse_policy_yaml};
 use vault_core::pricing::PriceTable;
 use vault_core::record::{BudgetLine, KeyRecord, KeyStatus};
 use vault_core::store::{KeyStore, LeasedStore, SqliteStore};
 use vault_tower::VaultContext;
-use vault_tower::admin::{Actor, Admin, NewKey};
+use vault_tower::admin::{Actor, Admin};
 
 /// The benchmark key's policy, as `bench/scale.sh` and `bench/run.sh` use.
 const POLICY: &str = include_str!("../../bench/bench.policy.yaml");
@@ -103,16 +104,19 @@ async fn setup(n: usize) -> Scale {
     let ctx = context(store.clone());
     let admin = Admin::new(ctx.clone(), Arc::new(PlanSet::seeded()));
     let issued = admin
+        .manager()
         .create_key(
             &Actor::Operator,
-            NewKey {
-                name: "bench".to_owned(),
-                scopes: vec!["chat:write".to_owned()],
-                policy: parse_policy_yaml(POLICY, "bench.policy.yaml")
+            CreateKeyRequest {
+                name: Some("bench".to_owned()),
+                permissions: Some(vec!["chat:write".to_owned()]),
+                ..CreateKeyRequest::default()
+            }
+            .with_policy(
+                parse_policy_yaml(POLICY, "bench.policy.yaml")
                     .unwrap()
                     .policy,
-                ..NewKey::default()
-            },
+            ),
         )
         .await
         .unwrap();

@@ -12,7 +12,7 @@ use vault_core::denial::Denial;
 use vault_core::key::{KeyFormat, KeyHash, KeyId};
 use vault_core::policy::PolicyEngine;
 use vault_core::provider::Provider;
-use vault_core::record::{KeyRecord, ProviderKeyRecord};
+use vault_core::record::{KeyRecord, MAX_CHAIN_DEPTH, ProviderKeyRecord};
 use vault_core::store::{KeyStore, StoreError};
 
 use crate::credentials::{Presented, presented_key};
@@ -26,9 +26,6 @@ use crate::vault::sink::UsageSink;
 /// docs/api.md#authentication promises; one made through this process's
 /// management API invalidates the cache at once.
 pub const KEY_CACHE_TTL: Duration = Duration::from_millis(900);
-
-/// Deepest sub-agent chain followed.
-const MAX_CHAIN_DEPTH: usize = 16;
 
 /// Limits on what a client may send.
 #[derive(Debug, Clone, Copy)]

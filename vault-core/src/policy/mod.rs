@@ -5,6 +5,8 @@
 //! - [`parse_policy_yaml`] / [`load_policy_file`]: policy files.
 //! - [`PlanSet`]: named presets (`free`, `pro`, `enterprise`, custom).
 //! - [`check_child_policy`]: sub-agent keys are subsets of their parent.
+//! - [`validate_policy`], [`validate_name`], [`validate_plan_name`]: the
+//!   value rules every way of making a key shares.
 //! - [`RateLimiter`] and [`InFlight`]: request, token and concurrency limits.
 //! - [`DefaultEngine`]: the [`PolicyEngine`] that puts them together.
 
@@ -15,6 +17,7 @@ mod model;
 mod plans;
 mod ratelimit;
 mod subset;
+mod validate;
 mod yaml;
 
 pub use canonical::{PathError, split_proxy_path};
@@ -23,7 +26,11 @@ pub use engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, Request
 pub use model::{Budget, BudgetPeriod, EndpointRule, ModelGlob, PatternError, Policy, RateLimit};
 pub use plans::PlanSet;
 pub use ratelimit::{Exceeded, InFlight, InFlightGuard, RateLimiter};
-pub use subset::{SubsetError, check_child_policy, inherit_restrictions};
+pub use subset::{SubsetError, check_child_policy};
+pub use validate::{
+    FieldError, MAX_NAME_BYTES, MAX_PLAN_NAME_BYTES, validate_name, validate_plan_name,
+    validate_policy,
+};
 pub use yaml::{
     BadDuration, PolicyError, PolicyFile, load_policy_file, parse_policy_yaml, parse_ttl,
 };

@@ -7,9 +7,10 @@
 //! - `scopes`: every permission the child's scopes allow, the parent's allow.
 //! - `providers`, `endpoints`, `models`: each child entry must lie within
 //!   one parent entry. An absent child allowlist under a restricted parent
-//!   *inherits* the parent's (accepted): the engine checks the allowlists of
-//!   every key in the chain, and [`inherit_restrictions`] copies them into
-//!   the child's record so it shows what it may do.
+//!   is accepted and still binds: the engine checks the allowlists of every
+//!   key in the chain on each call (docs/policy.md#sub-agent-keys), so
+//!   nothing is copied into the child's record, which shows what was set
+//!   for the child itself.
 //! - `budget`: a child of a budgeted parent must have a `total` budget no
 //!   larger than the parent's limit (the carve-out of the parent's
 //!   *remaining* budget is checked atomically by the store).
@@ -188,32 +189,6 @@ pub fn check_child_policy(
     Ok(())
 }
 
-/// Fills the child's absent allowlists and limits from the parent's, so
-/// the child's record states the restrictions it inherits. Budgets are not
-/// copied (a child's budget is its own carve-out).
-pub fn inherit_restrictions(parent: &Policy, child: &mut Policy) {
-    if child.providers.is_none() {
-        child.providers.clone_from(&parent.providers);
-    }
-    if child.endpoints.is_none() {
-        child.endpoints.clone_from(&parent.endpoints);
-    }
-    if child.models.is_none() {
-        child.models.clone_from(&parent.models);
-    }
-    child.max_request_chars = child.max_request_chars.or(parent.max_request_chars);
-    child.max_parallel = child.max_parallel.or(parent.max_parallel);
-    if let Some(pr) = parent.rate_limit {
-        let cr = child.rate_limit.unwrap_or_default();
-        child.rate_limit = Some(super::model::RateLimit {
-            requests_per_minute: cr.requests_per_minute.or(pr.requests_per_minute),
-            requests_per_day: cr.requests_per_day.or(pr.requests_per_day),
-            requests_per_month: cr.requests_per_month.or(pr.requests_per_month),
-            tokens_per_minute: cr.tokens_per_minute.or(pr.tokens_per_minute),
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,26 +322,5 @@ mod tests {
         let e = check_child_policy(&parent, &Scopes::parse(&["*"]).unwrap(), &child_ok(), None)
             .unwrap_err();
         assert_eq!(e.field, "scopes");
-    }
-
-    #[test]
-    fn absent_allowlists_inherit() {
-        let parent = record(restricted(), &["chat:write"], None);
-        let mut child = Policy {
-            budget: child_ok().budget,
-            ..Policy::default()
-        };
-        check_child_policy(
-            &parent,
-            &Scopes::parse(&["chat:write"]).unwrap(),
-            &child,
-            None,
-        )
-        .unwrap();
-        inherit_restrictions(&parent.policy, &mut child);
-        assert_eq!(child.providers, parent.policy.providers);
-        assert_eq!(child.models, parent.policy.models);
-        assert_eq!(child.rate_limit, parent.policy.rate_limit);
-        assert_eq!(child.budget, child_ok().budget);
     }
 }

@@ -25,6 +25,7 @@ use crate::provider::Provider;
 use crate::scope::{Scope, Scopes};
 
 use super::model::{Budget, BudgetPeriod, EndpointRule, ModelGlob, Policy, RateLimit};
+use super::validate::{FieldError, validate_name, validate_plan_name, validate_policy};
 
 /// The largest policy file read, in bytes.
 const MAX_FILE_BYTES: usize = 256 * 1024;
@@ -260,16 +261,12 @@ impl Ctx<'_> {
     fn validate(&self, raw: RawFile) -> Result<PolicyFile, PolicyError> {
         let mut out = PolicyFile::default();
         let mut any = false;
+        // Where each policy field was written, for the shared rules'
+        // errors (docs/policy.md#fields) checked at the end.
+        let mut spans: Vec<(&'static str, Location)> = Vec::new();
         if let Some(name) = raw.name {
             any = true;
-            let n = name.value.chars().count();
-            if n == 0 || n > 128 || name.value.chars().any(char::is_control) {
-                return Err(self.at(
-                    &name.referenced,
-                    "name",
-                    "must be 1 to 128 characters with no control characters",
-                ));
-            }
+            validate_name(&name.value).map_err(|e| self.field_at(&name.referenced, &e))?;
             out.name = Some(name.value);
         }
         if let Some(ttl) = raw.ttl {
@@ -289,27 +286,14 @@ impl Ctx<'_> {
         }
         if let Some(plan) = raw.plan {
             any = true;
-            let ok = !plan.value.is_empty()
-                && plan.value.len() <= 64
-                && plan.value.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
-                });
-            if !ok {
-                return Err(self.at(
-                    &plan.referenced,
-                    "plan",
-                    format!(
-                        "invalid plan name {:?}: 1 to 64 of a-z, 0-9, - and _",
-                        plan.value.chars().take(64).collect::<String>()
-                    ),
-                ));
-            }
+            validate_plan_name(&plan.value).map_err(|e| self.field_at(&plan.referenced, &e))?;
             out.plan = Some(plan.value);
         }
         if let Some(providers) = raw.providers {
             any = true;
             let mut list = Vec::new();
-            for p in self.non_empty(providers, "providers")? {
+            spans.push(("providers", providers.referenced));
+            for p in providers.value {
                 let provider: Provider = p
                     .value
                     .parse()
@@ -323,7 +307,8 @@ impl Ctx<'_> {
         if let Some(endpoints) = raw.endpoints {
             any = true;
             let mut list = Vec::new();
-            for e in self.non_empty(endpoints, "endpoints")? {
+            spans.push(("endpoints", endpoints.referenced));
+            for e in endpoints.value {
                 list.push(
                     EndpointRule::parse(&e.value)
                         .map_err(|err| self.at(&e.referenced, "endpoints", err))?,
@@ -334,7 +319,8 @@ impl Ctx<'_> {
         if let Some(models) = raw.models {
             any = true;
             let mut list = Vec::new();
-            for m in self.non_empty(models, "models")? {
+            spans.push(("models", models.referenced));
+            for m in models.value {
                 list.push(
                     ModelGlob::parse(&m.value)
                         .map_err(|err| self.at(&m.referenced, "models", err))?,
@@ -381,59 +367,36 @@ impl Ctx<'_> {
         }
         if let Some(rate) = raw.rate_limit {
             any = true;
+            spans.push(("rate_limit", rate.referenced));
             let r = rate.value;
-            let positive =
-                |v: Option<Spanned<u64>>, field: &str| -> Result<Option<u64>, PolicyError> {
-                    match v {
-                        Some(s) if s.value == 0 => Err(self.at(
-                            &s.referenced,
-                            field,
-                            "must be at least 1 (omit the field for no limit)",
-                        )),
-                        Some(s) => Ok(Some(s.value)),
-                        None => Ok(None),
-                    }
-                };
-            let limits = RateLimit {
-                requests_per_minute: positive(
-                    r.requests_per_minute,
-                    "rate_limit.requests_per_minute",
-                )?,
-                requests_per_day: positive(r.requests_per_day, "rate_limit.requests_per_day")?,
-                requests_per_month: positive(
-                    r.requests_per_month,
-                    "rate_limit.requests_per_month",
-                )?,
-                tokens_per_minute: positive(r.tokens_per_minute, "rate_limit.tokens_per_minute")?,
+            let mut value = |v: Option<Spanned<u64>>, field: &'static str| {
+                v.map(|s| {
+                    spans.push((field, s.referenced));
+                    s.value
+                })
             };
-            if limits == RateLimit::default() {
-                return Err(self.at(
-                    &rate.referenced,
-                    "rate_limit",
-                    "sets no limit; give at least one of requests_per_minute, requests_per_day, requests_per_month, tokens_per_minute, or omit it",
-                ));
-            }
-            out.policy.rate_limit = Some(limits);
+            out.policy.rate_limit = Some(RateLimit {
+                requests_per_minute: value(r.requests_per_minute, "rate_limit.requests_per_minute"),
+                requests_per_day: value(r.requests_per_day, "rate_limit.requests_per_day"),
+                requests_per_month: value(r.requests_per_month, "rate_limit.requests_per_month"),
+                tokens_per_minute: value(r.tokens_per_minute, "rate_limit.tokens_per_minute"),
+            });
         }
         if let Some(m) = raw.max_request_chars {
             any = true;
-            if m.value == 0 {
-                return Err(self.at(&m.referenced, "max_request_chars", "must be at least 1"));
-            }
+            spans.push(("max_request_chars", m.referenced));
             out.policy.max_request_chars = Some(m.value);
         }
         if let Some(m) = raw.max_parallel {
             any = true;
-            let v = u32::try_from(m.value)
-                .ok()
-                .filter(|v| *v > 0)
-                .ok_or_else(|| {
-                    self.at(
-                        &m.referenced,
-                        "max_parallel",
-                        format!("must be from 1 to {}, got {}", u32::MAX, m.value),
-                    )
-                })?;
+            spans.push(("max_parallel", m.referenced));
+            let v = u32::try_from(m.value).ok().ok_or_else(|| {
+                self.at(
+                    &m.referenced,
+                    "max_parallel",
+                    format!("must be from 1 to {}, got {}", u32::MAX, m.value),
+                )
+            })?;
             out.policy.max_parallel = Some(v);
         }
         if let Some(s) = raw.shadow {
@@ -445,7 +408,19 @@ impl Ctx<'_> {
                 "the policy sets no fields; expected a mapping such as `name: my-key`".to_owned(),
             ));
         }
+        validate_policy(&out.policy).map_err(|e| {
+            let at = spans
+                .iter()
+                .find(|(field, _)| *field == e.field)
+                .map_or(Location::UNKNOWN, |(_, loc)| *loc);
+            self.field_at(&at, &e)
+        })?;
         Ok(out)
+    }
+
+    /// A shared rule's error ([`validate_policy`] and friends) at `loc`.
+    fn field_at(&self, loc: &Location, e: &FieldError) -> PolicyError {
+        self.at(loc, e.field, &e.message)
     }
 
     fn non_empty<T>(

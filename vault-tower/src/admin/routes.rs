@@ -6,7 +6,6 @@
 //! answer 401 without a key (docs/threat-model.md, A10).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -19,18 +18,18 @@ use bytes::Bytes;
 use http::StatusCode;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http_body_util::{BodyExt, Limited};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use vault_core::crypto::ProviderSecret;
 use vault_core::denial::Denial;
-use vault_core::key::{KeyEnv, KeyId, ProviderKeyId};
-use vault_core::policy::{Budget, EndpointRule, ModelGlob, Policy, RateLimit};
-use vault_core::provider::Provider;
-use vault_core::record::{KeyStatus, UsageFilter};
+use vault_core::key::{KeyId, ProviderKeyId};
+use vault_core::manage::wire::{
+    AddProviderKeyRequest, AuditQuery, CreateKeyRequest, RotateKeyRequest, UsageQuery,
+};
+use vault_core::manage::{Actor, ManageError};
+use vault_core::record::KeyStatus;
 use vault_core::scope::Permission;
 
-use crate::admin::ops::{Actor, Admin, AdminError, NewKey};
-use crate::admin::views;
+use crate::admin::Admin;
 use crate::response::denial_response;
 
 /// Largest management request body.
@@ -79,8 +78,9 @@ pub fn admin_router(admin: Admin, options: AdminOptions) -> Router {
     open.with_state(admin).merge(authed)
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response {
-    let mut r = Response::new(Body::from(v.to_string()));
+fn json_response(status: StatusCode, v: &impl Serialize) -> Response {
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -91,24 +91,28 @@ fn denial(d: &Denial) -> Response {
     denial_response(d).map(Body::new)
 }
 
-impl IntoResponse for AdminError {
+/// A [`ManageError`] as the JSON error of docs/api.md#errors.
+#[derive(Debug)]
+struct ApiError(ManageError);
+
+impl From<ManageError> for ApiError {
+    fn from(e: ManageError) -> ApiError {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let message = self.to_string();
-        let kind = match self.status() {
-            400 => "invalid_request_error",
-            402 => "insufficient_quota",
-            413 => "request_too_large",
-            403 => "permission_error",
-            404 => "not_found_error",
-            409 => "conflict_error",
-            _ => "api_error",
-        };
+        let e = self.0;
+        let message = e.to_string();
         json_response(
-            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            &json!({"detail": message, "error": {"type": kind, "code": self.code(), "message": message}}),
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &json!({"detail": message, "error": {"type": e.kind(), "code": e.code(), "message": message}}),
         )
     }
 }
+
+type Answer = Result<Response, ApiError>;
 
 /// Resolves the caller's key (any place docs/api.md#authentication names) and
 /// refuses revoked, expired and unknown keys before any handler runs.
@@ -139,23 +143,25 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
 }
 
 /// The caller, as the authentication layer resolved it; fails closed.
-fn actor(req: &Request) -> Result<Actor, AdminError> {
+fn actor(req: &Request) -> Result<Actor, ApiError> {
     req.extensions()
         .get::<Actor>()
         .cloned()
-        .ok_or(AdminError::Internal)
+        .ok_or(ApiError(ManageError::Internal))
 }
 
-async fn read_json<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, AdminError> {
-    read_optional_json(req)
-        .await?
-        .ok_or_else(|| AdminError::Invalid("a JSON request body is required".to_owned()))
+async fn read_json<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, ApiError> {
+    read_optional_json(req).await?.ok_or_else(|| {
+        ApiError(ManageError::Invalid(
+            "a JSON request body is required".to_owned(),
+        ))
+    })
 }
 
 /// Reads a bounded JSON body; `None` when the body is empty.
 async fn read_optional_json<T: for<'de> Deserialize<'de>>(
     req: Request,
-) -> Result<Option<T>, AdminError> {
+) -> Result<Option<T>, ApiError> {
     let body = req.into_body();
     let bytes: Bytes = match Limited::new(body, MAX_ADMIN_BODY).collect().await {
         Ok(c) => c.to_bytes(),
@@ -163,31 +169,38 @@ async fn read_optional_json<T: for<'de> Deserialize<'de>>(
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            return Err(AdminError::TooLarge(format!(
+            return Err(ApiError(ManageError::TooLarge(format!(
                 "the request body is larger than {MAX_ADMIN_BODY} bytes"
-            )));
+            ))));
         }
         Err(_) => {
-            return Err(AdminError::Invalid(
+            return Err(ApiError(ManageError::Invalid(
                 "the request body could not be read".to_owned(),
-            ));
+            )));
         }
     };
     if bytes.is_empty() {
         return Ok(None);
     }
+    // Every body is an object: serde would also read a struct of optional
+    // fields from `[]`.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError(ManageError::Invalid(
+            "invalid request body: expected a JSON object".to_owned(),
+        )));
+    }
     serde_json::from_slice(&bytes)
         .map(Some)
-        .map_err(|e| body_error::<T>(&bytes, &e))
+        .map_err(|e| ApiError(body_error::<T>(&bytes, &e)))
 }
 
 /// Explains a body that did not deserialise, naming the field at fault
 /// (docs/threat-model.md, A8): serde_json's own message for a wrong type says
 /// what was expected but not where ("invalid type: integer `5`, expected a
 /// string").
-fn body_error<T: for<'de> Deserialize<'de>>(bytes: &[u8], e: &serde_json::Error) -> AdminError {
+fn body_error<T: for<'de> Deserialize<'de>>(bytes: &[u8], e: &serde_json::Error) -> ManageError {
     let Ok(value) = serde_json::from_slice::<Value>(bytes) else {
-        return AdminError::Invalid(format!("the request body is not valid JSON: {e}"));
+        return ManageError::Invalid(format!("the request body is not valid JSON: {e}"));
     };
     // Try each field alone: the first one that fails on its own (other
     // than for the fields it leaves out) is the one at fault.
@@ -198,285 +211,132 @@ fn body_error<T: for<'de> Deserialize<'de>>(bytes: &[u8], e: &serde_json::Error)
             if let Err(err) = T::deserialize(Value::Object(alone)) {
                 let msg = err.to_string();
                 if !msg.starts_with("missing field") {
-                    return AdminError::Invalid(format!("{name}: {msg}"));
+                    return ManageError::Invalid(format!("{name}: {msg}"));
                 }
             }
         }
     }
-    AdminError::Invalid(format!("invalid request body: {e}"))
+    ManageError::Invalid(format!("invalid request body: {e}"))
 }
 
-/// `POST /v1/keys`: unknown fields (`spend`, `status`, `id`, `created_at`…)
-/// are refused by name (docs/threat-model.md, A8).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateKeyBody {
-    name: Option<String>,
-    #[serde(alias = "scopes")]
-    permissions: Option<Vec<String>>,
-    project: Option<String>,
-    env: Option<KeyEnv>,
-    plan: Option<String>,
-    ttl: Option<String>,
-    parent: Option<String>,
-    provider_keys: Option<Vec<String>>,
-    providers: Option<Vec<Provider>>,
-    endpoints: Option<Vec<EndpointRule>>,
-    models: Option<Vec<ModelGlob>>,
-    budget: Option<Budget>,
-    rate_limit: Option<RateLimit>,
-    max_request_chars: Option<u64>,
-    max_parallel: Option<u32>,
-    shadow: Option<bool>,
-}
-
-/// Parses `90s`, `5m`, `1h`, `24h`, `7d` (the policy files' TTL syntax).
-fn parse_duration(s: &str) -> Option<Duration> {
-    vault_core::policy::parse_ttl(s).ok()
-}
-
-async fn create_key(State(admin): State<Arc<Admin>>, req: Request) -> Result<Response, AdminError> {
+/// `POST /v1/keys` (docs/api.md#post-v1keys).
+async fn create_key(State(admin): State<Arc<Admin>>, req: Request) -> Answer {
     let actor = actor(&req)?;
-    let b: CreateKeyBody = read_json(req).await?;
-    let ttl = match b.ttl.as_deref() {
-        Some(t) => Some(parse_duration(t).ok_or_else(|| {
-            AdminError::Invalid("ttl: expected a duration like 90s, 5m, 1h, 24h or 7d".to_owned())
-        })?),
-        None => None,
-    };
-    let parent = match b.parent.as_deref() {
-        Some(p) => Some(KeyId::parse(p).ok_or_else(|| {
-            AdminError::Invalid("parent: expected a key id like key_…".to_owned())
-        })?),
-        None => None,
-    };
-    let mut provider_keys = Vec::new();
-    for pk in b.provider_keys.unwrap_or_default() {
-        provider_keys.push(ProviderKeyId::parse(&pk).ok_or_else(|| {
-            AdminError::Invalid("provider_keys: expected ids like pk_…".to_owned())
-        })?);
-    }
-    let new = NewKey {
-        name: b.name.unwrap_or_default(),
-        project: b.project,
-        scopes: b.permissions.unwrap_or_default(),
-        env: b.env,
-        plan: b.plan,
-        policy: Policy {
-            providers: b.providers,
-            endpoints: b.endpoints,
-            models: b.models,
-            budget: b.budget,
-            rate_limit: b.rate_limit,
-            max_request_chars: b.max_request_chars,
-            max_parallel: b.max_parallel,
-            shadow: b.shadow.unwrap_or(false),
-        },
-        ttl,
-        parent,
-        provider_keys,
-    };
-    let issued = admin.create_key(&actor, new).await?;
-    let mut v = views::key(&issued.record, admin.context().clock().now());
-    v["key"] = Value::String(issued.key.expose_secret().to_owned());
-    Ok(json_response(StatusCode::CREATED, &v))
+    let body: CreateKeyRequest = read_json(req).await?;
+    let issued = admin.manager().create_key(&actor, body).await?;
+    Ok(json_response(StatusCode::CREATED, &issued))
 }
 
-async fn list_keys(State(admin): State<Arc<Admin>>, req: Request) -> Result<Response, AdminError> {
-    let keys = admin.list_keys(&actor(&req)?).await?;
-    let now = admin.context().clock().now();
-    let data: Vec<Value> = keys.iter().map(|k| views::key(k, now)).collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"object": "list", "data": data}),
-    ))
+/// `GET /v1/keys` (docs/api.md#get-v1keys).
+async fn list_keys(State(admin): State<Arc<Admin>>, req: Request) -> Answer {
+    let list = admin.manager().list_keys(&actor(&req)?).await?;
+    Ok(json_response(StatusCode::OK, &list))
 }
 
-fn key_id(id: &str) -> Result<KeyId, AdminError> {
-    KeyId::parse(id).ok_or(AdminError::NotFound("key"))
+/// A key id in a path; one that is not `key_…` is no key's (404).
+fn key_id(id: &str) -> Result<KeyId, ApiError> {
+    KeyId::parse(id).ok_or(ApiError(ManageError::NotFound("key")))
 }
 
-async fn get_key(
-    State(admin): State<Arc<Admin>>,
-    Path(id): Path<String>,
-    req: Request,
-) -> Result<Response, AdminError> {
-    let k = admin.get_key(&actor(&req)?, &key_id(&id)?).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &views::key(&k, admin.context().clock().now()),
-    ))
+/// `GET /v1/keys/{id}` (docs/api.md#get-v1keysid).
+async fn get_key(State(admin): State<Arc<Admin>>, Path(id): Path<String>, req: Request) -> Answer {
+    let k = admin
+        .manager()
+        .get_key(&actor(&req)?, &key_id(&id)?)
+        .await?;
+    Ok(json_response(StatusCode::OK, &k))
 }
 
+/// `DELETE /v1/keys/{id}` (docs/api.md#delete-v1keysid).
 async fn revoke_key(
     State(admin): State<Arc<Admin>>,
     Path(id): Path<String>,
     req: Request,
-) -> Result<Response, AdminError> {
-    let revoked = admin.revoke_key(&actor(&req)?, &key_id(&id)?).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"id": id, "status": "revoked", "revoked": revoked}),
-    ))
+) -> Answer {
+    let revoked = admin
+        .manager()
+        .revoke_key(&actor(&req)?, &key_id(&id)?)
+        .await?;
+    Ok(json_response(StatusCode::OK, &revoked))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RotateBody {
-    grace: Option<String>,
-    grace_seconds: Option<u64>,
-}
-
+/// `POST /v1/keys/{id}/rotate` (docs/api.md#post-v1keysidrotate).
 async fn rotate_key(
     State(admin): State<Arc<Admin>>,
     Path(id): Path<String>,
     req: Request,
-) -> Result<Response, AdminError> {
+) -> Answer {
     let actor = actor(&req)?;
     // The body is optional, however it is framed (length or chunked).
-    let b: RotateBody = read_optional_json(req).await?.unwrap_or_default();
-    let grace = match (b.grace.as_deref(), b.grace_seconds) {
-        (Some(_), Some(_)) => {
-            return Err(AdminError::Invalid(
-                "grace: give grace or grace_seconds, not both".to_owned(),
-            ));
-        }
-        (Some(g), None) => Some(parse_duration(g).ok_or_else(|| {
-            AdminError::Invalid("grace: expected a duration like 60s or 1h".to_owned())
-        })?),
-        (None, Some(s)) => Some(Duration::from_secs(s)),
-        (None, None) => None,
-    };
-    let issued = admin.rotate_key(&actor, &key_id(&id)?, grace).await?;
-    let mut v = views::key(&issued.record, admin.context().clock().now());
-    v["key"] = Value::String(issued.key.expose_secret().to_owned());
-    Ok(json_response(StatusCode::OK, &v))
-}
-
-/// `POST /v1/provider-keys`. The secret never appears in a response.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddProviderKeyBody {
-    provider: String,
-    api_key: String,
-    name: Option<String>,
-    project: Option<String>,
-}
-
-async fn add_provider_key(
-    State(admin): State<Arc<Admin>>,
-    req: Request,
-) -> Result<Response, AdminError> {
-    let actor = actor(&req)?;
-    let b: AddProviderKeyBody = read_json(req).await?;
-    let provider: Provider =
-        b.provider
-            .parse()
-            .map_err(|e: vault_core::provider::UnknownProvider| {
-                AdminError::Invalid(format!("provider: {e}"))
-            })?;
-    let secret = ProviderSecret::new(b.api_key);
-    let rec = admin
-        .add_provider_key(
-            &actor,
-            provider,
-            b.name.unwrap_or_default(),
-            b.project,
-            secret,
-        )
+    let body: RotateKeyRequest = read_optional_json(req).await?.unwrap_or_default();
+    let issued = admin
+        .manager()
+        .rotate_key(&actor, &key_id(&id)?, body)
         .await?;
-    Ok(json_response(
-        StatusCode::CREATED,
-        &views::provider_key(&rec),
-    ))
+    Ok(json_response(StatusCode::OK, &issued))
 }
 
-async fn list_provider_keys(
-    State(admin): State<Arc<Admin>>,
-    req: Request,
-) -> Result<Response, AdminError> {
-    let list = admin.list_provider_keys(&actor(&req)?).await?;
-    let data: Vec<Value> = list.iter().map(views::provider_key).collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"object": "list", "data": data}),
-    ))
+/// `POST /v1/provider-keys` (docs/api.md#post-v1provider-keys). The secret
+/// never appears in a response.
+async fn add_provider_key(State(admin): State<Arc<Admin>>, req: Request) -> Answer {
+    let actor = actor(&req)?;
+    let body: AddProviderKeyRequest = read_json(req).await?;
+    let rec = admin.manager().add_provider_key(&actor, body).await?;
+    Ok(json_response(StatusCode::CREATED, &rec))
 }
 
+/// `GET /v1/provider-keys` (docs/api.md#get-v1provider-keys).
+async fn list_provider_keys(State(admin): State<Arc<Admin>>, req: Request) -> Answer {
+    let list = admin.manager().list_provider_keys(&actor(&req)?).await?;
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+/// `DELETE /v1/provider-keys/{id}` (docs/api.md#delete-v1provider-keysid).
 async fn remove_provider_key(
     State(admin): State<Arc<Admin>>,
     Path(id): Path<String>,
     req: Request,
-) -> Result<Response, AdminError> {
-    let pk = ProviderKeyId::parse(&id).ok_or(AdminError::NotFound("provider key"))?;
-    admin.remove_provider_key(&actor(&req)?, &pk).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"id": id, "deleted": true}),
-    ))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UsageQuery {
-    key_id: Option<String>,
-    since: Option<i64>,
-    limit: Option<usize>,
+) -> Answer {
+    let pk = ProviderKeyId::parse(&id).ok_or(ApiError(ManageError::NotFound("provider key")))?;
+    let removed = admin
+        .manager()
+        .remove_provider_key(&actor(&req)?, &pk)
+        .await?;
+    Ok(json_response(StatusCode::OK, &removed))
 }
 
 /// A query string that does not parse is a JSON error (docs/api.md#errors)
 /// naming the parameter, not axum's plain-text rejection.
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(q)| q).map_err(|e| {
         let text = e.body_text();
         let why = text
             .strip_prefix("Failed to deserialize query string: ")
             .unwrap_or(&text);
-        AdminError::Invalid(format!("query: {why}"))
+        ApiError(ManageError::Invalid(format!("query: {why}")))
     })
 }
 
+/// `GET /v1/usage` (docs/api.md#get-v1usage).
 async fn usage(
     State(admin): State<Arc<Admin>>,
     q: Result<Query<UsageQuery>, QueryRejection>,
     req: Request,
-) -> Result<Response, AdminError> {
+) -> Answer {
     let q = query(q)?;
-    let filter = UsageFilter {
-        project: None,
-        key_id: match q.key_id.as_deref() {
-            Some(k) => Some(
-                KeyId::parse(k)
-                    .ok_or_else(|| AdminError::Invalid("key_id: expected key_…".to_owned()))?,
-            ),
-            None => None,
-        },
-        since: q.since.map(vault_core::clock::UnixMillis),
-        limit: Some(q.limit.unwrap_or(1000).min(10_000)),
-    };
-    let records = admin.usage(&actor(&req)?, filter).await?;
-    Ok(json_response(StatusCode::OK, &views::usage(&records)))
+    let list = admin.manager().usage(&actor(&req)?, q).await?;
+    Ok(json_response(StatusCode::OK, &list))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuditQuery {
-    limit: Option<usize>,
-}
-
+/// `GET /v1/audit` (docs/api.md#get-v1audit).
 async fn audit(
     State(admin): State<Arc<Admin>>,
     q: Result<Query<AuditQuery>, QueryRejection>,
     req: Request,
-) -> Result<Response, AdminError> {
+) -> Answer {
     let q = query(q)?;
-    let entries = admin
-        .audit_entries(&actor(&req)?, q.limit.unwrap_or(100).min(10_000))
-        .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"object": "list", "data": entries}),
-    ))
+    let list = admin.manager().audit_entries(&actor(&req)?, q).await?;
+    Ok(json_response(StatusCode::OK, &list))
 }
 
 async fn healthz() -> Response {
@@ -484,10 +344,7 @@ async fn healthz() -> Response {
 }
 
 /// `/metrics` when the configuration protects it: a key with `usage:read`.
-async fn protected_metrics(
-    State(admin): State<Arc<Admin>>,
-    req: Request,
-) -> Result<Response, AdminError> {
+async fn protected_metrics(State(admin): State<Arc<Admin>>, req: Request) -> Answer {
     actor(&req)?.require(Permission::UsageRead)?;
     Ok(metrics(State(admin)).await)
 }

@@ -1,0 +1,155 @@
+//! The management rules below any transport (`vault_core::manage`): the same
+//! value rules as policy files, the sub-agent depth limit at creation, audit
+//! before mutation, and the hook told of every change.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::sync::{Arc, Mutex};
+
+use vault_core::audit::AuditLog;
+use vault_core::crypto::{AesGcmEncryptor, MasterKey};
+use vault_core::manage::{
+    Actor, Change, CreateKeyRequest, ManageError, ManageHook, Manager, RotateKeyRequest,
+};
+use vault_core::record::MAX_CHAIN_DEPTH;
+use vault_core::store::MemoryStore;
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<String>>);
+
+impl ManageHook for Recorder {
+    fn changed(&self, change: Change<'_>) {
+        let what = match change {
+            Change::KeyCreated(_) => "created".to_owned(),
+            Change::KeysRevoked(ids) => format!("revoked {}", ids.len()),
+            Change::KeyRotated(_) => "rotated".to_owned(),
+            Change::ProviderKeysChanged(p) => format!("provider keys of {p}"),
+            _ => "other".to_owned(),
+        };
+        self.0.lock().unwrap().push(what);
+    }
+}
+
+fn manager(hook: Option<Arc<Recorder>>, audit: Option<Arc<AuditLog>>) -> Manager {
+    let store = Arc::new(MemoryStore::new());
+    let encryptor = Arc::new(AesGcmEncryptor::new(MasterKey::generate().unwrap()).unwrap());
+    let mut b = Manager::builder(store, encryptor);
+    if let Some(h) = hook {
+        b = b.hook(h);
+    }
+    if let Some(a) = audit {
+        b = b.audit(a);
+    }
+    b.build()
+}
+
+fn body(json: &str) -> CreateKeyRequest {
+    serde_json::from_str(json).unwrap()
+}
+
+const OP: Actor = Actor::Operator;
+
+/// docs/policy.md#fields: what a policy file refuses, the API refuses too,
+/// naming the field, and creates nothing.
+#[tokio::test]
+async fn corruption_empty_lists_zero_limits_and_bad_names_are_refused() {
+    let m = manager(None, None);
+    for (json, field) in [
+        (r#"{"models": []}"#, "models"),
+        (r#"{"providers": []}"#, "providers"),
+        (r#"{"endpoints": []}"#, "endpoints"),
+        (r#"{"permissions": []}"#, "permissions"),
+        (r#"{"rate_limit": {}}"#, "rate_limit"),
+        (
+            r#"{"rate_limit": {"requests_per_minute": 0}}"#,
+            "rate_limit.requests_per_minute",
+        ),
+        (r#"{"max_request_chars": 0}"#, "max_request_chars"),
+        (r#"{"max_parallel": 0}"#, "max_parallel"),
+        (r#"{"plan": "Pro"}"#, "plan"),
+        (r#"{"name": "a\nb"}"#, "name"),
+    ] {
+        let e = m.create_key(&OP, body(json)).await.unwrap_err();
+        assert!(
+            matches!(&e, ManageError::Invalid(msg) if msg.starts_with(field)),
+            "{json}: {e:?}"
+        );
+        assert_eq!(e.status(), 400);
+    }
+    let long = format!(r#"{{"name": "{}"}}"#, "é".repeat(101));
+    let e = m.create_key(&OP, body(&long)).await.unwrap_err();
+    assert_eq!(e.code(), "invalid_request", "{e:?}");
+    assert!(m.list_keys(&OP).await.unwrap().data.is_empty());
+}
+
+/// A chain one deeper than `MAX_CHAIN_DEPTH` would answer 500 on every
+/// call; it is refused at creation instead, with a 400 naming `parent`.
+#[tokio::test]
+async fn boundary_sub_agent_depth_is_refused_at_creation() {
+    let m = manager(None, None);
+    let mut parent = m
+        .create_key(&OP, body(r#"{"name": "root"}"#))
+        .await
+        .unwrap()
+        .record
+        .id;
+    for depth in 1..=MAX_CHAIN_DEPTH {
+        let req = CreateKeyRequest {
+            name: Some(format!("depth {depth}")),
+            parent: Some(parent.clone()),
+            ..CreateKeyRequest::default()
+        };
+        parent = m.create_key(&OP, req).await.unwrap().record.id;
+    }
+    let req = CreateKeyRequest {
+        parent: Some(parent),
+        ..CreateKeyRequest::default()
+    };
+    let e = m.create_key(&OP, req).await.unwrap_err();
+    assert_eq!(e.status(), 400, "{e:?}");
+    assert!(e.to_string().starts_with("parent:"), "{e}");
+    assert_eq!(
+        m.list_keys(&OP).await.unwrap().data.len(),
+        MAX_CHAIN_DEPTH + 1
+    );
+}
+
+/// The hook hears of each change after it is stored; an audit log that
+/// cannot be written refuses the mutation and changes nothing.
+#[tokio::test]
+async fn lifecycle_hook_and_audit_before_mutation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let audit = Arc::new(AuditLog::open(&path).unwrap());
+    let hook = Arc::new(Recorder::default());
+    let m = manager(Some(hook.clone()), Some(audit));
+    let parent = m.create_key(&OP, body(r#"{"name": "p"}"#)).await.unwrap();
+    let child = CreateKeyRequest {
+        parent: Some(parent.record.id.clone()),
+        ..CreateKeyRequest::default()
+    };
+    m.create_key(&OP, child).await.unwrap();
+    m.rotate_key(&OP, &parent.record.id, RotateKeyRequest::default())
+        .await
+        .unwrap();
+    let revoked = m.revoke_key(&OP, &parent.record.id).await.unwrap();
+    assert_eq!(revoked.revoked.len(), 2);
+    assert_eq!(
+        *hook.0.lock().unwrap(),
+        ["created", "created", "rotated", "revoked 2"]
+    );
+    let entries = m.audit_entries(&OP, Default::default()).await.unwrap().data;
+    assert_eq!(entries.len(), 4);
+    assert_eq!(entries[0]["kind"], "key.revoked");
+
+    // The audit file replaced by a directory: nothing is created.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    let e = m
+        .create_key(&OP, body(r#"{"name": "x"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(e, ManageError::AuditUnavailable);
+    assert_eq!(m.list_keys(&OP).await.unwrap().data.len(), 2);
+    assert_eq!(hook.0.lock().unwrap().len(), 4);
+}
