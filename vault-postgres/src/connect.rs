@@ -194,11 +194,29 @@ pub(crate) async fn single(
     let (client, connection) = config
         .connect(tls(options.ca_file.as_deref())?)
         .await
-        .map_err(|e| PostgresError::Backend(format!("connecting to {target}: {e}")))?;
+        .map_err(|e| PostgresError::Backend(format!("connecting to {target}: {}", describe(&e))))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection closed");
         }
     });
     Ok(client)
+}
+
+/// An error with its chain of causes ("creating a connection: error
+/// performing TLS handshake: invalid peer certificate: UnknownIssuer"):
+/// the pool's and the driver's own `Display` stop at the first level.
+/// Causes name hosts and reasons, never the URL or its password.
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }

@@ -146,7 +146,11 @@ impl PostgresStore {
     /// The schema version of the database (0: no vaultgate schema).
     pub async fn schema_version(&self) -> Result<i32, PostgresError> {
         let conn = self.inner.pool.get().await.map_err(|e| {
-            PostgresError::Backend(format!("connecting to {}: {e}", self.inner.target))
+            PostgresError::Backend(format!(
+                "connecting to {}: {}",
+                self.inner.target,
+                connect::describe(&e)
+            ))
         })?;
         let client: &tokio_postgres::Client = &conn;
         schema::version_of(client).await

@@ -88,7 +88,9 @@ impl Fail {
         match self {
             Fail::Store(e) => e,
             Fail::Pg(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => StoreError::Conflict,
-            Fail::Pg(e) => StoreError::Backend(format!("postgres: {e}")),
+            Fail::Pg(e) => {
+                StoreError::Backend(format!("postgres: {}", crate::connect::describe(&e)))
+            }
             Fail::Pool(e) => StoreError::Backend(e),
         }
     }

@@ -58,12 +58,28 @@ const SUPERVISOR: &str = r#"
 "$0" -D "$1/data" -p "$2" -k "$1" -h 127.0.0.1 \
     -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
     -c max_connections=400 -c shared_buffers=64MB -c log_min_messages=warning \
-    >>"$1/postgres.log" 2>&1 &
+    $3 >>"$1/postgres.log" 2>&1 &
 pid=$!
 read _ignored
 kill -INT "$pid"
 wait "$pid"
 rm -rf "$1"
+"#;
+
+/// A test CA (`ca.crt`) and a server certificate for 127.0.0.1 it signed
+/// (`server.crt`, `server.key`) in directory `$0`. (webpki refuses a
+/// self-signed CA certificate used as the server's own.)
+const MAKE_CERTIFICATES: &str = r#"
+set -e
+cd "$0"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=vaultgate-test-ca -keyout ca.key -out ca.crt 2>/dev/null
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -subj /CN=127.0.0.1 -keyout server.key -out server.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' > server.ext
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+    -extfile server.ext -out server.crt 2>/dev/null
+chmod 600 server.key ca.key
 "#;
 
 /// The directory holding `initdb` and `postgres`: the one on `PATH`, else
@@ -177,6 +193,29 @@ impl TestPostgres {
     /// Starts a server: `initdb`, `postgres` on a free port, the template
     /// database migrated.
     pub fn start() -> Result<TestPostgres, String> {
+        Self::start_inner(false)
+    }
+
+    /// [`start`](Self::start) with TLS on: a certificate for `127.0.0.1`
+    /// signed by a test CA, both made with the `openssl` command; the CA's
+    /// PEM is at [`tls_ca`](Self::tls_ca) (trust it with
+    /// [`PostgresOptions::ca_file`]). Plain connections are still accepted.
+    pub fn start_with_tls() -> Result<TestPostgres, String> {
+        Self::start_inner(true)
+    }
+
+    /// The test CA's certificate (PEM), when started with TLS.
+    pub fn tls_ca(&self) -> Option<PathBuf> {
+        let cert = self.dir.path().join("ca.crt");
+        cert.is_file().then_some(cert)
+    }
+
+    /// The URL the harness itself uses: plain, whatever the server offers.
+    fn plain_url(&self, db: &str) -> String {
+        format!("{}?sslmode=disable", self.url(db))
+    }
+
+    fn start_inner(tls: bool) -> Result<TestPostgres, String> {
         let bin = find_bin_dir().ok_or_else(|| SKIPPED.to_owned())?;
         let dir = tempfile::Builder::new()
             .prefix("vaultgate-pg-")
@@ -214,6 +253,28 @@ impl TestPostgres {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        let mut settings = String::new();
+        if tls {
+            let out = command(as_postgres, Path::new("sh"))
+                .arg("-c")
+                .arg(MAKE_CERTIFICATES)
+                .arg(dir.path())
+                .output()
+                .map_err(|e| format!("running openssl: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "making certificates with openssl failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            // Temporary paths have no spaces: the settings are split on them.
+            settings = format!(
+                "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            );
+        }
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("finding a free port: {e}"))?
@@ -224,6 +285,7 @@ impl TestPostgres {
             .arg(bin.join("postgres"))
             .arg(dir.path())
             .arg(port.to_string())
+            .arg(settings)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -252,7 +314,7 @@ impl TestPostgres {
 
     fn wait_ready(&self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
-        let url = self.url("postgres");
+        let url = self.plain_url("postgres");
         loop {
             let connected = block_on(async {
                 match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
@@ -281,7 +343,7 @@ impl TestPostgres {
 
     /// Runs one statement as the superuser on the `postgres` database.
     pub fn admin(&self, sql: &str) -> Result<(), String> {
-        let url = self.url("postgres");
+        let url = self.plain_url("postgres");
         block_on(async {
             let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                 .await
@@ -296,7 +358,7 @@ impl TestPostgres {
 
     fn create_template(&self) -> Result<(), String> {
         self.admin(&format!("CREATE DATABASE {TEMPLATE}"))?;
-        let url = self.url(TEMPLATE);
+        let url = self.plain_url(TEMPLATE);
         block_on(PostgresStore::migrate(&url)).map_err(|e| e.to_string())?;
         Ok(())
     }
