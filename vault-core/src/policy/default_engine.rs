@@ -73,10 +73,10 @@ use crate::scope::Permission;
 use crate::store::{KeyStore, StoreError};
 
 use super::engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, RequestFacts};
-use super::model::BudgetPeriod;
 use super::limits_backend::{
     ChainLimit, HeldSlots, LimiterError, LimiterFallback, SharedLimiter, WindowBounds,
 };
+use super::model::BudgetPeriod;
 use super::ratelimit::{Exceeded, InFlight, InFlightGuard, RateLimiter, evaluate_counts};
 
 /// The default reservation lifetime: a call still unsettled after it is
@@ -1496,6 +1496,104 @@ mod tests {
         assert_eq!(
             denial(&f, &chain(&[revoked]), &facts(Some("m"), None, 0)).await,
             Denial::KeyRevoked
+        );
+    }
+
+    /// A shared limiter whose backend is down.
+    #[derive(Debug, Default)]
+    struct DownLimiter {
+        calls: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait]
+    impl SharedLimiter for DownLimiter {
+        async fn admit(
+            &self,
+            chain: &[ChainLimit<'_>],
+            _: UnixMillis,
+            _: bool,
+        ) -> Result<crate::policy::SharedAdmission, LimiterError> {
+            assert!(!chain.is_empty() && chain.iter().all(ChainLimit::is_limited));
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Err(LimiterError::Unavailable("connection refused".into()))
+        }
+        async fn peek(
+            &self,
+            _: &[ChainLimit<'_>],
+            _: UnixMillis,
+        ) -> Result<Vec<crate::policy::WindowCounts>, LimiterError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Err(LimiterError::Unavailable("connection refused".into()))
+        }
+        fn record_tokens(&self, _: &[KeyId], _: u64, _: UnixMillis) {}
+    }
+
+    #[tokio::test]
+    async fn corruption_a_failing_shared_limiter_refuses_503_or_falls_back_locally() {
+        let limited = chain(&[record(
+            "key_l",
+            Policy {
+                rate_limit: Some(RateLimit {
+                    requests_per_minute: Some(2),
+                    ..RateLimit::default()
+                }),
+                ..Policy::default()
+            },
+        )]);
+        let free = chain(&[record("key_f", Policy::default())]);
+        let q = facts(Some("m"), None, 0);
+
+        let down = Arc::new(DownLimiter::default());
+        let f = fixture();
+        let engine = f
+            .engine
+            .with_shared_limiter(down.clone(), LimiterFallback::default());
+        let (d, h) = engine.check(&limited, &q).await.unwrap_err();
+        assert_eq!((d.status(), d.code()), (503, "rate_limiter_unavailable"));
+        assert_eq!(h.retry_after_secs, Some(1));
+        assert_eq!(engine.limiter_unavailable(), 1);
+        // A key without limits never asks the limiter.
+        let calls = down.calls.load(Ordering::SeqCst);
+        engine.check(&free, &q).await.unwrap();
+        assert_eq!(down.calls.load(Ordering::SeqCst), calls);
+        assert_eq!(engine.limiter_fallbacks(), 0);
+
+        let down = Arc::new(DownLimiter::default());
+        let f = fixture();
+        let engine = f
+            .engine
+            .with_shared_limiter(down.clone(), LimiterFallback::Local);
+        let g = engine.check(&limited, &q).await.unwrap();
+        assert_eq!((g.headers.limit, g.headers.remaining), (2, 1));
+        engine.check(&limited, &q).await.unwrap();
+        let (d, _) = engine.check(&limited, &q).await.unwrap_err();
+        assert_eq!(d.code(), "rate_limited");
+        assert_eq!(engine.limiter_fallbacks(), 3);
+        assert_eq!(engine.limiter_unavailable(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_in_memory_path_counts_no_fallbacks() {
+        let f = fixture();
+        let k = chain(&[record(
+            "key_a",
+            Policy {
+                rate_limit: Some(RateLimit {
+                    requests_per_minute: Some(1),
+                    ..RateLimit::default()
+                }),
+                ..Policy::default()
+            },
+        )]);
+        let q = facts(Some("m"), None, 0);
+        f.engine.check(&k, &q).await.unwrap();
+        assert_eq!(
+            f.engine.check(&k, &q).await.unwrap_err().0.code(),
+            "rate_limited"
+        );
+        assert_eq!(
+            (f.engine.limiter_fallbacks(), f.engine.limiter_unavailable()),
+            (0, 0)
         );
     }
 

@@ -275,17 +275,20 @@ where
     I: IntoIterator<Item = (&'a KeyId, &'a RateLimit)>,
 {
     evaluate_counts(
-        chain.into_iter().filter(|(_, l)| has_limits(l)).map(|(id, limits)| {
-            let c = state.keys.get(id).copied().unwrap_or_default();
-            let counts = WindowCounts {
-                minute: c.minute.count_at(b.minute.0),
-                day: c.day.count_at(b.day.0),
-                month: c.month.count_at(b.month.0),
-                tokens: c.tokens.count_at(b.minute.0),
-                in_flight: 0,
-            };
-            (limits, counts)
-        }),
+        chain
+            .into_iter()
+            .filter(|(_, l)| has_limits(l))
+            .map(|(id, limits)| {
+                let c = state.keys.get(id).copied().unwrap_or_default();
+                let counts = WindowCounts {
+                    minute: c.minute.count_at(b.minute.0),
+                    day: c.day.count_at(b.day.0),
+                    month: c.month.count_at(b.month.0),
+                    tokens: c.tokens.count_at(b.minute.0),
+                    in_flight: 0,
+                };
+                (limits, counts)
+            }),
         b,
         adding,
     )
