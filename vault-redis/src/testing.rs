@@ -50,11 +50,22 @@ pub struct TestRedis {
     child: Option<Child>,
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+/// `redis-server` on `path`; when it is not there, `Ok(None)` after a
+/// loud `SKIPPED` line, or under CI an error.
+fn locate(path: Option<std::ffi::OsString>, ci: bool) -> Result<Option<PathBuf>, HarnessError> {
+    let found = path.and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("redis-server"))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(p) => Ok(Some(p)),
+        None if ci => Err(HarnessError::NotInstalled),
+        None => {
+            eprintln!("SKIPPED: redis-server not installed (apt-get install redis-server)");
+            Ok(None)
+        }
+    }
 }
 
 fn free_port() -> Result<u16, HarnessError> {
@@ -77,11 +88,8 @@ impl TestRedis {
     }
 
     fn start_with(password: Option<String>) -> Result<Option<TestRedis>, HarnessError> {
-        let Some(binary) = find_on_path("redis-server") else {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                return Err(HarnessError::NotInstalled);
-            }
-            eprintln!("SKIPPED: redis-server not installed (apt-get install redis-server)");
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        let Some(binary) = locate(std::env::var_os("PATH"), ci)? else {
             return Ok(None);
         };
         let mut last = String::new();
@@ -240,5 +248,36 @@ impl TestRedis {
 impl Drop for TestRedis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifecycle_a_missing_redis_server_skips_except_under_ci() {
+        let empty = tempfile::tempdir().unwrap();
+        let path = Some(empty.path().as_os_str().to_owned());
+        assert!(locate(path.clone(), false).unwrap().is_none());
+        assert!(matches!(
+            locate(path, true),
+            Err(HarnessError::NotInstalled)
+        ));
+        assert!(locate(None, true).is_err());
+    }
+
+    #[test]
+    fn lifecycle_stop_and_restart_on_the_same_port() {
+        let Some(mut redis) = TestRedis::start().unwrap() else {
+            return;
+        };
+        let port = redis.port();
+        assert!(redis.ping());
+        redis.stop();
+        assert!(!redis.ping() && !redis.is_running());
+        redis.restart().unwrap();
+        assert_eq!(redis.port(), port);
+        assert!(redis.ping());
     }
 }
