@@ -50,6 +50,9 @@ pub enum Denial {
     UpstreamTimeout(String),
     /// Something failed inside vaultgate; details are logged, not returned.
     Internal,
+    /// The shared rate limiter (Redis) cannot be reached, and the call needs
+    /// it (docs/redis.md#failure); retry shortly.
+    RateLimiterUnavailable,
 }
 
 impl Denial {
@@ -74,6 +77,7 @@ impl Denial {
             Denial::UpstreamUnavailable(_) => 502,
             Denial::UpstreamTimeout(_) => 504,
             Denial::Internal => 500,
+            Denial::RateLimiterUnavailable => 503,
         }
     }
 
@@ -98,6 +102,7 @@ impl Denial {
             Denial::UpstreamUnavailable(_) => "upstream_unavailable",
             Denial::UpstreamTimeout(_) => "upstream_timeout",
             Denial::Internal => "internal_error",
+            Denial::RateLimiterUnavailable => "rate_limiter_unavailable",
         }
     }
 
@@ -128,6 +133,9 @@ impl Denial {
             }
             Denial::RequestTimeout => "the request body did not arrive in time".to_owned(),
             Denial::Internal => "internal error".to_owned(),
+            Denial::RateLimiterUnavailable => {
+                "the rate limiter is unavailable; retry shortly".to_owned()
+            }
             Denial::PermissionDenied(m)
             | Denial::EndpointNotAllowed(m)
             | Denial::ModelNotAllowed(m)
@@ -173,5 +181,10 @@ mod tests {
         assert_eq!(v["error"]["type"], "authentication_error");
         assert_eq!(Denial::ProjectMismatch.status(), 403);
         assert_eq!(Denial::BudgetExceeded(String::new()).status(), 402);
+        let v: serde_json::Value =
+            serde_json::from_str(&Denial::RateLimiterUnavailable.to_json()).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limiter_unavailable");
+        assert_eq!(v["error"]["type"], "api_error");
+        assert_eq!(Denial::RateLimiterUnavailable.status(), 503);
     }
 }

@@ -11,7 +11,9 @@
 //! 6. `max_request_chars` of every key against the body's characters;
 //! 7. `max_parallel` of every key (descendants' calls count for ancestors);
 //!    the slot is held by the grant and released when it drops;
-//! 8. rate limits of every key (see [`RateLimiter`]);
+//! 8. rate limits of every key (see [`RateLimiter`]; with
+//!    [`DefaultEngine::with_shared_limiter`], steps 7 and 8 are one call to
+//!    a [`SharedLimiter`] shared between replicas, docs/redis.md);
 //! 9. the budget of the nearest key in the chain that has one (normally the
 //!    key itself: children of budgeted parents carry their own carve-out):
 //!    the call's most possible cost is reserved in the store (see below).
@@ -54,6 +56,7 @@
 //! Tokens feed the tokens-per-minute limits.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -70,8 +73,11 @@ use crate::scope::Permission;
 use crate::store::{KeyStore, StoreError};
 
 use super::engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, RequestFacts};
+use super::limits_backend::{
+    ChainLimit, HeldSlots, LimiterError, LimiterFallback, SharedLimiter, WindowBounds,
+};
 use super::model::BudgetPeriod;
-use super::ratelimit::{InFlight, InFlightGuard, RateLimiter};
+use super::ratelimit::{Exceeded, InFlight, InFlightGuard, RateLimiter, evaluate_counts};
 
 /// The default reservation lifetime: a call still unsettled after it is
 /// charged in full by the store's sweep.
@@ -88,6 +94,8 @@ pub struct DefaultEngine {
     clock: SharedClock,
     limiter: Arc<RateLimiter>,
     in_flight: InFlight,
+    /// Limits shared between replicas; `None`: the in-memory ones above.
+    shared: Option<Shared>,
     reservation_ttl_ms: i64,
     min_output_tokens: u64,
     clamp_output: bool,
@@ -99,8 +107,56 @@ impl std::fmt::Debug for DefaultEngine {
             .field("reservation_ttl_ms", &self.reservation_ttl_ms)
             .field("min_output_tokens", &self.min_output_tokens)
             .field("clamp_output", &self.clamp_output)
+            .field("shared_limiter", &self.shared.as_ref().map(|s| &s.backend))
             .finish_non_exhaustive()
     }
+}
+
+/// A shared limiter and what the engine does when it fails.
+struct Shared {
+    backend: Arc<dyn SharedLimiter>,
+    on_error: LimiterFallback,
+    /// Calls limited locally because the backend failed.
+    fallbacks: AtomicU64,
+    /// Calls refused because the backend failed.
+    unavailable: AtomicU64,
+    /// When the last failure was logged (unix ms), so a backend that is
+    /// down logs once per interval, not once per call.
+    last_warned: AtomicI64,
+}
+
+/// At most one warning per this interval while a shared limiter fails.
+const FAILURE_LOG_INTERVAL_MS: i64 = 10_000;
+
+/// A `max_parallel` slot held for a call: released on drop. The fields are
+/// held for their `Drop`, never read.
+#[allow(dead_code)]
+enum Slot {
+    Local(InFlightGuard),
+    Shared(HeldSlots),
+}
+
+/// Steps 7 and 8 of a check, whichever limiter took them.
+struct LimitStep {
+    slot: Option<Slot>,
+    /// A full `max_parallel` (its maximum) and the headers to refuse with.
+    parallel_full: Option<(u32, LimitHeaders)>,
+    /// The rate limits' verdict (`Ok` with default headers when a full
+    /// `max_parallel` refused the call first).
+    rate: Result<LimitHeaders, Exceeded>,
+}
+
+/// The keys of `chain` a limiter tracks, with their limits.
+fn chain_limits(chain: &[Arc<KeyRecord>]) -> Vec<ChainLimit<'_>> {
+    chain
+        .iter()
+        .map(|k| ChainLimit {
+            id: &k.id,
+            rate: k.policy.rate_limit.unwrap_or_default(),
+            max_parallel: k.policy.max_parallel,
+        })
+        .filter(ChainLimit::is_limited)
+        .collect()
 }
 
 /// What the engine remembers about a granted call until it is settled; held
@@ -113,7 +169,7 @@ struct Ticket {
     /// that omits usage never makes an unbudgeted call free.
     worst_case: Micros,
     token_keys: Vec<KeyId>,
-    _in_flight: Option<InFlightGuard>,
+    _in_flight: Option<Slot>,
 }
 
 /// The cost bounds of one call at one price (see the module docs).
@@ -280,6 +336,7 @@ impl DefaultEngine {
             clock,
             limiter: Arc::new(RateLimiter::new()),
             in_flight: InFlight::new(),
+            shared: None,
             reservation_ttl_ms: i64::try_from(DEFAULT_RESERVATION_TTL.as_millis())
                 .unwrap_or(i64::MAX),
             min_output_tokens: DEFAULT_MIN_OUTPUT_TOKENS,
@@ -314,9 +371,45 @@ impl DefaultEngine {
         self
     }
 
-    /// The rate limiter.
+    /// Takes rate limits and `max_parallel` from `limiter`, shared between
+    /// replicas (docs/redis.md), instead of this process's memory: one
+    /// `admit` per call of a limited key, none for a key without limits.
+    /// When it fails, `on_error` decides: refuse the call (503
+    /// `rate_limiter_unavailable`) or limit it in memory, per replica.
+    pub fn with_shared_limiter(
+        mut self,
+        limiter: Arc<dyn SharedLimiter>,
+        on_error: LimiterFallback,
+    ) -> Self {
+        self.shared = Some(Shared {
+            backend: limiter,
+            on_error,
+            fallbacks: AtomicU64::new(0),
+            unavailable: AtomicU64::new(0),
+            last_warned: AtomicI64::new(i64::MIN),
+        });
+        self
+    }
+
+    /// The in-memory rate limiter (with a shared limiter: the fallback).
     pub fn rate_limiter(&self) -> &RateLimiter {
         &self.limiter
+    }
+
+    /// How many calls were limited in memory because the shared limiter
+    /// failed ([`LimiterFallback::Local`]); 0 without a shared limiter.
+    pub fn limiter_fallbacks(&self) -> u64 {
+        self.shared
+            .as_ref()
+            .map_or(0, |s| s.fallbacks.load(Ordering::Relaxed))
+    }
+
+    /// How many calls were refused 503 `rate_limiter_unavailable` because
+    /// the shared limiter failed; 0 without a shared limiter.
+    pub fn limiter_unavailable(&self) -> u64 {
+        self.shared
+            .as_ref()
+            .map_or(0, |s| s.unavailable.load(Ordering::Relaxed))
     }
 
     /// The in-flight tracker for `max_parallel`.
@@ -342,20 +435,14 @@ impl PolicyEngine for DefaultEngine {
             tracing::error!("policy check called with an empty key chain");
             return Err((Denial::Internal, LimitHeaders::default()));
         };
-        let limits = || {
-            chain
-                .iter()
-                .filter_map(|k| k.policy.rate_limit.as_ref().map(|r| (&k.id, r)))
-        };
-
         for k in chain {
             match k.status_at(now) {
                 KeyStatus::Active => {}
                 KeyStatus::Revoked => {
-                    return Err((Denial::KeyRevoked, self.limiter.peek(limits(), now)));
+                    return Err((Denial::KeyRevoked, self.peek(chain, now).await));
                 }
                 KeyStatus::Expired => {
-                    return Err((Denial::KeyExpired, self.limiter.peek(limits(), now)));
+                    return Err((Denial::KeyExpired, self.peek(chain, now).await));
                 }
             }
         }
@@ -367,7 +454,7 @@ impl PolicyEngine for DefaultEngine {
                 "{} lacks the chat:write scope that proxied calls need",
                 whose(i)
             ));
-            return Err((d, self.limiter.peek(limits(), now)));
+            return Err((d, self.peek(chain, now).await));
         }
 
         let shadow = key.policy.shadow;
@@ -384,31 +471,27 @@ impl PolicyEngine for DefaultEngine {
         }
 
         if let Some(d) = allowlist_denial(chain, facts) {
-            refuse!(d, self.limiter.peek(limits(), now));
+            refuse!(d, self.peek(chain, now).await);
         }
 
-        let in_flight = match self
-            .in_flight
-            .acquire(chain.iter().map(|k| (&k.id, k.policy.max_parallel)))
-        {
-            Ok(guard) => guard,
-            Err(max) => {
-                let mut headers = self.limiter.peek(limits(), now);
-                headers.retry_after_secs = Some(1);
-                refuse!(
-                    Denial::RateLimited {
-                        message: format!(
-                            "at most {max} requests may be in flight at once for this key"
-                        ),
-                        retry_after_secs: 1,
-                    },
-                    headers
-                );
-                None
-            }
+        let step = match &self.shared {
+            None => self.local_limits(chain, now, shadow),
+            Some(shared) => self.shared_limits(shared, chain, now, shadow).await?,
         };
+        let in_flight = step.slot;
+        if let Some((max, headers)) = step.parallel_full {
+            refuse!(
+                Denial::RateLimited {
+                    message: format!(
+                        "at most {max} requests may be in flight at once for this key"
+                    ),
+                    retry_after_secs: 1,
+                },
+                headers
+            );
+        }
 
-        let mut headers = match self.limiter.admit(limits(), now) {
+        let mut headers = match step.rate {
             Ok(h) => h,
             Err(e) => {
                 let message = format!(
@@ -619,14 +702,193 @@ impl DefaultEngine {
         if let Some(t) = &ticket
             && !t.token_keys.is_empty()
         {
-            self.limiter.record_tokens(
-                t.token_keys.iter(),
-                usage.tokens_in.saturating_add(usage.tokens_out),
-                now,
-            );
+            let tokens = usage.tokens_in.saturating_add(usage.tokens_out);
+            match &self.shared {
+                None => self.limiter.record_tokens(t.token_keys.iter(), tokens, now),
+                Some(shared) => {
+                    shared.backend.record_tokens(&t.token_keys, tokens, now);
+                    // The fallback then knows this minute's tokens too.
+                    if shared.on_error == LimiterFallback::Local {
+                        self.limiter.record_tokens(t.token_keys.iter(), tokens, now);
+                    }
+                }
+            }
         }
         let charge = Charge { cost, usage };
         (charge, spend)
+    }
+
+    /// Steps 7 and 8 in this process's memory: a `max_parallel` slot, then
+    /// the rate limits (docs/policy.md#the-order-of-the-checks).
+    fn local_limits(&self, chain: &[Arc<KeyRecord>], now: UnixMillis, shadow: bool) -> LimitStep {
+        let limits = || {
+            chain
+                .iter()
+                .filter_map(|k| k.policy.rate_limit.as_ref().map(|r| (&k.id, r)))
+        };
+        let (slot, parallel_full) = match self
+            .in_flight
+            .acquire(chain.iter().map(|k| (&k.id, k.policy.max_parallel)))
+        {
+            Ok(guard) => (guard.map(Slot::Local), None),
+            Err(max) => {
+                let mut headers = self.limiter.peek(limits(), now);
+                headers.retry_after_secs = Some(1);
+                (None, Some((max, headers)))
+            }
+        };
+        if parallel_full.is_some() && !shadow {
+            // Refused before the rate limits: nothing is counted.
+            return LimitStep {
+                slot,
+                parallel_full,
+                rate: Ok(LimitHeaders::default()),
+            };
+        }
+        let rate = self.limiter.admit(limits(), now);
+        LimitStep {
+            slot,
+            parallel_full,
+            rate,
+        }
+    }
+
+    /// Steps 7 and 8 in one call to the shared limiter (none for a chain
+    /// without limits); on its failure, `on_error` decides.
+    async fn shared_limits(
+        &self,
+        shared: &Shared,
+        chain: &[Arc<KeyRecord>],
+        now: UnixMillis,
+        shadow: bool,
+    ) -> Result<LimitStep, (Denial, LimitHeaders)> {
+        let limited = chain_limits(chain);
+        if limited.is_empty() {
+            return Ok(LimitStep {
+                slot: None,
+                parallel_full: None,
+                rate: Ok(LimitHeaders::default()),
+            });
+        }
+        let admission = match shared.backend.admit(&limited, now, shadow).await {
+            Ok(a) if a.counts.len() == limited.len() => a,
+            Ok(a) => {
+                let e = LimiterError::Backend(format!(
+                    "{} counts for a chain of {}",
+                    a.counts.len(),
+                    limited.len()
+                ));
+                return self.limiter_failed(shared, chain, now, shadow, &e);
+            }
+            Err(e) => return self.limiter_failed(shared, chain, now, shadow, &e),
+        };
+        let b = WindowBounds::at(now);
+        let entries = || {
+            limited
+                .iter()
+                .map(|c| &c.rate)
+                .zip(admission.counts.iter().copied())
+        };
+        let parallel_full = admission.parallel_full.map(|max| {
+            let mut headers = evaluate_counts(entries(), &b, 0).headers();
+            headers.retry_after_secs = Some(1);
+            (max, headers)
+        });
+        if parallel_full.is_some() && !shadow {
+            return Ok(LimitStep {
+                slot: None,
+                parallel_full,
+                rate: Ok(LimitHeaders::default()),
+            });
+        }
+        let eval = evaluate_counts(entries(), &b, 1);
+        let rate = match (admission.counted, eval.exceeded(now)) {
+            (true, None) => Ok(eval.headers()),
+            (false, Some(exceeded)) => Err(exceeded),
+            (counted, _) => {
+                // The backend and the engine disagree on the same counts:
+                // a backend bug. Trust neither; refuse.
+                tracing::error!(
+                    counted,
+                    "the shared rate limiter's verdict contradicts its counts"
+                );
+                return Err((Denial::Internal, eval.headers()));
+            }
+        };
+        Ok(LimitStep {
+            slot: admission.slots.map(Slot::Shared),
+            parallel_full,
+            rate,
+        })
+    }
+
+    /// The shared limiter failed: refuse (503), or limit in memory.
+    fn limiter_failed(
+        &self,
+        shared: &Shared,
+        chain: &[Arc<KeyRecord>],
+        now: UnixMillis,
+        shadow: bool,
+        error: &LimiterError,
+    ) -> Result<LimitStep, (Denial, LimitHeaders)> {
+        let last = shared.last_warned.load(Ordering::Relaxed);
+        let log = now.0.saturating_sub(last) >= FAILURE_LOG_INTERVAL_MS
+            && shared
+                .last_warned
+                .compare_exchange(last, now.0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        match shared.on_error {
+            LimiterFallback::Local => {
+                shared.fallbacks.fetch_add(1, Ordering::Relaxed);
+                if log {
+                    tracing::warn!(%error, fallbacks = shared.fallbacks.load(Ordering::Relaxed), "the shared rate limiter failed; limiting calls per replica until it recovers (on_error = \"local\")");
+                }
+                Ok(self.local_limits(chain, now, shadow))
+            }
+            _ => {
+                shared.unavailable.fetch_add(1, Ordering::Relaxed);
+                if log {
+                    tracing::warn!(%error, refused = shared.unavailable.load(Ordering::Relaxed), "the shared rate limiter failed; refusing calls of limited keys until it recovers (on_error = \"refuse\")");
+                }
+                let headers = LimitHeaders {
+                    retry_after_secs: Some(1),
+                    ..LimitHeaders::default()
+                };
+                Err((Denial::RateLimiterUnavailable, headers))
+            }
+        }
+    }
+
+    /// The headers of a refusal made before the rate limits: what the
+    /// chain's windows hold now, counting nothing. With a shared limiter
+    /// that is one read (none for a chain without rate limits); when it
+    /// fails, the in-memory limiter's view.
+    async fn peek(&self, chain: &[Arc<KeyRecord>], now: UnixMillis) -> LimitHeaders {
+        let limits = || {
+            chain
+                .iter()
+                .filter_map(|k| k.policy.rate_limit.as_ref().map(|r| (&k.id, r)))
+        };
+        let Some(shared) = &self.shared else {
+            return self.limiter.peek(limits(), now);
+        };
+        let limited: Vec<ChainLimit<'_>> = chain_limits(chain)
+            .into_iter()
+            .filter(|c| super::limits_backend::has_rate_limits(&c.rate))
+            .collect();
+        if limited.is_empty() {
+            return LimitHeaders::default();
+        }
+        match shared.backend.peek(&limited, now).await {
+            Ok(counts) if counts.len() == limited.len() => evaluate_counts(
+                limited.iter().map(|c| &c.rate).zip(counts),
+                &WindowBounds::at(now),
+                0,
+            )
+            .headers(),
+            // The call is refused anyway; its headers are best effort.
+            _ => self.limiter.peek(limits(), now),
+        }
     }
 
     /// Writes a batch's spend: reservations settled in one store call, and
@@ -1222,6 +1484,104 @@ mod tests {
         assert_eq!(
             denial(&f, &chain(&[revoked]), &facts(Some("m"), None, 0)).await,
             Denial::KeyRevoked
+        );
+    }
+
+    /// A shared limiter whose backend is down.
+    #[derive(Debug, Default)]
+    struct DownLimiter {
+        calls: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait]
+    impl SharedLimiter for DownLimiter {
+        async fn admit(
+            &self,
+            chain: &[ChainLimit<'_>],
+            _: UnixMillis,
+            _: bool,
+        ) -> Result<crate::policy::SharedAdmission, LimiterError> {
+            assert!(!chain.is_empty() && chain.iter().all(ChainLimit::is_limited));
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Err(LimiterError::Unavailable("connection refused".into()))
+        }
+        async fn peek(
+            &self,
+            _: &[ChainLimit<'_>],
+            _: UnixMillis,
+        ) -> Result<Vec<crate::policy::WindowCounts>, LimiterError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Err(LimiterError::Unavailable("connection refused".into()))
+        }
+        fn record_tokens(&self, _: &[KeyId], _: u64, _: UnixMillis) {}
+    }
+
+    #[tokio::test]
+    async fn corruption_a_failing_shared_limiter_refuses_503_or_falls_back_locally() {
+        let limited = chain(&[record(
+            "key_l",
+            Policy {
+                rate_limit: Some(RateLimit {
+                    requests_per_minute: Some(2),
+                    ..RateLimit::default()
+                }),
+                ..Policy::default()
+            },
+        )]);
+        let free = chain(&[record("key_f", Policy::default())]);
+        let q = facts(Some("m"), None, 0);
+
+        let down = Arc::new(DownLimiter::default());
+        let f = fixture();
+        let engine = f
+            .engine
+            .with_shared_limiter(down.clone(), LimiterFallback::default());
+        let (d, h) = engine.check(&limited, &q).await.unwrap_err();
+        assert_eq!((d.status(), d.code()), (503, "rate_limiter_unavailable"));
+        assert_eq!(h.retry_after_secs, Some(1));
+        assert_eq!(engine.limiter_unavailable(), 1);
+        // A key without limits never asks the limiter.
+        let calls = down.calls.load(Ordering::SeqCst);
+        engine.check(&free, &q).await.unwrap();
+        assert_eq!(down.calls.load(Ordering::SeqCst), calls);
+        assert_eq!(engine.limiter_fallbacks(), 0);
+
+        let down = Arc::new(DownLimiter::default());
+        let f = fixture();
+        let engine = f
+            .engine
+            .with_shared_limiter(down.clone(), LimiterFallback::Local);
+        let g = engine.check(&limited, &q).await.unwrap();
+        assert_eq!((g.headers.limit, g.headers.remaining), (2, 1));
+        engine.check(&limited, &q).await.unwrap();
+        let (d, _) = engine.check(&limited, &q).await.unwrap_err();
+        assert_eq!(d.code(), "rate_limited");
+        assert_eq!(engine.limiter_fallbacks(), 3);
+        assert_eq!(engine.limiter_unavailable(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_in_memory_path_counts_no_fallbacks() {
+        let f = fixture();
+        let k = chain(&[record(
+            "key_a",
+            Policy {
+                rate_limit: Some(RateLimit {
+                    requests_per_minute: Some(1),
+                    ..RateLimit::default()
+                }),
+                ..Policy::default()
+            },
+        )]);
+        let q = facts(Some("m"), None, 0);
+        f.engine.check(&k, &q).await.unwrap();
+        assert_eq!(
+            f.engine.check(&k, &q).await.unwrap_err().0.code(),
+            "rate_limited"
+        );
+        assert_eq!(
+            (f.engine.limiter_fallbacks(), f.engine.limiter_unavailable()),
+            (0, 0)
         );
     }
 

@@ -8,11 +8,14 @@
 //! - [`validate_policy`], [`validate_name`], [`validate_plan_name`]: the
 //!   value rules every way of making a key shares.
 //! - [`RateLimiter`] and [`InFlight`]: request, token and concurrency limits.
+//! - [`SharedLimiter`]: the same limits shared between replicas (a backend
+//!   such as `vault-redis`; docs/redis.md).
 //! - [`DefaultEngine`]: the [`PolicyEngine`] that puts them together.
 
 mod canonical;
 mod default_engine;
 mod engine;
+mod limits_backend;
 mod model;
 mod plans;
 mod ratelimit;
@@ -23,6 +26,10 @@ mod yaml;
 pub use canonical::{PathError, split_proxy_path};
 pub use default_engine::{DEFAULT_MIN_OUTPUT_TOKENS, DEFAULT_RESERVATION_TTL, DefaultEngine};
 pub use engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, RequestFacts};
+pub use limits_backend::{
+    ChainLimit, HeldSlots, LimiterError, LimiterFallback, SharedAdmission, SharedLimiter,
+    WindowBounds, WindowCounts,
+};
 pub use model::{Budget, BudgetPeriod, EndpointRule, ModelGlob, PatternError, Policy, RateLimit};
 pub use plans::PlanSet;
 pub use ratelimit::{Exceeded, InFlight, InFlightGuard, RateLimiter};

@@ -39,9 +39,8 @@ use crate::clock::UnixMillis;
 use crate::key::KeyId;
 
 use super::engine::LimitHeaders;
+use super::limits_backend::{WindowBounds as Bounds, WindowCounts, has_rate_limits as has_limits};
 use super::model::RateLimit;
-
-const MINUTE_MS: i64 = 60_000;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Window {
@@ -70,26 +69,6 @@ struct Counters {
     month: Window,
     tokens: Window,
     last_seen: i64,
-}
-
-/// Window starts and ends at one instant.
-#[derive(Debug, Clone, Copy)]
-struct Bounds {
-    minute: (i64, i64),
-    day: (i64, i64),
-    month: (i64, i64),
-}
-
-impl Bounds {
-    fn at(now: UnixMillis) -> Bounds {
-        let m = now.0 - now.0.rem_euclid(MINUTE_MS);
-        let d = now.start_of_utc_day().0;
-        Bounds {
-            minute: (m, m.saturating_add(MINUTE_MS)),
-            day: (d, d.saturating_add(86_400_000)),
-            month: (now.start_of_utc_month().0, now.start_of_next_utc_month().0),
-        }
-    }
 }
 
 impl Counters {
@@ -143,13 +122,6 @@ impl Default for RateLimiter {
 }
 
 const FIRST_SWEEP: usize = 1024;
-
-fn has_limits(r: &RateLimit) -> bool {
-    r.requests_per_minute.is_some()
-        || r.requests_per_day.is_some()
-        || r.requests_per_month.is_some()
-        || r.tokens_per_minute.is_some()
-}
 
 impl RateLimiter {
     /// A limiter that tracks up to one million keys.
@@ -289,7 +261,7 @@ impl RateLimiter {
 }
 
 /// The evaluation of a chain's windows for `adding` more requests.
-struct Evaluation {
+pub(crate) struct Evaluation {
     /// The window with the fewest requests left after this one.
     binding: Option<Seen>,
     /// The exhausted request window that ends last.
@@ -302,35 +274,46 @@ fn evaluate<'a, I>(state: &State, chain: I, b: &Bounds, adding: u64) -> Evaluati
 where
     I: IntoIterator<Item = (&'a KeyId, &'a RateLimit)>,
 {
+    evaluate_counts(
+        chain
+            .into_iter()
+            .filter(|(_, l)| has_limits(l))
+            .map(|(id, limits)| {
+                let c = state.keys.get(id).copied().unwrap_or_default();
+                let counts = WindowCounts {
+                    minute: c.minute.count_at(b.minute.0),
+                    day: c.day.count_at(b.day.0),
+                    month: c.month.count_at(b.month.0),
+                    tokens: c.tokens.count_at(b.minute.0),
+                    in_flight: 0,
+                };
+                (limits, counts)
+            }),
+        b,
+        adding,
+    )
+}
+
+/// Evaluates `adding` more requests against each key's limits and its
+/// counts in the windows `b` (the in-memory limiter's counts, or those a
+/// shared limiter read): one rule, whichever limiter counted.
+pub(crate) fn evaluate_counts<'a, I>(entries: I, b: &Bounds, adding: u64) -> Evaluation
+where
+    I: IntoIterator<Item = (&'a RateLimit, WindowCounts)>,
+{
     let mut e = Evaluation {
         binding: None,
         exhausted: None,
         tokens_exhausted: None,
     };
-    for (id, limits) in chain {
+    for (limits, c) in entries {
         if !has_limits(limits) {
             continue;
         }
-        let c = state.keys.get(id).copied().unwrap_or_default();
         let windows = [
-            (
-                limits.requests_per_minute,
-                c.minute.count_at(b.minute.0),
-                b.minute.1,
-                "minute",
-            ),
-            (
-                limits.requests_per_day,
-                c.day.count_at(b.day.0),
-                b.day.1,
-                "day",
-            ),
-            (
-                limits.requests_per_month,
-                c.month.count_at(b.month.0),
-                b.month.1,
-                "month",
-            ),
+            (limits.requests_per_minute, c.minute, b.minute.1, "minute"),
+            (limits.requests_per_day, c.day, b.day.1, "day"),
+            (limits.requests_per_month, c.month, b.month.1, "month"),
         ];
         for (limit, count, end, unit) in windows {
             let Some(limit) = limit else { continue };
@@ -353,7 +336,7 @@ where
             }
         }
         if let Some(tpm) = limits.tokens_per_minute
-            && c.tokens.count_at(b.minute.0) >= tpm
+            && c.tokens >= tpm
         {
             e.tokens_exhausted = Some((tpm, b.minute.1));
         }
@@ -362,7 +345,8 @@ where
 }
 
 impl Evaluation {
-    fn headers(&self) -> LimitHeaders {
+    /// The headers of the binding window (defaults when nothing binds).
+    pub(crate) fn headers(&self) -> LimitHeaders {
         match self.binding {
             Some(s) => LimitHeaders {
                 limit: s.limit,
@@ -375,7 +359,8 @@ impl Evaluation {
         }
     }
 
-    fn exceeded(&self, now: UnixMillis) -> Option<Exceeded> {
+    /// The refusal, when a window is exhausted.
+    pub(crate) fn exceeded(&self, now: UnixMillis) -> Option<Exceeded> {
         let request_end = self.exhausted.map(|(s, _)| s.end);
         let token_end = self.tokens_exhausted.map(|(_, end)| end);
         let end = request_end.max(token_end)?;
