@@ -111,8 +111,8 @@ impl ModelPrice {
         }
     }
 
-    /// The cost of a call of plain input and output tokens, each part
-    /// rounded up, saturating.
+    /// The cost of a call of plain input and output tokens, rounded up to
+    /// the micro-dollar, saturating.
     pub fn cost(&self, tokens_in: u64, tokens_out: u64) -> Micros {
         self.cost_of(&Usage {
             tokens_in,
@@ -122,8 +122,8 @@ impl ModelPrice {
     }
 
     /// The cost of a call's usage, each token class at its own price
-    /// (docs/budgets.md#token-classes), each part rounded up, saturating.
-    /// Class counts are parts of the totals; a class claiming more than
+    /// (docs/budgets.md#token-classes), summed and then rounded up once to
+    /// the micro-dollar, saturating. Class counts are parts of the totals; a class claiming more than
     /// its total is charged whole and the plain part is then zero.
     pub fn cost_of(&self, usage: &Usage) -> Micros {
         let (input, output) = self.tier(usage.tokens_in);
@@ -164,9 +164,14 @@ impl ModelPrice {
                 scale(self.audio_output_per_million, output, 1, 1),
             ),
         ];
-        parts.iter().fold(Micros::ZERO, |total, &(tokens, price)| {
-            total.saturating_add(Micros::for_tokens(tokens, price))
-        })
+        // Summed exactly, rounded up once: rounding each class apart could
+        // make a call split across classes cost a micro-dollar more than
+        // the same tokens at the dearest class, which its reservation is.
+        let product: u128 = parts
+            .iter()
+            .map(|&(tokens, price)| u128::from(tokens) * u128::from(price.0))
+            .sum();
+        Micros(u64::try_from(product.div_ceil(1_000_000)).unwrap_or(u64::MAX))
     }
 
     /// The dearest price an input token can have at `provider`: the most a
@@ -416,6 +421,21 @@ fn is_version_suffix(rest: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tokens split across classes of one price cost what they cost
+    /// together: the sum is rounded once, not once per class (a reservation
+    /// at that price must cover any split).
+    #[test]
+    fn boundary_a_split_across_classes_is_rounded_once() {
+        let price = ModelPrice::new(Micros(1), Micros(1), 10);
+        let split = Usage {
+            tokens_in: 2,
+            cached_in: 1,
+            ..Usage::default()
+        };
+        assert_eq!(price.cost_of(&split), price.cost(2, 0));
+        assert_eq!(price.cost_of(&split), Micros(1));
+    }
 
     #[test]
     fn builtin_table_parses_and_covers_every_priced_provider() {
