@@ -199,7 +199,7 @@ async fn shutdown_signal() {
 }
 
 fn audit_verify(data_dir: &std::path::Path) -> Result<ExitCode> {
-    let path = data_dir.join("audit.jsonl");
+    let path = app::audit_file(data_dir);
     match vault_core::audit::verify(&path) {
         Ok(report) => {
             println!("ok: {} entries, chain intact", report.entries);
