@@ -490,6 +490,9 @@ pub enum Problem {
     EmptyLine,
     /// The last line has no newline: a write was cut short.
     Truncated,
+    /// A database row's `seq`, `prev` or `hash` column differs from its
+    /// entry's own (a column edited alone).
+    RowMismatch,
 }
 
 impl fmt::Display for Problem {
@@ -507,6 +510,9 @@ impl fmt::Display for Problem {
             }
             Problem::EmptyLine => f.write_str("empty line"),
             Problem::Truncated => f.write_str("the last line is incomplete (truncated)"),
+            Problem::RowMismatch => {
+                f.write_str("the row's seq, prev or hash column does not match its entry (edited)")
+            }
         }
     }
 }

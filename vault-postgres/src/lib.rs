@@ -32,6 +32,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod budget;
 mod connect;
 mod error;
@@ -46,6 +47,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 
+pub use audit::PostgresAudit;
 pub use connect::PostgresOptions;
 pub use error::PostgresError;
 pub use schema::SCHEMA_VERSION;
@@ -140,6 +142,17 @@ impl PostgresStore {
                 target,
                 pool_size: options.pool_size.max(1),
             }),
+        })
+    }
+
+    /// A pooled connection; errors name the database, never a password.
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, PostgresError> {
+        self.inner.pool.get().await.map_err(|e| {
+            PostgresError::Backend(format!(
+                "connecting to {}: {}",
+                self.inner.target,
+                connect::describe(&e)
+            ))
         })
     }
 
