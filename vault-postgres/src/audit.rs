@@ -20,7 +20,7 @@ use vault_core::audit::{
 };
 use vault_core::clock::{SharedClock, SystemClock};
 
-use crate::PostgresStore;
+use crate::{PostgresError, PostgresStore};
 
 /// Rows read per round trip while verifying.
 const VERIFY_PAGE: i64 = 1_000;
@@ -103,6 +103,64 @@ impl PostgresAudit {
         })
     }
 
+    /// Copies a chain given as its entries' exact bytes (the lines of a
+    /// verified `audit.jsonl`, without newlines) into an empty table, or
+    /// continues a table holding a prefix of it; entries already there
+    /// must be byte-for-byte the same, else nothing is written
+    /// ([`PostgresError::Conflict`]). A table whose chain went on after an
+    /// earlier copy (replicas appended) is left alone. Returns how many
+    /// entries were copied and how many were already present.
+    pub async fn copy_chain(&self, lines: &[String]) -> Result<(usize, usize), PostgresError> {
+        let fail = |what: &str, e: &tokio_postgres::Error| PostgresError::Backend(backend(what, e));
+        let mut conn = self.store.client().await?;
+        let tx = conn
+            .transaction()
+            .await
+            .map_err(|e| fail("starting the chain copy", &e))?;
+        let head = tx
+            .query_one("SELECT seq, hash FROM audit_head FOR UPDATE", &[])
+            .await
+            .map_err(|e| fail("locking the chain head", &e))?;
+        let (head_seq, _) = columns(&head).map_err(PostgresError::Backend)?;
+        let have = usize::try_from(head_seq).unwrap_or(0);
+        let rows = tx
+            .query(
+                "SELECT entry FROM audit_entries WHERE seq <= $1 ORDER BY seq",
+                &[&i64::try_from(lines.len()).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(|e| fail("reading the chain", &e))?;
+        let common = have.min(lines.len());
+        for (i, line) in lines.iter().take(common).enumerate() {
+            let same = rows
+                .get(i)
+                .and_then(|r| r.try_get::<_, &str>(0).ok())
+                .is_some_and(|entry| entry == line);
+            if !same {
+                return Err(PostgresError::Conflict(format!(
+                    "the target's audit chain differs from the file at seq {}",
+                    i + 1
+                )));
+            }
+        }
+        for (i, line) in lines.iter().enumerate().skip(common) {
+            insert_line(&tx, i + 1, line).await?;
+        }
+        if let Some(last) = lines.last().filter(|_| lines.len() > have) {
+            let (seq, hash) = (
+                i64::try_from(lines.len()).unwrap_or(i64::MAX),
+                field(last, "hash")?,
+            );
+            tx.execute("UPDATE audit_head SET seq = $1, hash = $2", &[&seq, &hash])
+                .await
+                .map_err(|e| fail("moving the chain head", &e))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| fail("committing the chain copy", &e))?;
+        Ok((lines.len() - common, common))
+    }
+
     async fn verify_inner(&self) -> Result<VerifyReport, VerifyError> {
         let fail = |what: &str, e: &tokio_postgres::Error| VerifyError::Backend(backend(what, e));
         let mut conn = self.client().await.map_err(VerifyError::Backend)?;
@@ -147,6 +205,33 @@ impl PostgresAudit {
         }
         Ok(report)
     }
+}
+
+/// A string field of an entry's JSON (`hash`, `prev`; `project` may be
+/// absent).
+fn field(line: &str, name: &str) -> Result<String, PostgresError> {
+    serde_json::from_str::<Value>(line)
+        .ok()
+        .and_then(|v| v.get(name).and_then(Value::as_str).map(str::to_owned))
+        .ok_or_else(|| PostgresError::Conflict(format!("an audit entry has no {name}")))
+}
+
+/// Inserts one copied entry at `seq`.
+async fn insert_line(
+    tx: &deadpool_postgres::Transaction<'_>,
+    seq: usize,
+    line: &str,
+) -> Result<(), PostgresError> {
+    let project = field(line, "project").ok();
+    let (prev, hash) = (field(line, "prev")?, field(line, "hash")?);
+    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+    tx.execute(
+        "INSERT INTO audit_entries (seq, project, prev, hash, entry) VALUES ($1, $2, $3, $4, $5)",
+        &[&seq, &project, &prev, &hash, &line],
+    )
+    .await
+    .map_err(|e| PostgresError::Backend(backend("copying an audit entry", &e)))?;
+    Ok(())
 }
 
 /// A head row's seq and hash.

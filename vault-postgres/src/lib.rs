@@ -36,6 +36,7 @@ mod audit;
 mod budget;
 mod connect;
 mod error;
+mod import;
 mod rows;
 mod schema;
 mod store;
@@ -50,10 +51,18 @@ use deadpool_postgres::Pool;
 pub use audit::PostgresAudit;
 pub use connect::PostgresOptions;
 pub use error::PostgresError;
+pub use import::TableImport;
 pub use schema::SCHEMA_VERSION;
 pub use vault_core::store::KeyStore;
 
 use connect::Target;
+
+/// Where `url` points, for messages: user, hosts, ports and database,
+/// never the password. An unparsable URL is an error that does not repeat
+/// it.
+pub fn redacted(url: &str) -> Result<String, PostgresError> {
+    Ok(connect::parse(url)?.1.to_string())
+}
 
 /// A [`KeyStore`] on PostgreSQL, shared by any number of processes.
 ///
