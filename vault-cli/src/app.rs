@@ -24,7 +24,7 @@ use vault_tower::{RequestLimits, Timeouts, Upstream, Upstreams, VaultContext};
 use crate::config::BinaryConfig;
 
 /// Where `serve` journals its budget leases, inside the data directory.
-const LEASE_JOURNAL_DIR: &str = "leases";
+pub(crate) const LEASE_JOURNAL_DIR: &str = "leases";
 
 /// A usage error: exit code 2 with one clear line.
 #[derive(Debug)]
