@@ -181,7 +181,7 @@ impl PostgresAudit {
         loop {
             let rows = tx
                 .query(
-                    "SELECT seq, prev, hash, entry FROM audit_entries WHERE seq > $1
+                    "SELECT seq, prev, hash, entry, project FROM audit_entries WHERE seq > $1
                      ORDER BY seq LIMIT $2",
                     &[&after, &VERIFY_PAGE],
                 )
@@ -247,18 +247,21 @@ fn wrong_type() -> VerifyError {
 }
 
 /// Checks one row: its entry against the chain, then its columns against
-/// its entry (a column edited alone is named too).
+/// its entry (a column edited alone is named too, `project` included: reads
+/// filter on it).
 fn check_row(verifier: &mut ChainVerifier, row: &tokio_postgres::Row) -> Result<(), VerifyError> {
     let position = verifier.entries() + 1;
-    let read = || -> Result<(i64, String, String, String), tokio_postgres::Error> {
+    type Columns = (i64, String, String, String, Option<String>);
+    let read = || -> Result<Columns, tokio_postgres::Error> {
         Ok((
             row.try_get(0)?,
             row.try_get(1)?,
             row.try_get(2)?,
             row.try_get(3)?,
+            row.try_get(4)?,
         ))
     };
-    let (seq, prev, hash, entry) = read().map_err(|_| wrong_type())?;
+    let (seq, prev, hash, entry, project) = read().map_err(|_| wrong_type())?;
     let bad = |problem, seq| VerifyError::BadRow {
         row: position,
         seq,
@@ -267,7 +270,12 @@ fn check_row(verifier: &mut ChainVerifier, row: &tokio_postgres::Row) -> Result<
     let link = verifier
         .next(entry.as_bytes())
         .map_err(|(problem, s)| bad(problem, s.or(u64::try_from(seq).ok())))?;
-    if u64::try_from(seq).ok() != Some(link.seq) || prev != link.prev || hash != link.hash {
+    let entry_project = field(&entry, "project").ok();
+    if u64::try_from(seq).ok() != Some(link.seq)
+        || prev != link.prev
+        || hash != link.hash
+        || project != entry_project
+    {
         return Err(bad(Problem::RowMismatch, Some(link.seq)));
     }
     Ok(())
@@ -303,10 +311,18 @@ impl AuditTrail for PostgresAudit {
             .await
             .map_err(|e| AuditError::Backend(backend("reading entries", &e)))?;
         // As the file's read: an entry that does not parse is skipped here;
-        // verify is the place that reports it.
+        // verify is the place that reports it. The project is checked on the
+        // entry itself too, so an edited column never shows another
+        // project's entry.
         Ok(rows
             .iter()
-            .filter_map(|r| serde_json::from_str(r.try_get::<_, &str>(0).ok()?).ok())
+            .filter_map(|r| serde_json::from_str::<Value>(r.try_get::<_, &str>(0).ok()?).ok())
+            .filter(|e| {
+                filter
+                    .project
+                    .as_deref()
+                    .is_none_or(|p| e.get("project").and_then(Value::as_str) == Some(p))
+            })
             .collect())
     }
 }

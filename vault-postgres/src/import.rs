@@ -149,7 +149,7 @@ fn missing<'a>(
 /// Keys ordered so that each key's parent comes before it (or is already
 /// in the target).
 fn parents_first<'a>(rows: Vec<&'a [Cell]>, target: &TableRows) -> Vec<&'a [Cell]> {
-    let parent_at = crate_key_parent_index();
+    let parent_at = parent_column();
     let mut placed: BTreeSet<Cell> = target.rows.iter().map(|r| r[0].clone()).collect();
     let mut pending = rows;
     let mut ordered = Vec::with_capacity(pending.len());
@@ -172,7 +172,7 @@ fn parents_first<'a>(rows: Vec<&'a [Cell]>, target: &TableRows) -> Vec<&'a [Cell
 }
 
 /// The position of `parent` among the keys' columns.
-fn crate_key_parent_index() -> usize {
+fn parent_column() -> usize {
     vault_core::store::copy::KEYS
         .columns
         .iter()

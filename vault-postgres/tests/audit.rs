@@ -150,10 +150,34 @@ mod audit {
         let (url, trails) = written_by_three_replicas().await;
         sql(
             &url,
-            "UPDATE audit_entries SET project = 'other' WHERE seq = 7",
+            "UPDATE audit_entries SET project = 'p9' WHERE seq = 7",
         )
         .await;
-        assert!(trails[0].verify().await.is_ok(), "project is not chained");
+        let err = trails[0].verify().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::BadRow {
+                    row: 7,
+                    problem: Problem::RowMismatch,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Reads check the entry's own project: the edited column shows no
+        // other project's entry.
+        let p9 = AuditFilter {
+            project: Some("p9".to_owned()),
+            ..AuditFilter::default()
+        };
+        assert!(trails[0].read(&p9).await.unwrap().is_empty());
+        sql(
+            &url,
+            "UPDATE audit_entries SET project = entry::json->>'project' WHERE seq = 7",
+        )
+        .await;
+        assert!(trails[0].verify().await.is_ok());
         sql(
             &url,
             "UPDATE audit_entries SET hash = repeat('a', 64) WHERE seq = 9",

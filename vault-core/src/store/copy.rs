@@ -14,6 +14,8 @@
 
 use std::collections::BTreeMap;
 
+use self::ColumnKind::{BigInt, Bool, Bytes, Int, Text};
+
 /// How a column is typed (in PostgreSQL's terms; SQLite stores integers
 /// and booleans as `INTEGER`).
 /// Closed on purpose: every backend that copies tables matches all of them.
@@ -70,8 +72,6 @@ pub struct TableSpec {
 const fn col(name: &'static str, kind: ColumnKind) -> Column {
     Column { name, kind }
 }
-
-use ColumnKind::{BigInt, Bool, Bytes, Int, Text};
 
 /// Virtual keys: hashes, previous hashes, policies, parents, status, spend
 /// and counters.
