@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
-use vault_core::audit::{self, AuditTrail};
+use vault_core::audit::{self, AuditTrail, VerifyReport};
 use vault_core::store::copy::TableRows;
 use vault_core::store::{DB_FILE_NAME, SqliteStore, recover_lease_journals};
 use vault_postgres::{PostgresAudit, PostgresError, PostgresStore, SCHEMA_VERSION, TableImport};
@@ -155,18 +155,7 @@ async fn copy(dir: &Path, url: &str, target: &str) -> Result<()> {
         dir.display()
     );
 
-    check_tables(&store, &tables).await?;
-    let copied_chain = trail
-        .verify()
-        .await
-        .map_err(|e| anyhow!("the copied audit chain does not verify: {e}"))?;
-    if copied_chain.entries < source_chain.entries {
-        return Err(anyhow!(
-            "the copied audit chain has {} entries, the file {}",
-            copied_chain.entries,
-            source_chain.entries
-        ));
-    }
+    let copied_chain = verify_copy(&store, &trail, &tables, &source_chain).await?;
     println!(
         "verified: {} tables, counts and checksums equal; audit chain intact in both ({} entries in the file, {} in the database)",
         tables.len(),
@@ -174,6 +163,32 @@ async fn copy(dir: &Path, url: &str, target: &str) -> Result<()> {
         copied_chain.entries
     );
     Ok(())
+}
+
+/// Every copied table reads back with the same rows, and the copied chain
+/// verifies, holding the file's (the same last hash, or more entries
+/// appended after an earlier copy, whose prefix `copy_chain` compared).
+async fn verify_copy(
+    store: &PostgresStore,
+    trail: &PostgresAudit,
+    tables: &[TableRows],
+    source_chain: &VerifyReport,
+) -> Result<VerifyReport> {
+    check_tables(store, tables).await?;
+    let copied = trail
+        .verify()
+        .await
+        .map_err(|e| anyhow!("the copied audit chain does not verify: {e}"))?;
+    let holds_the_file = copied.entries > source_chain.entries
+        || (copied.entries == source_chain.entries && copied.last_hash == source_chain.last_hash);
+    if !holds_the_file {
+        return Err(anyhow!(
+            "the copied audit chain ({} entries) does not end as the file's ({} entries)",
+            copied.entries,
+            source_chain.entries
+        ));
+    }
+    Ok(copied)
 }
 
 /// "3 keys (1 already there), …".
