@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use vault_core::audit::AuditLog;
+use vault_core::audit::{AuditLog, AuditTrail};
 use vault_core::clock::{SharedClock, SystemClock};
 use vault_core::config::Config;
 use vault_core::crypto::{
@@ -24,7 +24,7 @@ use vault_tower::{RequestLimits, Timeouts, Upstream, Upstreams, VaultContext};
 use crate::config::BinaryConfig;
 
 /// Where `serve` journals its budget leases, inside the data directory.
-const LEASE_JOURNAL_DIR: &str = "leases";
+pub(crate) const LEASE_JOURNAL_DIR: &str = "leases";
 
 /// A usage error: exit code 2 with one clear line.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ pub(crate) struct Opened {
     pub(crate) config: Config,
     pub(crate) store: Arc<dyn KeyStore>,
     pub(crate) encryptor: Arc<dyn Encryptor>,
-    pub(crate) audit: Arc<AuditLog>,
+    pub(crate) audit: Arc<dyn AuditTrail>,
     pub(crate) clock: SharedClock,
     pub(crate) plans: Arc<PlanSet>,
     pub(crate) data_dir: PathBuf,
@@ -174,10 +174,7 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
     verify_master_keys(store.as_ref(), encryptor.as_ref())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let audit = Arc::new(
-        AuditLog::open(&data_dir.join("audit.jsonl"))
-            .map_err(|e| anyhow::anyhow!("cannot open the audit log: {e}"))?,
-    );
+    let audit = open_audit(&data_dir)?;
 
     let mut plans = PlanSet::seeded();
     for (name, policy) in &config.plans {
@@ -193,6 +190,20 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
         data_dir,
         fresh,
     })
+}
+
+/// The data directory's audit file, where `audit.jsonl` lives.
+pub(crate) fn audit_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("audit.jsonl")
+}
+
+/// The audit trail mutations and denials are written to: the data
+/// directory's file. The one place a PostgreSQL-backed install plugs in
+/// `vault_postgres::PostgresAudit` (docs/replicas.md#the-audit-chain).
+fn open_audit(data_dir: &Path) -> Result<Arc<dyn AuditTrail>> {
+    let log = AuditLog::open(&audit_file(data_dir))
+        .map_err(|e| anyhow::anyhow!("cannot open the audit log: {e}"))?;
+    Ok(Arc::new(log))
 }
 
 /// The proxy on an opened data directory: prices, the policy engine,

@@ -41,6 +41,9 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
     {
         refuse_argv_secret(api_key.is_some() || secret.is_some())?;
     }
+    if let Command::Migrate(args) = cli.command {
+        return crate::migrate::run(args).await;
+    }
     if let Some(url) = cli.url.as_deref() {
         return manage::run(&Remote::new(url)?, cli.command, format).await;
     }
@@ -53,7 +56,10 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
             first_start(&opened.manager(), &opened.data_dir, format).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit(AuditCommand::Verify) => audit_verify(&data_dir),
+        Command::Audit(AuditCommand::Verify) => match crate::migrate::database_url(None) {
+            Some(url) => audit_verify_postgres(&url).await,
+            None => audit_verify(&data_dir),
+        },
         Command::MasterKey(MasterKeyCommand::Rotate) => {
             let opened = app::open(config, data_dir).await?;
             master_key_rotate(&opened, format).await
@@ -199,7 +205,7 @@ async fn shutdown_signal() {
 }
 
 fn audit_verify(data_dir: &std::path::Path) -> Result<ExitCode> {
-    let path = data_dir.join("audit.jsonl");
+    let path = app::audit_file(data_dir);
     match vault_core::audit::verify(&path) {
         Ok(report) => {
             println!("ok: {} entries, chain intact", report.entries);
@@ -207,6 +213,27 @@ fn audit_verify(data_dir: &std::path::Path) -> Result<ExitCode> {
         }
         Err(e) => {
             eprintln!("vaultgate: {}: {e}", path.display());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// `audit verify` on the chain the replicas share in PostgreSQL
+/// (docs/replicas.md#the-audit-chain). Messages name the database, never
+/// the URL.
+async fn audit_verify_postgres(url: &str) -> Result<ExitCode> {
+    use vault_core::audit::AuditTrail as _;
+    let target = vault_postgres::redacted(url).map_err(|e| UsageError(e.to_string()))?;
+    let store = vault_postgres::PostgresStore::connect(url, 1)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    match vault_postgres::PostgresAudit::new(&store).verify().await {
+        Ok(report) => {
+            println!("ok: {} entries, chain intact", report.entries);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("vaultgate: {target}: {e}");
             Ok(ExitCode::from(1))
         }
     }

@@ -8,6 +8,7 @@ mod app;
 mod commands;
 mod config;
 mod manage;
+mod migrate;
 mod output;
 mod remote;
 mod request;
@@ -83,6 +84,9 @@ pub(crate) enum Command {
     /// The master key.
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCommand),
+    /// Create or upgrade the PostgreSQL schema; with --from, copy an SQLite
+    /// install into it and verify the copy.
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -200,7 +200,8 @@ pub(crate) async fn run(m: &impl Management, command: Command, format: Output) -
         Command::Serve { .. }
         | Command::Init
         | Command::Audit(AuditCommand::Verify)
-        | Command::MasterKey(_) => {
+        | Command::MasterKey(_)
+        | Command::Migrate(_) => {
             return Err(UsageError(
                 "this command works on the data directory; drop --url".to_owned(),
             )

@@ -25,14 +25,20 @@
 //! only.
 //!
 //! [`AuditLog::append`] blocks on a write and an `fsync`; call it from async
-//! code through `tokio::task::spawn_blocking`.
+//! code through `tokio::task::spawn_blocking`, or through [`AuditTrail`],
+//! the trait every audit backend implements (this file, or a PostgreSQL
+//! table shared by several replicas: docs/replicas.md#the-audit-chain).
+
+mod trail;
+
+pub use trail::{AuditTrail, ChainLink, ChainVerifier};
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -168,6 +174,14 @@ pub enum AuditError {
     /// refuses further appends (fail closed).
     #[error("audit log {0} is unwritable after a failed write")]
     Broken(PathBuf),
+    /// The path no longer names the file the log opened (moved, removed or
+    /// replaced); appends are refused so none goes where nobody reads.
+    #[error("audit log {0} was moved, removed or replaced")]
+    Moved(PathBuf),
+    /// The backend holding the chain (a database) failed; the message
+    /// names no password.
+    #[error("audit chain: {0}")]
+    Backend(String),
 }
 
 /// The hash-chained audit log, safe to share between threads.
@@ -175,7 +189,32 @@ pub enum AuditError {
 pub struct AuditLog {
     path: PathBuf,
     clock: SharedClock,
-    state: Mutex<ChainState>,
+    /// Shared with the handles [`AuditTrail`] moves to the blocking pool.
+    state: Arc<Mutex<ChainState>>,
+    /// The file the path named when it was opened.
+    identity: Option<FileIdentity>,
+}
+
+/// Which file a path names: device and inode on Unix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+#[cfg(unix)]
+fn file_identity(path: &Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    m.is_file().then(|| FileIdentity {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
+}
+
+#[cfg(not(unix))]
+fn file_identity(_path: &Path) -> Option<FileIdentity> {
+    None
 }
 
 #[derive(Debug)]
@@ -214,14 +253,31 @@ impl AuditLog {
         Ok(AuditLog {
             path: path.to_owned(),
             clock,
-            state: Mutex::new(ChainState {
+            state: Arc::new(Mutex::new(ChainState {
                 file,
                 len,
                 seq,
                 prev,
                 broken: false,
-            }),
+            })),
+            identity: file_identity(path),
         })
+    }
+
+    /// A second handle on the same open file and chain.
+    fn handle(&self) -> AuditLog {
+        AuditLog {
+            path: self.path.clone(),
+            clock: self.clock.clone(),
+            state: self.state.clone(),
+            identity: self.identity,
+        }
+    }
+
+    /// Whether the path still names the file opened (always true where
+    /// files have no identity to compare).
+    fn still_at_path(&self) -> bool {
+        self.identity.is_none() || file_identity(&self.path) == self.identity
     }
 
     /// The file this log writes.
@@ -302,6 +358,21 @@ impl AuditLog {
             hash,
         })
     }
+}
+
+/// Encodes an entry as every backend stores it: the line's bytes (without
+/// a newline) and its hash. A chain stored elsewhere (a database) keeps
+/// exactly these bytes, so it verifies as the file does.
+pub fn encode_entry(
+    seq: u64,
+    at: &str,
+    event: &AuditEvent,
+    prev: &str,
+) -> Result<(String, String), AuditError> {
+    let (mut line, hash) = encode_line(seq, at, event, prev)?;
+    line.pop(); // the newline
+    let line = String::from_utf8(line).map_err(|e| AuditError::Encode(e.to_string()))?;
+    Ok((line, hash))
 }
 
 /// Encodes an entry: the canonical bytes, their hash, then the full line
@@ -419,6 +490,9 @@ pub enum Problem {
     EmptyLine,
     /// The last line has no newline: a write was cut short.
     Truncated,
+    /// A database row's `seq`, `prev` or `hash` column differs from its
+    /// entry's own (a column edited alone).
+    RowMismatch,
 }
 
 impl fmt::Display for Problem {
@@ -436,6 +510,9 @@ impl fmt::Display for Problem {
             }
             Problem::EmptyLine => f.write_str("empty line"),
             Problem::Truncated => f.write_str("the last line is incomplete (truncated)"),
+            Problem::RowMismatch => {
+                f.write_str("the row's seq, prev or hash column does not match its entry (edited)")
+            }
         }
     }
 }
@@ -463,6 +540,31 @@ pub enum VerifyError {
         /// What is wrong.
         problem: Problem,
     },
+    /// The first bad entry of a chain kept in a database table.
+    #[error("audit chain broken at row {row}{}: {problem}", seq.map(|s| format!(" (seq {s})")).unwrap_or_default())]
+    BadRow {
+        /// 1-based position in `seq` order.
+        row: u64,
+        /// The entry's sequence number.
+        seq: Option<u64>,
+        /// What is wrong.
+        problem: Problem,
+    },
+    /// The table's head row does not match its last entry: entries at the
+    /// end were removed (or added without moving the head).
+    #[error(
+        "audit chain: the head names seq {head_seq} but the last entry is seq {last_seq} (entries at the end removed or added)"
+    )]
+    HeadMismatch {
+        /// The seq the head row records.
+        head_seq: u64,
+        /// The seq of the last entry found.
+        last_seq: u64,
+    },
+    /// The backend holding the chain could not be read; the message names
+    /// no password.
+    #[error("audit chain: {0}")]
+    Backend(String),
 }
 
 /// A verified log.

@@ -31,6 +31,10 @@ pub enum PostgresError {
         /// The version this build uses.
         expected: i32,
     },
+    /// A copy into the database was refused: it already holds different
+    /// data under the same ids (nothing was written).
+    #[error("refusing to copy: {0}")]
+    Conflict(String),
     /// The database was migrated by a newer vaultgate than this build.
     #[error(
         "the database's vaultgate schema is at version {found}, newer than this build \

@@ -32,9 +32,11 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod budget;
 mod connect;
 mod error;
+mod import;
 mod rows;
 mod schema;
 mod store;
@@ -46,12 +48,21 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 
+pub use audit::PostgresAudit;
 pub use connect::PostgresOptions;
 pub use error::PostgresError;
+pub use import::TableImport;
 pub use schema::SCHEMA_VERSION;
 pub use vault_core::store::KeyStore;
 
 use connect::Target;
+
+/// Where `url` points, for messages: user, hosts, ports and database,
+/// never the password. An unparsable URL is an error that does not repeat
+/// it.
+pub fn redacted(url: &str) -> Result<String, PostgresError> {
+    Ok(connect::parse(url)?.1.to_string())
+}
 
 /// A [`KeyStore`] on PostgreSQL, shared by any number of processes.
 ///
@@ -140,6 +151,17 @@ impl PostgresStore {
                 target,
                 pool_size: options.pool_size.max(1),
             }),
+        })
+    }
+
+    /// A pooled connection; errors name the database, never a password.
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, PostgresError> {
+        self.inner.pool.get().await.map_err(|e| {
+            PostgresError::Backend(format!(
+                "connecting to {}: {}",
+                self.inner.target,
+                connect::describe(&e)
+            ))
         })
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moka::sync::Cache;
-use vault_core::audit::AuditLog;
+use vault_core::audit::AuditTrail;
 use vault_core::clock::{SharedClock, SystemClock};
 use vault_core::crypto::Encryptor;
 use vault_core::denial::Denial;
@@ -56,7 +56,7 @@ pub struct VaultContext {
     pub(crate) upstreams: Upstreams,
     pub(crate) limits: RequestLimits,
     pub(crate) test_keys_use_mock: bool,
-    pub(crate) audit: Option<Arc<AuditLog>>,
+    pub(crate) audit: Option<Arc<dyn AuditTrail>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sink: UsageSink,
     sweep_interval: std::time::Duration,
@@ -90,7 +90,7 @@ pub struct VaultContextBuilder {
     upstreams: Upstreams,
     limits: RequestLimits,
     test_keys_use_mock: bool,
-    audit: Option<Arc<AuditLog>>,
+    audit: Option<Arc<dyn AuditTrail>>,
     cache_capacity: u64,
     sweep_interval: std::time::Duration,
 }
@@ -126,8 +126,9 @@ impl VaultContextBuilder {
         self
     }
 
-    /// The audit log denied requests are written to.
-    pub fn audit(mut self, audit: Arc<AuditLog>) -> Self {
+    /// The audit trail denied requests are written to (the data
+    /// directory's file, or a table shared by replicas).
+    pub fn audit(mut self, audit: Arc<dyn AuditTrail>) -> Self {
         self.audit = Some(audit);
         self
     }
@@ -226,7 +227,7 @@ impl VaultContext {
     }
 
     /// The audit log, if one is configured.
-    pub fn audit(&self) -> Option<&Arc<AuditLog>> {
+    pub fn audit(&self) -> Option<&Arc<dyn AuditTrail>> {
         self.audit.as_ref()
     }
 

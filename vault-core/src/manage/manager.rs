@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::audit::{AuditEvent, AuditFilter, AuditKind, AuditLog, read_entries};
+use crate::audit::{AuditEvent, AuditFilter, AuditKind, AuditTrail};
 use crate::clock::{SharedClock, SystemClock, UnixMillis};
 use crate::crypto::{Aad, Encryptor};
 use crate::key::{KeyEnv, KeyFormat, KeyId, ProviderKeyId};
@@ -103,28 +103,6 @@ pub trait ManageHook: Send + Sync {
     fn audit_failed(&self) {}
 }
 
-/// Which file a path names: device and inode on Unix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileIdentity {
-    dev: u64,
-    ino: u64,
-}
-
-#[cfg(unix)]
-fn file_identity(path: &std::path::Path) -> Option<FileIdentity> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::symlink_metadata(path).ok()?;
-    m.is_file().then(|| FileIdentity {
-        dev: m.dev(),
-        ino: m.ino(),
-    })
-}
-
-#[cfg(not(unix))]
-fn file_identity(_path: &std::path::Path) -> Option<FileIdentity> {
-    None
-}
-
 /// The management operations of docs/api.md over a store: who may do what,
 /// project checks, validation, audit before mutation. The HTTP routes and
 /// the CLI's direct mode both call it. Cheap to clone.
@@ -132,12 +110,7 @@ fn file_identity(_path: &std::path::Path) -> Option<FileIdentity> {
 pub struct Manager {
     store: Arc<dyn KeyStore>,
     encryptor: Arc<dyn Encryptor>,
-    audit: Option<Arc<AuditLog>>,
-    /// The audit file as it was when the manager was built. The log holds
-    /// its file open, so if the path is removed or replaced (by a directory,
-    /// say) appends would still succeed into a file nobody can read any
-    /// more: every append first checks the path still names this file (L2).
-    audit_file: Option<FileIdentity>,
+    audit: Option<Arc<dyn AuditTrail>>,
     plans: Arc<PlanSet>,
     clock: SharedClock,
     format: KeyFormat,
@@ -149,7 +122,7 @@ impl std::fmt::Debug for Manager {
         f.debug_struct("Manager")
             .field("format", &self.format)
             .field("plans", &self.plans)
-            .field("audit", &self.audit.as_ref().map(|a| a.path().to_owned()))
+            .field("audit", &self.audit)
             .finish_non_exhaustive()
     }
 }
@@ -158,7 +131,7 @@ impl std::fmt::Debug for Manager {
 pub struct ManagerBuilder {
     store: Arc<dyn KeyStore>,
     encryptor: Arc<dyn Encryptor>,
-    audit: Option<Arc<AuditLog>>,
+    audit: Option<Arc<dyn AuditTrail>>,
     plans: Arc<PlanSet>,
     clock: SharedClock,
     format: KeyFormat,
@@ -166,8 +139,9 @@ pub struct ManagerBuilder {
 }
 
 impl ManagerBuilder {
-    /// The audit log mutations are written to first (none: not audited).
-    pub fn audit(mut self, log: Arc<AuditLog>) -> Self {
+    /// The audit trail mutations are written to first (none: not
+    /// audited): the data directory's file, or a table shared by replicas.
+    pub fn audit(mut self, log: Arc<dyn AuditTrail>) -> Self {
         self.audit = Some(log);
         self
     }
@@ -198,12 +172,10 @@ impl ManagerBuilder {
 
     /// The manager.
     pub fn build(self) -> Manager {
-        let audit_file = self.audit.as_ref().and_then(|l| file_identity(l.path()));
         Manager {
             store: self.store,
             encryptor: self.encryptor,
             audit: self.audit,
-            audit_file,
             plans: self.plans,
             clock: self.clock,
             format: self.format,
@@ -265,22 +237,13 @@ impl Manager {
             project: Some(project.to_owned()),
             detail,
         };
-        let expected = self.audit_file;
-        let result = tokio::task::spawn_blocking(move || {
-            if expected.is_some() && file_identity(log.path()) != expected {
-                tracing::error!(path = %log.path().display(), "the audit log was moved, removed or replaced");
-                return false;
-            }
-            log.append(event).is_ok()
-        })
-        .await;
-        match result {
-            Ok(true) => Ok(()),
-            _ => {
+        match log.append(event).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
                 if let Some(h) = &self.hook {
                     h.audit_failed();
                 }
-                tracing::error!("the audit log could not be written; refusing the mutation");
+                tracing::error!(error = %e, "the audit log could not be written; refusing the mutation");
                 Err(ManageError::AuditUnavailable)
             }
         }
@@ -733,19 +696,17 @@ impl Manager {
         let Some(log) = &self.audit else {
             return Ok(List::of(Vec::new()));
         };
-        let path = log.path().to_owned();
         let filter = AuditFilter {
             project: actor.project().map(str::to_owned),
             before_seq: None,
             limit: q.limit.unwrap_or(AUDIT_LIMIT.0).min(AUDIT_LIMIT.1),
         };
-        match tokio::task::spawn_blocking(move || read_entries(&path, &filter)).await {
-            Ok(Ok(entries)) => Ok(List::of(entries)),
-            Ok(Err(e)) => {
+        match log.read(&filter).await {
+            Ok(entries) => Ok(List::of(entries)),
+            Err(e) => {
                 tracing::error!(error = %e, "reading the audit log failed");
                 Err(ManageError::Internal)
             }
-            Err(_) => Err(ManageError::Internal),
         }
     }
 }

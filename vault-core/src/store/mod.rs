@@ -6,6 +6,7 @@
 //! behind the `conformance` feature; run by `tests/store_conformance.rs`).
 
 mod budget;
+pub mod copy;
 mod journal;
 mod leased;
 mod memory;

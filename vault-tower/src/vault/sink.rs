@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
-use vault_core::audit::{AuditEvent, AuditLog};
+use vault_core::audit::{AuditEvent, AuditTrail};
 use vault_core::clock::UnixMillis;
 use vault_core::meter::Usage;
 use vault_core::money::Micros;
@@ -201,7 +201,7 @@ impl UsageSink {
     pub(crate) fn start(
         store: Arc<dyn KeyStore>,
         engine: Arc<dyn PolicyEngine>,
-        audit: Option<Arc<AuditLog>>,
+        audit: Option<Arc<dyn AuditTrail>>,
         metrics: Arc<Metrics>,
     ) -> UsageSink {
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -259,7 +259,7 @@ async fn run(
     mut rx: mpsc::Receiver<Job>,
     store: Arc<dyn KeyStore>,
     engine: Arc<dyn PolicyEngine>,
-    audit: Option<Arc<AuditLog>>,
+    audit: Option<Arc<dyn AuditTrail>>,
     metrics: Arc<Metrics>,
 ) {
     let mut jobs = Vec::with_capacity(BATCH);
@@ -346,17 +346,15 @@ async fn settle(
     }
 }
 
-/// Appends denial audit events off the runtime's worker threads, counting
-/// those that could not be written.
-async fn append_events(log: Arc<AuditLog>, events: Vec<AuditEvent>, metrics: &Metrics) {
-    let failed = tokio::task::spawn_blocking(move || {
-        events
-            .into_iter()
-            .filter(|e| log.append(e.clone()).is_err())
-            .count()
-    })
-    .await
-    .unwrap_or(1);
+/// Appends denial audit events (a file backend does so off the runtime's
+/// worker threads), counting those that could not be written.
+async fn append_events(log: Arc<dyn AuditTrail>, events: Vec<AuditEvent>, metrics: &Metrics) {
+    let mut failed = 0usize;
+    for event in events {
+        if log.append(event).await.is_err() {
+            failed += 1;
+        }
+    }
     if failed > 0 {
         metrics
             .audit_failures

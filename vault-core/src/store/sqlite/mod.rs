@@ -15,6 +15,7 @@
 //! against a process crash, and at the next checkpoint against power loss).
 
 mod bulk;
+mod export;
 mod rows;
 mod schema;
 
