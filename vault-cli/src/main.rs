@@ -10,6 +10,7 @@ mod config;
 mod manage;
 mod output;
 mod remote;
+mod replicas;
 mod request;
 
 use std::path::PathBuf;
