@@ -271,7 +271,7 @@ async fn open_store(
         }
         Some(settings) => {
             let pg = replicas::connect_postgres(settings).await?;
-            let location = format!("the database {pg}");
+            let location = pg.to_string();
             let store = with_leases(pg, &journals, leased).await?;
             Ok((store, location))
         }

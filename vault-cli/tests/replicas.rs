@@ -525,3 +525,291 @@ async fn lifecycle_a_revocation_on_one_replica_is_refused_by_the_others_within_1
         assert!(received >= 2 * ROUNDS as u64 / 3, "replica {i}: {received}");
     }
 }
+
+// ---------------------------------------------------------------- start-up refusals
+
+/// The environment of one replica on `database` and `redis`, with `master`.
+fn replica_env(database: &str, redis: Option<&TestRedis>, master: &str) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("VAULTGATE_DATABASE_URL".to_owned(), database.to_owned()),
+        ("VAULTGATE_MASTER_KEY".to_owned(), master.to_owned()),
+        ("VAULTGATE_LOG".to_owned(), "warn".to_owned()),
+    ];
+    if let Some(r) = redis {
+        env.push(("VAULTGATE_REDIS_URL".to_owned(), r.url()));
+    }
+    env
+}
+
+/// Why `serve` did not start: its exit and stderr, which must be one line.
+fn refused_start(env: Vec<(String, String)>) -> String {
+    let dir = tempdir();
+    let output = match Server::try_start(dir.path(), ServerOptions { env }) {
+        Ok(_) => panic!("serve started"),
+        Err(output) => output,
+    };
+    eprintln!("refused: {output}");
+    let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 2, "an exit line and one error line: {output}");
+    output
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_a_replica_with_another_master_key_refuses_to_start() {
+    let _turn = SERIAL.lock().await;
+    let Some((pg, redis)) = engines() else {
+        return;
+    };
+    let database = pg.fresh_database();
+    let first = master_key();
+    let env = replica_env(&database, Some(&redis), &first);
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let dir = tempdir();
+    let init = cli_with(dir.path(), &["init", "--output", "json"], None, &pairs);
+    assert_eq!(init.code, 0, "{init:?}");
+
+    let output = refused_start(replica_env(&database, Some(&redis), &master_key()));
+    assert!(output.contains("exited with exit status: 1"), "{output}");
+    assert!(
+        output.contains("the master key does not match")
+            && output.contains("every replica needs the same VAULTGATE_MASTER_KEY"),
+        "{output}"
+    );
+    // The same key starts.
+    let server = Server::start_with(
+        tempdir().path(),
+        ServerOptions {
+            env: replica_env(&database, Some(&redis), &first),
+        },
+    );
+    drop(server);
+    // No master key at all: refused before one is made up.
+    let mut env = replica_env(&database, Some(&redis), &first);
+    env.retain(|(k, _)| k != "VAULTGATE_MASTER_KEY");
+    let output = refused_start(env);
+    assert!(output.contains("exited with exit status: 2"), "{output}");
+    assert!(output.contains("set VAULTGATE_MASTER_KEY"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_an_unmigrated_database_says_to_run_vaultgate_migrate() {
+    let _turn = SERIAL.lock().await;
+    let Some((pg, redis)) = engines() else {
+        return;
+    };
+    let output = refused_start(replica_env(
+        &pg.empty_database(),
+        Some(&redis),
+        &master_key(),
+    ));
+    assert!(output.contains("run `vaultgate migrate`"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boundary_postgresql_without_redis_is_refused_naming_redis_url() {
+    let _turn = SERIAL.lock().await;
+    let Some((pg, _redis)) = engines() else {
+        return;
+    };
+    let output = refused_start(replica_env(&pg.fresh_database(), None, &master_key()));
+    assert!(output.contains("exited with exit status: 2"), "{output}");
+    assert!(output.contains("[redis] url"), "{output}");
+}
+
+// ---------------------------------------------------------------- promise 7
+
+async fn readyz(addr: SocketAddr) -> Resp {
+    send(addr, Req::new("GET", "/readyz")).await
+}
+
+/// Calls `key` round-robin on every replica until `stop` is set, counting
+/// the statuses seen; any status but 200 and 503 `rate_limiter_unavailable`
+/// fails the test.
+fn load(
+    cluster: &Cluster,
+    key: &str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| cluster.addr(i)).collect();
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        let (mut ok, mut unavailable) = (0, 0);
+        let mut i = 0;
+        while !stop.load(Ordering::SeqCst) {
+            let r = post(
+                addrs[i % 3],
+                "/openai/v1/chat/completions",
+                &key,
+                &chat_body(false),
+            )
+            .await;
+            match r.status {
+                200 => ok += 1,
+                503 => {
+                    assert_eq!(r.error_code(), "rate_limiter_unavailable", "{}", r.text());
+                    assert_eq!(r.header("retry-after"), Some("1"));
+                    unavailable += 1;
+                }
+                other => panic!("{other} under load: {}", r.text()),
+            }
+            i += 1;
+        }
+        (ok, unavailable)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_redis_stopped_under_load_fails_closed_and_recovers() {
+    let _turn = SERIAL.lock().await;
+    let Some(mut cluster) = Cluster::start("") else {
+        return;
+    };
+    add_provider_key(
+        cluster.addr(0),
+        &cluster.admin,
+        "openai",
+        "sk-upstream-test",
+    )
+    .await;
+    let (_, limited, _) = create_key(
+        cluster.addr(0),
+        &cluster.admin,
+        &json!({"name": "limited", "rate_limit": {"requests_per_minute": 100000}}),
+    )
+    .await;
+    let (_, unlimited, _) =
+        create_key(cluster.addr(0), &cluster.admin, &json!({"name": "free"})).await;
+    for i in 0..3 {
+        let r = readyz(cluster.addr(i)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.json(),
+            json!({"status": "ready", "checks": {"store": "ok", "redis": "ok"}})
+        );
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = load(&cluster, &limited, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    cluster.redis.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        let r = post(
+            cluster.addr(i),
+            "/openai/v1/chat/completions",
+            &limited,
+            &chat_body(false),
+        )
+        .await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.error_code(), "rate_limiter_unavailable");
+        // A key without limits does not need Redis.
+        let r = post(
+            cluster.addr(i),
+            "/openai/v1/chat/completions",
+            &unlimited,
+            &chat_body(false),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = readyz(cluster.addr(i)).await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(
+            r.json(),
+            json!({"status": "unavailable", "checks": {"store": "ok", "redis": "unavailable"}})
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    cluster.redis.restart().expect("restart redis-server");
+    let back = poll_until(Duration::from_secs(15), || {
+        let addrs: Vec<SocketAddr> = (0..3).map(|i| cluster.addr(i)).collect();
+        let key = limited.clone();
+        async move {
+            for addr in addrs {
+                let r = post(addr, "/openai/v1/chat/completions", &key, &chat_body(false)).await;
+                if r.status != 200 || readyz(addr).await.status != 200 {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let (ok, unavailable) = loader.await.unwrap();
+    eprintln!(
+        "under load: {ok} served, {unavailable} refused 503; every replica back after {back:?}"
+    );
+    assert!(back.is_some(), "the replicas recover on their own");
+    assert!(ok > 0 && unavailable > 0, "{ok} / {unavailable}");
+    for i in 0..3 {
+        let refused = metric(cluster.addr(i), "vaultgate_rate_limiter_unavailable_total").await;
+        assert!(refused > 0, "replica {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_redis_stopped_with_on_error_local_limits_per_replica() {
+    let _turn = SERIAL.lock().await;
+    let Some(mut cluster) = Cluster::start("[redis]\non_error = \"local\"\n") else {
+        return;
+    };
+    add_provider_key(
+        cluster.addr(0),
+        &cluster.admin,
+        "openai",
+        "sk-upstream-test",
+    )
+    .await;
+    let (_, key, _) = create_key(
+        cluster.addr(0),
+        &cluster.admin,
+        &json!({"name": "limited", "rate_limit": {"requests_per_minute": 5}}),
+    )
+    .await;
+    away_from_a_minute_boundary().await;
+    cluster.redis.stop();
+    // Each replica now limits on its own, counted from zero.
+    for i in 0..3 {
+        let mut statuses = Vec::new();
+        for _ in 0..8 {
+            let r = post(
+                cluster.addr(i),
+                "/openai/v1/chat/completions",
+                &key,
+                &chat_body(false),
+            )
+            .await;
+            statuses.push(r.status);
+        }
+        assert_eq!(
+            statuses,
+            [200, 200, 200, 200, 200, 429, 429, 429],
+            "replica {i}"
+        );
+        let fallbacks = metric(cluster.addr(i), "vaultgate_rate_limiter_fallbacks_total").await;
+        assert!(fallbacks >= 5, "replica {i}: {fallbacks}");
+        let warned = cluster.replicas[i]
+            .stderr
+            .wait_for(Duration::from_secs(5), |l| {
+                l.contains("limiting calls per replica") && l.contains("on_error")
+            });
+        assert!(warned.is_some(), "{}", cluster.replicas[i].stderr.text());
+    }
+    cluster.redis.restart().expect("restart redis-server");
+    // Back on Redis: one count for all replicas again (a fresh Redis starts
+    // the window at zero).
+    let back = poll_until(Duration::from_secs(15), || {
+        let addr = cluster.addr(0);
+        let key = key.clone();
+        async move {
+            readyz(addr).await.status == 200 && {
+                let r = post(addr, "/openai/v1/chat/completions", &key, &chat_body(false)).await;
+                r.status == 200
+            }
+        }
+    })
+    .await;
+    assert!(back.is_some(), "recovers on its own");
+}
