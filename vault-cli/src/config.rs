@@ -346,4 +346,104 @@ mod tests {
             assert!(e.contains(needle), "{text:?} → {e}");
         }
     }
+
+    #[test]
+    fn store_and_redis_are_read_and_their_urls_never_printed() {
+        use secrecy::ExposeSecret;
+        let text = "[store]\nurl = \"postgres://vg:hunter2@db.internal/vg?sslmode=require\"\npool_size = 4\nca_file = \"/etc/ca.pem\"\n\n[redis]\nurl = \"rediss://:s3cret@cache:6380/0\"\non_error = \"local\"\n";
+        let c = BinaryConfig::parse(text, "vaultgate.toml").unwrap();
+        let pg = c.postgres.as_ref().unwrap();
+        assert_eq!(pg.pool_size, 4);
+        assert_eq!(pg.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        let redis = c.redis.as_ref().unwrap();
+        assert_eq!(redis.on_error, LimiterFallback::Local);
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        // Neither set, or the older spelling: SQLite, as before.
+        for text in ["", "store = \"sqlite\"\n"] {
+            let c = BinaryConfig::parse(text, "vaultgate.toml").unwrap();
+            assert!(c.postgres.is_none() && c.redis.is_none());
+        }
+        // The environment wins; the file's other fields still apply.
+        let c = BinaryConfig::parse(
+            "[store]\npool_size = 3\n[redis]\non_error = \"local\"\n",
+            "f",
+        )
+        .unwrap()
+        .with_env(|name| match name {
+            DATABASE_URL_ENV => Some("postgres://env@db/vg".to_owned()),
+            REDIS_URL_ENV => Some("redis://cache:6379".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let pg = c.postgres.unwrap();
+        assert_eq!(pg.url.expose_secret(), "postgres://env@db/vg");
+        assert_eq!(pg.pool_size, 3);
+        assert_eq!(c.redis.unwrap().on_error, LimiterFallback::Local);
+        let c = BinaryConfig::parse(text, "f")
+            .unwrap()
+            .with_env(|name| (name == DATABASE_URL_ENV).then(|| "postgres://env@db/vg".to_owned()))
+            .unwrap();
+        assert_eq!(
+            c.postgres.unwrap().url.expose_secret(),
+            "postgres://env@db/vg"
+        );
+        assert_eq!(c.redis.unwrap().on_error, LimiterFallback::Local);
+    }
+
+    #[test]
+    fn store_and_redis_errors_name_the_field_and_never_the_secret() {
+        for (text, needles) in [
+            (
+                "[store]\nurll = \"x\"",
+                &["vaultgate.toml:1", "store", "unknown field `urll`", "`url`"][..],
+            ),
+            (
+                "[store]\nurl = \"mysql://u:hunter2@h/db\"",
+                &["store.url", "postgres://"],
+            ),
+            ("[store]\npool_size = 0", &["store.pool_size", "1 to 1000"]),
+            ("store = 5", &["store", "[store] table"]),
+            (
+                "[redis]\non_error = \"open\"",
+                &["redis.on_error", "\"closed\"", "\"local\""],
+            ),
+            (
+                "[redis]\nurl = \"http://u:hunter2@h\"",
+                &["redis.url", "redis://"],
+            ),
+            (
+                "[redis]\nurl = \"redis://h\"\ntimeout = \"1s\"",
+                &["unknown field `timeout`"],
+            ),
+        ] {
+            let e = BinaryConfig::parse(text, "vaultgate.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("vaultgate.toml"), "{text:?} → {e}");
+            for n in needles {
+                assert!(e.contains(n), "{text:?} → {e} (wanted {n})");
+            }
+            assert!(!e.contains("hunter2") && !e.contains('\n'), "{e}");
+        }
+        let e = BinaryConfig::default()
+            .with_env(|name| (name == DATABASE_URL_ENV).then(|| "mysql://u:hunter2@h".to_owned()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(DATABASE_URL_ENV) && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = BinaryConfig::default()
+            .with_env(|name| (name == REDIS_URL_ENV).then(|| "http://u:hunter2@h".to_owned()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(REDIS_URL_ENV) && !e.contains("hunter2"),
+            "{e}"
+        );
+    }
 }
