@@ -813,3 +813,67 @@ async fn lifecycle_redis_stopped_with_on_error_local_limits_per_replica() {
     .await;
     assert!(back.is_some(), "recovers on its own");
 }
+
+// ---------------------------------------------------------------- promise 4
+
+/// One $0.01 call with `key` on `addr`; its status.
+async fn one_call(addr: SocketAddr, key: &str) -> u16 {
+    post(addr, "/openai/v1/chat/completions", key, &chat_body(false))
+        .await
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_sub_agent_carve_outs_are_conserved_across_replicas() {
+    let _turn = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start("") else {
+        return;
+    };
+    let (r0, r1, r2) = (cluster.addr(0), cluster.addr(1), cluster.addr(2));
+    add_provider_key(r0, &cluster.admin, "openai", "sk-upstream-test").await;
+    let (parent_id, parent, _) = create_key(
+        r0,
+        &cluster.admin,
+        &json!({"name": "agent", "budget": {"limit_usd": 0.10, "period": "total"}}),
+    )
+    .await;
+    let child = |name: &str, usd: f64| json!({"name": name, "parent": parent_id, "budget": {"limit_usd": usd, "period": "total"}});
+    // Minted by the parent itself, each on another replica.
+    let (_, c1, _) = create_key(r1, &parent, &child("c1", 0.04)).await;
+    let (_, c2, _) = create_key(r2, &parent, &child("c2", 0.04)).await;
+    let too_much = post(r0, "/v1/keys", &parent, &child("c3", 0.04)).await;
+    assert_eq!(too_much.status, 402, "{}", too_much.text());
+    assert_eq!(too_much.error_code(), "budget_exceeded");
+    let (c3_id, _, _) = create_key(r0, &parent, &child("c3", 0.02)).await;
+    // All of the parent's budget is carved out: refused on every replica.
+    for addr in [r0, r1, r2] {
+        assert_eq!(one_call(addr, &parent).await, 402);
+    }
+
+    // Each child spends its carve-out exactly, on replicas it was not
+    // minted on.
+    for (key, replicas) in [(&c1, [r2, r0]), (&c2, [r0, r1])] {
+        let mut ok = 0;
+        for i in 0..6 {
+            match one_call(replicas[i % 2], key).await {
+                200 => ok += 1,
+                402 => {}
+                other => panic!("{other}"),
+            }
+        }
+        assert_eq!(ok, 4, "$0.04 of $0.01 calls");
+    }
+    assert_eq!(cluster.upstream.calls(), 8);
+
+    // Revoking the unspent child gives its $0.02 back to the parent, which
+    // every replica then sees.
+    let r = delete(r1, &format!("/v1/keys/{c3_id}"), &cluster.admin).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let statuses = [
+        one_call(r2, &parent).await,
+        one_call(r0, &parent).await,
+        one_call(r1, &parent).await,
+    ];
+    assert_eq!(statuses, [200, 200, 402]);
+    assert_eq!(cluster.upstream.calls(), 10, "$0.10 in all, never more");
+}
