@@ -165,15 +165,44 @@ fn master_key() -> String {
 /// PostgreSQL and Redis, or `None` after a `SKIPPED` line (a failure
 /// under `CI=true`, inside the harnesses).
 fn engines() -> Option<(&'static TestPostgres, TestRedis)> {
+    engines_with(None)
+}
+
+/// [`engines`], Redis with `requirepass` when `password` is given.
+fn engines_with(password: Option<&str>) -> Option<(&'static TestPostgres, TestRedis)> {
     let pg = TestPostgres::shared()?;
-    let redis = TestRedis::start().expect("start redis-server")?;
-    Some((pg, redis))
+    let redis = match password {
+        Some(p) => TestRedis::start_with_password(p),
+        None => TestRedis::start(),
+    };
+    Some((pg, redis.expect("start redis-server")?))
+}
+
+/// Secrets a cluster's URLs carry, and how much it logs.
+#[derive(Default)]
+struct Secrets<'a> {
+    /// Put in the PostgreSQL URL (the test server trusts every login, so
+    /// it is carried and never checked).
+    database_password: Option<&'a str>,
+    /// Redis's `requirepass`, in its URL.
+    redis_password: Option<&'a str>,
+    /// `VAULTGATE_LOG` (default `warn`).
+    log: Option<&'a str>,
 }
 
 impl Cluster {
     /// Starts everything; `extra` is appended to the shared vaultgate.toml.
     fn start(extra: &str) -> Option<Cluster> {
-        let (pg, redis) = engines()?;
+        Cluster::start_with(extra, &Secrets::default())
+    }
+
+    /// [`Cluster::start`] with passwords in the URLs.
+    fn start_with(extra: &str, secrets: &Secrets<'_>) -> Option<Cluster> {
+        let (pg, redis) = engines_with(secrets.redis_password)?;
+        let mut database = pg.fresh_database();
+        if let Some(p) = secrets.database_password {
+            database = database.replacen("postgres@", &format!("postgres:{p}@"), 1);
+        }
         let upstream = Upstream::start();
         let dirs: Vec<_> = (0..4).map(|_| tempdir()).collect();
         let config = dirs[0].path().join("vaultgate.toml");
@@ -188,10 +217,13 @@ impl Cluster {
         .unwrap();
         let env = vec![
             ("VAULTGATE_CONFIG".to_owned(), config.display().to_string()),
-            ("VAULTGATE_DATABASE_URL".to_owned(), pg.fresh_database()),
+            ("VAULTGATE_DATABASE_URL".to_owned(), database),
             ("VAULTGATE_REDIS_URL".to_owned(), redis.url()),
             ("VAULTGATE_MASTER_KEY".to_owned(), master_key()),
-            ("VAULTGATE_LOG".to_owned(), "warn".to_owned()),
+            (
+                "VAULTGATE_LOG".to_owned(),
+                secrets.log.unwrap_or("warn").to_owned(),
+            ),
         ];
         let mut cluster = Cluster {
             redis,
@@ -541,13 +573,18 @@ fn replica_env(database: &str, redis: Option<&TestRedis>, master: &str) -> Vec<(
     env
 }
 
-/// Why `serve` did not start: its exit and stderr, which must be one line.
-fn refused_start(env: Vec<(String, String)>) -> String {
+/// Why `serve` did not start: its exit and stderr.
+fn failed_start(env: Vec<(String, String)>) -> String {
     let dir = tempdir();
-    let output = match Server::try_start(dir.path(), ServerOptions { env }) {
+    match Server::try_start(dir.path(), ServerOptions { env }) {
         Ok(_) => panic!("serve started"),
         Err(output) => output,
-    };
+    }
+}
+
+/// [`failed_start`], whose stderr must be one line.
+fn refused_start(env: Vec<(String, String)>) -> String {
+    let output = failed_start(env);
     eprintln!("refused: {output}");
     let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 2, "an exit line and one error line: {output}");
@@ -876,4 +913,99 @@ async fn concurrency_sub_agent_carve_outs_are_conserved_across_replicas() {
     ];
     assert_eq!(statuses, [200, 200, 402]);
     assert_eq!(cluster.upstream.calls(), 10, "$0.10 in all, never more");
+}
+
+// ---------------------------------------------------------------- leaks
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leak_database_and_redis_passwords_never_appear_in_output() {
+    let _turn = SERIAL.lock().await;
+    let db_password = format!("dbCanary{}", random_alnum(20));
+    let redis_password = format!("rdCanary{}", random_alnum(20));
+    let secrets = Secrets {
+        database_password: Some(&db_password),
+        redis_password: Some(&redis_password),
+        log: Some("debug"),
+    };
+    let Some(mut cluster) = Cluster::start_with("", &secrets) else {
+        return;
+    };
+    let mut seen = String::new();
+    let (r0, r1) = (cluster.addr(0), cluster.addr(1));
+    add_provider_key(r0, &cluster.admin, "openai", "sk-upstream-test").await;
+    let (id, key, _) = create_key(
+        r1,
+        &cluster.admin,
+        &json!({"name": "limited", "rate_limit": {"requests_per_minute": 1000}}),
+    )
+    .await;
+    let first = post(r0, "/openai/v1/chat/completions", &key, &chat_body(false)).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    seen.push_str(&first.everything());
+    // Redis fails and comes back: errors are logged (at debug too).
+    cluster.redis.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..3 {
+        let addr = cluster.addr(i);
+        seen.push_str(
+            &post(addr, "/openai/v1/chat/completions", &key, &chat_body(false))
+                .await
+                .everything(),
+        );
+        seen.push_str(&readyz(addr).await.everything());
+    }
+    // A revocation while Redis is down cannot be broadcast: logged.
+    seen.push_str(
+        &delete(r1, &format!("/v1/keys/{id}"), &cluster.admin)
+            .await
+            .everything(),
+    );
+    let out = cluster.cli(&["keys", "list"]);
+    seen.push_str(&format!("{out:?}"));
+    cluster.redis.restart().expect("restart redis-server");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..3 {
+        seen.push_str(&readyz(cluster.addr(i)).await.everything());
+        seen.push_str(
+            &send(cluster.addr(i), Req::new("GET", "/metrics"))
+                .await
+                .everything(),
+        );
+    }
+    // Refused starts: a database that does not answer, a bad Redis URL.
+    let mut env = cluster.env.clone();
+    for (k, v) in &mut env {
+        if k == "VAULTGATE_DATABASE_URL" {
+            *v = format!("postgres://vaultgate:{db_password}@127.0.0.1:1/vaultgate");
+        }
+    }
+    seen.push_str(&failed_start(env.clone()));
+    for (k, v) in &mut env {
+        if k == "VAULTGATE_REDIS_URL" {
+            *v = format!("http://:{redis_password}@127.0.0.1:1");
+        }
+    }
+    seen.push_str(&failed_start(env));
+
+    let replicas: Vec<String> = cluster
+        .replicas
+        .iter()
+        .map(|r| format!("{}{}", r.stdout.text(), r.stderr.text()))
+        .collect();
+    assert!(
+        replicas
+            .iter()
+            .any(|t| t.contains("DEBUG") || t.contains("debug")),
+        "debug logs were on"
+    );
+    for (name, secret) in [
+        ("database password", &db_password),
+        ("redis password", &redis_password),
+    ] {
+        let forms = encodings(secret);
+        assert_absent(name, &seen, &forms);
+        for (i, text) in replicas.iter().enumerate() {
+            assert_absent(&format!("replica {i}'s output ({name})"), text, &forms);
+        }
+    }
 }
