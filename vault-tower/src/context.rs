@@ -467,3 +467,61 @@ impl VaultContext {
             .cloned())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use vault_core::crypto::{AesGcmEncryptor, MasterKey};
+    use vault_core::manage::wire::CreateKeyRequest;
+    use vault_core::manage::{Actor, Manager};
+    use vault_core::policy::DefaultEngine;
+    use vault_core::pricing::PriceTable;
+    use vault_core::record::KeyStatus;
+    use vault_core::store::MemoryStore;
+
+    use super::*;
+
+    /// Another replica's revocation drops exactly the ids it names: the
+    /// other cached keys stay cached (a store change made behind the
+    /// cache's back is not seen for them until their entry expires).
+    #[tokio::test]
+    async fn lifecycle_forget_keys_drops_only_the_named_keys() {
+        let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        let encryptor = Arc::new(AesGcmEncryptor::new(MasterKey::generate().unwrap()).unwrap());
+        let engine = Arc::new(DefaultEngine::new(
+            store.clone(),
+            Arc::new(PriceTable::builtin()),
+            Arc::new(SystemClock),
+        ));
+        let ctx = VaultContext::builder(store.clone(), encryptor.clone(), engine).build();
+        let manager = Manager::builder(store.clone(), encryptor).build();
+        let mut keys = Vec::new();
+        for name in ["gone", "kept"] {
+            let issued = manager
+                .create_key(
+                    &Actor::Operator,
+                    CreateKeyRequest {
+                        name: Some(name.to_owned()),
+                        ..CreateKeyRequest::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let hash = ctx.format.parse(issued.key.expose_secret()).unwrap().hash();
+            let cached = ctx.key_by_hash(&hash).await.unwrap().unwrap();
+            assert_eq!(cached.status, KeyStatus::Active);
+            // Revoked behind the cache's back, as on another replica.
+            store
+                .revoke_key(&issued.record.id, ctx.clock.now())
+                .await
+                .unwrap();
+            keys.push((issued.record.id, hash));
+        }
+        ctx.forget_keys(std::slice::from_ref(&keys[0].0));
+        let gone = ctx.key_by_hash(&keys[0].1).await.unwrap().unwrap();
+        assert_eq!(gone.status, KeyStatus::Revoked, "re-read from the store");
+        let kept = ctx.key_by_hash(&keys[1].1).await.unwrap().unwrap();
+        assert_eq!(kept.status, KeyStatus::Active, "still cached");
+    }
+}
