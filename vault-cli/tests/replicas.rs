@@ -558,6 +558,40 @@ async fn lifecycle_a_revocation_on_one_replica_is_refused_by_the_others_within_1
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_a_revocation_from_the_cli_reaches_every_replica() {
+    let _turn = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start("") else {
+        return;
+    };
+    let (id, key, _) = create_key(
+        cluster.addr(0),
+        &cluster.admin,
+        &json!({"name": "cli", "env": "test", "permissions": ["chat:write"]}),
+    )
+    .await;
+    let mut targets = Vec::new();
+    let mut before = Vec::new();
+    for i in 0..3 {
+        let r = mock_call(cluster.addr(i), &key).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        targets.push((cluster.addr(i), key.clone()));
+        before.push(metric(cluster.addr(i), "vaultgate_revocations_received_total").await);
+    }
+    // Direct mode: the operator's Manager on the shared database.
+    let out = cluster.cli(&["keys", "revoke", &id]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let took = until_refused(&targets, Duration::from_secs(5))
+        .await
+        .expect("refused everywhere");
+    eprintln!("a CLI revocation was refused by all three replicas after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    for (i, b) in before.iter().enumerate() {
+        let after = metric(cluster.addr(i), "vaultgate_revocations_received_total").await;
+        assert_eq!(after, b + 1, "replica {i} heard the broadcast");
+    }
+}
+
 // ---------------------------------------------------------------- start-up refusals
 
 /// The environment of one replica on `database` and `redis`, with `master`.
