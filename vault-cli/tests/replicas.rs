@@ -592,6 +592,108 @@ async fn lifecycle_a_revocation_from_the_cli_reaches_every_replica() {
     }
 }
 
+// ---------------------------------------------------------------- the hot path
+
+/// Sends one inline command to Redis and returns its reply's text (a
+/// status line, or a bulk string's contents).
+fn redis_command(redis: &TestRedis, command: &str) -> String {
+    use std::io::{BufRead, Read, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", redis.port())).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    (&stream)
+        .write_all(format!("{command}\r\n").as_bytes())
+        .unwrap();
+    let mut reader = std::io::BufReader::new(&stream);
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    match first.strip_prefix('$') {
+        Some(len) => {
+            let mut body = vec![0u8; len.trim().parse::<usize>().unwrap()];
+            reader.read_exact(&mut body).unwrap();
+            String::from_utf8(body).unwrap()
+        }
+        None => first,
+    }
+}
+
+/// Calls of each Redis command since the last `CONFIG RESETSTAT`.
+fn redis_command_counts(redis: &TestRedis) -> Vec<(String, u64)> {
+    redis_command(redis, "INFO commandstats")
+        .lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boundary_a_limited_call_costs_one_redis_round_trip() {
+    const CALLS: usize = 30;
+    let _turn = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start("") else {
+        return;
+    };
+    add_provider_key(
+        cluster.addr(0),
+        &cluster.admin,
+        "openai",
+        "sk-upstream-test",
+    )
+    .await;
+    let (_, key, _) = create_key(
+        cluster.addr(0),
+        &cluster.admin,
+        &json!({"name": "limited", "rate_limit": {"requests_per_minute": 100000}}),
+    )
+    .await;
+    for i in 0..3 {
+        // Loads the script on each replica's connection.
+        assert_eq!(one_call(cluster.addr(i), &key).await, 200);
+    }
+    assert!(redis_command(&cluster.redis, "CONFIG RESETSTAT").starts_with("+OK"));
+    for i in 0..CALLS {
+        assert_eq!(one_call(cluster.addr(i), &key).await, 200);
+    }
+    let counts = redis_command_counts(&cluster.redis);
+    eprintln!("Redis commands for {CALLS} calls: {counts:?}");
+    // Redis counts the commands a script runs too (GET, INCR, PEXPIRE per
+    // window). What replicas send themselves: one EVALSHA per call, and
+    // none of the commands they send outside the script.
+    let count = |name: &str| {
+        counts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, c)| *c)
+    };
+    assert_eq!(count("evalsha"), CALLS as u64, "{counts:?}");
+    for sent_outside_the_script in [
+        "eval",
+        "script|load",
+        "mget",
+        "incrby",
+        "zrem",
+        "zadd",
+        "publish",
+    ] {
+        assert_eq!(count(sent_outside_the_script), 0, "{counts:?}");
+    }
+    assert_eq!(
+        count("pexpire"),
+        count("incr"),
+        "the script's own: {counts:?}"
+    );
+}
+
 // ---------------------------------------------------------------- start-up refusals
 
 /// The environment of one replica on `database` and `redis`, with `master`.
