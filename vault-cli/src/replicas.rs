@@ -30,7 +30,7 @@ use vault_redis::{RedisLimiter, RevocationBus, Subscription};
 use vault_tower::{ReadinessProbe, RevocationNotifier, VaultContext};
 
 use crate::app::UsageError;
-use crate::config::{PostgresSettings, RedisSettings};
+use crate::config::{DATABASE_URL_ENV, PostgresSettings, REDIS_URL_ENV, RedisSettings};
 
 /// How long the CLI's direct mode waits, before it exits, for its
 /// revocations to be published.
@@ -47,7 +47,9 @@ pub(crate) async fn connect_postgres(settings: &PostgresSettings) -> Result<Post
     PostgresStore::connect_with(settings.url.expose_secret(), &options)
         .await
         .map_err(|e| match e {
-            PostgresError::Url(_) => UsageError(format!("store.url: {e}")).into(),
+            PostgresError::Url(_) => {
+                UsageError(format!("[store] url or {DATABASE_URL_ENV}: {e}")).into()
+            }
             PostgresError::SchemaOutdated { .. } | PostgresError::SchemaTooNew { .. } => {
                 anyhow!("{e}")
             }
@@ -67,9 +69,9 @@ impl Redis {
     /// Redis is down and `/readyz` says so). Needs a Tokio runtime.
     pub(crate) fn new(settings: &RedisSettings, clock: SharedClock) -> Result<Redis> {
         let limiter = RedisLimiter::with_clock(&settings.config, clock)
-            .map_err(|e| UsageError(format!("redis.url: {e}")))?;
+            .map_err(|e| UsageError(format!("[redis] url or {REDIS_URL_ENV}: {e}")))?;
         let bus = RevocationBus::new(&settings.config)
-            .map_err(|e| UsageError(format!("redis.url: {e}")))?;
+            .map_err(|e| UsageError(format!("[redis] url or {REDIS_URL_ENV}: {e}")))?;
         Ok(Redis {
             limiter: Arc::new(limiter),
             bus,
