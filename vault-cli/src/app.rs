@@ -1,7 +1,7 @@
-//! Opening a data directory: configuration, master key, store, audit log
-//! and plans — what the direct-mode commands use through a
-//! [`Manager`] — and, for `serve` only, the policy engine and the proxy's
-//! shared context on top.
+//! Opening a data directory: configuration, master key, store (embedded
+//! SQLite, or PostgreSQL shared by replicas), audit log and plans — what
+//! the direct-mode commands use through a [`Manager`] — and, for `serve`
+//! only, the policy engine and the proxy's shared context on top.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,10 +18,13 @@ use vault_core::manage::Manager;
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::{ModelPrice, PriceTable};
 use vault_core::store::{KeyStore, LeasedStore, SqliteStore, recover_lease_journals};
+use vault_postgres::PostgresAudit;
+use vault_redis::Subscription;
 use vault_tower::admin::Admin;
 use vault_tower::{RequestLimits, Timeouts, Upstream, Upstreams, VaultContext};
 
-use crate::config::BinaryConfig;
+use crate::config::{BinaryConfig, DATABASE_URL_ENV, PostgresSettings, REDIS_URL_ENV};
+use crate::replicas::{self, Publisher, Redis};
 
 /// Where `serve` journals its budget leases, inside the data directory.
 pub(crate) const LEASE_JOURNAL_DIR: &str = "leases";
@@ -47,38 +50,66 @@ pub(crate) struct Opened {
     pub(crate) clock: SharedClock,
     pub(crate) plans: Arc<PlanSet>,
     pub(crate) data_dir: PathBuf,
-    /// Whether the data directory was created just now.
+    /// What holds the keys, for messages: the data directory, or the
+    /// PostgreSQL database (user, host, database; never the password).
+    pub(crate) location: String,
+    /// Whether a first start should create an admin key: a data directory
+    /// created just now. Never on PostgreSQL, whose replicas start at once:
+    /// there `vaultgate init` creates it.
     pub(crate) fresh: bool,
+    /// Redis, when configured (replica mode).
+    pub(crate) redis: Option<Redis>,
+    /// Publishes what this process's direct-mode manager revokes.
+    publisher: Option<Arc<Publisher>>,
 }
 
 impl Opened {
     /// The management operations on this data directory, for direct mode
-    /// (no proxy runs in this process, so there is no cache to tell).
+    /// (no proxy runs in this process, so there is no cache to tell; with
+    /// Redis, revocations are broadcast to the replicas).
     pub(crate) fn manager(&self) -> Manager {
-        Manager::builder(self.store.clone(), self.encryptor.clone())
+        let mut builder = Manager::builder(self.store.clone(), self.encryptor.clone())
             .audit(self.audit.clone())
             .plans(self.plans.clone())
-            .clock(self.clock.clone())
-            .build()
+            .clock(self.clock.clone());
+        if let Some(p) = &self.publisher {
+            builder = builder.hook(p.clone());
+        }
+        builder.build()
+    }
+
+    /// Before a direct-mode command exits: publishes what it revoked.
+    pub(crate) async fn finish(&self) {
+        if let Some(p) = &self.publisher {
+            p.finish().await;
+        }
     }
 }
 
 /// What `serve` runs: the proxy's context and the management router's state
-/// (a [`Manager`] that drops the context's cached keys when it revokes).
+/// (a [`Manager`] that drops the context's cached keys when it revokes and,
+/// with Redis, broadcasts the revocation), and the subscription to other
+/// replicas' revocations.
 pub(crate) struct Serving {
     pub(crate) ctx: Arc<VaultContext>,
     pub(crate) admin: Admin,
+    /// Held for the server's life; dropping it unsubscribes.
+    pub(crate) _revocations: Option<Subscription>,
 }
 
 /// Loads the configuration: `--config`, `VAULTGATE_CONFIG`, or
-/// `./vaultgate.toml` if present; defaults otherwise.
+/// `./vaultgate.toml` if present; defaults otherwise. Then the environment's
+/// `VAULTGATE_DATABASE_URL` and `VAULTGATE_REDIS_URL`, which win.
 pub(crate) fn load_config(explicit: Option<&Path>) -> Result<BinaryConfig> {
-    let load = |p: &Path| BinaryConfig::load(p).map_err(|e| UsageError(e.to_string()).into());
-    match explicit {
-        Some(p) => load(p),
-        None if Path::new("vaultgate.toml").exists() => load(Path::new("vaultgate.toml")),
+    let file = match explicit {
+        Some(p) => BinaryConfig::load(p),
+        None if Path::new("vaultgate.toml").exists() => {
+            BinaryConfig::load(Path::new("vaultgate.toml"))
+        }
         None => Ok(BinaryConfig::default()),
-    }
+    };
+    file.and_then(|f| f.with_env(|name| std::env::var(name).ok()))
+        .map_err(|e| UsageError(e.to_string()).into())
 }
 
 fn timeouts(s: vault_core::config::UpstreamSettings) -> Timeouts {
@@ -113,19 +144,33 @@ fn price(p: vault_core::config::PriceSetting, builtin: Option<&ModelPrice>) -> M
 }
 
 /// Opens (creating if needed) the data directory and assembles the gateway.
-pub(crate) async fn open(config: Config, data_dir: PathBuf) -> Result<Opened> {
-    open_with(config, data_dir, false).await
+pub(crate) async fn open(file: BinaryConfig, data_dir: PathBuf) -> Result<Opened> {
+    open_with(file, data_dir, false).await
 }
 
 /// [`open`] for `serve`: budgets are reserved in memory against leases held
-/// in the store ([`LeasedStore`]), so a call's reservation is not a SQLite
+/// in the store ([`LeasedStore`]), so a call's reservation is not a store
 /// write. One-shot commands keep the bare store: they must not hold leases.
-pub(crate) async fn open_serving(config: Config, data_dir: PathBuf) -> Result<Opened> {
-    open_with(config, data_dir, true).await
+pub(crate) async fn open_serving(file: BinaryConfig, data_dir: PathBuf) -> Result<Opened> {
+    open_with(file, data_dir, true).await
 }
 
-async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Opened> {
-    let fresh = !data_dir.join(vault_core::store::DB_FILE_NAME).exists();
+/// PostgreSQL without Redis is refused: rate limits, `max_parallel` and
+/// revocations would then hold per replica only.
+fn check_replica_config(file: &BinaryConfig) -> Result<()> {
+    if file.postgres.is_some() && file.redis.is_none() {
+        return Err(UsageError(format!(
+            "[redis] url (or {REDIS_URL_ENV}) is required with a PostgreSQL store ([store] url or {DATABASE_URL_ENV}): replicas share rate limits and revocations through Redis"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+async fn open_with(file: BinaryConfig, data_dir: PathBuf, leased: bool) -> Result<Opened> {
+    check_replica_config(&file)?;
+    let postgres = file.postgres.clone();
+    let fresh = postgres.is_none() && !data_dir.join(vault_core::store::DB_FILE_NAME).exists();
     // Only its owner may enter it: it holds the database (key hashes,
     // sealed provider keys) and, unless given in the environment, the
     // master key.
@@ -133,6 +178,17 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
         .create(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let env_key = std::env::var("VAULTGATE_MASTER_KEY").ok();
+    if postgres.is_some()
+        && env_key.is_none()
+        && !data_dir.join(vault_core::crypto::MASTER_KEY_FILE).exists()
+    {
+        // A replica must not make up a master key of its own.
+        return Err(UsageError(format!(
+            "with a PostgreSQL store every replica needs the same master key: set VAULTGATE_MASTER_KEY (standard base64 of 32 bytes) or put it in {}",
+            data_dir.join(vault_core::crypto::MASTER_KEY_FILE).display()
+        ))
+        .into());
+    }
     let (master, source) = load_or_create_master_key(&data_dir, env_key.as_deref())
         .map_err(|e| UsageError(e.to_string()))?;
     if let MasterKeySource::Created(path) = &source {
@@ -149,32 +205,26 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
         AesGcmEncryptor::with_previous(master, previous)
             .map_err(|e| anyhow::anyhow!("the master key cannot be used: {e}"))?,
     );
-    let sqlite = SqliteStore::open_in_dir(&data_dir)
-        .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display()))?;
-    // Leases of a server that died are settled now, at what their calls
-    // spent and hold (vault-core's `store/journal.rs`); a live server's
-    // journal is locked and left alone. A leased store gives its own leases
-    // back in `KeyStore::drain`, which `Maintenance::shutdown` calls.
-    let journals = data_dir.join(LEASE_JOURNAL_DIR);
-    let store: Arc<dyn KeyStore> = if leased {
-        let leases = LeasedStore::new(sqlite)
-            .with_journal(&journals)
-            .map_err(|e| anyhow::anyhow!("cannot open the lease journal: {e}"))?;
-        leases
-            .recover()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot settle a dead server's leases: {e}"))?;
-        Arc::new(leases)
-    } else {
-        recover_lease_journals(&sqlite, &journals)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot settle a dead server's leases: {e}"))?;
-        Arc::new(sqlite)
-    };
+    let (store, audit, location) = open_store(postgres.as_ref(), &data_dir, leased).await?;
     verify_master_keys(store.as_ref(), encryptor.as_ref())
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let audit = open_audit(&data_dir)?;
+        .map_err(|e| match e {
+            vault_core::crypto::MasterKeyError::WrongMasterKey if postgres.is_some() => anyhow::anyhow!(
+                "the master key does not match the one {location} was set up with: every replica needs the same VAULTGATE_MASTER_KEY"
+            ),
+            e => anyhow::anyhow!("{e}"),
+        })?;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let redis = match &file.redis {
+        Some(settings) => Some(Redis::new(settings, clock.clone())?),
+        None => None,
+    };
+    // `serve` publishes through its context's hook; direct mode here.
+    let publisher = match (&redis, leased) {
+        (Some(r), false) => Some(r.publisher()),
+        _ => None,
+    };
+    let config = file.core;
 
     let mut plans = PlanSet::seeded();
     for (name, policy) in &config.plans {
@@ -185,10 +235,13 @@ async fn open_with(config: Config, data_dir: PathBuf, leased: bool) -> Result<Op
         store,
         encryptor,
         audit,
-        clock: Arc::new(SystemClock),
+        clock,
         plans: Arc::new(plans),
         data_dir,
+        location,
         fresh,
+        redis,
+        publisher,
     })
 }
 
@@ -197,13 +250,68 @@ pub(crate) fn audit_file(data_dir: &Path) -> PathBuf {
     data_dir.join("audit.jsonl")
 }
 
-/// The audit trail mutations and denials are written to: the data
-/// directory's file. The one place a PostgreSQL-backed install plugs in
-/// `vault_postgres::PostgresAudit` (docs/replicas.md#the-audit-chain).
+/// The data directory's audit file: the trail of an SQLite install.
 fn open_audit(data_dir: &Path) -> Result<Arc<dyn AuditTrail>> {
     let log = AuditLog::open(&audit_file(data_dir))
         .map_err(|e| anyhow::anyhow!("cannot open the audit log: {e}"))?;
     Ok(Arc::new(log))
+}
+
+/// The store, its audit trail and a description of it for messages:
+/// embedded SQLite in the data directory (audit in `audit.jsonl`), or
+/// PostgreSQL (audit in its `audit_entries`, shared by every replica:
+/// docs/replicas.md#the-audit-chain). For `serve` (`leased`) it is wrapped in
+/// a [`LeasedStore`] whose lease journal is in this replica's own data
+/// directory. Leases of a server that died are settled now, at what their
+/// calls spent and hold (vault-core's `store/journal.rs`); a live server's
+/// journal is locked and left alone. A leased store gives its own leases
+/// back in `KeyStore::drain`, which `Maintenance::shutdown` calls.
+async fn open_store(
+    postgres: Option<&PostgresSettings>,
+    data_dir: &Path,
+    leased: bool,
+) -> Result<(Arc<dyn KeyStore>, Arc<dyn AuditTrail>, String)> {
+    let journals = data_dir.join(LEASE_JOURNAL_DIR);
+    match postgres {
+        None => {
+            let sqlite = SqliteStore::open_in_dir(data_dir).map_err(|e| {
+                anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display())
+            })?;
+            let store = with_leases(sqlite, &journals, leased).await?;
+            Ok((store, open_audit(data_dir)?, data_dir.display().to_string()))
+        }
+        Some(settings) => {
+            let pg = replicas::connect_postgres(settings).await?;
+            let location = pg.to_string();
+            let audit: Arc<dyn AuditTrail> = Arc::new(PostgresAudit::new(&pg));
+            let store = with_leases(pg, &journals, leased).await?;
+            Ok((store, audit, location))
+        }
+    }
+}
+
+/// `store` in a [`LeasedStore`] journaling in `journals` (`serve`), or bare
+/// after settling dead servers' journals (one-shot commands).
+async fn with_leases<S: KeyStore + 'static>(
+    store: S,
+    journals: &Path,
+    leased: bool,
+) -> Result<Arc<dyn KeyStore>> {
+    if leased {
+        let leases = LeasedStore::new(store)
+            .with_journal(journals)
+            .map_err(|e| anyhow::anyhow!("cannot open the lease journal: {e}"))?;
+        leases
+            .recover()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot settle a dead server's leases: {e}"))?;
+        Ok(Arc::new(leases))
+    } else {
+        recover_lease_journals(&store, journals)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot settle a dead server's leases: {e}"))?;
+        Ok(Arc::new(store))
+    }
 }
 
 /// The proxy on an opened data directory: prices, the policy engine,
@@ -216,11 +324,12 @@ pub(crate) fn serving(opened: &Opened) -> Result<Serving> {
         prices = prices.with_override(*provider, model, configured);
     }
     prices = prices.with_fallback(config.fallback_price.map(|p| price(p, None)));
-    let engine = Arc::new(DefaultEngine::new(
-        opened.store.clone(),
-        Arc::new(prices),
-        opened.clock.clone(),
-    ));
+    let mut engine =
+        DefaultEngine::new(opened.store.clone(), Arc::new(prices), opened.clock.clone());
+    if let Some(redis) = &opened.redis {
+        engine = redis.shared_limits(engine);
+    }
+    let engine = Arc::new(engine);
 
     let mut upstreams = Upstreams::none();
     for provider in vault_core::provider::Provider::ALL {
@@ -230,7 +339,18 @@ pub(crate) fn serving(opened: &Opened) -> Result<Serving> {
             upstreams.set(provider, up);
         }
     }
-    let ctx = VaultContext::builder(opened.store.clone(), opened.encryptor.clone(), engine)
+    let mut builder = VaultContext::builder(
+        opened.store.clone(),
+        opened.encryptor.clone(),
+        engine.clone(),
+    );
+    let publisher = opened.redis.as_ref().map(Redis::publisher);
+    if let (Some(redis), Some(publisher)) = (&opened.redis, &publisher) {
+        builder = builder
+            .revocation_notifier(publisher.clone())
+            .readiness_probe(redis.probe());
+    }
+    let ctx = builder
         .clock(opened.clock.clone())
         .upstreams(upstreams)
         .test_keys_use_mock(config.test_keys_use_mock)
@@ -241,7 +361,52 @@ pub(crate) fn serving(opened: &Opened) -> Result<Serving> {
         .audit(opened.audit.clone())
         .build();
     let admin = Admin::new(ctx.clone(), opened.plans.clone());
-    Ok(Serving { ctx, admin })
+    let revocations = match (&opened.redis, publisher) {
+        (Some(redis), Some(publisher)) => Some(replica_metrics(&ctx, redis, &engine, &publisher)),
+        _ => None,
+    };
+    Ok(Serving {
+        ctx,
+        admin,
+        _revocations: revocations,
+    })
+}
+
+/// Subscribes `ctx` to other replicas' revocations and exports replica
+/// mode's counters in `/metrics` (docs/replicas.md#metrics).
+fn replica_metrics(
+    ctx: &Arc<VaultContext>,
+    redis: &Redis,
+    engine: &Arc<DefaultEngine>,
+    publisher: &Arc<Publisher>,
+) -> Subscription {
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let subscription = redis.subscribe(ctx.clone(), received.clone());
+    let metrics = ctx.metrics();
+    let e = engine.clone();
+    metrics.register_counter(
+        "vaultgate_rate_limiter_fallbacks_total",
+        "Calls admitted against this replica's own limits because Redis failed ([redis] on_error = \"local\").",
+        move || e.limiter_fallbacks(),
+    );
+    let e = engine.clone();
+    metrics.register_counter(
+        "vaultgate_rate_limiter_unavailable_total",
+        "Calls refused 503 rate_limiter_unavailable because Redis failed.",
+        move || e.limiter_unavailable(),
+    );
+    metrics.register_counter(
+        "vaultgate_revocations_received_total",
+        "Key ids other replicas announced as revoked or rotated, dropped from this replica's key cache.",
+        move || received.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let p = publisher.clone();
+    metrics.register_counter(
+        "vaultgate_revocation_publish_failures_total",
+        "Revocations this replica could not broadcast on Redis.",
+        move || p.failures(),
+    );
+    subscription
 }
 
 #[cfg(test)]

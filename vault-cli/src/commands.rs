@@ -17,7 +17,7 @@ use vault_tower::admin::{AdminOptions, admin_router};
 use vault_tower::{Forwarder, VaultLayer};
 
 use crate::app::{self, UsageError};
-use crate::config::LogFormat;
+use crate::config::{BinaryConfig, LogFormat};
 use crate::manage::{self, Direct};
 use crate::remote::Remote;
 use crate::request::refuse_argv_secret;
@@ -31,7 +31,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         .data_dir
         .clone()
         .unwrap_or_else(|| file.data_dir.clone());
-    let (config, listen_default) = (file.core, file.listen);
+    let listen_default = file.listen.clone();
     let format = cli.output;
     // A secret on the command line is refused before anything is opened or
     // created (docs/threat-model.md, C7): a usage error has no side effects.
@@ -42,31 +42,32 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         refuse_argv_secret(api_key.is_some() || secret.is_some())?;
     }
     if let Command::Migrate(args) = cli.command {
-        return crate::migrate::run(args).await;
+        return crate::migrate::run(args, file.postgres.as_ref()).await;
     }
     if let Some(url) = cli.url.as_deref() {
         return manage::run(&Remote::new(url)?, cli.command, format).await;
     }
     match cli.command {
-        Command::Serve { listen } => {
-            serve(config, data_dir, listen.unwrap_or(listen_default)).await
-        }
+        Command::Serve { listen } => serve(file, data_dir, listen.unwrap_or(listen_default)).await,
         Command::Init => {
-            let opened = app::open(config, data_dir).await?;
-            first_start(&opened.manager(), &opened.data_dir, format).await?;
+            let opened = app::open(file, data_dir).await?;
+            first_start(&opened.manager(), &opened.location, format).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit(AuditCommand::Verify) => match crate::migrate::database_url(None) {
-            Some(url) => audit_verify_postgres(&url).await,
+        Command::Audit(AuditCommand::Verify) => match &file.postgres {
+            Some(settings) => audit_verify_postgres(settings).await,
             None => audit_verify(&data_dir),
         },
         Command::MasterKey(MasterKeyCommand::Rotate) => {
-            let opened = app::open(config, data_dir).await?;
+            let opened = app::open(file, data_dir).await?;
             master_key_rotate(&opened, format).await
         }
         other => {
-            let opened = app::open(config, data_dir).await?;
-            manage::run(&Direct::new(opened.manager()), other, format).await
+            let opened = app::open(file, data_dir).await?;
+            let result = manage::run(&Direct::new(opened.manager()), other, format).await;
+            // Revocations reach the other replicas before the process exits.
+            opened.finish().await;
+            result
         }
     }
 }
@@ -86,12 +87,13 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// On a fresh data directory: an admin key and a test key, printed once.
-async fn first_start(manager: &Manager, data_dir: &std::path::Path, format: Output) -> Result<()> {
+/// On a fresh store: an admin key and a test key, printed once.
+/// `location` names the store (the data directory or the database).
+async fn first_start(manager: &Manager, location: &str, format: Output) -> Result<()> {
     let me = Actor::Operator;
     let keys = manager.list_keys(&me).await.map_err(|e| anyhow!("{e}"))?;
     if !keys.data.is_empty() {
-        eprintln!("vaultgate: {} is already initialised", data_dir.display());
+        eprintln!("vaultgate: {location} is already initialised");
         return Ok(());
     }
     let admin = manager
@@ -131,28 +133,26 @@ async fn first_start(manager: &Manager, data_dir: &std::path::Path, format: Outp
             println!("admin key: {}", admin.key.expose_secret());
             println!("test key:  {}", test.key.expose_secret());
             eprintln!(
-                "vaultgate: initialised {}; these keys are shown once, store them now",
-                data_dir.display()
+                "vaultgate: initialised {location}; these keys are shown once, store them now"
             );
         }
     }
     Ok(())
 }
 
-async fn serve(
-    config: vault_core::config::Config,
-    data_dir: PathBuf,
-    listen: String,
-) -> Result<ExitCode> {
+async fn serve(file: BinaryConfig, data_dir: PathBuf, listen: String) -> Result<ExitCode> {
     let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
         UsageError(format!(
             "--listen {listen:?}: expected an address like 127.0.0.1:8080"
         ))
     })?;
-    let opened = app::open_serving(config, data_dir).await?;
+    let opened = app::open_serving(file, data_dir).await?;
     let serving = app::serving(&opened)?;
     if opened.fresh {
-        first_start(serving.admin.manager(), &opened.data_dir, Output::Text).await?;
+        first_start(serving.admin.manager(), &opened.location, Output::Text).await?;
+    }
+    if let Some(redis) = &opened.redis {
+        redis.check().await;
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -221,12 +221,10 @@ fn audit_verify(data_dir: &std::path::Path) -> Result<ExitCode> {
 /// `audit verify` on the chain the replicas share in PostgreSQL
 /// (docs/replicas.md#the-audit-chain). Messages name the database, never
 /// the URL.
-async fn audit_verify_postgres(url: &str) -> Result<ExitCode> {
+async fn audit_verify_postgres(settings: &crate::config::PostgresSettings) -> Result<ExitCode> {
     use vault_core::audit::AuditTrail as _;
-    let target = vault_postgres::redacted(url).map_err(|e| UsageError(e.to_string()))?;
-    let store = vault_postgres::PostgresStore::connect(url, 1)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let store = crate::replicas::connect_postgres(settings).await?;
+    let target = store.to_string();
     match vault_postgres::PostgresAudit::new(&store).verify().await {
         Ok(report) => {
             println!("ok: {} entries, chain intact", report.entries);

@@ -11,6 +11,7 @@ mod manage;
 mod migrate;
 mod output;
 mod remote;
+mod replicas;
 mod request;
 
 use std::path::PathBuf;

@@ -10,15 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
+use secrecy::ExposeSecret as _;
 use vault_core::audit::{self, AuditTrail, VerifyReport};
 use vault_core::store::copy::TableRows;
 use vault_core::store::{DB_FILE_NAME, SqliteStore, recover_lease_journals};
 use vault_postgres::{PostgresAudit, PostgresError, PostgresStore, SCHEMA_VERSION, TableImport};
 
 use crate::app::{self, UsageError};
-
-/// The environment variable naming the database.
-pub(crate) const DATABASE_URL_ENV: &str = "VAULTGATE_DATABASE_URL";
+use crate::config::{DATABASE_URL_ENV, PostgresSettings};
 
 /// Connections the copy uses.
 const POOL: usize = 2;
@@ -35,11 +34,11 @@ pub(crate) struct MigrateArgs {
     from: Option<PathBuf>,
 }
 
-/// The database to migrate: `--to`, else `VAULTGATE_DATABASE_URL`. The one
-/// place `[store] url` of vaultgate.toml joins them (after both).
-pub(crate) fn database_url(flag: Option<String>) -> Option<String> {
-    flag.or_else(|| std::env::var(DATABASE_URL_ENV).ok())
-        .filter(|u| !u.trim().is_empty())
+/// The database to migrate: `--to`, else the configured store
+/// (`VAULTGATE_DATABASE_URL`, else `[store] url`).
+fn database_url(flag: Option<String>, configured: Option<&PostgresSettings>) -> Option<String> {
+    flag.filter(|u| !u.trim().is_empty())
+        .or_else(|| configured.map(|p| p.url.expose_secret().to_owned()))
 }
 
 /// A PostgreSQL error as a command error: a URL that does not parse or a
@@ -53,10 +52,13 @@ fn pg_error(e: PostgresError) -> anyhow::Error {
 }
 
 /// Runs `vaultgate migrate`.
-pub(crate) async fn run(args: MigrateArgs) -> Result<ExitCode> {
-    let url = database_url(args.to).ok_or_else(|| {
+pub(crate) async fn run(
+    args: MigrateArgs,
+    configured: Option<&PostgresSettings>,
+) -> Result<ExitCode> {
+    let url = database_url(args.to, configured).ok_or_else(|| {
         UsageError(format!(
-            "no database to migrate: give --to URL or set {DATABASE_URL_ENV}"
+            "no database to migrate: give --to URL, set {DATABASE_URL_ENV} or [store] url"
         ))
     })?;
     let target = vault_postgres::redacted(&url).map_err(pg_error)?;

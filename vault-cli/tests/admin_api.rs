@@ -369,8 +369,8 @@ async fn boundary_other_projects_keys_are_403_project_mismatch() {
 }
 
 /// docs/threat-model.md, A10: every route, alias, method and trailing-slash
-/// variant, and unknown paths, answer 401 without a key — except `/healthz` and
-/// `/metrics`.
+/// variant, and unknown paths, answer 401 without a key — except `/healthz`,
+/// `/readyz` and `/metrics`.
 #[tokio::test]
 async fn boundary_every_route_requires_a_key() {
     let dir = tempdir();
@@ -395,6 +395,7 @@ async fn boundary_every_route_requires_a_key() {
         "/",
         "/admin",
         "/healthz/",
+        "/readyz/",
         "/metrics/",
         "/openai/v1/chat/completions",
         "/anthropic/v1/messages",
@@ -421,12 +422,18 @@ async fn boundary_every_route_requires_a_key() {
             }
         }
     }
-    for path in ["/healthz", "/metrics"] {
+    for path in ["/healthz", "/readyz", "/metrics"] {
         for method in ["GET", "HEAD"] {
             let r = send(addr, Req::new(method, path)).await;
             assert_eq!(r.status, 200, "{method} {path}: {}", r.text());
         }
     }
+    // On SQLite, readiness is the store's alone.
+    let r = send(addr, Req::new("GET", "/readyz")).await;
+    assert_eq!(
+        r.json(),
+        json!({"status": "ready", "checks": {"store": "ok"}})
+    );
 }
 
 /// docs/threat-model.md, K2: a rotated key's old secret works during the grace

@@ -3,7 +3,7 @@
 //! Every field has a default, so no file is needed to start; an unknown key
 //! or a bad value is an error that names the file, the field and what is
 //! allowed. Keys only an application reads (the `vaultgate` binary's
-//! `listen`, `data_dir`, `log_format`) are named by it in
+//! `listen`, `data_dir`, `log_format`, `[store]`, `[redis]`) are named by it in
 //! [`Config::parse_for`] and parsed by it from the same text.
 
 use std::collections::BTreeMap;
@@ -104,8 +104,7 @@ impl Default for Config {
 /// The library's top-level keys. Unknown top-level keys are found before
 /// this is read (see [`Config::parse_for`]), so it does not deny them;
 /// every nested table does.
-const KEYS: [&str; 9] = [
-    "store",
+const KEYS: [&str; 8] = [
     "test_keys_use_mock",
     "protect_metrics",
     "max_body_bytes",
@@ -118,7 +117,6 @@ const KEYS: [&str; 9] = [
 
 #[derive(Debug, Deserialize)]
 struct RawConfig {
-    store: Option<String>,
     test_keys_use_mock: Option<bool>,
     protect_metrics: Option<bool>,
     max_body_bytes: Option<usize>,
@@ -272,11 +270,6 @@ impl Config {
                 }
             };
         let mut cfg = Config::default();
-        if let Some(s) = raw.store
-            && s != "sqlite"
-        {
-            return Err(err("store", "the only store is \"sqlite\""));
-        }
         if let Some(b) = raw.test_keys_use_mock {
             cfg.test_keys_use_mock = b;
         }

@@ -19,6 +19,7 @@ use crate::credentials::{Presented, presented_key};
 use crate::forward::Upstreams;
 use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
+use crate::replicas::{ProbeOutcome, ReadinessProbe, RevocationNotifier, StoreProbe, run_probes};
 use crate::vault::sink::UsageSink;
 
 /// How long a cached key record is trusted. A revocation made by another
@@ -67,6 +68,10 @@ pub struct VaultContext {
     key_generation: std::sync::atomic::AtomicU64,
     by_id: Cache<KeyId, Arc<KeyRecord>>,
     provider_keys: Cache<String, Arc<Vec<Arc<ProviderKeyRecord>>>>,
+    /// Told about keys other replicas must drop (docs/replicas.md).
+    notifier: Option<Arc<dyn RevocationNotifier>>,
+    /// What `GET /readyz` checks: the store, then any added.
+    probes: Vec<Arc<dyn ReadinessProbe>>,
 }
 
 impl std::fmt::Debug for VaultContext {
@@ -93,9 +98,25 @@ pub struct VaultContextBuilder {
     audit: Option<Arc<dyn AuditTrail>>,
     cache_capacity: u64,
     sweep_interval: std::time::Duration,
+    notifier: Option<Arc<dyn RevocationNotifier>>,
+    probes: Vec<Arc<dyn ReadinessProbe>>,
 }
 
 impl VaultContextBuilder {
+    /// Tells `notifier` about every key revoked or rotated through this
+    /// context's management hook, so other replicas drop them from their
+    /// caches at once (they call [`VaultContext::forget_keys`]).
+    pub fn revocation_notifier(mut self, notifier: Arc<dyn RevocationNotifier>) -> Self {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    /// Adds a dependency `GET /readyz` checks besides the store (e.g. Redis).
+    pub fn readiness_probe(mut self, probe: Arc<dyn ReadinessProbe>) -> Self {
+        self.probes.push(probe);
+        self
+    }
+
     /// The virtual-key format (default `vpx_live_`/`vpx_test_` + 24 base62).
     pub fn key_format(mut self, format: KeyFormat) -> Self {
         self.format = format;
@@ -155,7 +176,6 @@ impl VaultContextBuilder {
             metrics.clone(),
         );
         Arc::new(VaultContext {
-            store: self.store,
             engine: self.engine,
             encryptor: self.encryptor,
             format: self.format,
@@ -170,6 +190,8 @@ impl VaultContextBuilder {
             by_hash: Cache::builder()
                 .max_capacity(self.cache_capacity)
                 .time_to_live(KEY_CACHE_TTL)
+                // `forget_keys` drops entries by the record's id.
+                .support_invalidation_closures()
                 .build(),
             key_generation: std::sync::atomic::AtomicU64::new(0),
             by_id: Cache::builder()
@@ -180,6 +202,11 @@ impl VaultContextBuilder {
                 .max_capacity(10_000)
                 .time_to_live(KEY_CACHE_TTL)
                 .build(),
+            probes: std::iter::once(Arc::new(StoreProbe(self.store.clone())) as _)
+                .chain(self.probes)
+                .collect(),
+            store: self.store,
+            notifier: self.notifier,
         })
     }
 }
@@ -203,6 +230,8 @@ impl VaultContext {
             audit: None,
             cache_capacity: 100_000,
             sweep_interval: crate::maintenance::DEFAULT_SWEEP_INTERVAL,
+            notifier: None,
+            probes: Vec::new(),
         }
     }
 
@@ -243,6 +272,43 @@ impl VaultContext {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.by_hash.invalidate_all();
         self.by_id.invalidate_all();
+    }
+
+    /// Forgets the cached records of `ids` (and any lookup of them already
+    /// under way): what a replica does when another announces that it
+    /// revoked or rotated them. Other keys stay cached.
+    pub fn forget_keys(&self, ids: &[KeyId]) {
+        if ids.is_empty() {
+            return;
+        }
+        self.key_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let gone: std::collections::HashSet<KeyId> = ids.iter().cloned().collect();
+        for id in &gone {
+            self.by_id.invalidate(id);
+        }
+        if self
+            .by_hash
+            .invalidate_entries_if(move |_, record| gone.contains(&record.id))
+            .is_err()
+        {
+            // Only when closures are not supported, which `build` enables.
+            self.by_hash.invalidate_all();
+        }
+    }
+
+    /// Tells the [`RevocationNotifier`], if any, that `ids` changed.
+    pub(crate) fn announce(&self, ids: &[KeyId]) {
+        if let Some(n) = &self.notifier {
+            n.revoked(ids);
+        }
+    }
+
+    /// Runs every readiness probe (the store's and those added with
+    /// [`VaultContextBuilder::readiness_probe`]) at once, each within
+    /// [`READINESS_TIMEOUT`](crate::READINESS_TIMEOUT).
+    pub async fn readiness(&self) -> Vec<ProbeOutcome> {
+        run_probes(&self.probes).await
     }
 
     /// Forgets cached provider-key lists: call after adding or removing one.
@@ -400,5 +466,63 @@ impl VaultContext {
                     && (key.provider_keys.is_empty() || key.provider_keys.contains(&pk.id))
             })
             .cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use vault_core::crypto::{AesGcmEncryptor, MasterKey};
+    use vault_core::manage::wire::CreateKeyRequest;
+    use vault_core::manage::{Actor, Manager};
+    use vault_core::policy::DefaultEngine;
+    use vault_core::pricing::PriceTable;
+    use vault_core::record::KeyStatus;
+    use vault_core::store::MemoryStore;
+
+    use super::*;
+
+    /// Another replica's revocation drops exactly the ids it names: the
+    /// other cached keys stay cached (a store change made behind the
+    /// cache's back is not seen for them until their entry expires).
+    #[tokio::test]
+    async fn lifecycle_forget_keys_drops_only_the_named_keys() {
+        let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        let encryptor = Arc::new(AesGcmEncryptor::new(MasterKey::generate().unwrap()).unwrap());
+        let engine = Arc::new(DefaultEngine::new(
+            store.clone(),
+            Arc::new(PriceTable::builtin()),
+            Arc::new(SystemClock),
+        ));
+        let ctx = VaultContext::builder(store.clone(), encryptor.clone(), engine).build();
+        let manager = Manager::builder(store.clone(), encryptor).build();
+        let mut keys = Vec::new();
+        for name in ["gone", "kept"] {
+            let issued = manager
+                .create_key(
+                    &Actor::Operator,
+                    CreateKeyRequest {
+                        name: Some(name.to_owned()),
+                        ..CreateKeyRequest::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let hash = ctx.format.parse(issued.key.expose_secret()).unwrap().hash();
+            let cached = ctx.key_by_hash(&hash).await.unwrap().unwrap();
+            assert_eq!(cached.status, KeyStatus::Active);
+            // Revoked behind the cache's back, as on another replica.
+            store
+                .revoke_key(&issued.record.id, ctx.clock.now())
+                .await
+                .unwrap();
+            keys.push((issued.record.id, hash));
+        }
+        ctx.forget_keys(std::slice::from_ref(&keys[0].0));
+        let gone = ctx.key_by_hash(&keys[0].1).await.unwrap().unwrap();
+        assert_eq!(gone.status, KeyStatus::Revoked, "re-read from the store");
+        let kept = ctx.key_by_hash(&keys[1].1).await.unwrap().unwrap();
+        assert_eq!(kept.status, KeyStatus::Active, "still cached");
     }
 }

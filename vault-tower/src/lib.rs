@@ -49,6 +49,7 @@ mod forward;
 mod maintenance;
 mod metrics;
 mod mock;
+mod replicas;
 mod response;
 pub mod server;
 mod vault;
@@ -61,6 +62,7 @@ pub use forward::{
 pub use maintenance::{DEFAULT_SWEEP_INTERVAL, Maintenance};
 pub use metrics::Metrics;
 pub use mock::{MockBody, MockProvider, MockTarget};
+pub use replicas::{ProbeOutcome, READINESS_TIMEOUT, ReadinessProbe, RevocationNotifier};
 pub use response::{
     BUDGET_REMAINING, OUTPUT_TOKENS_CLAMPED, RATE_LIMIT_LIMIT, RATE_LIMIT_REMAINING,
     RATE_LIMIT_RESET, SHADOW_DENIAL, add_limit_headers, denial_response,

@@ -3,16 +3,27 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vault_core::record::UsageRecord;
 
 /// Upper bounds of the latency histogram, in milliseconds.
 const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 30000];
 
+/// A counter kept by something else (the policy engine, a revocation
+/// bus) and read when `/metrics` is rendered.
+type ReadCounter = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// One registered counter: name, help text, how to read it.
+struct Registered {
+    name: &'static str,
+    help: &'static str,
+    read: ReadCounter,
+}
+
 /// Everything `/metrics` reports.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Metrics {
     counters: Mutex<Counters>,
     /// Usage or audit records dropped because the worker's queue was full.
@@ -21,6 +32,14 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     /// Usage batches the store refused.
     pub usage_write_failures: AtomicU64,
+    /// Counters kept elsewhere ([`register_counter`](Metrics::register_counter)).
+    registered: Mutex<Vec<Registered>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -61,6 +80,23 @@ impl Metrics {
             let e = c.spend_micros.entry(r.key_id.to_string()).or_default();
             *e = e.saturating_add(r.cost.0);
         }
+    }
+
+    /// Adds a counter that something else keeps (e.g. the engine's
+    /// `limiter_fallbacks`), rendered as `name` with `help` by reading
+    /// `read`. `name` must be a valid Prometheus metric name.
+    pub fn register_counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        let mut r = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        r.push(Registered {
+            name,
+            help,
+            read: Arc::new(read),
+        });
     }
 
     /// Counts a denial that no key can be blamed for (no or unknown key).
@@ -145,6 +181,17 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 v.load(Ordering::Relaxed)
+            );
+        }
+        drop(c);
+        let registered = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        for r in registered.iter() {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                (r.read)(),
+                name = r.name,
+                help = r.help
             );
         }
         out

@@ -129,7 +129,12 @@ impl Server {
     /// Starts a server; on failure returns its stderr (after it exited or
     /// timed out).
     pub fn try_start(dir: &Path, options: ServerOptions) -> Result<Server, String> {
-        let fresh = !dir.join("vaultgate.db").exists();
+        // On PostgreSQL, serve never creates keys (`vaultgate init` does).
+        let fresh = !dir.join("vaultgate.db").exists()
+            && !options
+                .env
+                .iter()
+                .any(|(k, _)| k == "VAULTGATE_DATABASE_URL");
         let mut cmd = command(dir);
         cmd.args(["serve", "--listen", "127.0.0.1:0"])
             .stdin(Stdio::null())

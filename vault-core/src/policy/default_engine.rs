@@ -848,7 +848,7 @@ impl DefaultEngine {
             _ => {
                 shared.unavailable.fetch_add(1, Ordering::Relaxed);
                 if log {
-                    tracing::warn!(%error, refused = shared.unavailable.load(Ordering::Relaxed), "the shared rate limiter failed; refusing calls of limited keys until it recovers (on_error = \"refuse\")");
+                    tracing::warn!(%error, refused = shared.unavailable.load(Ordering::Relaxed), "the shared rate limiter failed; refusing calls of limited keys until it recovers (on_error = \"closed\")");
                 }
                 let headers = LimitHeaders {
                     retry_after_secs: Some(1),

@@ -63,12 +63,21 @@ impl Admin {
 }
 
 /// The proxy's side of a management change: cached key records and
-/// provider-key lists are dropped, and failed audit writes are counted in
+/// provider-key lists are dropped, revoked and rotated keys are announced
+/// to the [`RevocationNotifier`](crate::RevocationNotifier) (other
+/// replicas), and failed audit writes are counted in
 /// `vaultgate_audit_failures_total`.
 impl ManageHook for VaultContext {
     fn changed(&self, change: Change<'_>) {
         match change {
-            Change::KeysRevoked(_) | Change::KeyRotated(_) => self.invalidate_keys(),
+            Change::KeysRevoked(ids) => {
+                self.invalidate_keys();
+                self.announce(ids);
+            }
+            Change::KeyRotated(id) => {
+                self.invalidate_keys();
+                self.announce(std::slice::from_ref(id));
+            }
             Change::ProviderKeysChanged(_) => self.invalidate_provider_keys(),
             _ => {}
         }

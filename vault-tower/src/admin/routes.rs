@@ -1,6 +1,6 @@
 //! The management API of docs/api.md as an axum `Router` an app can nest.
 //!
-//! Every route is authenticated except `/healthz` (and `/metrics` unless
+//! Every route is authenticated except `/healthz`, `/readyz` (and `/metrics` unless
 //! protected): authentication runs as a layer over the whole router,
 //! fallback included, so unknown paths, aliases, `HEAD` and `OPTIONS` all
 //! answer 401 without a key (docs/threat-model.md, A10).
@@ -43,7 +43,7 @@ pub struct AdminOptions {
 }
 
 /// The management API: `/v1/keys…`, `/v1/provider-keys…`, `/v1/usage`,
-/// `/v1/audit`, `/healthz`, `/metrics`.
+/// `/v1/audit`, `/healthz`, `/readyz`, `/metrics`.
 pub fn admin_router(admin: Admin, options: AdminOptions) -> Router {
     let admin = Arc::new(admin);
     let authed = Router::new()
@@ -69,7 +69,9 @@ pub fn admin_router(admin: Admin, options: AdminOptions) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(admin.clone(), authenticate))
         .with_state(admin.clone());
-    let open = Router::new().route("/healthz", get(healthz));
+    let open = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
     let open = if options.protect_metrics {
         open
     } else {
@@ -341,6 +343,27 @@ async fn audit(
 
 async fn healthz() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: 200 when every dependency answers (the store, and Redis
+/// where configured), else 503 naming each one's state
+/// (docs/api.md#get-readyz). Reasons go to the log, not to the client.
+async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
+    let outcomes = admin.context().readiness().await;
+    let ready = outcomes.iter().all(|o| o.ok);
+    let checks: serde_json::Map<String, Value> = outcomes
+        .iter()
+        .map(|o| {
+            let state = if o.ok { "ok" } else { "unavailable" };
+            (o.name.to_owned(), Value::from(state))
+        })
+        .collect();
+    let (status, word) = if ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    json_response(status, &json!({"status": word, "checks": checks}))
 }
 
 /// `/metrics` when the configuration protects it: a key with `usage:read`.
