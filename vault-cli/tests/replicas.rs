@@ -1145,3 +1145,77 @@ async fn leak_database_and_redis_passwords_never_appear_in_output() {
         }
     }
 }
+
+// ---------------------------------------------------------------- audit
+
+/// Promise 8: three replicas append to one chain at once — management
+/// changes and denied calls — and `vaultgate audit verify` passes; an
+/// edited row is then found and named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_three_replicas_write_one_audit_chain_that_verifies() {
+    let _turn = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start("") else {
+        return;
+    };
+    let (_, tiny, _) = create_key(
+        cluster.addr(0),
+        &cluster.admin,
+        &json!({"name": "tiny", "budget": {"limit_usd": 0.001, "period": "total"}}),
+    )
+    .await;
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let (addr, admin, tiny) = (cluster.addr(i), cluster.admin.clone(), tiny.clone());
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    let (id, _, _) =
+                        create_key(addr, &admin, &json!({"name": format!("k{i}")})).await;
+                    let r = delete(addr, &format!("/v1/keys/{id}"), &admin).await;
+                    assert_eq!(r.status, 200, "{}", r.text());
+                } else {
+                    // Refused for its budget: a `request_denied` entry.
+                    assert_eq!(one_call(addr, &tiny).await, 402);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Denials are written by each replica's usage worker in batches.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let ok = cluster.cli(&["audit", "verify"]);
+    assert_eq!(ok.code, 0, "{ok:?}");
+    let entries: u64 = ok
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{ok:?}"));
+    // init's key, tiny, 30 creations and 30 revocations, 30 denials.
+    assert!(entries >= 92, "{entries} entries: {ok:?}");
+
+    let url = &cluster
+        .env
+        .iter()
+        .find(|(k, _)| k == "VAULTGATE_DATABASE_URL")
+        .unwrap()
+        .1;
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let edited = client
+        .execute(
+            "UPDATE audit_entries SET entry = replace(entry, '\"k4\"', '\"k5\"') \
+             WHERE entry LIKE '%\"k4\"%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(edited, 1, "the entry creating k4");
+    let bad = cluster.cli(&["audit", "verify"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("entry"), "names the entry: {bad:?}");
+}
