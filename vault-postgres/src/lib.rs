@@ -35,6 +35,7 @@
 mod budget;
 mod connect;
 mod error;
+mod holders;
 mod rows;
 mod schema;
 mod store;
@@ -48,7 +49,7 @@ use deadpool_postgres::Pool;
 
 pub use connect::PostgresOptions;
 pub use error::PostgresError;
-pub use schema::SCHEMA_VERSION;
+pub use schema::{SCHEMA_VERSION, migration_versions};
 pub use vault_core::store::KeyStore;
 
 use connect::Target;

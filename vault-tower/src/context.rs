@@ -60,6 +60,9 @@ pub struct VaultContext {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sink: UsageSink,
     sweep_interval: std::time::Duration,
+    heartbeat_interval: std::time::Duration,
+    /// Whether the last heartbeat failed (logged once per outage).
+    heartbeat_failing: std::sync::atomic::AtomicBool,
     by_hash: Cache<KeyHash, Arc<KeyRecord>>,
     /// Bumped by every [`invalidate_keys`](VaultContext::invalidate_keys):
     /// a lookup that read the store before a revocation must not put what
@@ -93,6 +96,7 @@ pub struct VaultContextBuilder {
     audit: Option<Arc<AuditLog>>,
     cache_capacity: u64,
     sweep_interval: std::time::Duration,
+    heartbeat_interval: std::time::Duration,
 }
 
 impl VaultContextBuilder {
@@ -138,6 +142,14 @@ impl VaultContextBuilder {
         self
     }
 
+    /// How often [`Maintenance`] sends the store's heartbeat (default 1 s;
+    /// keep it well inside half of the leases' `stale_after`, see
+    /// docs/replicas.md).
+    pub fn heartbeat_interval(mut self, every: std::time::Duration) -> Self {
+        self.heartbeat_interval = every.max(std::time::Duration::from_millis(1));
+        self
+    }
+
     /// Most key records cached (default 100,000).
     pub fn cache_capacity(mut self, n: u64) -> Self {
         self.cache_capacity = n;
@@ -166,6 +178,8 @@ impl VaultContextBuilder {
             metrics,
             sink,
             sweep_interval: self.sweep_interval,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_failing: std::sync::atomic::AtomicBool::new(false),
             by_hash: Cache::builder()
                 .max_capacity(self.cache_capacity)
                 .time_to_live(KEY_CACHE_TTL)
@@ -202,6 +216,7 @@ impl VaultContext {
             audit: None,
             cache_capacity: 100_000,
             sweep_interval: crate::maintenance::DEFAULT_SWEEP_INTERVAL,
+            heartbeat_interval: crate::maintenance::DEFAULT_HEARTBEAT_INTERVAL,
         }
     }
 
@@ -264,6 +279,36 @@ impl VaultContext {
         if let Err(e) = self.store.sweep(self.clock.now()).await {
             tracing::warn!(error = %e, "store sweep failed");
         }
+    }
+
+    /// One heartbeat of the store now (what [`Maintenance`] sends every
+    /// [`heartbeat_interval`](VaultContextBuilder::heartbeat_interval)).
+    /// A failure is logged once per outage.
+    pub async fn heartbeat(&self) {
+        use std::sync::atomic::Ordering;
+        match self.store.heartbeat().await {
+            Ok(closed) => {
+                if self.heartbeat_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the store's heartbeat succeeds again");
+                }
+                if closed > 0 {
+                    tracing::warn!(
+                        leases = closed,
+                        "closed the budget leases of replicas that died"
+                    );
+                }
+            }
+            Err(e) => {
+                if !self.heartbeat_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "the store's heartbeat failed; budget leases stop admitting calls until it succeeds");
+                }
+            }
+        }
+    }
+
+    /// The pause between two heartbeats of [`Maintenance`].
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        self.heartbeat_interval
     }
 
     /// The pause between two sweeps of [`Maintenance`].

@@ -58,7 +58,7 @@ pub use forward::{
     BadBaseUrl, Exchange, ForwardBody, Forwarder, IdleTimeout, Timeouts, Upstream, UpstreamFailure,
     Upstreams,
 };
-pub use maintenance::{DEFAULT_SWEEP_INTERVAL, Maintenance};
+pub use maintenance::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_SWEEP_INTERVAL, Maintenance};
 pub use metrics::Metrics;
 pub use mock::{MockBody, MockProvider, MockTarget};
 pub use response::{
