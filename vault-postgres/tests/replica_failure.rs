@@ -262,6 +262,9 @@ mod replica_failure {
             Arc::new(LeasedStore::new(pg).with_stale_after(STALE))
         };
         let (a, b) = (new(url.clone()).await, new(url.clone()).await);
+        // A takes others for dead only once its own heartbeats have held
+        // for `STALE`.
+        a.heartbeat().await.unwrap();
         // B takes a lease and leaves three calls in flight, then stalls
         // (no heartbeat) until A takes it for dead and closes its leases.
         let mut b_open = Vec::new();

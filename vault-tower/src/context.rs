@@ -97,6 +97,7 @@ pub struct VaultContextBuilder {
     cache_capacity: u64,
     sweep_interval: std::time::Duration,
     heartbeat_interval: std::time::Duration,
+    usage_buffer: usize,
 }
 
 impl VaultContextBuilder {
@@ -150,6 +151,14 @@ impl VaultContextBuilder {
         self
     }
 
+    /// How many usage records and settlements may wait for the store
+    /// (while it is unavailable) before new calls are refused with 503
+    /// `store_unavailable` (default 65,536; docs/replicas.md).
+    pub fn usage_buffer(mut self, jobs: usize) -> Self {
+        self.usage_buffer = jobs.max(1);
+        self
+    }
+
     /// Most key records cached (default 100,000).
     pub fn cache_capacity(mut self, n: u64) -> Self {
         self.cache_capacity = n;
@@ -164,6 +173,7 @@ impl VaultContextBuilder {
             self.engine.clone(),
             self.audit.clone(),
             metrics.clone(),
+            self.usage_buffer,
         );
         Arc::new(VaultContext {
             store: self.store,
@@ -217,6 +227,7 @@ impl VaultContext {
             cache_capacity: 100_000,
             sweep_interval: crate::maintenance::DEFAULT_SWEEP_INTERVAL,
             heartbeat_interval: crate::maintenance::DEFAULT_HEARTBEAT_INTERVAL,
+            usage_buffer: crate::vault::sink::DEFAULT_USAGE_BUFFER,
         }
     }
 
@@ -348,7 +359,7 @@ impl VaultContext {
             Ok(None) => return Err(Denial::InvalidApiKey),
             Err(e) => {
                 tracing::error!(error = %e, "key lookup failed");
-                return Err(Denial::Internal);
+                return Err(Denial::for_store_error(&e));
             }
         };
         let now = self.clock.now();

@@ -65,4 +65,5 @@ pub use response::{
     BUDGET_REMAINING, OUTPUT_TOKENS_CLAMPED, RATE_LIMIT_LIMIT, RATE_LIMIT_REMAINING,
     RATE_LIMIT_RESET, SHADOW_DENIAL, add_limit_headers, denial_response,
 };
+pub use vault::sink::DEFAULT_USAGE_BUFFER;
 pub use vault::{BoxError, MeteredBody, ResponseFuture, Vault, VaultLayer};

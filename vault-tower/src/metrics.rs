@@ -21,6 +21,9 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     /// Usage batches the store refused.
     pub usage_write_failures: AtomicU64,
+    /// Writes of the usage worker retried because the store was
+    /// unavailable (docs/replicas.md#when-postgresql-stops).
+    pub store_write_retries: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +142,11 @@ impl Metrics {
                 "vaultgate_usage_write_failures_total",
                 "Usage batches the store refused.",
                 &self.usage_write_failures,
+            ),
+            (
+                "vaultgate_store_write_retries_total",
+                "Usage and settlement writes retried because the store was unavailable.",
+                &self.store_write_retries,
             ),
         ] {
             let _ = writeln!(

@@ -50,6 +50,9 @@ pub(super) struct Holder {
     base: Instant,
     /// Nanoseconds after `base` until which leases admit calls (0: none).
     live_until: AtomicU64,
+    /// Nanoseconds after `base` of the first heartbeat since the last one
+    /// that failed (0: the last one failed, or none was sent yet).
+    alive_since: AtomicU64,
     registered: AtomicBool,
     /// One cover write at a time (see the module docs).
     writes: tokio::sync::Mutex<()>,
@@ -62,6 +65,7 @@ impl Holder {
             stale_after,
             base: Instant::now(),
             live_until: AtomicU64::new(0),
+            alive_since: AtomicU64::new(0),
             registered: AtomicBool::new(false),
             writes: tokio::sync::Mutex::new(()),
         }
@@ -79,14 +83,36 @@ impl Holder {
 
     /// A heartbeat sent at `sent` was recorded.
     fn heard(&self, sent: Instant) {
-        let until = sent.saturating_duration_since(self.base) + self.stale_after / 2;
+        let since = sent.saturating_duration_since(self.base);
+        let until = since + self.stale_after / 2;
         self.live_until.store(nanos(until), Ordering::Release);
+        let _ = self.alive_since.compare_exchange(
+            0,
+            nanos(since).max(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// A heartbeat failed.
+    fn failed(&self) {
+        self.alive_since.store(0, Ordering::Release);
     }
 
     /// The store no longer knows this holder.
     fn lost(&self) {
         self.live_until.store(0, Ordering::Release);
+        self.alive_since.store(0, Ordering::Release);
         self.registered.store(false, Ordering::Release);
+    }
+
+    /// Whether this holder's heartbeats have succeeded for `stale_after`
+    /// without a failure: only then does it take others for dead. After
+    /// an outage of the store that every replica saw, each waits that long
+    /// once it is back, so that the others have beaten again meanwhile.
+    fn may_close(&self) -> bool {
+        let since = self.alive_since.load(Ordering::Acquire);
+        since != 0 && nanos(self.base.elapsed()).saturating_sub(since) >= nanos(self.stale_after)
     }
 }
 
@@ -217,11 +243,14 @@ impl<S: KeyStore> LeasedStore<S> {
         self.close_dead().await
     }
 
-    /// Closes the leases of holders whose heartbeat stopped.
+    /// Closes the leases of holders whose heartbeat stopped, once this
+    /// holder's own heartbeats have succeeded for `stale_after`.
     pub(super) async fn close_dead(&self) -> Result<usize, StoreError> {
         match self.registry() {
-            Some((holder, registry)) => registry.close_dead(holder.stale_after).await,
-            None => Ok(0),
+            Some((holder, registry)) if holder.may_close() => {
+                registry.close_dead(holder.stale_after).await
+            }
+            _ => Ok(0),
         }
     }
 
@@ -252,6 +281,33 @@ impl<S: KeyStore> LeasedStore<S> {
         };
         let _writes = holder.writes.lock().await;
         let sent = Instant::now();
+        let recorded = self.send_beat(holder, registry, raise, sent).await;
+        match recorded {
+            Ok(Some(covers)) => {
+                self.apply_covers(&covers)?;
+                holder.heard(sent);
+                Ok(true)
+            }
+            Ok(None) => {
+                holder.lost();
+                Ok(false)
+            }
+            Err(e) => {
+                holder.failed();
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers if needed and records the covers; the covers recorded, or
+    /// `None` when the store no longer knows this holder.
+    async fn send_beat(
+        &self,
+        holder: &Holder,
+        registry: &dyn LeaseHolders,
+        raise: Option<(&LineKey, Micros)>,
+        sent: Instant,
+    ) -> Result<Option<Vec<Cover>>, StoreError> {
         if !holder.registered.load(Ordering::Acquire) {
             registry.register(holder.id()).await?;
             holder.registered.store(true, Ordering::Release);
@@ -259,13 +315,11 @@ impl<S: KeyStore> LeasedStore<S> {
         let covers = self.next_covers(raise, sent)?;
         let recorded: Vec<(ReservationId, Micros)> =
             covers.iter().map(|(_, id, c)| (*id, *c)).collect();
-        if !registry.record(holder.id(), &recorded).await? {
-            holder.lost();
-            return Ok(false);
+        if registry.record(holder.id(), &recorded).await? {
+            Ok(Some(covers))
+        } else {
+            Ok(None)
         }
-        self.apply_covers(&covers)?;
-        holder.heard(sent);
-        Ok(true)
     }
 
     /// The covers to record, each already lowered in memory to at most it.
