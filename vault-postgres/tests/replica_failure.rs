@@ -4,7 +4,9 @@
 //! again within seconds, not at their expiry. Each replica is a
 //! `LeasedStore` over its own `PostgresStore` pool on one database; a
 //! replica dies by having its heartbeat task aborted and its store leaked
-//! (`mem::forget`): nothing is drained or settled.
+//! (`mem::forget`), or — in the SIGKILL test — is a child process (this
+//! test binary run again) killed with `kill -9`: nothing is drained or
+//! settled.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -87,7 +89,7 @@ mod replica_failure {
                     }
                 };
                 done.calls += 1;
-                if done.calls % 7 == 0 {
+                if done.calls.is_multiple_of(7) {
                     done.open.push(r);
                 } else {
                     store
@@ -245,6 +247,210 @@ mod replica_failure {
         );
         let spend = bare.get_key(&k.id).await.unwrap().unwrap().spend;
         assert_eq!(spend, usage.settled);
+    }
+
+    /// The child replica's environment: the database and the key.
+    const CHILD_URL: &str = "VAULTGATE_TEST_CHILD_REPLICA_URL";
+    const CHILD_KEY: &str = "VAULTGATE_TEST_CHILD_REPLICA_KEY";
+    /// The budget of the SIGKILL test.
+    const CHILD_CAP: u64 = 1_000_000_000;
+
+    /// Not a test of its own: the replica that
+    /// `lifecycle_replica_sigkilled_mid_load…` runs as a child process and
+    /// kills. It prints its holder id, then one line per call once the call
+    /// is settled (`vg-settled COST`) or left in flight (`vg-open HOLD`),
+    /// and serves until killed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a child process of lifecycle_replica_sigkilled_mid_load_is_charged_at_least_what_it_acknowledged"]
+    async fn child_replica_serves_until_killed() {
+        let (Ok(url), Ok(key)) = (std::env::var(CHILD_URL), std::env::var(CHILD_KEY)) else {
+            return;
+        };
+        // Never outlive the parent: it holds our standard input.
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+        let r = replica(&url).await;
+        let l = BudgetLine {
+            key: vault_core::key::KeyId::parse(&key).unwrap(),
+            limit: Micros(CHILD_CAP),
+            period_start: UnixMillis(0),
+        };
+        println!("vg-holder {}", r.store.holder_id().unwrap());
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let (store, l) = (r.store.clone(), l.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                loop {
+                    // Refused or failing: the parent is gone, or the test
+                    // failed; the parent sees no more lines either way.
+                    let Ok(res) = store
+                        .reserve(&l, Micros(WANT), Micros(WANT), NOW, LATER)
+                        .await
+                    else {
+                        break;
+                    };
+                    n += 1;
+                    if n.is_multiple_of(7) {
+                        println!("vg-open {}", res.amount.0);
+                    } else {
+                        store
+                            .settle(&[Settlement {
+                                reservation: res,
+                                actual: Micros(COST),
+                            }])
+                            .await
+                            .unwrap();
+                        println!("vg-settled {COST}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
+    /// What the child printed: its holder id, and what its calls that it
+    /// reported spent and held.
+    #[derive(Default, Debug)]
+    struct Acknowledged {
+        holder: String,
+        spent: u64,
+        open: u64,
+        calls: usize,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn lifecycle_replica_sigkilled_mid_load_is_charged_at_least_what_it_acknowledged() {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+
+        let pg = TestPostgres::shared().expect("build.rs found PostgreSQL");
+        let url = pg.fresh_database();
+        let bare = PostgresStore::connect(&url, 2).await.unwrap();
+        let k = key();
+        bare.insert_key(&k, None).await.unwrap();
+        let l = line(&k, CHILD_CAP, 0);
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "replica_failure::child_replica_serves_until_killed",
+                "--nocapture",
+            ])
+            .env(CHILD_URL, &url)
+            .env(CHILD_KEY, k.id.as_str())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let acked = Arc::new(std::sync::Mutex::new(Acknowledged::default()));
+        let reading = acked.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut a = reading.lock().unwrap();
+                match line.split_once(' ') {
+                    Some(("vg-holder", id)) => a.holder = id.to_owned(),
+                    Some(("vg-settled", c)) => {
+                        a.spent += c.parse::<u64>().unwrap();
+                        a.calls += 1;
+                    }
+                    Some(("vg-open", h)) => {
+                        a.open += h.parse::<u64>().unwrap();
+                        a.calls += 1;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let survivors = [replica(&url).await, replica(&url).await];
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = survivors
+            .iter()
+            .map(|r| load(r.store.clone(), l.clone(), stop.clone()))
+            .collect();
+        let started = Instant::now();
+        while acked.lock().unwrap().calls < 1_000 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the child made no calls"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // SIGKILL, mid-load.
+        child.kill().unwrap();
+        let killed = Instant::now();
+        child.wait().unwrap();
+        reader.join().unwrap();
+        let acked = std::mem::take(&mut *acked.lock().unwrap());
+        let (count, leased, closing) = leases_of(&url, &acked.holder).await;
+        assert!(count > 0, "the child held leases");
+        while leases_of(&url, &acked.holder).await.0 > 0 {
+            assert!(
+                killed.elapsed() < STALE * 3,
+                "the killed replica's leases were not closed within {:?}",
+                STALE * 3
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let closed_after = killed.elapsed();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        let others = finish(tasks).await;
+        assert!(others.calls > 0, "the others kept serving");
+        let [a, b] = survivors;
+        let mut survivors_spent = others.spent;
+        for r in &others.open {
+            for s in [&a.store, &b.store] {
+                s.settle(&[Settlement {
+                    reservation: r.clone(),
+                    actual: Micros(COST),
+                }])
+                .await
+                .unwrap();
+            }
+            survivors_spent += COST;
+        }
+        a.heart.abort();
+        b.heart.abort();
+        a.store.flush().await.unwrap();
+        b.store.flush().await.unwrap();
+        let usage = bare.budget_usage(&l, NOW).await.unwrap();
+        let charged = usage.settled.0 - survivors_spent;
+        let acknowledged = acked.spent + acked.open;
+        eprintln!(
+            "child: {} calls acknowledged ({} µ$ spent, {} µ$ in flight); at the kill its \
+             leases held {leased} µ$ and closing them charged {closing} µ$; closed \
+             {closed_after:?} after the kill; charged {charged} µ$ in all, {} µ$ beyond \
+             what it acknowledged; survivors: {} calls",
+            acked.calls,
+            acked.spent,
+            acked.open,
+            charged - acknowledged,
+            others.calls
+        );
+        assert_eq!(usage.reserved, Micros(0), "nothing is left held");
+        assert!(
+            charged >= acknowledged,
+            "the killed replica was charged {charged} µ$, less than its calls spent and held ({acknowledged} µ$)"
+        );
+        // Beyond that: its exposure (at most a cover step per lease, never
+        // more than the leases it held) and the calls it made but had not
+        // printed when it died (one per task at most).
+        assert!(
+            charged - acknowledged <= u64::try_from(leased).unwrap() + 2 * WANT,
+            "charged {} µ$ beyond what it acknowledged, more than its leases held",
+            charged - acknowledged
+        );
+        assert!(closing <= leased);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
