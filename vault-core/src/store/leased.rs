@@ -873,7 +873,7 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             return Ok(granted);
         }
         let key = (line.key.clone(), line.period_start);
-        if self.holder.is_some() {
+        if self.needs_refresh(&key, line, want, expires_at)? {
             // A stale heartbeat, or a cover too low for this call: one
             // heartbeat raising the cover may be all it takes (replica.rs).
             self.refresh_for(&key, want).await?;

@@ -208,6 +208,35 @@ impl<S: KeyStore> LeasedStore<S> {
         Some((self.holder.as_ref()?, self.inner.lease_holders()?))
     }
 
+    /// Whether a call of `want` on `line` needs a heartbeat first: this
+    /// holder's last one is stale, or the line's current lease would take
+    /// the call but for its cover.
+    pub(super) fn needs_refresh(
+        &self,
+        key: &LineKey,
+        line: &crate::record::BudgetLine,
+        want: Micros,
+        expires_at: crate::clock::UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let Some(holder) = self.holder.as_ref() else {
+            return Ok(false);
+        };
+        if !holder.live() {
+            return Ok(true);
+        }
+        let Some(state) = self.line(key)? else {
+            return Ok(false);
+        };
+        let s = lock_line(&state)?;
+        Ok(s.leases.last().is_some_and(|lease| {
+            !lease.retired
+                && lease.reservation.line.limit == line.limit
+                && expires_at <= lease.expires_at
+                && lease.free() >= want
+                && !lease.admits(want)
+        }))
+    }
+
     /// On a call's path, gate written: one heartbeat that also raises the
     /// cover of `key`'s current lease to take a call of `want`. When the
     /// store had taken this holder for dead, its leases are forgotten (the
