@@ -303,6 +303,9 @@ impl VaultContext {
                     tracing::info!("the store's heartbeat succeeds again");
                 }
                 if closed > 0 {
+                    self.metrics
+                        .dead_replica_leases_closed
+                        .fetch_add(u64::try_from(closed).unwrap_or(u64::MAX), Ordering::Relaxed);
                     tracing::warn!(
                         leases = closed,
                         "closed the budget leases of replicas that died"

@@ -24,6 +24,9 @@ pub struct Metrics {
     /// Writes of the usage worker retried because the store was
     /// unavailable (docs/replicas.md#when-postgresql-stops).
     pub store_write_retries: AtomicU64,
+    /// Budget leases of dead replicas this replica closed
+    /// (docs/replicas.md#when-a-replica-dies).
+    pub dead_replica_leases_closed: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -147,6 +150,11 @@ impl Metrics {
                 "vaultgate_store_write_retries_total",
                 "Usage and settlement writes retried because the store was unavailable.",
                 &self.store_write_retries,
+            ),
+            (
+                "vaultgate_dead_replica_leases_closed_total",
+                "Budget leases of dead replicas this replica closed.",
+                &self.dead_replica_leases_closed,
             ),
         ] {
             let _ = writeln!(
