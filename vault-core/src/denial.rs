@@ -53,6 +53,10 @@ pub enum Denial {
     /// The shared rate limiter (Redis) cannot be reached, and the call needs
     /// it (docs/redis.md#failure); retry shortly.
     RateLimiterUnavailable,
+    /// The store (PostgreSQL) cannot be reached, or what it has not yet
+    /// been able to write fills the buffer kept for it
+    /// (docs/replicas.md#when-postgresql-stops); retry shortly.
+    StoreUnavailable,
 }
 
 impl Denial {
@@ -77,7 +81,7 @@ impl Denial {
             Denial::UpstreamUnavailable(_) => 502,
             Denial::UpstreamTimeout(_) => 504,
             Denial::Internal => 500,
-            Denial::RateLimiterUnavailable => 503,
+            Denial::RateLimiterUnavailable | Denial::StoreUnavailable => 503,
         }
     }
 
@@ -103,6 +107,7 @@ impl Denial {
             Denial::UpstreamTimeout(_) => "upstream_timeout",
             Denial::Internal => "internal_error",
             Denial::RateLimiterUnavailable => "rate_limiter_unavailable",
+            Denial::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -136,6 +141,7 @@ impl Denial {
             Denial::RateLimiterUnavailable => {
                 "the rate limiter is unavailable; retry shortly".to_owned()
             }
+            Denial::StoreUnavailable => "the store is unavailable; retry shortly".to_owned(),
             Denial::PermissionDenied(m)
             | Denial::EndpointNotAllowed(m)
             | Denial::ModelNotAllowed(m)
@@ -147,6 +153,16 @@ impl Denial {
             | Denial::UpstreamUnavailable(m)
             | Denial::UpstreamTimeout(m)
             | Denial::RateLimited { message: m, .. } => m.clone(),
+        }
+    }
+
+    /// The refusal for a store failure on a call's path: 503
+    /// `store_unavailable` when the store cannot be reached (fail closed,
+    /// retry shortly), else 500 `internal_error`.
+    pub fn for_store_error(e: &crate::store::StoreError) -> Denial {
+        match e {
+            crate::store::StoreError::Unavailable(_) => Denial::StoreUnavailable,
+            _ => Denial::Internal,
         }
     }
 

@@ -36,6 +36,7 @@ mod audit;
 mod budget;
 mod connect;
 mod error;
+mod holders;
 mod import;
 mod rows;
 mod schema;
@@ -52,7 +53,7 @@ pub use audit::PostgresAudit;
 pub use connect::PostgresOptions;
 pub use error::PostgresError;
 pub use import::TableImport;
-pub use schema::SCHEMA_VERSION;
+pub use schema::{SCHEMA_VERSION, migration_versions};
 pub use vault_core::store::KeyStore;
 
 use connect::Target;

@@ -11,10 +11,16 @@ use crate::PostgresError;
 pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_audit.sql")),
+    (3, include_str!("../migrations/0003_lease_holders.sql")),
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
+
+/// The versions of this build's migrations, in the order they apply.
+pub fn migration_versions() -> Vec<i32> {
+    MIGRATIONS.iter().map(|(v, _)| *v).collect()
+}
 
 const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
 

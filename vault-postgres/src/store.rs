@@ -43,7 +43,7 @@ use crate::rows::{
 
 /// Attempts of a transaction PostgreSQL aborted for a deadlock or a
 /// serialization failure.
-const MAX_ATTEMPTS: u32 = 8;
+pub(crate) const MAX_ATTEMPTS: u32 = 8;
 /// Attempts of a reservation whose line changed between its `UPDATE` and
 /// the look at why it did not fit.
 const MAX_RESERVE_ATTEMPTS: u32 = 10;
@@ -71,7 +71,7 @@ impl From<tokio_postgres::Error> for Fail {
 }
 
 impl Fail {
-    fn retryable(&self) -> bool {
+    pub(crate) fn retryable(&self) -> bool {
         match self {
             Fail::Pg(e) => matches!(
                 e.code(),
@@ -84,21 +84,46 @@ impl Fail {
     /// The store error: a unique violation (a duplicate id or hash that
     /// slipped past a check) is a conflict. Driver messages carry SQL at
     /// most, never the connection URL.
-    fn into_store(self) -> StoreError {
+    pub(crate) fn into_store(self) -> StoreError {
         match self {
             Fail::Store(e) => e,
             Fail::Pg(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => StoreError::Conflict,
+            Fail::Pg(e) if unreachable(&e) => {
+                StoreError::Unavailable(format!("postgres: {}", crate::connect::describe(&e)))
+            }
             Fail::Pg(e) => {
                 StoreError::Backend(format!("postgres: {}", crate::connect::describe(&e)))
             }
-            Fail::Pool(e) => StoreError::Backend(e),
+            Fail::Pool(e) => StoreError::Unavailable(e),
         }
     }
 }
 
+/// Whether `e` says the server cannot be reached rather than that the
+/// statement failed: the connection closed or broke (I/O), or the server
+/// is shutting down, starting up or refusing connections (SQLSTATE class
+/// 08, 57P01–57P03).
+fn unreachable(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(code) = e.code() {
+        let code = code.code();
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// A pause before retrying, growing with `attempt` and jittered so that two
 /// transactions that deadlocked do not meet again in lockstep.
-async fn backoff(attempt: u32) {
+pub(crate) async fn backoff(attempt: u32) {
     let jitter = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::from(d.subsec_nanos() % 1_000));
@@ -129,9 +154,10 @@ macro_rules! in_transaction {
         }
     }};
 }
+pub(crate) use in_transaction;
 
 impl PostgresStore {
-    async fn conn(&self) -> Result<Object, Fail> {
+    pub(crate) async fn conn(&self) -> Result<Object, Fail> {
         self.inner
             .pool
             .get()
@@ -144,22 +170,33 @@ impl PostgresStore {
 
 type Params<'a> = [&'a (dyn ToSql + Sync)];
 
-async fn rows<C: GenericClient>(c: &C, sql: &str, p: &Params<'_>) -> Result<Vec<Row>, Fail> {
+pub(crate) async fn rows<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    p: &Params<'_>,
+) -> Result<Vec<Row>, Fail> {
     let st = c.prepare_cached(sql).await?;
     Ok(c.query(&st, p).await?)
 }
 
-async fn opt<C: GenericClient>(c: &C, sql: &str, p: &Params<'_>) -> Result<Option<Row>, Fail> {
+pub(crate) async fn opt<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    p: &Params<'_>,
+) -> Result<Option<Row>, Fail> {
     let st = c.prepare_cached(sql).await?;
     Ok(c.query_opt(&st, p).await?)
 }
 
-async fn exec<C: GenericClient>(c: &C, sql: &str, p: &Params<'_>) -> Result<u64, Fail> {
+pub(crate) async fn exec<C: GenericClient>(c: &C, sql: &str, p: &Params<'_>) -> Result<u64, Fail> {
     let st = c.prepare_cached(sql).await?;
     Ok(c.execute(&st, p).await?)
 }
 
-fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, Fail> {
+pub(crate) fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    i: usize,
+) -> Result<T, Fail> {
     row.try_get(i).map_err(|_| {
         Fail::Store(StoreError::Corrupt(format!(
             "column {i} has the wrong type"
@@ -388,7 +425,11 @@ async fn settle_carve_out(tx: &Transaction<'_>, child: &str) -> Result<bool, Fai
 
 /// Settles reservation `id` at `actual` (at what it held when `None`: a
 /// sweep). `false` when it was no longer held.
-async fn settle_one(tx: &Transaction<'_>, id: i64, actual: Option<Micros>) -> Result<bool, Fail> {
+pub(crate) async fn settle_one(
+    tx: &Transaction<'_>,
+    id: i64,
+    actual: Option<Micros>,
+) -> Result<bool, Fail> {
     let Some(row) = opt(
         tx,
         "DELETE FROM reservations WHERE id = $1 RETURNING key_id, period_start, amount",
@@ -648,10 +689,11 @@ async fn settle_part_tx(
     let period: i64 = get(&row, 1)?;
     let amount = read_money(get(&row, 2)?, "a reservation")?;
     let kept = amount.min(keep);
+    // `charged` accumulates for a lease's cover (holders.rs).
     exec(
         tx,
-        "UPDATE reservations SET amount = $2 WHERE id = $1",
-        &[&id, &money(kept)],
+        "UPDATE reservations SET amount = $2, charged = vg_sat_add(charged, $3) WHERE id = $1",
+        &[&id, &money(kept), &money(actual)],
     )
     .await?;
     let released = amount.saturating_sub(kept);
@@ -834,14 +876,40 @@ fn usage_listing_sql(project: bool, key: bool, since: bool, limit: bool) -> Stri
 }
 
 impl PostgresStore {
+    /// A reservation, retried on deadlocks; `lease` tags it (holders.rs).
+    pub(crate) async fn reserve_tagged(
+        &self,
+        line: &BudgetLine,
+        want: Micros,
+        at_least: Micros,
+        expires_at: UnixMillis,
+        lease: Option<(&str, Micros)>,
+    ) -> Result<(Reservation, Option<Micros>), StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .reserve_inner(line, want, at_least, expires_at, lease)
+                .await
+            {
+                Err(f) if f.retryable() && attempt < MAX_ATTEMPTS => backoff(attempt).await,
+                other => return other.map_err(Fail::into_store),
+            }
+        }
+    }
+
     /// One reservation attempt loop (see [`KeyStore::reserve_reporting`]).
+    /// `lease`: the holder and cover to tag a lease with (holders.rs).
     async fn reserve_inner(
         &self,
         line: &BudgetLine,
         want: Micros,
         at_least: Micros,
         expires_at: UnixMillis,
+        lease: Option<(&str, Micros)>,
     ) -> Result<(Reservation, Option<Micros>), Fail> {
+        let holder = lease.map(|(h, _)| h);
+        let cover = lease.map(|(_, c)| money(c));
         let conn = self.conn().await?;
         let key = line.key.as_str();
         let period = line.period_start.0;
@@ -865,13 +933,26 @@ impl PostgresStore {
                              OR $3::BIGINT::NUMERIC - settled - reserved >= $5::BIGINT)
                   RETURNING settled, reserved, last_grant
                  ), held AS (
-                     INSERT INTO reservations (key_id, period_start, amount, expires_at)
-                     SELECT $1, $2, last_grant, $6 FROM line
+                     INSERT INTO reservations (key_id, period_start, amount, expires_at,
+                                               holder, cover)
+                     SELECT $1, $2, last_grant, $6, $7::TEXT,
+                            CASE WHEN $7::TEXT IS NULL THEN NULL
+                                 ELSE LEAST(last_grant, $8::BIGINT) END
+                     FROM line
                      RETURNING id
                  )
                  SELECT held.id, line.settled, line.reserved, line.last_grant
                  FROM held CROSS JOIN line",
-                &[&key, &period, &limit, &want_db, &floor_db, &expires_at.0],
+                &[
+                    &key,
+                    &period,
+                    &limit,
+                    &want_db,
+                    &floor_db,
+                    &expires_at.0,
+                    &holder,
+                    &cover,
+                ],
             )
             .await?;
             if let Some(row) = granted {
@@ -1116,14 +1197,8 @@ impl KeyStore for PostgresStore {
         _now: UnixMillis,
         expires_at: UnixMillis,
     ) -> Result<(Reservation, Option<Micros>), StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.reserve_inner(line, want, at_least, expires_at).await {
-                Err(f) if f.retryable() && attempt < MAX_ATTEMPTS => backoff(attempt).await,
-                other => return other.map_err(Fail::into_store),
-            }
-        }
+        self.reserve_tagged(line, want, at_least, expires_at, None)
+            .await
     }
 
     async fn settle(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
@@ -1193,6 +1268,10 @@ impl KeyStore for PostgresStore {
 
     async fn sweep(&self, now: UnixMillis) -> Result<usize, StoreError> {
         in_transaction!(self, |tx| sweep_tx(&tx, now).await?)
+    }
+
+    fn lease_holders(&self) -> Option<&dyn vault_core::store::LeaseHolders> {
+        Some(self)
     }
 
     async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {

@@ -26,12 +26,12 @@
 #![allow(clippy::panic, clippy::expect_used)]
 
 use std::future::Future;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::OnceLock;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -48,22 +48,32 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The migrated template every fresh database is copied from.
 const TEMPLATE: &str = "vg_template";
 
-/// Runs the server in the background and stops it when its standard input
-/// closes: when [`TestPostgres`] is dropped, or when the test process dies
-/// however it dies (a static server is never dropped), then removes the
-/// data directory. SIGINT is
-/// PostgreSQL's *fast* shutdown: SIGTERM's *smart* shutdown would wait for
-/// the pools of stores still alive to disconnect.
+/// Runs the server in the background; on a `stop` line on its standard
+/// input stops it (by PID) and answers `stopped`, on `start` starts it
+/// again (same data, same port) and answers `started`; when its standard
+/// input closes — [`TestPostgres`] dropped, or the test process dead
+/// however it died (a static server is never dropped) — stops it and
+/// removes the data directory. SIGINT is PostgreSQL's *fast* shutdown:
+/// SIGTERM's *smart* shutdown would wait for the pools of stores still
+/// alive to disconnect.
 const SUPERVISOR: &str = r#"
-"$0" -D "$1/data" -p "$2" -k "$1" -h 127.0.0.1 \
-    -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-    -c max_connections=400 -c shared_buffers=64MB -c log_min_messages=warning \
-    $3 >>"$1/postgres.log" 2>&1 &
-pid=$!
-read _ignored
-kill -INT "$pid"
-wait "$pid"
-rm -rf "$1"
+bin=$0 dir=$1 port=$2 extra=$3
+run() {
+    "$bin" -D "$dir/data" -p "$port" -k "$dir" -h 127.0.0.1 \
+        -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+        -c max_connections=400 -c shared_buffers=64MB -c log_min_messages=warning \
+        $extra >>"$dir/postgres.log" 2>&1 &
+    pid=$!
+}
+run
+while read command; do
+    case "$command" in
+        stop) kill -INT "$pid"; wait "$pid"; pid=; echo stopped ;;
+        start) run; echo started ;;
+    esac
+done
+if [ -n "$pid" ]; then kill -INT "$pid"; wait "$pid"; fi
+rm -rf "$dir"
 "#;
 
 /// A test CA (`ca.crt`) and a server certificate for 127.0.0.1 it signed
@@ -135,7 +145,8 @@ pub struct TestPostgres {
     port: u16,
     dir: TempDir,
     supervisor: Child,
-    stdin: Option<ChildStdin>,
+    /// The supervisor's standard input and output: commands and answers.
+    control: Mutex<Option<(ChildStdin, BufReader<ChildStdout>)>>,
     next_db: AtomicU32,
 }
 
@@ -287,16 +298,19 @@ impl TestPostgres {
             .arg(port.to_string())
             .arg(settings)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting postgres: {e}"))?;
-        let stdin = supervisor.stdin.take();
+        let control = match (supervisor.stdin.take(), supervisor.stdout.take()) {
+            (Some(stdin), Some(stdout)) => Some((stdin, BufReader::new(stdout))),
+            _ => None,
+        };
         let pg = TestPostgres {
             port,
             dir,
             supervisor,
-            stdin,
+            control: Mutex::new(control),
             next_db: AtomicU32::new(0),
         };
         pg.wait_ready()?;
@@ -363,6 +377,38 @@ impl TestPostgres {
         Ok(())
     }
 
+    /// Sends `command` to the supervisor and waits for its `answer`.
+    fn control(&self, command: &str, answer: &str) -> Result<(), String> {
+        let mut control = self.control.lock().map_err(|_| "control lock poisoned")?;
+        let (stdin, stdout) = control.as_mut().ok_or("the supervisor is gone")?;
+        writeln!(stdin, "{command}").map_err(|e| format!("{command}: {e}"))?;
+        stdin.flush().map_err(|e| format!("{command}: {e}"))?;
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .map_err(|e| format!("{command}: {e}"))?;
+        if line.trim() == answer {
+            Ok(())
+        } else {
+            Err(format!("{command}: the supervisor answered {line:?}"))
+        }
+    }
+
+    /// Stops the server (fast shutdown, by its PID): every connection is
+    /// closed and new ones are refused until [`restart`](Self::restart).
+    /// Databases and their rows are kept. Not for the [`shared`](Self::shared)
+    /// server: other tests use it.
+    pub fn stop(&self) -> Result<(), String> {
+        self.control("stop", "stopped")
+    }
+
+    /// Starts the server again after [`stop`](Self::stop), on the same port
+    /// with the same data, and waits until it accepts connections.
+    pub fn restart(&self) -> Result<(), String> {
+        self.control("start", "started")?;
+        self.wait_ready()
+    }
+
     /// The server's port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
@@ -409,7 +455,9 @@ impl Drop for TestPostgres {
     fn drop(&mut self) {
         // Closing its standard input makes the supervisor stop the server
         // (by its PID) and wait for it.
-        drop(self.stdin.take());
+        if let Ok(mut control) = self.control.lock() {
+            drop(control.take());
+        }
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline {
             match self.supervisor.try_wait() {

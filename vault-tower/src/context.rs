@@ -61,6 +61,9 @@ pub struct VaultContext {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sink: UsageSink,
     sweep_interval: std::time::Duration,
+    heartbeat_interval: std::time::Duration,
+    /// Whether the last heartbeat failed (logged once per outage).
+    heartbeat_failing: std::sync::atomic::AtomicBool,
     by_hash: Cache<KeyHash, Arc<KeyRecord>>,
     /// Bumped by every [`invalidate_keys`](VaultContext::invalidate_keys):
     /// a lookup that read the store before a revocation must not put what
@@ -100,6 +103,8 @@ pub struct VaultContextBuilder {
     sweep_interval: std::time::Duration,
     notifier: Option<Arc<dyn RevocationNotifier>>,
     probes: Vec<Arc<dyn ReadinessProbe>>,
+    heartbeat_interval: std::time::Duration,
+    usage_buffer: usize,
 }
 
 impl VaultContextBuilder {
@@ -160,6 +165,22 @@ impl VaultContextBuilder {
         self
     }
 
+    /// How often [`Maintenance`] sends the store's heartbeat (default 1 s;
+    /// keep it well inside half of the leases' `stale_after`, see
+    /// docs/replicas.md).
+    pub fn heartbeat_interval(mut self, every: std::time::Duration) -> Self {
+        self.heartbeat_interval = every.max(std::time::Duration::from_millis(1));
+        self
+    }
+
+    /// How many usage records and settlements may wait for the store
+    /// (while it is unavailable) before new calls are refused with 503
+    /// `store_unavailable` (default 65,536; docs/replicas.md).
+    pub fn usage_buffer(mut self, jobs: usize) -> Self {
+        self.usage_buffer = jobs.max(1);
+        self
+    }
+
     /// Most key records cached (default 100,000).
     pub fn cache_capacity(mut self, n: u64) -> Self {
         self.cache_capacity = n;
@@ -174,6 +195,7 @@ impl VaultContextBuilder {
             self.engine.clone(),
             self.audit.clone(),
             metrics.clone(),
+            self.usage_buffer,
         );
         Arc::new(VaultContext {
             engine: self.engine,
@@ -187,6 +209,8 @@ impl VaultContextBuilder {
             metrics,
             sink,
             sweep_interval: self.sweep_interval,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_failing: std::sync::atomic::AtomicBool::new(false),
             by_hash: Cache::builder()
                 .max_capacity(self.cache_capacity)
                 .time_to_live(KEY_CACHE_TTL)
@@ -232,6 +256,8 @@ impl VaultContext {
             sweep_interval: crate::maintenance::DEFAULT_SWEEP_INTERVAL,
             notifier: None,
             probes: Vec::new(),
+            heartbeat_interval: crate::maintenance::DEFAULT_HEARTBEAT_INTERVAL,
+            usage_buffer: crate::vault::sink::DEFAULT_USAGE_BUFFER,
         }
     }
 
@@ -333,6 +359,39 @@ impl VaultContext {
         }
     }
 
+    /// One heartbeat of the store now (what [`Maintenance`] sends every
+    /// [`heartbeat_interval`](VaultContextBuilder::heartbeat_interval)).
+    /// A failure is logged once per outage.
+    pub async fn heartbeat(&self) {
+        use std::sync::atomic::Ordering;
+        match self.store.heartbeat().await {
+            Ok(closed) => {
+                if self.heartbeat_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the store's heartbeat succeeds again");
+                }
+                if closed > 0 {
+                    self.metrics
+                        .dead_replica_leases_closed
+                        .fetch_add(u64::try_from(closed).unwrap_or(u64::MAX), Ordering::Relaxed);
+                    tracing::warn!(
+                        leases = closed,
+                        "closed the budget leases of replicas that died"
+                    );
+                }
+            }
+            Err(e) => {
+                if !self.heartbeat_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "the store's heartbeat failed; budget leases stop admitting calls until it succeeds");
+                }
+            }
+        }
+    }
+
+    /// The pause between two heartbeats of [`Maintenance`].
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        self.heartbeat_interval
+    }
+
     /// The pause between two sweeps of [`Maintenance`].
     pub fn sweep_interval(&self) -> std::time::Duration {
         self.sweep_interval
@@ -370,7 +429,7 @@ impl VaultContext {
             Ok(None) => return Err(Denial::InvalidApiKey),
             Err(e) => {
                 tracing::error!(error = %e, "key lookup failed");
-                return Err(Denial::Internal);
+                return Err(Denial::for_store_error(&e));
             }
         };
         let now = self.clock.now();

@@ -59,7 +59,7 @@ pub use forward::{
     BadBaseUrl, Exchange, ForwardBody, Forwarder, IdleTimeout, Timeouts, Upstream, UpstreamFailure,
     Upstreams,
 };
-pub use maintenance::{DEFAULT_SWEEP_INTERVAL, Maintenance};
+pub use maintenance::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_SWEEP_INTERVAL, Maintenance};
 pub use metrics::Metrics;
 pub use mock::{MockBody, MockProvider, MockTarget};
 pub use replicas::{ProbeOutcome, READINESS_TIMEOUT, ReadinessProbe, RevocationNotifier};
@@ -67,4 +67,5 @@ pub use response::{
     BUDGET_REMAINING, OUTPUT_TOKENS_CLAMPED, RATE_LIMIT_LIMIT, RATE_LIMIT_REMAINING,
     RATE_LIMIT_RESET, SHADOW_DENIAL, add_limit_headers, denial_response,
 };
+pub use vault::sink::DEFAULT_USAGE_BUFFER;
 pub use vault::{BoxError, MeteredBody, ResponseFuture, Vault, VaultLayer};

@@ -1,7 +1,12 @@
 //! [`Maintenance`]: the background work every vault needs, owned by the
 //! library so that an embedding app gets it with one call.
 //!
-//! While it runs, a task sweeps the store every
+//! While it runs, one task sends the store's
+//! [heartbeat](vault_core::store::KeyStore::heartbeat) every
+//! [`heartbeat_interval`](crate::VaultContextBuilder::heartbeat_interval)
+//! (1 s): over PostgreSQL, a replica records that it is alive and what its
+//! budget leases may have admitted, and closes the leases of replicas that
+//! died (docs/replicas.md#when-a-replica-dies). Another sweeps the store every
 //! [`sweep_interval`](crate::VaultContextBuilder::sweep_interval): calls
 //! whose reservation outlived its expiry (a process that never settled
 //! them) are charged, children that expired give their unspent carve-out
@@ -28,6 +33,10 @@ use crate::context::VaultContext;
 /// The default pause between two sweeps.
 pub const DEFAULT_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The default pause between two heartbeats: well inside half of
+/// [`DEFAULT_STALE_AFTER`](vault_core::store::DEFAULT_STALE_AFTER).
+pub const DEFAULT_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The running maintenance of one [`VaultContext`]; see the module
 /// documentation in `vault-tower/src/maintenance.rs`. Dropping it stops the
 /// sweeps without draining.
@@ -35,6 +44,7 @@ pub const DEFAULT_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::fro
 pub struct Maintenance {
     ctx: Arc<VaultContext>,
     sweeper: JoinHandle<()>,
+    heart: JoinHandle<()>,
 }
 
 impl Maintenance {
@@ -49,7 +59,20 @@ impl Maintenance {
                 sweeping.sweep().await;
             }
         });
-        Maintenance { ctx, sweeper }
+        let beating = ctx.clone();
+        let heart = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(beating.heartbeat_interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                beating.heartbeat().await;
+            }
+        });
+        Maintenance {
+            ctx,
+            sweeper,
+            heart,
+        }
     }
 
     /// Stops sweeping, then waits until every settlement and usage record
@@ -58,6 +81,7 @@ impl Maintenance {
     /// server's graceful shutdown).
     pub async fn shutdown(self) {
         self.sweeper.abort();
+        self.heart.abort();
         self.ctx.flush().await;
         if let Err(e) = self.ctx.store().drain().await {
             tracing::warn!(error = %e, "giving back the store's holds on shutdown failed; the sweep will settle them");
@@ -68,5 +92,6 @@ impl Maintenance {
 impl Drop for Maintenance {
     fn drop(&mut self) {
         self.sweeper.abort();
+        self.heart.abort();
     }
 }

@@ -32,6 +32,12 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     /// Usage batches the store refused.
     pub usage_write_failures: AtomicU64,
+    /// Writes of the usage worker retried because the store was
+    /// unavailable (docs/replicas.md#when-postgresql-stops).
+    pub store_write_retries: AtomicU64,
+    /// Budget leases of dead replicas this replica closed
+    /// (docs/replicas.md#when-a-replica-dies).
+    pub dead_replica_leases_closed: AtomicU64,
     /// Counters kept elsewhere ([`register_counter`](Metrics::register_counter)).
     registered: Mutex<Vec<Registered>>,
 }
@@ -175,6 +181,16 @@ impl Metrics {
                 "vaultgate_usage_write_failures_total",
                 "Usage batches the store refused.",
                 &self.usage_write_failures,
+            ),
+            (
+                "vaultgate_store_write_retries_total",
+                "Usage and settlement writes retried because the store was unavailable.",
+                &self.store_write_retries,
+            ),
+            (
+                "vaultgate_dead_replica_leases_closed_total",
+                "Budget leases of dead replicas this replica closed.",
+                &self.dead_replica_leases_closed,
             ),
         ] {
             let _ = writeln!(

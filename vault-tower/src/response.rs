@@ -41,6 +41,10 @@ pub fn denial_response(d: &Denial) -> Response<Full<Bytes>> {
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
     }
+    if matches!(d, Denial::StoreUnavailable) {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     resp
 }
 

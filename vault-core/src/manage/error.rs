@@ -39,6 +39,10 @@ pub enum ManageError {
     /// details are logged, never returned.
     #[error("internal error")]
     Internal,
+    /// 503 `store_unavailable`: the store (PostgreSQL) cannot be reached;
+    /// nothing was changed. Retry shortly.
+    #[error("the store is unavailable; nothing was changed, retry shortly")]
+    StoreUnavailable,
 }
 
 impl ManageError {
@@ -52,6 +56,7 @@ impl ManageError {
             ManageError::Budget(_) => 402,
             ManageError::Conflict(_) => 409,
             ManageError::AuditUnavailable | ManageError::Internal => 500,
+            ManageError::StoreUnavailable => 503,
         }
     }
 
@@ -67,6 +72,7 @@ impl ManageError {
             ManageError::Conflict(_) => "conflict",
             ManageError::AuditUnavailable => "audit_unavailable",
             ManageError::Internal => "internal_error",
+            ManageError::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -79,7 +85,9 @@ impl ManageError {
             ManageError::NotFound(_) => "not_found_error",
             ManageError::Budget(_) => "insufficient_quota",
             ManageError::Conflict(_) => "conflict_error",
-            ManageError::AuditUnavailable | ManageError::Internal => "api_error",
+            ManageError::AuditUnavailable
+            | ManageError::Internal
+            | ManageError::StoreUnavailable => "api_error",
         }
     }
 
@@ -100,6 +108,10 @@ impl From<StoreError> for ManageError {
                 "budget: the parent has only ${} left to carve out",
                 remaining.to_usd_string()
             )),
+            StoreError::Unavailable(e) => {
+                tracing::warn!(error = %e, "the store is unavailable to a management operation");
+                ManageError::StoreUnavailable
+            }
             other => {
                 tracing::error!(error = %other, "store failure in a management operation");
                 ManageError::Internal

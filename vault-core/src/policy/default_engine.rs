@@ -99,6 +99,8 @@ pub struct DefaultEngine {
     reservation_ttl_ms: i64,
     min_output_tokens: u64,
     clamp_output: bool,
+    /// Settlements the store could not take while it was unavailable.
+    owed: super::owed::Owed,
 }
 
 impl std::fmt::Debug for DefaultEngine {
@@ -341,6 +343,7 @@ impl DefaultEngine {
                 .unwrap_or(i64::MAX),
             min_output_tokens: DEFAULT_MIN_OUTPUT_TOKENS,
             clamp_output: true,
+            owed: super::owed::Owed::default(),
         }
     }
 
@@ -594,7 +597,7 @@ impl PolicyEngine for DefaultEngine {
                         }
                         Err(e) => {
                             tracing::error!(error = %e, key = %budget_key, "budget reservation failed; refusing the call");
-                            return Err((Denial::Internal, headers));
+                            return Err((Denial::for_store_error(&e), headers));
                         }
                     }
                 }
@@ -650,6 +653,12 @@ impl PolicyEngine for DefaultEngine {
         // One store transaction for the batch's reservations.
         self.record_spend(spends).await;
         charges
+    }
+
+    async fn write_owed(&self) -> Result<(), StoreError> {
+        self.owed
+            .write(self.store.as_ref(), Vec::new(), Vec::new())
+            .await
     }
 }
 
@@ -903,16 +912,11 @@ impl DefaultEngine {
                 Spend::Nothing => {}
             }
         }
-        if !settlements.is_empty()
-            && let Err(e) = self.store.settle(&settlements).await
-        {
-            tracing::warn!(error = %e, reservations = settlements.len(), "settling reservations failed; the sweep will charge them");
-        }
-        if !unreserved.is_empty()
-            && let Err(e) = self.store.add_spend(&unreserved).await
-        {
-            tracing::warn!(error = %e, keys = unreserved.len(), "recording unbudgeted keys' spend failed");
-        }
+        // An unavailable store's share is kept and written by `write_owed`.
+        let _ = self
+            .owed
+            .write(self.store.as_ref(), settlements, unreserved)
+            .await;
     }
 }
 

@@ -11,6 +11,7 @@ use crate::meter::Usage;
 use crate::money::Micros;
 use crate::provider::Provider;
 use crate::record::{KeyRecord, Reservation};
+use crate::store::StoreError;
 
 /// What the proxy knows about a request before forwarding it.
 #[derive(Debug, Clone)]
@@ -126,6 +127,15 @@ pub trait PolicyEngine: Send + Sync + 'static {
     /// caller: store errors are logged and the reservation is left for the
     /// sweep to charge.
     async fn settle(&self, grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge;
+
+    /// Writes what earlier settlements could not write because the store
+    /// was unavailable ([`StoreError::Unavailable`]); `Ok` once nothing is
+    /// owed. The usage worker calls it until it succeeds before it settles
+    /// more calls (docs/replicas.md#when-postgresql-stops). The default
+    /// owes nothing.
+    async fn write_owed(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Settles several calls at once, charges in the same order (the usage
     /// worker's batches). The default settles them one by one; engines

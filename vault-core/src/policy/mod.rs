@@ -17,6 +17,7 @@ mod default_engine;
 mod engine;
 mod limits_backend;
 mod model;
+mod owed;
 mod plans;
 mod ratelimit;
 mod subset;

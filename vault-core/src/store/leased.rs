@@ -84,6 +84,19 @@
 //! than was spent. A lease accepts only calls that expire before it does,
 //! so the store never sweeps a live lease of a running process.
 //!
+//! # Replicas on several hosts
+//! A journal is read only by processes on its host. Over a store that keeps
+//! a registry of lease holders ([`KeyStore::lease_holders`], PostgreSQL),
+//! this store registers as a holder, tags each lease with its id and a
+//! *cover* (the most the lease's calls may have charged, spent and held),
+//! admits calls only under a lease's recorded cover and while its last
+//! heartbeat ([`KeyStore::heartbeat`], run every second by the
+//! maintenance) is fresh, and closes other holders' leases once their
+//! heartbeat is older than [`with_stale_after`](LeasedStore::with_stale_after)
+//! (5 s): each is charged its cover — what its calls spent and hold, plus
+//! at most a quarter of a second or so of its calls — and the rest
+//! released. See `leased/replica.rs` and docs/replicas.md.
+//!
 //! # Reservation ids
 //! Calls' reservations get ids from `2^63` up (one counter per store), kept
 //! apart from the inner store's ids (SQLite row ids and `MemoryStore`'s
@@ -101,6 +114,9 @@ use async_trait::async_trait;
 use super::budget::reservable;
 use super::journal::{Journal, Record, recover_lease_journals};
 use super::{KeyStore, StoreError};
+
+mod replica;
+
 use crate::clock::UnixMillis;
 use crate::crypto::Sealed;
 use crate::key::{KeyHash, KeyId, KeyPrefix, ProviderKeyId};
@@ -109,6 +125,8 @@ use crate::record::{
     BudgetLine, BudgetUsage, KeyRecord, ProviderKeyRecord, Reservation, ReservationId, Settlement,
     UsageFilter, UsageRecord,
 };
+pub use replica::FAST_COVER_MS;
+use replica::Holder;
 
 /// How many times a call's `want` a new lease asks for.
 pub const DEFAULT_LEASE_FACTOR: u64 = 16;
@@ -163,6 +181,9 @@ pub struct LeasedStore<S> {
     /// This process's lease journal and the directory of every process's
     /// (see [`with_journal`](Self::with_journal)).
     journal: Option<(Journal, PathBuf)>,
+    /// This store as a registered lease holder, when the inner store keeps
+    /// a registry of them (module docs, "Replicas on several hosts").
+    holder: Option<Holder>,
 }
 
 impl<S> std::fmt::Debug for LeasedStore<S> {
@@ -186,6 +207,12 @@ struct Line {
     last_taken: Option<UnixMillis>,
     /// The multiplier of the next lease (see the module docs); 0 means 1.
     growth: u64,
+    /// The cover step's multiplier (replicas only; see `replica.rs`).
+    cover_growth: u64,
+    /// When a cover was last raised for a call (replicas only).
+    last_raise: Option<std::time::Instant>,
+    /// The last call's `want` (replicas only: sizes the cover step).
+    last_want: Micros,
 }
 
 /// One lease: a reservation in the inner store and the calls held on it.
@@ -201,6 +228,12 @@ struct Lease {
     open: HashMap<u64, Hold>,
     /// Takes no new calls; settled when its last call settles.
     retired: bool,
+    /// Charged so far by partial settlements (cumulative, for the cover).
+    charged: Micros,
+    /// The most `charged + spent + held` may reach: what the store has
+    /// recorded as this lease's cover (replicas; never above the recorded
+    /// figure), or `u64::MAX` without a registry of holders.
+    cover: Micros,
 }
 
 /// A call's reservation on a lease.
@@ -219,6 +252,18 @@ impl Lease {
 
     fn idle(&self) -> bool {
         self.open.is_empty()
+    }
+
+    /// What the cover bounds: charged, spent and held together.
+    fn basis(&self) -> Micros {
+        self.charged
+            .saturating_add(self.spent)
+            .saturating_add(self.held)
+    }
+
+    /// Whether a call of `want` fits in the free part and under the cover.
+    fn admits(&self, want: Micros) -> bool {
+        self.free() >= want && self.basis().saturating_add(want) <= self.cover
     }
 
     fn settlement(&self) -> Settlement {
@@ -305,7 +350,9 @@ impl<S: KeyStore> LeasedStore<S> {
             gate: tokio::sync::RwLock::new(()),
             next_id: AtomicU64::new(LOCAL_IDS),
             journal: None,
+            holder: None,
         }
+        .with_registry()
     }
 
     /// Journals this store's leases in a new file in `dir` (locked for the
@@ -469,6 +516,9 @@ impl<S: KeyStore> LeasedStore<S> {
         let Some(shared) = self.line(&(line.key.clone(), line.period_start))? else {
             return Ok(None);
         };
+        if self.holder.as_ref().is_some_and(|h| !h.live()) {
+            return Ok(None); // a heartbeat first (replica.rs)
+        }
         let mut state = lock_line(&shared)?;
         let Some(lease) = state.leases.last_mut() else {
             return Ok(None);
@@ -476,7 +526,7 @@ impl<S: KeyStore> LeasedStore<S> {
         if lease.retired
             || lease.reservation.line.limit != line.limit
             || expires_at > lease.expires_at
-            || lease.free() < want
+            || !lease.admits(want)
         {
             return Ok(None);
         }
@@ -541,6 +591,7 @@ impl<S: KeyStore> LeasedStore<S> {
                 if lease.spent > Micros::ZERO || lease.free() > Micros::ZERO {
                     parts.push((lease.settlement(), lease.held));
                     lease.reservation.amount = lease.held;
+                    lease.charged = lease.charged.saturating_add(lease.spent);
                     lease.spent = Micros::ZERO;
                 }
             }
@@ -587,6 +638,7 @@ impl<S: KeyStore> LeasedStore<S> {
                     let lease = &mut s.leases[pos];
                     lease.reservation.amount = settlement.reservation.amount;
                     lease.spent = lease.spent.saturating_add(settlement.actual);
+                    lease.charged = lease.charged.saturating_sub(settlement.actual);
                     return Err(e);
                 }
             }
@@ -659,6 +711,7 @@ impl<S: KeyStore> LeasedStore<S> {
                             .max(lease.held);
                         parts.push((lease.settlement(), keep));
                         lease.reservation.amount = keep;
+                        lease.charged = lease.charged.saturating_add(lease.spent);
                         lease.spent = Micros::ZERO;
                     }
                 }
@@ -820,6 +873,14 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             return Ok(granted);
         }
         let key = (line.key.clone(), line.period_start);
+        if self.needs_refresh(&key, line, want, expires_at)? {
+            // A stale heartbeat, or a cover too low for this call: one
+            // heartbeat raising the cover may be all it takes (replica.rs).
+            self.refresh_for(&key, want).await?;
+            if let Some(granted) = self.reserve_locally(line, want, expires_at)? {
+                return Ok(granted);
+            }
+        }
         self.release_line(&key).await?;
         let known = self
             .line(&key)?
@@ -839,18 +900,28 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
                 state.inner_remaining = Some(i128::from(left.0));
             }
         }
-        let wish = {
+        let (wish, cover) = {
             let state = self.line_or_new(&key)?;
             let mut state = lock_line(&state)?;
-            state.next_wish(want, self.factor, now)
+            state.last_want = want;
+            let cover = want.saturating_add(state.cover_step(self.factor));
+            (state.next_wish(want, self.factor, now), cover)
         };
         // The floor the bare store would apply to `want`, not to `wish`.
         let floor = at_least.min(want);
         let lease_expiry = expires_at.plus_millis(self.window_ms);
-        let taken = self
-            .inner
-            .reserve_reporting(line, wish, floor, now, lease_expiry)
-            .await;
+        let taken = match (&self.holder, self.inner.lease_holders()) {
+            (Some(holder), Some(registry)) => {
+                registry
+                    .reserve_lease(holder.id(), cover, line, wish, floor, now, lease_expiry)
+                    .await
+            }
+            _ => {
+                self.inner
+                    .reserve_reporting(line, wish, floor, now, lease_expiry)
+                    .await
+            }
+        };
         let state = self.line_or_new(&key)?;
         let mut state = lock_line(&state)?;
         let (lease, inner_remaining) = match taken {
@@ -891,12 +962,18 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             }
             return Err(e);
         }
+        let cover = match self.holder {
+            Some(_) => cover.min(lease.amount),
+            None => Micros(u64::MAX),
+        };
         state.leases.push(Lease {
             open: HashMap::from([(id, Hold { amount, expires_at })]),
             held: amount,
             spent: Micros::ZERO,
             expires_at: lease_expiry,
             retired: false,
+            charged: Micros::ZERO,
+            cover,
             reservation: lease,
         });
         state.inner_remaining = inner_remaining.map(|r| i128::from(r.0));
@@ -1029,8 +1106,10 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
 
     async fn sweep(&self, now: UnixMillis) -> Result<usize, StoreError> {
         // Dead processes' leases first, before the store's sweep could
-        // charge them in full.
+        // charge them in full: those journaled on this host, then those of
+        // replicas whose heartbeat stopped.
         let mut swept = self.recover().await?;
+        swept += self.close_dead().await?;
         // Calls past their expiry are charged in full, as the store does.
         for (_, state) in self.all_lines()? {
             let mut s = lock_line(&state)?;
@@ -1075,7 +1154,12 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
     }
 
     async fn drain(&self) -> Result<(), StoreError> {
-        self.flush().await
+        self.flush().await?;
+        self.deregister().await
+    }
+
+    async fn heartbeat(&self) -> Result<usize, StoreError> {
+        self.beat_and_close().await
     }
 
     async fn append_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {

@@ -7,15 +7,17 @@
 
 mod budget;
 pub mod copy;
+mod holders;
 mod journal;
 mod leased;
 mod memory;
 mod sqlite;
 
+pub use holders::{DEFAULT_STALE_AFTER, LeaseHolders};
 pub use journal::recover_lease_journals;
 pub use leased::{
-    DEFAULT_LEASE_FACTOR, DEFAULT_LEASE_WINDOW, FAST_LEASE_MS, JOURNAL_COMPACT_BYTES, LeasedStore,
-    MAX_LEASE_GROWTH,
+    DEFAULT_LEASE_FACTOR, DEFAULT_LEASE_WINDOW, FAST_COVER_MS, FAST_LEASE_MS,
+    JOURNAL_COMPACT_BYTES, LeasedStore, MAX_LEASE_GROWTH,
 };
 pub use memory::MemoryStore;
 pub use sqlite::{DB_FILE_NAME, SqliteStore};
@@ -54,6 +56,12 @@ pub enum StoreError {
     /// The backend failed (I/O, locking, SQL).
     #[error("store backend error: {0}")]
     Backend(String),
+    /// The backend cannot be reached (a database server stopped, refusing
+    /// connections or closing them): the operation was not applied, or —
+    /// when a commit's answer was lost — may have been. Retry later; the
+    /// proxy answers 503 `store_unavailable` meanwhile.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// The storage every part of vaultgate shares.
@@ -195,6 +203,25 @@ pub trait KeyStore: Send + Sync + 'static {
     /// every call has settled. The default holds nothing and does nothing.
     async fn drain(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Frequent, cheap housekeeping for stores shared by replicas on
+    /// several hosts, run every second or so by the maintenance task (never
+    /// on a call's path): a [`LeasedStore`] over a store with
+    /// [`lease_holders`](Self::lease_holders) records that it is alive and
+    /// what its leases may have admitted, and closes the leases of replicas
+    /// that stopped doing so (docs/replicas.md#when-a-replica-dies).
+    /// Returns how many dead replicas' leases were closed. The default does
+    /// nothing.
+    async fn heartbeat(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
+    /// The store's registry of lease holders, when replicas on several
+    /// hosts share it ([`LeaseHolders`]); `None` (the default) for stores
+    /// one host owns.
+    fn lease_holders(&self) -> Option<&dyn LeaseHolders> {
+        None
     }
 
     /// Appends usage records and updates each key's `last_used_at` and

@@ -137,7 +137,7 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
         }
         Err(e) => {
             tracing::error!(error = %e, "loading the key's ancestors failed");
-            return denial(&Denial::Internal);
+            return denial(&Denial::for_store_error(&e));
         }
     }
     req.extensions_mut().insert(Actor::Key(record));

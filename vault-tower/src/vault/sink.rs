@@ -2,6 +2,17 @@
 //! events in batches, off the request path. Records reach the store as soon as
 //! the worker drains its queue (well within a second; docs/api.md#usage says
 //! about every 10 ms).
+//!
+//! When the store is unavailable ([`StoreError::Unavailable`]: PostgreSQL
+//! stopped), the worker keeps the batch and retries it — settlements first,
+//! then the usage records — with a growing pause (up to a second) until the
+//! store takes it, and takes no new job meanwhile: the queue is the buffer.
+//! It holds [`DEFAULT_USAGE_BUFFER`] jobs (or what
+//! [`usage_buffer`](crate::VaultContextBuilder::usage_buffer) says); once
+//! that many wait, [`UsageSink::accepting`] turns false and new calls are
+//! refused with 503 `store_unavailable` rather than any record dropped. A
+//! quarter more is kept for the settlements of calls already admitted.
+//! (docs/replicas.md#when-postgresql-stops)
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,14 +26,18 @@ use vault_core::money::Micros;
 use vault_core::policy::{CallOutcome, Grant, PolicyEngine};
 use vault_core::provider::Provider;
 use vault_core::record::{KeyRecord, SettledBy, UsageRecord};
-use vault_core::store::KeyStore;
+use vault_core::store::{KeyStore, StoreError};
 
 use crate::metrics::Metrics;
 
 /// Most records written in one store call.
 const BATCH: usize = 512;
-/// Most jobs queued before denial records are dropped (and counted).
-const QUEUE: usize = 65_536;
+/// Jobs queued before new calls are refused (503 `store_unavailable`).
+pub const DEFAULT_USAGE_BUFFER: usize = 65_536;
+/// The first pause before retrying a write the store could not take.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+/// The longest pause between two retries.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// Pause after each batch. Calls finishing meanwhile queue up without waking
 /// the worker: one wake-up per batch instead of one per request (a wake-up is
 /// a syscall and a context switch, more than the rest of the layer costs).
@@ -49,6 +64,9 @@ enum Job {
 pub(crate) struct UsageSink {
     tx: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
+    /// Free slots kept for calls already admitted: below this many, new
+    /// calls are refused.
+    headroom: usize,
 }
 
 /// An admitted call, from its grant until it is settled: exactly once,
@@ -198,15 +216,29 @@ pub(crate) fn usage_record(
 
 impl UsageSink {
     /// Starts the worker on the current tokio runtime.
+    /// `buffer` jobs may wait before new calls are refused.
     pub(crate) fn start(
         store: Arc<dyn KeyStore>,
         engine: Arc<dyn PolicyEngine>,
         audit: Option<Arc<dyn AuditTrail>>,
         metrics: Arc<Metrics>,
+        buffer: usize,
     ) -> UsageSink {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let buffer = buffer.max(1);
+        let headroom = (buffer / 4).max(16);
+        let (tx, rx) = mpsc::channel(buffer.saturating_add(headroom));
         tokio::spawn(run(rx, store, engine, audit, metrics.clone()));
-        UsageSink { tx, metrics }
+        UsageSink {
+            tx,
+            metrics,
+            headroom,
+        }
+    }
+
+    /// Whether new calls may be admitted: fewer than the buffer's jobs
+    /// wait (the store keeps up, or was down only briefly).
+    pub(crate) fn accepting(&self) -> bool {
+        self.tx.capacity() > self.headroom
     }
 
     fn send(&self, job: Job) {
@@ -309,12 +341,7 @@ async fn run(
                 "call"
             );
         }
-        if !records.is_empty()
-            && let Err(e) = store.append_usage(&records).await
-        {
-            metrics.usage_write_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, records = records.len(), "writing usage records failed");
-        }
+        write(store.as_ref(), engine.as_ref(), &records, &metrics).await;
         if let (Some(log), false) = (&audit, events.is_empty()) {
             append_events(log.clone(), events, &metrics).await;
         }
@@ -322,6 +349,48 @@ async fn run(
             let _ = done.send(());
         }
         tokio::time::sleep(BATCH_INTERVAL).await;
+    }
+}
+
+/// Writes what settlements owe and the batch's usage records, retrying
+/// while the store is unavailable (module docs). Other failures are
+/// logged and counted, not retried.
+async fn write(
+    store: &dyn KeyStore,
+    engine: &dyn PolicyEngine,
+    records: &[UsageRecord],
+    metrics: &Metrics,
+) {
+    let mut written = records.is_empty();
+    let mut pause = RETRY_FIRST;
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        let owed = engine.write_owed().await;
+        let mut unavailable = owed.err();
+        if !written {
+            match store.append_usage(records).await {
+                Ok(()) => written = true,
+                Err(e @ StoreError::Unavailable(_)) => unavailable = Some(e),
+                Err(e) => {
+                    written = true;
+                    metrics.usage_write_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, records = records.len(), "writing usage records failed");
+                }
+            }
+        }
+        let Some(e) = unavailable else {
+            if let Some(since) = failing_since {
+                tracing::info!(after = ?since.elapsed(), "the store took the buffered usage records and settlements");
+            }
+            return;
+        };
+        if failing_since.is_none() {
+            failing_since = Some(Instant::now());
+            tracing::warn!(error = %e, records = records.len(), "the store is unavailable; keeping usage records and settlements in memory until it is back");
+        }
+        metrics.store_write_retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX);
     }
 }
 

@@ -33,7 +33,7 @@ pub(super) async fn authorise(
         Err(e) => {
             tracing::error!(error = %e, "loading the key's ancestors failed");
             let who = caller.attribution(model.as_deref());
-            return Err(Refusal::of_key(Denial::Internal, who));
+            return Err(Refusal::of_key(Denial::for_store_error(&e), who));
         }
     };
     let i = &payload.inspection;

@@ -78,6 +78,11 @@ where
 {
     let ctx = &*ctx;
     let started = Instant::now();
+    if !ctx.sink.accepting() {
+        // What waits for the store fills its buffer: no new call until it
+        // drains (docs/replicas.md#when-postgresql-stops).
+        return Ok(Refusal::anonymous(Denial::StoreUnavailable).respond(ctx));
+    }
     let (parts, body) = req.into_parts();
     let caller = or_refuse!(ctx, authenticate::authenticate(ctx, &parts).await);
     let payload = or_refuse!(ctx, read_body::read_body(ctx, &parts, body, &caller).await);

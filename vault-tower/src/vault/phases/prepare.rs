@@ -116,7 +116,7 @@ async fn target<'a>(
         }
         Err(e) => {
             tracing::error!(error = %e, "loading provider keys failed");
-            return Err(Denial::Internal);
+            return Err(Denial::for_store_error(&e));
         }
     };
     let aad = Aad {
