@@ -199,6 +199,16 @@ impl Cluster {
     /// [`Cluster::start`] with passwords in the URLs.
     fn start_with(extra: &str, secrets: &Secrets<'_>) -> Option<Cluster> {
         let (pg, redis) = engines_with(secrets.redis_password)?;
+        Some(Cluster::start_on(pg, redis, extra, secrets))
+    }
+
+    /// [`Cluster::start_with`] on a given PostgreSQL server and Redis.
+    fn start_on(
+        pg: &TestPostgres,
+        redis: TestRedis,
+        extra: &str,
+        secrets: &Secrets<'_>,
+    ) -> Cluster {
         let mut database = pg.fresh_database();
         if let Some(p) = secrets.database_password {
             database = database.replacen("postgres@", &format!("postgres:{p}@"), 1);
@@ -245,7 +255,7 @@ impl Cluster {
             );
             cluster.replicas.push(server);
         }
-        Some(cluster)
+        cluster
     }
 
     fn addr(&self, i: usize) -> SocketAddr {
@@ -467,6 +477,11 @@ async fn mock_call(addr: SocketAddr, key: &str) -> Resp {
     .await
 }
 
+/// A rate limit no test reaches: test keys get the `free` plan (10 a
+/// minute) otherwise, and polling for a revocation makes many calls.
+static UNLIMITED: std::sync::LazyLock<Value> =
+    std::sync::LazyLock::new(|| json!({"requests_per_minute": 1_000_000}));
+
 /// Polls every (replica, key) until each refuses; how long that took.
 async fn until_refused(targets: &[(SocketAddr, String)], limit: Duration) -> Option<Duration> {
     let start = Instant::now();
@@ -490,6 +505,9 @@ async fn until_refused(targets: &[(SocketAddr, String)], limit: Duration) -> Opt
             }
         }
         pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     Some(start.elapsed())
 }
@@ -518,13 +536,13 @@ async fn lifecycle_a_revocation_on_one_replica_is_refused_by_the_others_within_1
         let (parent_id, parent, _) = create_key(
             revoker,
             &admin,
-            &json!({"name": format!("p{round}"), "env": "test", "permissions": ["chat:write", "keys:manage"]}),
+            &json!({"name": format!("p{round}"), "env": "test", "permissions": ["chat:write", "keys:manage"], "rate_limit": UNLIMITED.clone()}),
         )
         .await;
         let (_, child, _) = create_key(
             others[0],
             &parent,
-            &json!({"name": format!("c{round}"), "env": "test", "parent": parent_id, "permissions": ["chat:write"]}),
+            &json!({"name": format!("c{round}"), "env": "test", "parent": parent_id, "permissions": ["chat:write"], "rate_limit": UNLIMITED.clone()}),
         )
         .await;
         let mut targets = Vec::new();
@@ -1218,4 +1236,237 @@ async fn concurrency_three_replicas_write_one_audit_chain_that_verifies() {
     let bad = cluster.cli(&["audit", "verify"]);
     assert_eq!(bad.code, 1, "{bad:?}");
     assert!(bad.stderr.contains("entry"), "names the entry: {bad:?}");
+}
+
+// ---------------------------------------------------------------- failures
+
+/// Calls `key` on `addr` until `stop` is set, counting 200s; a refusal for
+/// the budget (402) is counted apart, anything else but `allowed` fails.
+fn calls_on(
+    addr: SocketAddr,
+    key: &str,
+    allowed: &'static str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        let (mut ok, mut other) = (0, 0);
+        while !stop.load(Ordering::SeqCst) {
+            let r = post(addr, "/openai/v1/chat/completions", &key, &chat_body(false)).await;
+            match r.status {
+                200 => ok += 1,
+                402 => other += 1,
+                503 if r.error_code() == allowed => {
+                    assert_eq!(r.header("retry-after"), Some("1"));
+                    other += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                s => panic!("{s} from {addr}: {}", r.text()),
+            }
+        }
+        (ok, other)
+    })
+}
+
+/// Spends what `key` can still spend on the replicas at `addrs`, two
+/// callers on each at once, each calling until refused for the budget
+/// twice in a row; returns the 200s.
+async fn spend_the_rest(addrs: &[SocketAddr], key: &str) -> usize {
+    let callers: Vec<_> = addrs
+        .iter()
+        .chain(addrs)
+        .map(|&addr| {
+            let key = key.to_owned();
+            tokio::spawn(async move {
+                let (mut ok, mut refused_in_a_row) = (0, 0);
+                while refused_in_a_row < 2 {
+                    match one_call(addr, &key).await {
+                        200 => {
+                            ok += 1;
+                            refused_in_a_row = 0;
+                        }
+                        402 => refused_in_a_row += 1,
+                        other => panic!("{other}"),
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for c in callers {
+        ok += c.await.unwrap();
+    }
+    ok
+}
+
+/// Promise 5: `kill -9` of one replica mid-load. The others keep serving;
+/// within seconds they close its lease — charged at least what its calls
+/// spent and hold, its calls in flight at their reservations — and the
+/// rest of the lease, held by the dead replica unused, is spendable again
+/// long before the lease's own expiry; the cap is spent exactly, never
+/// passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_a_replica_killed_mid_load_frees_its_unused_lease_within_seconds() {
+    let _turn = SERIAL.lock().await;
+    let Some(mut cluster) = Cluster::start("") else {
+        return;
+    };
+    add_provider_key(
+        cluster.addr(0),
+        &cluster.admin,
+        "openai",
+        "sk-upstream-test",
+    )
+    .await;
+    const CALLS: u64 = 100;
+    let (id, key, _) = create_key(
+        cluster.addr(0),
+        &cluster.admin,
+        &json!({"name": "agent", "budget": {"limit_usd": 1.0, "period": "total"}}),
+    )
+    .await;
+    let (live, victim) = ([cluster.addr(0), cluster.addr(1)], cluster.addr(2));
+
+    // The victim takes the first lease (a quarter of the budget) with one
+    // call, then dies with two more in flight while the others serve.
+    assert_eq!(one_call(victim, &key).await, 200);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let serving: Vec<_> = (0..4)
+        .map(|i| calls_on(live[i % 2], &key, "", stop.clone()))
+        .collect();
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let key = key.clone();
+            // The connection is cut mid-call: its task ends in a panic.
+            tokio::spawn(async move { one_call(victim, &key).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    cluster.replicas.remove(2).kill9();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut after_kill = 0;
+    for t in serving {
+        after_kill += t.await.expect("the live replicas kept serving").0;
+    }
+    for t in in_flight {
+        let _ = t.await;
+    }
+    assert!(after_kill > 0);
+
+    // Everything the live replicas can spend while the dead lease holds;
+    // then, once it is closed (stale after 5 s, checked every second), the
+    // part of it the dead replica never used.
+    spend_the_rest(&live, &key).await;
+    let before_close = killed.elapsed();
+    let mut freed = 0;
+    let mut freed_at = None;
+    while killed.elapsed() < Duration::from_secs(12) {
+        let n = spend_the_rest(&live, &key).await;
+        if n > 0 && freed_at.is_none() {
+            freed_at = Some(killed.elapsed());
+        }
+        freed += n;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.stop_replicas();
+    let spent = cluster.settled_spend(&id);
+    let cap = CALLS * CALL_MICROS;
+    eprintln!(
+        "{after_kill} calls served in the 200 ms after the kill; the rest spent {before_close:?} \
+         after it; {freed} more freed at {freed_at:?}; {} reached the provider, {spent} of {cap} µ$ settled",
+        cluster.upstream.calls()
+    );
+    assert!(
+        before_close < Duration::from_secs(5),
+        "too slow to tell the closing apart"
+    );
+    assert!(
+        freed >= 5,
+        "the dead replica's unused lease was not freed within 12 s ({freed} calls)"
+    );
+    assert!(spent <= cap, "spent {spent} of {cap}");
+    assert!(spent >= cap - CALL_MICROS, "{spent} of {cap} settled");
+    assert!(cluster.upstream.calls() as u64 <= CALLS);
+}
+
+/// Promise 6: PostgreSQL stopped under load. Calls fail closed with 503
+/// `store_unavailable` (never a 500, no replica dies), every call answered
+/// 200 is charged, and the replicas recover on their own when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_postgres_stopped_under_load_fails_closed_and_recovers() {
+    let _turn = SERIAL.lock().await;
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
+    let Some(redis) = TestRedis::start().expect("start redis-server") else {
+        return;
+    };
+    let mut cluster = Cluster::start_on(&pg, redis, "", &Secrets::default());
+    add_provider_key(
+        cluster.addr(0),
+        &cluster.admin,
+        "openai",
+        "sk-upstream-test",
+    )
+    .await;
+    let (id, key, _) = create_key(
+        cluster.addr(0),
+        &cluster.admin,
+        &json!({"name": "agent", "budget": {"limit_usd": 100.0, "period": "total"}}),
+    )
+    .await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..6)
+        .map(|i| calls_on(cluster.addr(i), &key, "store_unavailable", stop.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.stop().unwrap();
+    let refused = poll_until(Duration::from_secs(5), || async {
+        let r = post(
+            cluster.addr(0),
+            "/openai/v1/chat/completions",
+            &key,
+            &chat_body(false),
+        )
+        .await;
+        r.status == 503 && r.error_code() == "store_unavailable"
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "no 503 store_unavailable while PostgreSQL was down"
+    );
+    for i in 0..3 {
+        let ready = readyz(cluster.addr(i)).await;
+        assert_eq!(ready.status, 503, "{}", ready.text());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pg.restart().unwrap();
+    // Back on every replica without a restart.
+    for i in 0..3 {
+        let back = poll_until(Duration::from_secs(10), || async {
+            one_call(cluster.addr(i), &key).await == 200
+        })
+        .await;
+        assert!(back.is_some(), "replica {i} did not recover");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut ok = 0;
+    for t in load {
+        ok += t.await.expect("only 200 and 503 store_unavailable").0;
+    }
+    // The recovery probes' three calls, and every call answered 200 during
+    // the load, are charged once the replicas have written what waited.
+    cluster.stop_replicas();
+    let spent = cluster.settled_spend(&id);
+    let answered = ok as u64 + 3;
+    assert!(
+        spent >= answered * CALL_MICROS,
+        "{answered} calls answered 200 but only {spent} charged"
+    );
+    assert_eq!(cluster.upstream.calls() as u64, spent / CALL_MICROS);
 }
