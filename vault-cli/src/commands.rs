@@ -14,10 +14,11 @@ use vault_core::key::KeyEnv;
 use vault_core::manage::wire::CreateKeyRequest;
 use vault_core::manage::{Actor, Manager};
 use vault_tower::admin::{AdminOptions, admin_router};
+use vault_tower::ui::{UiOptions, ui_router};
 use vault_tower::{Forwarder, VaultLayer};
 
 use crate::app::{self, UsageError};
-use crate::config::LogFormat;
+use crate::config::{LogFormat, UiConfig};
 use crate::manage::{self, Direct};
 use crate::remote::Remote;
 use crate::request::refuse_argv_secret;
@@ -31,7 +32,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         .data_dir
         .clone()
         .unwrap_or_else(|| file.data_dir.clone());
-    let (config, listen_default) = (file.core, file.listen);
+    let (config, listen_default, ui) = (file.core, file.listen, file.ui);
     let format = cli.output;
     // A secret on the command line is refused before anything is opened or
     // created (docs/threat-model.md, C7): a usage error has no side effects.
@@ -46,7 +47,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
     }
     match cli.command {
         Command::Serve { listen } => {
-            serve(config, data_dir, listen.unwrap_or(listen_default)).await
+            serve(config, data_dir, listen.unwrap_or(listen_default), ui).await
         }
         Command::Init => {
             let opened = app::open(config, data_dir).await?;
@@ -137,6 +138,7 @@ async fn serve(
     config: vault_core::config::Config,
     data_dir: PathBuf,
     listen: String,
+    ui: UiConfig,
 ) -> Result<ExitCode> {
     let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
         UsageError(format!(
@@ -151,13 +153,21 @@ async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
-    let router = admin_router(
+    let mut router = admin_router(
         serving.admin.clone(),
         AdminOptions {
             protect_metrics: opened.config.protect_metrics,
         },
-    )
-    .fallback_service(
+    );
+    // The dashboard (docs/dashboard.md): `/` and `/ui/…`; without it those
+    // paths fall through to the proxy like any other.
+    if ui.enabled {
+        router = router.merge(ui_router(
+            serving.admin.clone(),
+            UiOptions { origin: ui.origin },
+        ));
+    }
+    let router = router.fallback_service(
         tower::ServiceBuilder::new()
             .layer(VaultLayer::new(serving.ctx.clone()))
             .service(Forwarder::new(vault_tower::Timeouts {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use vault_core::config::{Config, ConfigError, parse_toml, read};
 
 /// The top-level keys only the binary reads.
-const KEYS: [&str; 3] = ["listen", "data_dir", "log_format"];
+const KEYS: [&str; 4] = ["listen", "data_dir", "log_format", "ui"];
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,8 +29,35 @@ pub(crate) struct BinaryConfig {
     pub(crate) data_dir: PathBuf,
     /// Log format.
     pub(crate) log_format: LogFormat,
+    /// The dashboard (`[ui]`).
+    pub(crate) ui: UiConfig,
     /// Everything else.
     pub(crate) core: Config,
+}
+
+/// `[ui]`: the dashboard under `/ui/` (docs/dashboard.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UiConfig {
+    /// Serve it (default `true`); `false` removes its routes.
+    #[serde(default = "yes")]
+    pub(crate) enabled: bool,
+    /// Its public origin when not `http://` + the request's Host.
+    #[serde(default)]
+    pub(crate) origin: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig {
+            enabled: true,
+            origin: None,
+        }
+    }
 }
 
 impl Default for BinaryConfig {
@@ -39,6 +66,7 @@ impl Default for BinaryConfig {
             listen: "127.0.0.1:8080".to_owned(),
             data_dir: PathBuf::from(".vaultgate"),
             log_format: LogFormat::Text,
+            ui: UiConfig::default(),
             core: Config::default(),
         }
     }
@@ -50,6 +78,7 @@ struct RawBinary {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     log_format: Option<String>,
+    ui: Option<UiConfig>,
 }
 
 impl BinaryConfig {
@@ -74,6 +103,16 @@ impl BinaryConfig {
             }
             cfg.listen = l;
         }
+        if let Some(ui) = raw.ui {
+            if let Some(o) = &ui.origin
+                && !valid_origin(o)
+            {
+                return Err(ConfigError(format!(
+                    "{origin}: ui.origin: expected a scheme and host like https://gate.example.com, without a path"
+                )));
+            }
+            cfg.ui = ui;
+        }
         if let Some(d) = raw.data_dir {
             cfg.data_dir = d;
         }
@@ -92,6 +131,18 @@ impl BinaryConfig {
     }
 }
 
+/// `http://` or `https://`, a host (and port), nothing after.
+fn valid_origin(o: &str) -> bool {
+    let rest = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"));
+    rest.is_some_and(|h| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,9 +157,14 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:9000");
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(c.core.plans.contains_key("team"));
+        assert_eq!(c.ui, UiConfig::default());
+        let off = BinaryConfig::parse("[ui]\nenabled = false\n", "vaultgate.toml").unwrap();
+        assert!(!off.ui.enabled);
         for (text, needle) in [
             ("listen = \"nowhere\"", "listen"),
             ("log_format = \"xml\"", "log_format"),
+            ("[ui]\nenable = true", "unknown field `enable`"),
+            ("[ui]\norigin = \"https://x/ui\"", "ui.origin"),
             (
                 "lisen = \"x\"",
                 "unknown field `lisen`, expected one of `listen`",

@@ -51,6 +51,7 @@ mod metrics;
 mod mock;
 mod response;
 pub mod server;
+pub mod ui;
 mod vault;
 
 pub use context::{KEY_CACHE_TTL, RequestLimits, VaultContext, VaultContextBuilder};
