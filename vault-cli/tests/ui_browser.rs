@@ -445,6 +445,10 @@ async fn dashboard_in_a_real_browser() {
         &support::encodings(&key),
     );
 
+    b.goto(&format!("{base}/ui/audit")).await;
+    wait_text(&b, "Chain verified").await;
+    b.shot("audit").await;
+
     // Usage shows that call with its cost; the CSV equals /v1/usage.
     b.goto(&format!("{base}/ui/usage")).await;
     let usage = b.source().await;

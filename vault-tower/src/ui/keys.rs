@@ -476,7 +476,7 @@ pub(crate) async fn detail(
         h2 { "Policy" }
         pre.policy { (policy) }
         h2 { "Sub-agent keys" }
-        (tree(&all, &k.id))
+        @if all.iter().any(|c| c.parent.as_ref() == Some(&k.id)) { (tree(&all, &k.id)) } @else { p { "None." } }
         @if k.status == KeyStatus::Active {
             p { a href={"/ui/keys/new?parent=" (k.id.as_str())} { "Create a sub-agent key" } }
             div.danger {
