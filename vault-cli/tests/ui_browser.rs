@@ -650,7 +650,7 @@ async fn dashboard_in_a_real_browser() {
     assert_eq!(r.header("location"), Some("/ui/sign-in"));
 
     // A chat:write key cannot sign in.
-    let (_, chat_only, _) = create_key(
+    let (chat_id, chat_only, _) = create_key(
         addr,
         &admin,
         &json!({"name": "agent", "permissions": ["chat:write"]}),
@@ -659,6 +659,19 @@ async fn dashboard_in_a_real_browser() {
     sign_in(&b, &base, &chat_only).await;
     wait_text(&b, "can only make proxied calls").await;
     b.shot("sign-in-refused").await;
+    // Audited where the key's project sees it, without the key.
+    let audit = support::get(addr, "/v1/audit", &admin).await;
+    let refused = audit.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["target"] == chat_id.as_str() && e["detail"]["route"] == "/ui/sign-in");
+    assert!(refused, "{}", audit.text());
+    support::assert_absent(
+        "the refused key in the audit log",
+        &audit.text(),
+        &support::encodings(&chat_only),
+    );
 
     // A project's key cannot see another project's keys.
     let other = cli(

@@ -19,7 +19,8 @@ use vault_core::record::KeyStatus;
 
 use super::Ui;
 use super::guard::{
-    COOKIE_NAME, Posted, Signed, client_ip, dashboard_scope, forbidden_form, read_form, same_origin,
+    COOKIE_NAME, Posted, Signed, client_ip, dashboard_scope, forbidden_form, read_form,
+    same_origin, session_cookie,
 };
 use super::layout::{Nav, home as home_path, html_response, page};
 
@@ -93,6 +94,10 @@ pub(crate) async fn sign_in(State(ui): State<Arc<Ui>>, req: Request) -> Response
             Some("Too many failed sign-ins from this address. Wait a minute and try again."),
         );
     }
+    // A new sign-in ends the session this browser had (no fixation).
+    if let Some(old) = session_cookie(req.headers()) {
+        ui.sessions.close(&old);
+    }
     let fields = match read_form(req.into_body()).await {
         Ok(f) => f,
         Err(r) => return r,
@@ -115,12 +120,16 @@ pub(crate) async fn sign_in(State(ui): State<Arc<Ui>>, req: Request) -> Response
     }
 }
 
+/// The key a refused sign-in presented, when it is one: its id and project
+/// (so the project's `audit:read` keys see the attempt).
+type Target = Option<(String, String)>;
+
 /// The key's hash if it may sign in; otherwise why not and, when known,
-/// its id.
+/// which key it was.
 async fn check_key(
     ui: &Ui,
     presented: &str,
-) -> Result<vault_core::key::KeyHash, (Refused, Option<String>)> {
+) -> Result<vault_core::key::KeyHash, (Refused, Target)> {
     let ctx = ui.admin.context();
     let hash = ctx
         .key_format()
@@ -131,7 +140,7 @@ async fn check_key(
         Ok(Some(r)) => r,
         _ => return Err((Refused::Invalid, None)),
     };
-    let id = Some(record.id.to_string());
+    let id = Some((record.id.to_string(), record.project.clone()));
     let now = ctx.clock().now();
     if record.hash != hash && record.previous_valid_until.is_none_or(|u| now >= u) {
         return Err((Refused::Invalid, id));
@@ -150,12 +159,15 @@ async fn check_key(
 }
 
 /// Writes the refusal to the audit log (never the presented text).
-async fn audit_refusal(ui: &Ui, refused: &Refused, target: Option<String>, ip: IpAddr) {
+async fn audit_refusal(ui: &Ui, refused: &Refused, target: Target, ip: IpAddr) {
     let Some(log) = ui.admin.context().audit().cloned() else {
         return;
     };
     let mut event = AuditEvent::new(AuditKind::RequestDenied);
-    event.target = target;
+    if let Some((id, project)) = target {
+        event.target = Some(id);
+        event.project = Some(project);
+    }
     event.detail = serde_json::json!({
         "route": "/ui/sign-in",
         "code": refused.reason(),
