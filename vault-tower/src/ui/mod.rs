@@ -27,6 +27,9 @@ mod signin;
 mod usage;
 mod vault_page;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use axum::Router;
