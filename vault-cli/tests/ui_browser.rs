@@ -611,6 +611,29 @@ async fn dashboard_in_a_real_browser() {
     assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
     assert_eq!(page.header("cache-control"), Some("no-store"));
 
+    // The Policy YAML tab: an error names the line and field beside the
+    // text; a valid file creates the key.
+    b.goto(&format!("{base}/ui/keys/new")).await;
+    b.click("details.yaml summary").await;
+    b.type_in("#f-policy_yaml", "name: from-yaml\nbudget:\n  limit: 5\n")
+        .await;
+    b.click("details.yaml button.primary").await;
+    wait_text(&b, "policy.yaml:3").await;
+    assert_eq!(
+        b.js("return document.getElementById('f-policy_yaml').getAttribute('aria-invalid');")
+            .await,
+        "true"
+    );
+    b.shot("policy-yaml-error").await;
+    b.type_in(
+        "#f-policy_yaml",
+        "name: from-yaml\nmodels: [gpt-4o-mini]\nbudget:\n  limit_usd: 5\n",
+    )
+    .await;
+    b.click("form:has(#f-policy_yaml) button.primary").await;
+    assert!(shown_key(&b).await.starts_with("vpx_live_"));
+    wait_text(&b, "from-yaml").await;
+
     // A cross-origin form post without the token is refused and changes nothing.
     let before = key_count(addr, &admin).await;
     for (origin, body) in [

@@ -163,7 +163,7 @@ pub(crate) async fn list(
         (pager(&q, n, pages))
         dialog #create-key aria-labelledby="create-key-title" {
             h2 #create-key-title { "Create API Key" }
-            (create_form(&signed, &pks, None))
+            (create_form(&signed, &pks, None, None))
         }
     };
     html_response(
@@ -206,6 +206,7 @@ fn create_form(
     signed: &Signed,
     pks: &[vault_core::manage::ProviderKeyView],
     parent: Option<&str>,
+    yaml: Option<(&str, &str)>,
 ) -> Markup {
     html! {
         form.stack method="post" action="/ui/keys" {
@@ -252,6 +253,38 @@ fn create_form(
                 button type="button" data-close="" { "Cancel" }
             }
         }
+        details.yaml open[yaml.is_some()] {
+            summary { "Policy YAML" }
+            (yaml_form(signed, parent, yaml))
+        }
+    }
+}
+
+/// The "Policy YAML" form: a policy file's text (docs/policy.md), checked
+/// as a file is; an error names its line and field beside the text.
+fn yaml_form(signed: &Signed, parent: Option<&str>, yaml: Option<(&str, &str)>) -> Markup {
+    let (text, error) = yaml.unwrap_or(("", ""));
+    html! {
+        form.stack method="post" action="/ui/keys" {
+            (csrf_field(signed))
+            input type="hidden" name="mode" value="yaml";
+            @if let Some(p) = parent { input type="hidden" name="parent" value=(p); }
+            div.field {
+                label for="f-policy_yaml" { "Policy YAML" }
+                textarea #f-policy_yaml name="policy_yaml" rows="10" spellcheck="false"
+                    aria-describedby="f-policy_yaml-hint" aria-invalid=[(!error.is_empty()).then_some("true")] { (text) }
+                @if error.is_empty() {
+                    small #f-policy_yaml-hint { "name, ttl, scopes, plan and the policy fields, e.g. models: [gpt-4o-mini] and budget: { limit_usd: 5 }." }
+                } @else {
+                    small #f-policy_yaml-hint .bad role="alert" { (error) }
+                }
+            }
+            div.field {
+                label for="f-yaml-env" { "Environment" }
+                select #f-yaml-env name="env" { option value="" { "Default" } option value="live" { "live" } option value="test" { "test (mock provider)" } }
+            }
+            button.primary type="submit" { "Create API Key" }
+        }
     }
 }
 
@@ -273,7 +306,7 @@ pub(crate) async fn new_form(
         .map(|l| l.data)
         .unwrap_or_default();
     let parent = q.get("parent").map(String::as_str);
-    let body = create_form(&signed, &pks, parent);
+    let body = create_form(&signed, &pks, parent, None);
     html_response(
         StatusCode::OK,
         page("Create API Key", Some(&signed), Nav::Keys, body),
@@ -375,14 +408,66 @@ pub(crate) fn issued_page(signed: &Signed, title: &str, issued: &IssuedKey) -> R
 /// `POST /ui/keys`: **Create API Key**.
 pub(crate) async fn create(State(ui): State<Arc<Ui>>, posted: Posted) -> Response {
     let Posted { signed, fields } = posted;
-    let req = match create_request(&fields) {
-        Ok(r) => r,
-        Err(e) => return error_page(&signed, &e),
+    let req = if fields.get("mode") == Some("yaml") {
+        let text = fields.get("policy_yaml").unwrap_or_default();
+        match yaml_request(&fields) {
+            Ok(r) => r,
+            Err(e) => return yaml_error(&signed, &fields, text, &e.to_string()),
+        }
+    } else {
+        match create_request(&fields) {
+            Ok(r) => r,
+            Err(e) => return error_page(&signed, &e),
+        }
     };
     match ui.admin.manager().create_key(&signed.actor, req).await {
         Ok(issued) => issued_page(&signed, "API key created", &issued),
         Err(e) => error_page(&signed, &e),
     }
+}
+
+/// The Policy YAML form again, the text kept and its error beside it
+/// (400).
+fn yaml_error(signed: &Signed, f: &Fields, text: &str, error: &str) -> Response {
+    let body = html! {
+        (yaml_form(signed, f.get("parent"), Some((text, error))))
+        p { a href="/ui/keys/new" { "Use the form instead" } }
+    };
+    html_response(
+        StatusCode::BAD_REQUEST,
+        page(
+            "Create API Key from Policy YAML",
+            Some(signed),
+            Nav::Keys,
+            body,
+        ),
+    )
+}
+
+/// The "Policy YAML" form as the API's request: the file's name, TTL,
+/// scopes, plan and policy, as `vaultgate keys create --policy` reads a
+/// file; `env` and `parent` from the form.
+pub(crate) fn yaml_request(f: &Fields) -> Result<CreateKeyRequest, ManageError> {
+    let text = f.get("policy_yaml").unwrap_or_default();
+    let file = vault_core::policy::parse_policy_yaml(text, "policy.yaml")
+        .map_err(|e| ManageError::Invalid(e.to_string()))?;
+    let mut req = CreateKeyRequest::default().with_policy(file.policy);
+    req.name = file.name;
+    req.plan = file.plan;
+    req.permissions = file
+        .scopes
+        .map(|s| s.iter().map(|x| x.to_string_lossless()).collect());
+    req.ttl = file
+        .ttl
+        .map(|d| format!("{}s", d.as_secs()).parse())
+        .transpose()
+        .map_err(|e| ManageError::Invalid(format!("ttl: {e}")))?;
+    let extra = json!({"env": f.get("env"), "parent": f.get("parent")});
+    let extra: CreateKeyRequest =
+        serde_json::from_value(extra).map_err(|e| ManageError::Invalid(e.to_string()))?;
+    req.env = extra.env;
+    req.parent = extra.parent;
+    Ok(req)
 }
 
 /// A key id from a path; anything else is no key's (404).
@@ -613,5 +698,27 @@ mod tests {
         ] {
             assert!(create_request(&Fields::parse(bad)).is_err());
         }
+    }
+
+    #[test]
+    fn boundary_policy_yaml_becomes_the_request_and_errors_name_line_and_field() {
+        let yaml = "name: eval\nttl: 1h\nscopes: [chat:write]\nmodels: [gpt-4o-mini]\nbudget: { limit_usd: 5 }\n";
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("policy_yaml", yaml)
+            .append_pair("env", "test")
+            .finish();
+        let r = yaml_request(&Fields::parse(body.as_bytes())).unwrap();
+        assert_eq!(r.name.as_deref(), Some("eval"));
+        assert_eq!(r.ttl.map(|t| t.get().as_secs()), Some(3600));
+        assert!(r.models.is_some() && r.budget.is_some());
+        assert_eq!(r.env, Some(vault_core::key::KeyEnv::Test));
+        let bad = form_urlencoded::Serializer::new(String::new())
+            .append_pair("policy_yaml", "name: x\nbudget:\n  limit: 5\n")
+            .finish();
+        let e = yaml_request(&Fields::parse(bad.as_bytes()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("policy.yaml:3"), "{e}");
+        assert!(e.contains("limit"), "{e}");
     }
 }
