@@ -23,7 +23,7 @@ use vault_core::scope::Permission;
 use super::Ui;
 use super::guard::{Fields, Posted, Signed};
 use super::layout::{Nav, csrf_field, error_page, field, html_response, page};
-use super::usage::calls_table;
+use super::usage::{calls_table, chart};
 
 /// Rows per page of the key table.
 pub(crate) const PAGE_SIZE: usize = 50;
@@ -532,7 +532,7 @@ pub(crate) async fn detail(
         let q = UsageQuery {
             key_id: Some(k.id.clone()),
             since: None,
-            limit: Some(20),
+            limit: Some(1000),
         };
         m.usage(&signed.actor, q)
             .await
@@ -579,7 +579,12 @@ pub(crate) async fn detail(
                 }
             }
         }
-        @if !calls.is_empty() { h2 { "Recent calls" } (calls_table(&calls)) }
+        @if !calls.is_empty() {
+            h2 { "Usage" }
+            (chart(&calls, false))
+            h2 { "Recent calls" }
+            (calls_table(&calls[..calls.len().min(20)]))
+        }
     };
     let title = format!(
         "Key {}",

@@ -144,7 +144,7 @@ fn sums_table(caption: &str, rows: &[(String, Sum)]) -> Markup {
 }
 
 /// Spend per hour or day as bars; the tallest bar is the largest bucket.
-fn chart(data: &[UsageView], hourly: bool) -> Markup {
+pub(crate) fn chart(data: &[UsageView], hourly: bool) -> Markup {
     let width = if hourly { 13 } else { 10 };
     let mut buckets: BTreeMap<String, Sum> = BTreeMap::new();
     for u in data {
