@@ -174,9 +174,27 @@ pub(crate) fn dashboard_scope(record: &KeyRecord) -> bool {
     .any(|p| record.scopes.allows(p))
 }
 
-/// A form's fields, in order; a field may repeat (checkboxes).
-#[derive(Debug, Default)]
+/// A form's fields, in order; a field may repeat (checkboxes). A form may
+/// carry a secret (the sign-in key, a provider key): `Debug` shows only the
+/// names, and the values are zeroed when it is dropped.
+#[derive(Default)]
 pub(crate) struct Fields(Vec<(String, String)>);
+
+impl std::fmt::Debug for Fields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+impl Drop for Fields {
+    fn drop(&mut self) {
+        for (_, v) in &mut self.0 {
+            zeroize::Zeroize::zeroize(v);
+        }
+    }
+}
 
 impl Fields {
     /// Parses an `application/x-www-form-urlencoded` body.
@@ -266,6 +284,16 @@ mod tests {
         assert_eq!(f.all("scopes"), ["chat:write", "usage:read"]);
         assert_eq!(f.get("name"), None);
         assert_eq!(f.get("ttl"), Some("1h"));
+    }
+
+    #[test]
+    fn leak_form_debug_shows_names_only() {
+        let f = Fields::parse(b"api_key=vpx_live_secretsecretsecret1234&name=x");
+        let shown = format!("{f:?}");
+        assert!(
+            shown.contains("api_key") && !shown.contains("secret"),
+            "{shown}"
+        );
     }
 
     #[test]
