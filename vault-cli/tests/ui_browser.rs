@@ -805,3 +805,49 @@ async fn the_dashboard_can_be_turned_off() {
         assert!(!r.text().contains("Sign in"), "{path}");
     }
 }
+
+/// A key revoked by another process (the CLI on the same data directory)
+/// ends the dashboard sessions it opened within a second: the session
+/// re-checks the key through the proxy's cache (0.9 s) on every request.
+#[tokio::test]
+async fn lifecycle_a_key_revoked_elsewhere_ends_its_session_within_a_second() {
+    let dir = tempdir();
+    let server = Server::start(dir.path());
+    let (addr, base) = (server.addr, server.url());
+    let (id, key, _) = create_key(
+        addr,
+        server.admin(),
+        &json!({"name": "lead", "permissions": ["keys:manage"]}),
+    )
+    .await;
+    let body = format!("api_key={key}");
+    let r = send(
+        addr,
+        Req::new("POST", "/ui/sign-in")
+            .header("origin", &base)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .raw(body.into_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let cookie = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = || async {
+        send(addr, Req::new("GET", "/ui/keys").header("cookie", &cookie))
+            .await
+            .status
+    };
+    assert_eq!(page().await, 200, "signed in; the key is cached");
+    let out = cli(dir.path(), &["keys", "revoke", &id]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let took = support::poll_until(Duration::from_secs(1), || async { page().await == 303 }).await;
+    assert!(
+        took.is_some(),
+        "the session outlived the revocation by a second"
+    );
+}
