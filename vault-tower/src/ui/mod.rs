@@ -11,7 +11,7 @@
 //!   failed-sign-in limiter;
 //! - `guard`: security headers, the session check on every request, the
 //!   exact `Origin` and CSRF token on every `POST`;
-//! - `layout`: the page shell; `signin`, `keys`, `vault_page`, `usage`,
+//! - `layout`: the page shell; `signin`, `keys`, `key_form`, `vault_page`, `usage`,
 //!   `audit`: the pages; `assets`: the stylesheet and script, embedded.
 //!
 //! No template or handler writes a secret into a page except the one
@@ -20,6 +20,7 @@
 mod assets;
 mod audit;
 mod guard;
+mod key_form;
 mod keys;
 mod layout;
 mod session;
@@ -85,8 +86,8 @@ pub fn ui_router(admin: Admin, options: UiOptions) -> Router {
         .route("/ui/", get(signin::home))
         .route("/ui/sign-in", get(signin::form).post(signin::sign_in))
         .route("/ui/sign-out", post(signin::sign_out))
-        .route("/ui/keys", get(keys::list).post(keys::create))
-        .route("/ui/keys/new", get(keys::new_form))
+        .route("/ui/keys", get(keys::list).post(key_form::create))
+        .route("/ui/keys/new", get(key_form::new_form))
         .route("/ui/keys/{id}", get(keys::detail))
         .route("/ui/keys/{id}/revoke", post(keys::revoke))
         .route("/ui/keys/{id}/rotate", post(keys::rotate))

@@ -17,7 +17,8 @@ use vault_core::provider::Provider;
 
 use super::Ui;
 use super::guard::{Posted, Signed};
-use super::keys::{issued_page, when};
+use super::key_form::issued_page;
+use super::keys::when;
 use super::layout::{Nav, csrf_field, error_page, field, html_response, page};
 
 /// Keys that name `pk` in their `provider_keys`.
