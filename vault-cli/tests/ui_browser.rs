@@ -489,13 +489,18 @@ async fn dashboard_in_a_real_browser() {
     }
 
     // Revoke in the UI: the next proxied call is 401 within 1 s.
+    // Its sub-agent key goes with it, and the confirmation says so.
+    let (_, child, _) = create_key(addr, &admin, &json!({"name": "sub-agent", "parent": id})).await;
     b.goto(&format!("{base}/ui/keys/{id}")).await;
+    wait_text(&b, "sub-agent").await;
     b.shot("key-detail").await;
     b.click("form[action$='/revoke'] button").await;
     wait_text(&b, "Revoke browser-made?").await;
+    wait_text(&b, "1 sub-agent key is revoked with it.").await;
     b.click("form[action$='/revoke'] button").await;
     let revoked_at = Instant::now();
-    wait_text(&b, "Revoked 1 key(s).").await;
+    wait_text(&b, "Revoked 2 key(s).").await;
+    assert_eq!(chat(addr, &child, "gpt-4o-mini").await.status, 401);
     let r = chat(addr, &key, "gpt-4o-mini").await;
     assert_eq!(r.status, 401, "{}", r.text());
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
@@ -574,6 +579,16 @@ async fn dashboard_in_a_real_browser() {
     )
     .await;
     assert_eq!(other.status, 403, "another provider: {}", other.text());
+
+    // Removing it first lists the keys limited to it, then removes it.
+    b.goto(&format!("{base}/ui/vault")).await;
+    b.click("form[action$='/remove'] button").await;
+    wait_text(&b, "1 key is limited to it").await;
+    assert!(b.source().await.contains("proxy-made"));
+    b.click("form[action$='/remove'] button.danger").await;
+    wait_text(&b, "No provider keys yet").await;
+    let pks = support::get(addr, "/v1/provider-keys", &admin).await.json();
+    assert_eq!(pks["data"], json!([]));
 
     // Hostile names render as text; no dialog fires; the CSP is there.
     for name in [

@@ -356,7 +356,7 @@ pub(crate) async fn revoke(
             div.card role="alertdialog" aria-labelledby="confirm-title" {
                 h2 #confirm-title { "Revoke " (k.name) "?" }
                 p { "Calls with this key are refused at once." }
-                p.warn { @if below.is_empty() { "It has no active sub-agent keys." } @else { (below.len()) " sub-agent keys are revoked with it." } }
+                p.warn { @if below.is_empty() { "It has no active sub-agent keys." } @else if below.len() == 1 { "1 sub-agent key is revoked with it." } @else { (below.len()) " sub-agent keys are revoked with it." } }
                 form method="post" action={"/ui/keys/" (id.as_str()) "/revoke"} {
                     (csrf_field(&signed))
                     input type="hidden" name="confirm" value="yes";

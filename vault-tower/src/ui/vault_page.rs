@@ -176,7 +176,7 @@ pub(crate) async fn remove(
             h2 #confirm-title { "Remove " (pk.provider.as_str()) " key " (pk.name) " (" (pk.hint.as_str()) ")?" }
             @if deps.is_empty() { p { "No key is limited to it." } }
             @else {
-                p.warn { (deps.len()) " keys are limited to it and will have no provider key for " (pk.provider.as_str()) ":" }
+                p.warn { (deps.len()) @if deps.len() == 1 { " key is" } @else { " keys are" } " limited to it and will have no provider key for " (pk.provider.as_str()) ":" }
                 ul { @for k in &deps { li { a href={"/ui/keys/" (k.id.as_str())} { (k.name) } " " code { (k.prefix.as_str()) "…" } } } }
             }
             form method="post" action={"/ui/vault/" (id.as_str()) "/remove"} {
