@@ -14,6 +14,7 @@ use vault_core::key::KeyEnv;
 use vault_core::manage::wire::CreateKeyRequest;
 use vault_core::manage::{Actor, Manager};
 use vault_tower::admin::{AdminOptions, admin_router};
+use vault_tower::ui::{UiOptions, ui_router};
 use vault_tower::{Forwarder, VaultLayer};
 
 use crate::app::{self, UsageError};
@@ -146,6 +147,7 @@ async fn serve(file: BinaryConfig, data_dir: PathBuf, listen: String) -> Result<
             "--listen {listen:?}: expected an address like 127.0.0.1:8080"
         ))
     })?;
+    let ui = file.ui.clone();
     let opened = app::open_serving(file, data_dir).await?;
     let serving = app::serving(&opened)?;
     if opened.fresh {
@@ -157,13 +159,21 @@ async fn serve(file: BinaryConfig, data_dir: PathBuf, listen: String) -> Result<
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
-    let router = admin_router(
+    let mut router = admin_router(
         serving.admin.clone(),
         AdminOptions {
             protect_metrics: opened.config.protect_metrics,
         },
-    )
-    .fallback_service(
+    );
+    // The dashboard (docs/dashboard.md): `/` and `/ui/…`; without it those
+    // paths fall through to the proxy like any other.
+    if ui.enabled {
+        router = router.merge(ui_router(
+            serving.admin.clone(),
+            UiOptions { origin: ui.origin },
+        ));
+    }
+    let router = router.fallback_service(
         tower::ServiceBuilder::new()
             .layer(VaultLayer::new(serving.ctx.clone()))
             .service(Forwarder::new(vault_tower::Timeouts {

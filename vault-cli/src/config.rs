@@ -17,7 +17,7 @@ use vault_core::policy::LimiterFallback;
 use vault_redis::RedisConfig;
 
 /// The top-level keys only the binary reads.
-const KEYS: [&str; 5] = ["listen", "data_dir", "log_format", "store", "redis"];
+const KEYS: [&str; 6] = ["listen", "data_dir", "log_format", "store", "redis", "ui"];
 
 /// The environment variable that sets (and wins over) `[store] url`.
 pub(crate) const DATABASE_URL_ENV: &str = "VAULTGATE_DATABASE_URL";
@@ -87,8 +87,35 @@ pub(crate) struct BinaryConfig {
     store_options: StoreOptions,
     /// `[redis] on_error`, for a URL from the environment.
     redis_on_error: LimiterFallback,
+    /// The dashboard (`[ui]`).
+    pub(crate) ui: UiConfig,
     /// Everything else.
     pub(crate) core: Config,
+}
+
+/// `[ui]`: the dashboard under `/ui/` (docs/dashboard.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UiConfig {
+    /// Serve it (default `true`); `false` removes its routes.
+    #[serde(default = "yes")]
+    pub(crate) enabled: bool,
+    /// Its public origin when not `http://` + the request's Host.
+    #[serde(default)]
+    pub(crate) origin: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig {
+            enabled: true,
+            origin: None,
+        }
+    }
 }
 
 impl Default for BinaryConfig {
@@ -101,6 +128,7 @@ impl Default for BinaryConfig {
             redis: None,
             store_options: StoreOptions::default(),
             redis_on_error: LimiterFallback::default(),
+            ui: UiConfig::default(),
             core: Config::default(),
         }
     }
@@ -116,6 +144,7 @@ struct RawBinary {
     /// `[store]` (a table), or the older `store = "sqlite"`.
     store: Option<serde_json::Value>,
     redis: Option<RawRedis>,
+    ui: Option<UiConfig>,
 }
 
 /// `[store]` as written.
@@ -167,6 +196,16 @@ impl BinaryConfig {
                 )));
             }
             cfg.listen = l;
+        }
+        if let Some(ui) = raw.ui {
+            if let Some(o) = &ui.origin
+                && !valid_origin(o)
+            {
+                return Err(ConfigError(format!(
+                    "{origin}: ui.origin: expected a scheme and host like https://gate.example.com, without a path"
+                )));
+            }
+            cfg.ui = ui;
         }
         if let Some(d) = raw.data_dir {
             cfg.data_dir = d;
@@ -317,6 +356,18 @@ fn parse_redis(
     Ok((config, on_error))
 }
 
+/// `http://` or `https://`, a host (and port), nothing after.
+fn valid_origin(o: &str) -> bool {
+    let rest = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"));
+    rest.is_some_and(|h| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,9 +382,14 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:9000");
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(c.core.plans.contains_key("team"));
+        assert_eq!(c.ui, UiConfig::default());
+        let off = BinaryConfig::parse("[ui]\nenabled = false\n", "vaultgate.toml").unwrap();
+        assert!(!off.ui.enabled);
         for (text, needle) in [
             ("listen = \"nowhere\"", "listen"),
             ("log_format = \"xml\"", "log_format"),
+            ("[ui]\nenable = true", "unknown field `enable`"),
+            ("[ui]\norigin = \"https://x/ui\"", "ui.origin"),
             (
                 "lisen = \"x\"",
                 "unknown field `lisen`, expected one of `listen`",

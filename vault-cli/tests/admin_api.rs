@@ -392,7 +392,6 @@ async fn boundary_every_route_requires_a_key() {
         "/v1/audit/",
         "/v1/whatever",
         "/v1",
-        "/",
         "/admin",
         "/healthz/",
         "/readyz/",
@@ -422,6 +421,9 @@ async fn boundary_every_route_requires_a_key() {
             }
         }
     }
+    // `/` is the dashboard's: a redirect to `/ui/`.
+    let r = send(addr, Req::new("GET", "/")).await;
+    assert_eq!((r.status, r.header("location")), (303, Some("/ui/")));
     for path in ["/healthz", "/readyz", "/metrics"] {
         for method in ["GET", "HEAD"] {
             let r = send(addr, Req::new(method, path)).await;

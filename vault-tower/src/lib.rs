@@ -52,6 +52,7 @@ mod mock;
 mod replicas;
 mod response;
 pub mod server;
+pub mod ui;
 mod vault;
 
 pub use context::{KEY_CACHE_TTL, RequestLimits, VaultContext, VaultContextBuilder};

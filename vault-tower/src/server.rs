@@ -36,7 +36,7 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -51,7 +51,13 @@ pub async fn serve(
         let service = TowerToHyperService::new(
             router
                 .clone()
-                .map_request(|r: http::Request<Incoming>| r.map(axum::body::Body::new))
+                // The peer address, for what counts per client (the
+                // dashboard's failed sign-ins).
+                .map_request(move |r: http::Request<Incoming>| {
+                    let mut r = r.map(axum::body::Body::new);
+                    r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                    r
+                })
                 .map_err(|e: Infallible| match e {}),
         );
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);

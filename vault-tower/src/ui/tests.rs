@@ -1,0 +1,130 @@
+//! The dashboard's router in process, over a `MemoryStore`: scale and
+//! session lifecycle (the browser suite is vault-cli/tests/ui_browser.rs).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use vault_core::clock::SystemClock;
+use vault_core::crypto::{AesGcmEncryptor, MasterKey};
+use vault_core::manage::{Actor, CreateKeyRequest, Manager};
+use vault_core::policy::{DefaultEngine, PlanSet};
+use vault_core::pricing::PriceTable;
+use vault_core::store::MemoryStore;
+
+use super::{UiOptions, ui_router};
+use crate::VaultContext;
+use crate::admin::Admin;
+
+/// A router and its manager over an empty memory store.
+fn setup() -> (Router, Manager) {
+    let store = Arc::new(MemoryStore::new());
+    let enc = Arc::new(AesGcmEncryptor::new(MasterKey::generate().unwrap()).unwrap());
+    let engine = Arc::new(DefaultEngine::new(
+        store.clone(),
+        Arc::new(PriceTable::builtin()),
+        Arc::new(SystemClock),
+    ));
+    let ctx = VaultContext::builder(store, enc, engine).build();
+    let admin = Admin::new(ctx, Arc::new(PlanSet::seeded()));
+    let manager = admin.manager().clone();
+    (ui_router(admin, UiOptions::default()), manager)
+}
+
+async fn create(m: &Manager, body: &str) -> (String, String) {
+    let req: CreateKeyRequest = serde_json::from_str(body).unwrap();
+    let issued = m.create_key(&Actor::Operator, req).await.unwrap();
+    (
+        issued.record.id.to_string(),
+        issued.key.expose_secret().to_owned(),
+    )
+}
+
+/// Signs in with `key`; the session cookie (`vg_session=…`).
+async fn sign_in(router: &Router, key: &str) -> String {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .append_pair("api_key", key)
+        .finish();
+    let r = router
+        .clone()
+        .oneshot(
+            Request::post("/ui/sign-in")
+                .header("host", "dash.test")
+                .header("origin", "http://dash.test")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+async fn get(router: &Router, path: &str, cookie: &str) -> (StatusCode, String) {
+    let r = router
+        .clone()
+        .oneshot(
+            Request::get(path)
+                .header("cookie", cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn boundary_ten_thousand_keys_paginate_and_a_page_answers_within_a_second() {
+    let (router, m) = setup();
+    let (_, admin) = create(&m, r#"{"name": "admin", "permissions": ["*"]}"#).await;
+    for i in 0..10_000 {
+        create(&m, &format!(r#"{{"name": "bulk-{i}", "env": "test"}}"#)).await;
+    }
+    let cookie = sign_in(&router, &admin).await;
+    for path in ["/ui/keys", "/ui/keys?page=150", "/ui/keys?q=bulk-9999"] {
+        let start = Instant::now();
+        let (status, html) = get(&router, path, &cookie).await;
+        let took = start.elapsed();
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(took < Duration::from_secs(1), "{path} took {took:?}");
+        let rows = html.matches("<tr><td><a href=\"/ui/keys/key_").count();
+        match path {
+            "/ui/keys?q=bulk-9999" => assert_eq!(rows, 1, "{path}"),
+            _ => assert_eq!(rows, super::keys::PAGE_SIZE, "{path}"),
+        }
+    }
+    let (_, html) = get(&router, "/ui/keys?page=150", &cookie).await;
+    assert!(html.contains("10001 keys · page 150 of 201"));
+}
+
+#[tokio::test]
+async fn lifecycle_revoking_the_signing_key_ends_its_session() {
+    let (router, m) = setup();
+    let (id, key) = create(&m, r#"{"name": "lead", "permissions": ["keys:manage"]}"#).await;
+    let cookie = sign_in(&router, &key).await;
+    assert_eq!(get(&router, "/ui/keys", &cookie).await.0, StatusCode::OK);
+    // A key without usage:read is refused Usage with the API's message.
+    let (status, html) = get(&router, "/ui/usage", &cookie).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(html.contains("usage:read"));
+    m.revoke_key(
+        &Actor::Operator,
+        &vault_core::key::KeyId::parse(&id).unwrap(),
+    )
+    .await
+    .unwrap();
+    let (status, _) = get(&router, "/ui/keys", &cookie).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "signed out at once");
+    // And the session is gone, not just refused once.
+    let (status, _) = get(&router, "/ui/audit", &cookie).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+}
