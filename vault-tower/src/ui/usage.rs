@@ -155,7 +155,8 @@ pub(crate) fn chart(data: &[UsageView], hourly: bool) -> Markup {
     }
     let max = buckets.values().map(|s| s.cost).fold(0.0_f64, f64::max);
     let n = buckets.len().max(1);
-    let bar = 600.0 / n as f64;
+    // At most 40 units wide: a period or two must not fill the chart.
+    let bar = (600.0 / n as f64).min(40.0);
     html! {
         figure {
             svg.chart viewBox="0 0 600 170" role="img" aria-label="Spend per period" {
