@@ -16,8 +16,11 @@ fn sqlite() -> (SqliteStore, tempfile::TempDir) {
     (store, dir)
 }
 
+/// Makes a fresh store of one kind.
+type Factory = fn() -> FreshStore;
+
 /// Every store of this crate, by name, as a factory of fresh ones.
-const BACKENDS: [(&str, fn() -> FreshStore); 4] = [
+const BACKENDS: [(&str, Factory); 4] = [
     ("leased memory", || {
         FreshStore::new(LeasedStore::new(MemoryStore::new()))
     }),
@@ -33,7 +36,7 @@ const BACKENDS: [(&str, fn() -> FreshStore); 4] = [
 ];
 
 /// Runs `case` on every store; a failure's output names the store.
-async fn on_every_store<F: Future<Output = ()>>(case: impl Fn(fn() -> FreshStore) -> F) {
+async fn on_every_store<F: Future<Output = ()>>(case: impl Fn(Factory) -> F) {
     for (name, factory) in BACKENDS {
         println!("store: {name}");
         case(factory).await;
