@@ -4,7 +4,7 @@
 //!
 //! Each case is a public async function taking a [`StoreFactory`]; it makes
 //! a fresh store with it and panics, with an assertion message, where the
-//! store breaks a promise of [`KeyStore`]. [`store_conformance_tests!`]
+//! store breaks a promise of [`KeyStore`]. [`store_conformance_tests!`](crate::store_conformance_tests)
 //! expands to one `#[test]` per case, named after it:
 //!
 //! ```
@@ -16,7 +16,7 @@
 //!
 //! The budget cases of docs/threat-model.md (I1–I4, I7) run through
 //! [`DefaultEngine`](crate::policy::DefaultEngine) over a store in the same
-//! way; [`threat_conformance_tests!`] expands them.
+//! way; [`threat_conformance_tests!`](crate::threat_conformance_tests) expands them.
 //!
 //! How to run it against your own store: `docs/conformance.md`.
 
@@ -40,12 +40,12 @@ use crate::store::KeyStore;
 /// A store under test, shared between the tasks of a case.
 pub type Store = Arc<dyn KeyStore>;
 
-/// The name of every case, in the order [`store_conformance_tests!`] runs
+/// The name of every case, in the order [`store_conformance_tests!`](crate::store_conformance_tests) runs
 /// them.
 pub const CASES: &[&str] = crate::store_conformance_tests! {@cases names()};
 
 /// The name of every threat case (docs/threat-model.md, I1–I4, I7), in the
-/// order [`threat_conformance_tests!`] runs them.
+/// order [`threat_conformance_tests!`](crate::threat_conformance_tests) runs them.
 pub const THREAT_CASES: &[&str] = crate::threat_conformance_tests! {@cases names()};
 
 /// A fresh store for one case, with whatever must outlive it (a temporary
@@ -131,7 +131,7 @@ where
 
 /// Runs one case to completion on its own multi-thread runtime with four
 /// workers (the concurrency cases race real threads). The tests
-/// [`store_conformance_tests!`] generates call it.
+/// [`store_conformance_tests!`](crate::store_conformance_tests) generates call it.
 pub fn run(case: impl Future<Output = ()>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -201,7 +201,7 @@ macro_rules! store_conformance_tests {
 /// Expands to one `#[test]` per threat case of docs/threat-model.md (I1–I4,
 /// I7: budgets through [`DefaultEngine`](crate::policy::DefaultEngine)),
 /// named after the case, each running it against fresh stores from the
-/// factory expression, as [`store_conformance_tests!`] does:
+/// factory expression, as [`store_conformance_tests!`](crate::store_conformance_tests) does:
 ///
 /// ```
 /// mod memory_threats {
