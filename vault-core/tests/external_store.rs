@@ -1,6 +1,7 @@
 //! A store written outside the workspace runs the public conformance suite:
 //! `tests/external-store` (not a workspace member) wraps `MemoryStore` in a
-//! `KeyStore` of its own and invokes `store_conformance_tests!`; this test
+//! `KeyStore` of its own and invokes `store_conformance_tests!` and
+//! `threat_conformance_tests!`; this test
 //! runs its `cargo test`, offline and locked, and checks that every case ran
 //! and passed (docs/conformance.md).
 
@@ -10,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vault_core::conformance::CASES;
+use vault_core::conformance::{CASES, THREAT_CASES};
 
 /// The suite's cases when this test was written: it may grow, not shrink.
 const AT_LEAST: usize = 23;
@@ -99,12 +100,12 @@ fn lifecycle_a_store_outside_the_workspace_passes_every_case() {
         .collect();
     assert!(CASES.len() >= AT_LEAST, "the suite lost cases: {CASES:?}");
     assert!(
-        passed.len() >= CASES.len(),
+        passed.len() >= CASES.len() + THREAT_CASES.len(),
         "{} of {} cases passed:\n{stdout}",
         passed.len(),
-        CASES.len()
+        CASES.len() + THREAT_CASES.len()
     );
-    for case in CASES {
+    for case in CASES.iter().chain(THREAT_CASES) {
         assert!(passed.contains(case), "{case} did not pass:\n{stdout}");
     }
 }

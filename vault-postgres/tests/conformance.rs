@@ -1,6 +1,7 @@
-//! The public `KeyStore` conformance suite against `PostgresStore`, run
-//! exactly as every other store runs it (docs/conformance.md): one test per
-//! case, each on a fresh database of one server shared by this binary.
+//! The public `KeyStore` conformance suite and the budget threat cases
+//! (docs/threat-model.md, I1–I4, I7) against `PostgresStore`, run exactly as
+//! every other store runs them (docs/conformance.md): one test per case,
+//! each on a fresh database of one server shared by this binary.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -24,10 +25,12 @@ fn fresh() -> vault_postgres::PostgresStore {
 #[cfg(postgres_installed)]
 mod postgres {
     vault_core::store_conformance_tests!(super::fresh);
+    vault_core::threat_conformance_tests!(super::fresh);
 }
 
 #[cfg(postgres_installed)]
 mod leased_postgres {
     use vault_core::store::LeasedStore;
     vault_core::store_conformance_tests!(|| LeasedStore::new(super::fresh()));
+    vault_core::threat_conformance_tests!(|| LeasedStore::new(super::fresh()));
 }

@@ -4,7 +4,7 @@
 //!
 //! Each case is a public async function taking a [`StoreFactory`]; it makes
 //! a fresh store with it and panics, with an assertion message, where the
-//! store breaks a promise of [`KeyStore`]. [`store_conformance_tests!`]
+//! store breaks a promise of [`KeyStore`]. [`store_conformance_tests!`](crate::store_conformance_tests)
 //! expands to one `#[test]` per case, named after it:
 //!
 //! ```
@@ -14,6 +14,10 @@
 //! }
 //! ```
 //!
+//! The budget cases of docs/threat-model.md (I1–I4, I7) run through
+//! [`DefaultEngine`](crate::policy::DefaultEngine) over a store in the same
+//! way; [`threat_conformance_tests!`](crate::threat_conformance_tests) expands them.
+//!
 //! How to run it against your own store: `docs/conformance.md`.
 
 // Test support: a failed promise is a panic with a clear message.
@@ -21,6 +25,7 @@
 
 mod cases;
 mod records;
+mod threats;
 
 use std::any::Any;
 use std::future::Future;
@@ -28,15 +33,20 @@ use std::sync::Arc;
 
 pub use cases::*;
 pub use records::{child_of, fresh_hash, key, key_at, line, provider_key_at, usage_of};
+pub use threats::*;
 
 use crate::store::KeyStore;
 
 /// A store under test, shared between the tasks of a case.
 pub type Store = Arc<dyn KeyStore>;
 
-/// The name of every case, in the order [`store_conformance_tests!`] runs
+/// The name of every case, in the order [`store_conformance_tests!`](crate::store_conformance_tests) runs
 /// them.
 pub const CASES: &[&str] = crate::store_conformance_tests! {@cases names()};
+
+/// The name of every threat case (docs/threat-model.md, I1–I4, I7), in the
+/// order [`threat_conformance_tests!`](crate::threat_conformance_tests) runs them.
+pub const THREAT_CASES: &[&str] = crate::threat_conformance_tests! {@cases names()};
 
 /// A fresh store for one case, with whatever must outlive it (a temporary
 /// directory, say). Dropping it drops the store first, then the guard.
@@ -121,7 +131,7 @@ where
 
 /// Runs one case to completion on its own multi-thread runtime with four
 /// workers (the concurrency cases race real threads). The tests
-/// [`store_conformance_tests!`] generates call it.
+/// [`store_conformance_tests!`](crate::store_conformance_tests) generates call it.
 pub fn run(case: impl Future<Output = ()>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -185,5 +195,35 @@ macro_rules! store_conformance_tests {
     };
     ($factory:expr $(,)?) => {
         $crate::store_conformance_tests! {@cases tests($factory)}
+    };
+}
+
+/// Expands to one `#[test]` per threat case of docs/threat-model.md (I1–I4,
+/// I7: budgets through [`DefaultEngine`](crate::policy::DefaultEngine)),
+/// named after the case, each running it against fresh stores from the
+/// factory expression, as [`store_conformance_tests!`](crate::store_conformance_tests) does:
+///
+/// ```
+/// mod memory_threats {
+///     vault_core::threat_conformance_tests!(vault_core::store::MemoryStore::new);
+/// }
+/// ```
+///
+/// The `@…` arms are internal: the one list of cases, from which
+/// [`conformance::THREAT_CASES`](crate::conformance::THREAT_CASES) is made too.
+#[macro_export]
+macro_rules! threat_conformance_tests {
+    (@cases $then:ident ( $($args:tt)* )) => {
+        $crate::store_conformance_tests! {@$then ($($args)*)
+            concurrency_i1_racing_the_cap_admits_exactly_what_fits,
+            concurrency_i2_racing_a_fresh_key_and_a_fresh_child,
+            concurrency_i3_child_carve_outs,
+            boundary_i4_no_output_limit_reserves_the_model_maximum,
+            boundary_i7_daily_and_monthly_budgets_roll_over_at_utc_midnight,
+            concurrency_i7_requests_racing_the_rollover_are_bounded_per_period,
+        }
+    };
+    ($factory:expr $(,)?) => {
+        $crate::threat_conformance_tests! {@cases tests($factory)}
     };
 }
