@@ -40,11 +40,12 @@ pub(crate) fn limits_section(limits: &Result<KeyLimits, ManageError>) -> Markup 
 
 /// One window: name, whose, `used / limit`, a bar, the reset.
 fn window_row(w: &LimitWindowView) -> Markup {
-    let pct = if w.limit == 0 {
-        100
-    } else {
-        (w.used.saturating_mul(100) / w.limit).min(100)
-    };
+    // A limit of 0 admits nothing: its bar is full.
+    let pct = w
+        .used
+        .saturating_mul(100)
+        .checked_div(w.limit)
+        .map_or(100, |p| p.min(100));
     html! {
         tr {
             td { (w.name.replace('_', " ")) }
