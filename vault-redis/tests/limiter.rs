@@ -11,8 +11,8 @@ use vault_core::key::{KeyEnv, KeyHash, KeyId, KeyPrefix};
 use vault_core::meter::Usage;
 use vault_core::money::Micros;
 use vault_core::policy::{
-    CallOutcome, DefaultEngine, LimitHeaders, LimiterFallback, Policy, PolicyEngine, RateLimit,
-    RequestFacts,
+    CallOutcome, DefaultEngine, LimitHeaders, LimitStatusError, LimiterFallback, Policy,
+    PolicyEngine, RateLimit, RequestFacts,
 };
 use vault_core::pricing::PriceTable;
 use vault_core::provider::Provider;
@@ -462,7 +462,7 @@ async fn lifecycle_a_replica_starts_while_redis_is_down() {
 
 #[tokio::test]
 async fn limit_status_reads_another_replicas_counts_and_changes_nothing() {
-    let redis = redis_or_skip!();
+    let mut redis = redis_or_skip!();
     let config = redis.config().unwrap();
     let clock = ManualClock::new(UnixMillis(T0));
     let (a, b) = (
@@ -529,4 +529,10 @@ async fn limit_status_reads_another_replicas_counts_and_changes_nothing() {
     }
     let m = mem.limit_status(&c).await.unwrap();
     assert_eq!(m.windows[..3], s.windows[..3]);
+    // Redis gone: the status is an error, never the replica's own guess.
+    redis.stop();
+    assert!(matches!(
+        b.limit_status(&c).await,
+        Err(LimitStatusError::Limiter(_))
+    ));
 }
