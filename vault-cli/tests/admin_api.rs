@@ -338,7 +338,12 @@ async fn boundary_other_projects_keys_are_403_project_mismatch() {
     // Same shape and length as a real id, but nobody's.
     let missing = format!("key_{}", "Z".repeat(b_id.len() - 4));
 
-    for (method, suffix) in [("GET", ""), ("DELETE", ""), ("POST", "/rotate")] {
+    for (method, suffix) in [
+        ("GET", ""),
+        ("GET", "/limits"),
+        ("DELETE", ""),
+        ("POST", "/rotate"),
+    ] {
         for (id, status, code) in [
             (&b_id, 403, "project_mismatch"),
             (&missing, 404, "not_found"),
@@ -383,6 +388,7 @@ async fn boundary_every_route_requires_a_key() {
         "/v1/keys/key_abcdefgh/",
         "/v1/keys/key_abcdefgh/rotate",
         "/v1/keys/key_abcdefgh/rotate/",
+        "/v1/keys/key_abcdefgh/limits",
         "/v1/provider-keys",
         "/v1/provider-keys/",
         "/v1/provider-keys/pk_abcdefgh",
@@ -513,4 +519,138 @@ async fn lifecycle_rotation_grace_and_revocation_during_grace() {
         assert_eq!(r.status, 401, "{}", r.text());
         assert_eq!(r.error_code(), "key_revoked");
     }
+}
+
+/// docs/api.md#get-v1keysidlimits: a sub-agent key's windows and its
+/// parent's, as the proxy counted them; reading them counts nothing.
+#[tokio::test]
+async fn lifecycle_key_limits_show_each_window_and_reading_counts_nothing() {
+    let dir = tempdir();
+    let server = Server::start(dir.path());
+    let (addr, admin) = (server.addr, server.admin());
+    let (parent_id, parent_key, _) = create_key(
+        addr,
+        admin,
+        &json!({"name": "parent", "env": "test", "permissions": ["chat:write", "keys:manage"],
+                "rate_limit": {"requests_per_minute": 10, "requests_per_day": 100},
+                "max_parallel": 4, "budget": {"limit_usd": 1.0}}),
+    )
+    .await;
+    let r = post(
+        addr,
+        "/v1/keys",
+        &parent_key,
+        &json!({"name": "child", "parent": parent_id, "permissions": ["chat:write"],
+                "rate_limit": {"requests_per_minute": 5, "requests_per_day": 100},
+                "max_parallel": 4, "budget": {"limit_usd": 0.4}}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (child_id, child_key) = (
+        r.json()["id"].as_str().unwrap().to_owned(),
+        r.json()["key"].as_str().unwrap().to_owned(),
+    );
+    // Keep the calls within one UTC minute.
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if secs % 60 > 45 {
+        tokio::time::sleep(Duration::from_secs(61 - secs % 60)).await;
+    }
+    for _ in 0..3 {
+        let r = chat(addr, &child_key, "gpt-4o-mini").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let path = format!("/v1/keys/{child_id}/limits");
+    let r = get(addr, &path, admin).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let l = r.json();
+    assert_eq!(l["object"], "key_limits");
+    assert_eq!(l["key_id"], child_id.as_str());
+    let windows = l["windows"].as_array().unwrap();
+    let shown: Vec<_> = windows
+        .iter()
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap(),
+                w["key_id"] == parent_id.as_str(),
+                w["inherited"].as_bool().unwrap(),
+                w["limit"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("requests_per_minute", false, false, 5),
+            ("requests_per_day", false, false, 100),
+            ("max_parallel", false, false, 4),
+            ("requests_per_minute", true, true, 10),
+            ("requests_per_day", true, true, 100),
+            ("max_parallel", true, true, 4),
+        ]
+    );
+    assert_eq!(
+        (&windows[0]["used"], &windows[0]["remaining"]),
+        (&json!(3), &json!(2))
+    );
+    assert_eq!(
+        (&windows[3]["used"], &windows[3]["remaining"]),
+        (&json!(3), &json!(7))
+    );
+    let reset = windows[0]["resets_at"].as_str().unwrap();
+    assert!(reset.ends_with(":00.000Z"), "{reset}");
+    assert!(
+        reset > l["at"].as_str().unwrap(),
+        "{reset} after {}",
+        l["at"]
+    );
+    assert!(
+        windows[1]["resets_at"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00.000Z")
+    );
+    assert_eq!(windows[2]["resets_at"], json!(null));
+    let b = &l["budget"];
+    assert_eq!(
+        (&b["key_id"], &b["inherited"], &b["limit_usd"], &b["period"]),
+        (
+            &json!(child_id),
+            &json!(false),
+            &json!("0.400000"),
+            &json!("total")
+        )
+    );
+    assert_eq!(b["resets_at"], json!(null));
+    let usd = |v: &serde_json::Value| v.as_str().unwrap().parse::<f64>().unwrap();
+    let sum = usd(&b["settled_usd"]) + usd(&b["reserved_usd"]) + usd(&b["remaining_usd"]);
+    assert!((sum - 0.4).abs() < 1e-9, "{b}");
+    assert!(
+        usd(&b["remaining_usd"]) < 0.4,
+        "three calls cost something: {b}"
+    );
+    // The parent, asking about its own child, sees the same; reading twice
+    // more counted nothing: the child's minute still has room for two.
+    let r = get(addr, &path, &parent_key).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["windows"][0]["used"], 3);
+    for _ in 0..2 {
+        let r = chat(addr, &child_key, "gpt-4o-mini").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = chat(addr, &child_key, "gpt-4o-mini").await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    let l = get(addr, &path, admin).await.json();
+    assert_eq!(
+        (&l["windows"][0]["used"], &l["windows"][0]["remaining"]),
+        (&json!(5), &json!(0))
+    );
+    // A key without limits has none to show.
+    let (free_id, _, _) = create_key(addr, admin, &json!({"name": "free", "env": "live"})).await;
+    let l = get(addr, &format!("/v1/keys/{free_id}/limits"), admin)
+        .await
+        .json();
+    assert_eq!(l["windows"], json!([]));
 }

@@ -4,7 +4,8 @@
 //! - `admit` is one `EVALSHA` of `admit.lua` (an `EVAL` only when Redis lost
 //!   its script cache, e.g. after a restart): every window of every key of
 //!   the chain and its `max_parallel` slots, checked and counted at once.
-//! - `peek` is one `MGET`.
+//! - `peek` is one pipeline of reads (`GET` per window, `ZCOUNT` of live
+//!   slots per `max_parallel`): it writes nothing.
 //! - `record_tokens` and a slot's release are sent in the background after
 //!   the call (fire and forget: lost if Redis is down then; a lost release
 //!   frees the slot when its lease ends).
@@ -318,30 +319,55 @@ impl SharedLimiter for RedisLimiter {
             .iter()
             .flat_map(|c| self.window_keys(c.id, &b))
             .collect();
-        let values: Vec<Option<u64>> = self
+        // Live slots of the keys with a `max_parallel`: those whose lease
+        // ends after `now` (what `admit.lua` counts, without removing the
+        // expired ones: a peek writes nothing).
+        let slot_keys: Vec<Option<String>> = chain
+            .iter()
+            .map(|c| c.max_parallel.map(|_| self.slots_key(c.id)))
+            .collect();
+        let live_slots = slot_keys.iter().flatten().count();
+        // One pipeline, one round trip: a GET per window, a ZCOUNT per
+        // `max_parallel`; every reply reads as an optional integer.
+        let mut values: Vec<Option<u64>> = self
             .inner
             .conn
             .run(|mut c| {
-                let mut cmd = redis::cmd("MGET");
-                cmd.arg(&keys);
-                async move { cmd.query_async(&mut c).await }
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.cmd("GET").arg(k);
+                }
+                for k in slot_keys.iter().flatten() {
+                    pipe.cmd("ZCOUNT")
+                        .arg(k)
+                        .arg(format!("({}", now.0))
+                        .arg("+inf");
+                }
+                async move { pipe.query_async(&mut c).await }
             })
             .await?;
-        if values.len() != keys.len() {
+        if values.len() != keys.len() + live_slots {
             return Err(LimiterError::Backend(format!(
-                "MGET returned {} values for {} keys",
+                "the peek returned {} values for {} reads",
                 values.len(),
-                keys.len()
+                keys.len() + live_slots
             )));
         }
+        let live: Vec<u64> = values
+            .split_off(keys.len())
+            .into_iter()
+            .map(|v| v.unwrap_or(0))
+            .collect();
+        let mut live = live.into_iter();
         Ok(values
             .chunks_exact(4)
-            .map(|v| WindowCounts {
+            .zip(&slot_keys)
+            .map(|(v, slots)| WindowCounts {
                 minute: v[0].unwrap_or(0),
                 day: v[1].unwrap_or(0),
                 month: v[2].unwrap_or(0),
                 tokens: v[3].unwrap_or(0),
-                in_flight: 0,
+                in_flight: slots.as_ref().and_then(|_| live.next()).unwrap_or(0),
             })
             .collect())
     }

@@ -11,8 +11,8 @@ use vault_core::key::{KeyEnv, KeyHash, KeyId, KeyPrefix};
 use vault_core::meter::Usage;
 use vault_core::money::Micros;
 use vault_core::policy::{
-    CallOutcome, DefaultEngine, LimitHeaders, LimiterFallback, Policy, PolicyEngine, RateLimit,
-    RequestFacts,
+    CallOutcome, DefaultEngine, LimitHeaders, LimitStatusError, LimiterFallback, Policy,
+    PolicyEngine, RateLimit, RequestFacts,
 };
 use vault_core::pricing::PriceTable;
 use vault_core::provider::Provider;
@@ -458,4 +458,81 @@ async fn lifecycle_a_replica_starts_while_redis_is_down() {
         assert!(tokio::time::Instant::now() < deadline, "no recovery");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn limit_status_reads_another_replicas_counts_and_changes_nothing() {
+    let mut redis = redis_or_skip!();
+    let config = redis.config().unwrap();
+    let clock = ManualClock::new(UnixMillis(T0));
+    let (a, b) = (
+        replica(&config, &clock, LimiterFallback::Refuse),
+        replica(&config, &clock, LimiterFallback::Refuse),
+    );
+    let parent = key(
+        Policy {
+            max_parallel: Some(4),
+            ..limited(RateLimit {
+                requests_per_day: Some(100),
+                ..rpm(5)
+            })
+        },
+        None,
+    );
+    let child = key(limited(rpm(10)), Some(&parent));
+    let c = chain(&[&child, &parent]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(a.check(&c, &FACTS).await.unwrap());
+    }
+    drop(held.pop());
+    // Let the dropped grant's slot release reach Redis.
+    for _ in 0..100 {
+        let s = b.limit_status(&c).await.unwrap();
+        if s.windows.last().is_some_and(|w| w.used == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Replica b peeks what replica a counted, twice alike.
+    let s = b.limit_status(&c).await.unwrap();
+    assert_eq!(s, b.limit_status(&c).await.unwrap());
+    let minute_end = UnixMillis(T0 - 30_000 + 60_000);
+    let shown: Vec<_> = s
+        .windows
+        .iter()
+        .map(|w| (&w.key, w.kind.as_str(), w.used, w.limit, w.resets_at))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (&child.id, "requests_per_minute", 3, 10, Some(minute_end)),
+            (&parent.id, "requests_per_minute", 3, 5, Some(minute_end)),
+            (
+                &parent.id,
+                "requests_per_day",
+                3,
+                100,
+                Some(UnixMillis(T0).start_of_utc_day().plus_millis(86_400_000))
+            ),
+            (&parent.id, "max_parallel", 2, 4, None),
+        ]
+    );
+    assert_eq!(s.budget, None);
+    // The peeks changed nothing: the next admission sees 3 requests.
+    let h = outcome(&b, &c).await.unwrap();
+    assert_eq!((h.limit, h.remaining), (5, 1));
+    // The same counts as the in-memory limiter after the same calls.
+    let mem = local(&clock);
+    for _ in 0..3 {
+        mem.check(&c, &FACTS).await.unwrap();
+    }
+    let m = mem.limit_status(&c).await.unwrap();
+    assert_eq!(m.windows[..3], s.windows[..3]);
+    // Redis gone: the status is an error, never the replica's own guess.
+    redis.stop();
+    assert!(matches!(
+        b.limit_status(&c).await,
+        Err(LimitStatusError::Limiter(_))
+    ));
 }

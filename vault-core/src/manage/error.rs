@@ -43,6 +43,10 @@ pub enum ManageError {
     /// nothing was changed. Retry shortly.
     #[error("the store is unavailable; nothing was changed, retry shortly")]
     StoreUnavailable,
+    /// 503 `rate_limiter_unavailable`: the shared rate limiter (Redis)
+    /// cannot be read. Retry shortly.
+    #[error("the rate limiter is unavailable; retry shortly")]
+    LimiterUnavailable,
 }
 
 impl ManageError {
@@ -56,7 +60,7 @@ impl ManageError {
             ManageError::Budget(_) => 402,
             ManageError::Conflict(_) => 409,
             ManageError::AuditUnavailable | ManageError::Internal => 500,
-            ManageError::StoreUnavailable => 503,
+            ManageError::StoreUnavailable | ManageError::LimiterUnavailable => 503,
         }
     }
 
@@ -73,6 +77,7 @@ impl ManageError {
             ManageError::AuditUnavailable => "audit_unavailable",
             ManageError::Internal => "internal_error",
             ManageError::StoreUnavailable => "store_unavailable",
+            ManageError::LimiterUnavailable => "rate_limiter_unavailable",
         }
     }
 
@@ -87,7 +92,8 @@ impl ManageError {
             ManageError::Conflict(_) => "conflict_error",
             ManageError::AuditUnavailable
             | ManageError::Internal
-            | ManageError::StoreUnavailable => "api_error",
+            | ManageError::StoreUnavailable
+            | ManageError::LimiterUnavailable => "api_error",
         }
     }
 
@@ -115,6 +121,18 @@ impl From<StoreError> for ManageError {
             other => {
                 tracing::error!(error = %other, "store failure in a management operation");
                 ManageError::Internal
+            }
+        }
+    }
+}
+
+impl From<crate::policy::LimitStatusError> for ManageError {
+    fn from(e: crate::policy::LimitStatusError) -> ManageError {
+        match e {
+            crate::policy::LimitStatusError::Store(e) => e.into(),
+            crate::policy::LimitStatusError::Limiter(e) => {
+                tracing::warn!(error = %e, "the rate limiter is unavailable to a management read");
+                ManageError::LimiterUnavailable
             }
         }
     }

@@ -12,7 +12,8 @@ use crate::crypto::{Aad, Encryptor};
 use crate::key::{KeyEnv, KeyFormat, KeyId, ProviderKeyId};
 use crate::money::Micros;
 use crate::policy::{
-    PlanSet, check_child_policy, validate_name, validate_plan_name, validate_policy,
+    LimitStatus, PlanSet, PolicyEngine, check_child_policy, validate_name, validate_plan_name,
+    validate_policy,
 };
 use crate::record::{
     DEFAULT_PROJECT, KeyRecord, KeyStatus, MAX_CHAIN_DEPTH, ProviderKeyRecord, UsageFilter,
@@ -22,8 +23,8 @@ use crate::store::KeyStore;
 
 use super::error::ManageError;
 use super::wire::{
-    AddProviderKeyRequest, AuditList, AuditQuery, CreateKeyRequest, IssuedKey, KeyView, List,
-    ProviderKeyView, RemovedProviderKey, RevokedKey, RotateKeyRequest, UsageList, UsageQuery,
+    AddProviderKeyRequest, AuditList, AuditQuery, CreateKeyRequest, IssuedKey, KeyLimits, KeyView,
+    List, ProviderKeyView, RemovedProviderKey, RevokedKey, RotateKeyRequest, UsageList, UsageQuery,
 };
 
 /// Records returned by a usage query without `limit`, and the most with one
@@ -115,6 +116,8 @@ pub struct Manager {
     clock: SharedClock,
     format: KeyFormat,
     hook: Option<Arc<dyn ManageHook>>,
+    /// Reads keys' live limits; `None`: [`Manager::key_limits`] shows none.
+    engine: Option<Arc<dyn PolicyEngine>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -136,6 +139,7 @@ pub struct ManagerBuilder {
     clock: SharedClock,
     format: KeyFormat,
     hook: Option<Arc<dyn ManageHook>>,
+    engine: Option<Arc<dyn PolicyEngine>>,
 }
 
 impl ManagerBuilder {
@@ -170,6 +174,13 @@ impl ManagerBuilder {
         self
     }
 
+    /// The engine that enforces keys' limits, read by
+    /// [`Manager::key_limits`] (none: no live limits are shown).
+    pub fn engine(mut self, engine: Arc<dyn PolicyEngine>) -> Self {
+        self.engine = Some(engine);
+        self
+    }
+
     /// The manager.
     pub fn build(self) -> Manager {
         Manager {
@@ -180,6 +191,7 @@ impl ManagerBuilder {
             clock: self.clock,
             format: self.format,
             hook: self.hook,
+            engine: self.engine,
         }
     }
 }
@@ -195,6 +207,7 @@ impl Manager {
             clock: Arc::new(SystemClock),
             format: KeyFormat::default(),
             hook: None,
+            engine: None,
         }
     }
 
@@ -683,6 +696,35 @@ impl Manager {
         };
         let records = self.store.list_usage(&filter).await?;
         Ok(UsageList::of(&records))
+    }
+
+    /// The live state of a key's limits and those of its ancestors, read
+    /// from the engine without counting anything; the same rules as
+    /// [`Manager::get_key`] (docs/api.md#get-v1keysidlimits).
+    pub async fn key_limits(&self, actor: &Actor, id: &KeyId) -> Result<KeyLimits, ManageError> {
+        let rec = self.visible_key(actor, id).await?;
+        let status = match &self.engine {
+            Some(engine) => engine.limit_status(&self.chain_of(rec).await?).await?,
+            None => LimitStatus::default(),
+        };
+        Ok(KeyLimits::of(id, &status, self.now()))
+    }
+
+    /// `key` and its ancestors, nearest first (as the proxy checks them).
+    async fn chain_of(&self, key: KeyRecord) -> Result<Vec<Arc<KeyRecord>>, ManageError> {
+        let mut cur = key.parent.clone();
+        let mut chain = vec![Arc::new(key)];
+        while let Some(id) = cur {
+            if chain.len() > MAX_CHAIN_DEPTH {
+                break;
+            }
+            let Some(k) = self.store.get_key(&id).await? else {
+                break;
+            };
+            cur = k.parent.clone();
+            chain.push(Arc::new(k));
+        }
+        Ok(chain)
     }
 
     /// Audit entries of the caller's project (every project's, for the

@@ -39,7 +39,7 @@ pub mod wire;
 pub use error::ManageError;
 pub use manager::{Actor, Change, ManageHook, Manager, ManagerBuilder};
 pub use wire::{
-    AddProviderKeyRequest, AuditList, AuditQuery, CreateKeyRequest, IssuedKey, IssuedSecret,
-    KeyView, List, ProviderKeyView, RemovedProviderKey, RevokedKey, RotateKeyRequest, Ttl,
-    UsageList, UsageQuery, UsageTotals, UsageView,
+    AddProviderKeyRequest, AuditList, AuditQuery, BudgetLineView, CreateKeyRequest, IssuedKey,
+    IssuedSecret, KeyLimits, KeyView, LimitWindowView, List, ProviderKeyView, RemovedProviderKey,
+    RevokedKey, RotateKeyRequest, Ttl, UsageList, UsageQuery, UsageTotals, UsageView,
 };

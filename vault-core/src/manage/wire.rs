@@ -19,7 +19,10 @@ use crate::clock::UnixMillis;
 use crate::crypto::{ProviderKeyHint, ProviderSecret};
 use crate::key::{KeyEnv, KeyId, KeyPrefix, ProviderKeyId, VirtualKey};
 use crate::money::Micros;
-use crate::policy::{BadDuration, Budget, EndpointRule, ModelGlob, Policy, RateLimit, parse_ttl};
+use crate::policy::{
+    BadDuration, Budget, BudgetPeriod, EndpointRule, LimitStatus, ModelGlob, Policy, RateLimit,
+    WindowStatus, parse_ttl,
+};
 use crate::provider::Provider;
 use crate::record::{KeyRecord, KeyStatus, ProviderKeyRecord, SettledBy, UsageRecord};
 use crate::scope::Scopes;
@@ -520,6 +523,106 @@ impl UsageList {
                 tokens_out: tout,
                 cost_usd: cost.to_usd_string(),
             },
+        }
+    }
+}
+
+/// One limit of a key or of an ancestor whose limits its calls count
+/// against (docs/api.md#get-v1keysidlimits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitWindowView {
+    /// The policy field: `requests_per_minute`, `requests_per_day`,
+    /// `requests_per_month`, `tokens_per_minute` or `max_parallel`.
+    pub name: String,
+    /// The key whose policy sets it.
+    pub key_id: KeyId,
+    /// Set by an ancestor, not by the key itself.
+    pub inherited: bool,
+    /// The limit.
+    pub limit: u64,
+    /// What the current window holds (for `max_parallel`: calls in flight).
+    pub used: u64,
+    /// What is left of the limit.
+    pub remaining: u64,
+    /// When the window ends, RFC 3339 UTC; `null` for `max_parallel`.
+    pub resets_at: Option<String>,
+}
+
+impl LimitWindowView {
+    /// The window as the API shows it, for the key `of`.
+    pub fn of(w: &WindowStatus, of: &KeyId) -> LimitWindowView {
+        LimitWindowView {
+            name: w.kind.as_str().to_owned(),
+            key_id: w.key.clone(),
+            inherited: &w.key != of,
+            limit: w.limit,
+            used: w.used,
+            remaining: w.limit.saturating_sub(w.used),
+            resets_at: w.resets_at.map(UnixMillis::to_rfc3339),
+        }
+    }
+}
+
+/// The budget line a key's calls are reserved against
+/// (docs/api.md#get-v1keysidlimits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetLineView {
+    /// The key whose budget it is.
+    pub key_id: KeyId,
+    /// Set by an ancestor, not by the key itself.
+    pub inherited: bool,
+    /// The cap, six decimals.
+    pub limit_usd: String,
+    /// `total`, `daily` or `monthly`.
+    pub period: BudgetPeriod,
+    /// Settled in the current period.
+    pub settled_usd: String,
+    /// Held by calls in flight and sub-agent carve-outs.
+    pub reserved_usd: String,
+    /// What is left.
+    pub remaining_usd: String,
+    /// When the period ends, RFC 3339 UTC; `null` for `total`.
+    pub resets_at: Option<String>,
+}
+
+/// The answer to `GET /v1/keys/{id}/limits`: the live state of a key's
+/// limits, read without counting anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyLimits {
+    /// `"key_limits"`.
+    pub object: String,
+    /// The key.
+    pub key_id: KeyId,
+    /// When they were read, RFC 3339 UTC.
+    pub at: String,
+    /// Its limits, then its ancestors'; empty when nothing limits it.
+    pub windows: Vec<LimitWindowView>,
+    /// The budget line, when the key or an ancestor has a budget.
+    pub budget: Option<BudgetLineView>,
+}
+
+impl KeyLimits {
+    /// `status` of the key `id`, read at `now`.
+    pub fn of(id: &KeyId, status: &LimitStatus, now: UnixMillis) -> KeyLimits {
+        KeyLimits {
+            object: "key_limits".to_owned(),
+            key_id: id.clone(),
+            at: now.to_rfc3339(),
+            windows: status
+                .windows
+                .iter()
+                .map(|w| LimitWindowView::of(w, id))
+                .collect(),
+            budget: status.budget.as_ref().map(|b| BudgetLineView {
+                key_id: b.key.clone(),
+                inherited: &b.key != id,
+                limit_usd: b.limit.to_usd_string(),
+                period: b.period,
+                settled_usd: b.settled.to_usd_string(),
+                reserved_usd: b.reserved.to_usd_string(),
+                remaining_usd: b.remaining.to_usd_string(),
+                resets_at: b.resets_at.map(UnixMillis::to_rfc3339),
+            }),
         }
     }
 }

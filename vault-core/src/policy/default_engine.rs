@@ -72,9 +72,12 @@ use crate::record::{KeyRecord, KeyStatus, Settlement};
 use crate::scope::Permission;
 use crate::store::{KeyStore, StoreError};
 
-use super::engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, RequestFacts};
+use super::engine::{
+    BudgetStatus, CallOutcome, Charge, Grant, LimitHeaders, LimitStatus, LimitStatusError,
+    PolicyEngine, RequestFacts, WindowKind, WindowStatus,
+};
 use super::limits_backend::{
-    ChainLimit, HeldSlots, LimiterError, LimiterFallback, SharedLimiter, WindowBounds,
+    ChainLimit, HeldSlots, LimiterError, LimiterFallback, SharedLimiter, WindowBounds, WindowCounts,
 };
 use super::model::BudgetPeriod;
 use super::ratelimit::{Exceeded, InFlight, InFlightGuard, RateLimiter, evaluate_counts};
@@ -159,6 +162,64 @@ fn chain_limits(chain: &[Arc<KeyRecord>]) -> Vec<ChainLimit<'_>> {
         })
         .filter(ChainLimit::is_limited)
         .collect()
+}
+
+/// The limits `c` sets, with the counts `n` read at the windows `b`.
+fn window_statuses(c: &ChainLimit<'_>, n: WindowCounts, b: &WindowBounds) -> Vec<WindowStatus> {
+    let r = &c.rate;
+    let windows = [
+        (
+            WindowKind::RequestsPerMinute,
+            r.requests_per_minute,
+            n.minute,
+            Some(b.minute.1),
+        ),
+        (
+            WindowKind::RequestsPerDay,
+            r.requests_per_day,
+            n.day,
+            Some(b.day.1),
+        ),
+        (
+            WindowKind::RequestsPerMonth,
+            r.requests_per_month,
+            n.month,
+            Some(b.month.1),
+        ),
+        (
+            WindowKind::TokensPerMinute,
+            r.tokens_per_minute,
+            n.tokens,
+            Some(b.minute.1),
+        ),
+        (
+            WindowKind::MaxParallel,
+            c.max_parallel.map(u64::from),
+            n.in_flight,
+            None,
+        ),
+    ];
+    windows
+        .into_iter()
+        .filter_map(|(kind, limit, used, end)| {
+            Some(WindowStatus {
+                key: c.id.clone(),
+                kind,
+                limit: limit?,
+                used,
+                resets_at: end.map(UnixMillis),
+            })
+        })
+        .collect()
+}
+
+/// When a budget period holding `now` ends; `None` for `total`.
+fn period_end(period: BudgetPeriod, now: UnixMillis) -> Option<UnixMillis> {
+    match period {
+        BudgetPeriod::Total => None,
+        BudgetPeriod::Daily => Some(now.start_of_utc_day().plus_millis(86_400_000)),
+        BudgetPeriod::Monthly => Some(now.start_of_next_utc_month()),
+    }
 }
 
 /// What the engine remembers about a granted call until it is settled; held
@@ -635,6 +696,41 @@ impl PolicyEngine for DefaultEngine {
         })
     }
 
+    async fn limit_status(
+        &self,
+        chain: &[Arc<KeyRecord>],
+    ) -> Result<LimitStatus, LimitStatusError> {
+        let now = self.clock.now();
+        let limited = chain_limits(chain);
+        let counts = self.peek_counts(&limited, now).await?;
+        let b = WindowBounds::at(now);
+        let windows = limited
+            .iter()
+            .zip(counts)
+            .flat_map(|(c, n)| window_statuses(c, n, &b))
+            .collect();
+        let budget = match chain
+            .iter()
+            .find_map(|k| k.policy.budget.map(|b| (&k.id, b)))
+        {
+            None => None,
+            Some((key, budget)) => {
+                let line = budget.line(key.clone(), now);
+                let usage = self.store.budget_usage(&line, now).await?;
+                Some(BudgetStatus {
+                    key: key.clone(),
+                    limit: budget.limit,
+                    period: budget.period,
+                    settled: usage.settled,
+                    reserved: usage.reserved,
+                    remaining: usage.remaining(budget.limit),
+                    resets_at: period_end(budget.period, now),
+                })
+            }
+        };
+        Ok(LimitStatus { windows, budget })
+    }
+
     async fn settle(&self, grant: Grant, outcome: CallOutcome, model: Option<&str>) -> Charge {
         let (charge, spend) = self.charge(grant, outcome, model, self.clock.now());
         self.record_spend(vec![spend]).await;
@@ -897,6 +993,37 @@ impl DefaultEngine {
             .headers(),
             // The call is refused anyway; its headers are best effort.
             _ => self.limiter.peek(limits(), now),
+        }
+    }
+
+    /// The counts of `limited` at `now`, one per entry, counting nothing:
+    /// one read of the shared limiter (none for an empty chain), else this
+    /// process's limiter and in-flight slots.
+    async fn peek_counts(
+        &self,
+        limited: &[ChainLimit<'_>],
+        now: UnixMillis,
+    ) -> Result<Vec<WindowCounts>, LimiterError> {
+        match &self.shared {
+            _ if limited.is_empty() => Ok(Vec::new()),
+            Some(shared) => {
+                let counts = shared.backend.peek(limited, now).await?;
+                if counts.len() != limited.len() {
+                    return Err(LimiterError::Backend(format!(
+                        "{} counts for a chain of {}",
+                        counts.len(),
+                        limited.len()
+                    )));
+                }
+                Ok(counts)
+            }
+            None => Ok(limited
+                .iter()
+                .map(|c| WindowCounts {
+                    in_flight: u64::from(self.in_flight.in_flight(c.id)),
+                    ..self.limiter.counts(c.id, now)
+                })
+                .collect()),
         }
     }
 
@@ -1199,6 +1326,104 @@ mod tests {
         revoked.status = KeyStatus::Revoked;
         let (_, h) = f.engine.check(&chain(&[revoked]), &q).await.unwrap_err();
         assert_eq!((h.limit, h.remaining), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn limit_status_peeks_every_window_of_the_chain_without_counting() {
+        let f = fixture();
+        let parent = record(
+            "key_parent",
+            Policy {
+                rate_limit: Some(RateLimit {
+                    requests_per_minute: Some(5),
+                    requests_per_day: Some(100),
+                    ..RateLimit::default()
+                }),
+                max_parallel: Some(3),
+                budget: Some(Budget {
+                    period: BudgetPeriod::Monthly,
+                    ..budget(1_000_000).unwrap()
+                }),
+                ..Policy::default()
+            },
+        );
+        let child = record(
+            "key_child",
+            Policy {
+                rate_limit: Some(RateLimit {
+                    requests_per_minute: Some(10),
+                    tokens_per_minute: Some(1000),
+                    ..RateLimit::default()
+                }),
+                ..Policy::default()
+            },
+        );
+        let k = chain(&[child, parent]);
+        let q = facts(Some("m"), Some(10), 10);
+        f.clock.set(UnixMillis(T0 + 30_000));
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(f.engine.check(&k, &q).await.unwrap());
+        }
+        f.engine
+            .settle(held.remove(0), used(100, 10), Some("m"))
+            .await;
+        let s = f.engine.limit_status(&k).await.unwrap();
+        // Peeking twice sees the same: a peek counts nothing.
+        assert_eq!(s, f.engine.limit_status(&k).await.unwrap());
+        let shown: Vec<_> = s
+            .windows
+            .iter()
+            .map(|w| {
+                (
+                    w.key.as_str(),
+                    w.kind.as_str(),
+                    w.used,
+                    w.limit,
+                    w.resets_at,
+                )
+            })
+            .collect();
+        let (minute_end, day_end) = (UnixMillis(T0 + 60_000), UnixMillis(T0 + 16 * 3_600_000));
+        assert_eq!(
+            shown,
+            [
+                ("key_child", "requests_per_minute", 3, 10, Some(minute_end)),
+                (
+                    "key_child",
+                    "tokens_per_minute",
+                    110,
+                    1000,
+                    Some(minute_end)
+                ),
+                ("key_parent", "requests_per_minute", 3, 5, Some(minute_end)),
+                ("key_parent", "requests_per_day", 3, 100, Some(day_end)),
+                ("key_parent", "max_parallel", 2, 3, None),
+            ]
+        );
+        let b = s.budget.unwrap();
+        assert_eq!(b.key.as_str(), "key_parent");
+        assert!(
+            b.settled > Micros::ZERO && b.reserved > Micros::ZERO,
+            "{b:?}"
+        );
+        assert_eq!(
+            b.settled
+                .saturating_add(b.reserved)
+                .saturating_add(b.remaining),
+            Micros(1_000_000)
+        );
+        assert_eq!(b.resets_at, Some(UnixMillis(T0).start_of_next_utc_month()));
+        // The next admission sees the same counts the peek showed.
+        drop(held);
+        let g = f.engine.check(&k, &q).await.unwrap();
+        assert_eq!((g.headers.limit, g.headers.remaining), (5, 1));
+        // A chain without limits has nothing to show.
+        let free = chain(&[record("key_free", Policy::default())]);
+        assert_eq!(
+            f.engine.limit_status(&free).await.unwrap(),
+            LimitStatus::default()
+        );
     }
 
     #[tokio::test]

@@ -13,6 +13,9 @@ use crate::provider::Provider;
 use crate::record::{KeyRecord, Reservation};
 use crate::store::StoreError;
 
+use super::limits_backend::LimiterError;
+use super::model::BudgetPeriod;
+
 /// What the proxy knows about a request before forwarding it.
 #[derive(Debug, Clone)]
 pub struct RequestFacts<'a> {
@@ -109,6 +112,90 @@ pub struct Charge {
     pub usage: Usage,
 }
 
+/// Which limit a [`WindowStatus`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// `requests_per_minute`: the current UTC minute.
+    RequestsPerMinute,
+    /// `requests_per_day`: the current UTC day.
+    RequestsPerDay,
+    /// `requests_per_month`: the current UTC calendar month.
+    RequestsPerMonth,
+    /// `tokens_per_minute`: tokens settled in the current UTC minute.
+    TokensPerMinute,
+    /// `max_parallel`: requests in flight now (no window, no reset).
+    MaxParallel,
+}
+
+impl WindowKind {
+    /// The policy field's name, e.g. `requests_per_minute`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WindowKind::RequestsPerMinute => "requests_per_minute",
+            WindowKind::RequestsPerDay => "requests_per_day",
+            WindowKind::RequestsPerMonth => "requests_per_month",
+            WindowKind::TokensPerMinute => "tokens_per_minute",
+            WindowKind::MaxParallel => "max_parallel",
+        }
+    }
+}
+
+/// One limit of one key of a chain, as the engine counts it now. A key's
+/// use includes its descendants' calls (limits are summed up the chain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowStatus {
+    /// The key whose policy sets the limit (the key or an ancestor).
+    pub key: KeyId,
+    /// Which limit.
+    pub kind: WindowKind,
+    /// The limit.
+    pub limit: u64,
+    /// What the current window holds (requests, tokens, or calls in flight).
+    pub used: u64,
+    /// When the current window ends; `None` for `max_parallel`.
+    pub resets_at: Option<UnixMillis>,
+}
+
+/// The budget line a chain's calls are reserved against: that of the
+/// nearest key with a budget (docs/budgets.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetStatus {
+    /// The key whose budget it is (the key or an ancestor).
+    pub key: KeyId,
+    /// The cap.
+    pub limit: Micros,
+    /// How often it starts afresh.
+    pub period: BudgetPeriod,
+    /// Spend settled in the current period.
+    pub settled: Micros,
+    /// Held by open reservations and child carve-outs.
+    pub reserved: Micros,
+    /// What is left of the cap.
+    pub remaining: Micros,
+    /// When the period ends; `None` for a `total` budget.
+    pub resets_at: Option<UnixMillis>,
+}
+
+/// A read-only view of a chain's limits ([`PolicyEngine::limit_status`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitStatus {
+    /// Each limit of each key of the chain, the key's own first.
+    pub windows: Vec<WindowStatus>,
+    /// The budget line, when a key of the chain has a budget.
+    pub budget: Option<BudgetStatus>,
+}
+
+/// Why [`PolicyEngine::limit_status`] could not read a chain's limits.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitStatusError {
+    /// The shared rate limiter failed.
+    #[error(transparent)]
+    Limiter(#[from] LimiterError),
+    /// The store failed while reading the budget line.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Decides whether a call may go ahead and settles it afterwards.
 #[async_trait]
 pub trait PolicyEngine: Send + Sync + 'static {
@@ -135,6 +222,19 @@ pub trait PolicyEngine: Send + Sync + 'static {
     /// owes nothing.
     async fn write_owed(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// What `chain`'s limits hold now (the key first, then its ancestors):
+    /// each rate-limit window's use and reset, calls in flight against
+    /// `max_parallel`, and the budget line. A peek: it counts nothing,
+    /// takes no slot and reserves nothing. The default knows nothing and
+    /// returns an empty status.
+    async fn limit_status(
+        &self,
+        chain: &[Arc<KeyRecord>],
+    ) -> Result<LimitStatus, LimitStatusError> {
+        let _ = chain;
+        Ok(LimitStatus::default())
     }
 
     /// Settles several calls at once, charges in the same order (the usage

@@ -189,9 +189,13 @@ pub trait SharedLimiter: Send + Sync + fmt::Debug + 'static {
         shadow: bool,
     ) -> Result<SharedAdmission, LimiterError>;
 
-    /// The counts of `chain`'s windows at `now`, counting nothing (for the
-    /// headers of refusals made before the rate limits are reached). One
-    /// entry per key, in order; `in_flight` may read 0.
+    /// The counts of `chain`'s windows at `now`, counting nothing and
+    /// taking no slot (for the headers of refusals made before the rate
+    /// limits are reached, and for [`PolicyEngine::limit_status`]). One
+    /// entry per key, in order; `in_flight` is the live slots of keys with
+    /// a `max_parallel` (a backend that cannot tell reads 0).
+    ///
+    /// [`PolicyEngine::limit_status`]: super::PolicyEngine::limit_status
     async fn peek(
         &self,
         chain: &[ChainLimit<'_>],

@@ -26,7 +26,10 @@ mod yaml;
 
 pub use canonical::{PathError, split_proxy_path};
 pub use default_engine::{DEFAULT_MIN_OUTPUT_TOKENS, DEFAULT_RESERVATION_TTL, DefaultEngine};
-pub use engine::{CallOutcome, Charge, Grant, LimitHeaders, PolicyEngine, RequestFacts};
+pub use engine::{
+    BudgetStatus, CallOutcome, Charge, Grant, LimitHeaders, LimitStatus, LimitStatusError,
+    PolicyEngine, RequestFacts, WindowKind, WindowStatus,
+};
 pub use limits_backend::{
     ChainLimit, HeldSlots, LimiterError, LimiterFallback, SharedAdmission, SharedLimiter,
     WindowBounds, WindowCounts,

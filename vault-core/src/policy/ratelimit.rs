@@ -207,6 +207,21 @@ impl RateLimiter {
         evaluate(&state, chain, &b, 0).headers()
     }
 
+    /// `id`'s own counts in the windows containing `now` (its descendants'
+    /// requests included), counting nothing; `in_flight` reads 0 (see
+    /// [`InFlight`]).
+    pub fn counts(&self, id: &KeyId, now: UnixMillis) -> WindowCounts {
+        let b = Bounds::at(now);
+        let c = self.lock().keys.get(id).copied().unwrap_or_default();
+        WindowCounts {
+            minute: c.minute.count_at(b.minute.0),
+            day: c.day.count_at(b.day.0),
+            month: c.month.count_at(b.month.0),
+            tokens: c.tokens.count_at(b.minute.0),
+            in_flight: 0,
+        }
+    }
+
     /// Adds a call's tokens to the current minute of every key given (the
     /// keys with a token limit in the call's chain).
     pub fn record_tokens<'a, I>(&self, keys: I, tokens: u64, now: UnixMillis)

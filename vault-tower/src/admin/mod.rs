@@ -26,8 +26,9 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// A manager over `ctx`'s store, encryptor, clock, key format and audit
-    /// log, resolving plans from `plans`, that drops `ctx`'s cached keys on
+    /// A manager over `ctx`'s store, encryptor, clock, key format, audit
+    /// log and policy engine (for keys' live limits), resolving plans from
+    /// `plans`, that drops `ctx`'s cached keys on
     /// every revocation and rotation (at once on this process,
     /// docs/api.md#authentication).
     pub fn new(ctx: Arc<VaultContext>, plans: Arc<PlanSet>) -> Self {
@@ -35,6 +36,7 @@ impl Admin {
             .clock(ctx.clock().clone())
             .key_format(ctx.key_format().clone())
             .plans(plans)
+            .engine(ctx.engine.clone())
             .hook(ctx.clone());
         if let Some(log) = ctx.audit() {
             builder = builder.audit(log.clone());

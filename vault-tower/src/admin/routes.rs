@@ -50,6 +50,7 @@ pub fn admin_router(admin: Admin, options: AdminOptions) -> Router {
         .route("/v1/keys", post(create_key).get(list_keys))
         .route("/v1/keys/{id}", get(get_key).delete(revoke_key))
         .route("/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/v1/keys/{id}/limits", get(key_limits))
         .route(
             "/v1/provider-keys",
             post(add_provider_key).get(list_provider_keys),
@@ -247,6 +248,19 @@ async fn get_key(State(admin): State<Arc<Admin>>, Path(id): Path<String>, req: R
         .get_key(&actor(&req)?, &key_id(&id)?)
         .await?;
     Ok(json_response(StatusCode::OK, &k))
+}
+
+/// `GET /v1/keys/{id}/limits` (docs/api.md#get-v1keysidlimits).
+async fn key_limits(
+    State(admin): State<Arc<Admin>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Answer {
+    let limits = admin
+        .manager()
+        .key_limits(&actor(&req)?, &key_id(&id)?)
+        .await?;
+    Ok(json_response(StatusCode::OK, &limits))
 }
 
 /// `DELETE /v1/keys/{id}` (docs/api.md#delete-v1keysid).

@@ -24,6 +24,7 @@ use super::Ui;
 use super::guard::{Posted, Signed};
 use super::key_form::{create_form, issued_page};
 use super::layout::{Nav, csrf_field, error_page, html_response, page};
+use super::limits::limits_section;
 use super::usage::{calls_table, chart};
 
 /// Rows per page of the key table.
@@ -269,6 +270,7 @@ pub(crate) async fn detail(
     } else {
         Vec::new()
     };
+    let limits = m.key_limits(&signed.actor, &k.id).await;
     let policy = serde_json::to_string_pretty(&k.policy).unwrap_or_default();
     let body = html! {
         dl.facts {
@@ -288,6 +290,7 @@ pub(crate) async fn detail(
         }
         h2 { "Policy" }
         pre.policy { (policy) }
+        (limits_section(&limits))
         h2 { "Sub-agent keys" }
         @if all.iter().any(|c| c.parent.as_ref() == Some(&k.id)) { (tree(&all, &k.id)) } @else { p { "None." } }
         @if k.status == KeyStatus::Active {

@@ -12,7 +12,7 @@
 //! - `guard`: security headers, the session check on every request, the
 //!   exact `Origin` and CSRF token on every `POST`;
 //! - `layout`: the page shell; `signin`, `keys`, `key_form`, `vault_page`, `usage`,
-//!   `audit`: the pages; `assets`: the stylesheet and script, embedded.
+//!   `audit`: the pages (`limits`: a key's live limits on its detail page); `assets`: the stylesheet and script, embedded.
 //!
 //! No template or handler writes a secret into a page except the one
 //! response that issues a key (create, rotate), which shows it once.
@@ -23,6 +23,7 @@ mod guard;
 mod key_form;
 mod keys;
 mod layout;
+mod limits;
 mod session;
 mod signin;
 mod usage;

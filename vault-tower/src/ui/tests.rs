@@ -12,8 +12,9 @@ use tower::ServiceExt;
 use vault_core::clock::SystemClock;
 use vault_core::crypto::{AesGcmEncryptor, MasterKey};
 use vault_core::manage::{Actor, CreateKeyRequest, Manager};
-use vault_core::policy::{DefaultEngine, PlanSet};
+use vault_core::policy::{DefaultEngine, PlanSet, PolicyEngine, RequestFacts};
 use vault_core::pricing::PriceTable;
+use vault_core::provider::Provider;
 use vault_core::store::MemoryStore;
 
 use super::{UiOptions, ui_router};
@@ -22,6 +23,12 @@ use crate::admin::Admin;
 
 /// A router and its manager over an empty memory store.
 fn setup() -> (Router, Manager) {
+    let (router, manager, _) = setup_with_engine();
+    (router, manager)
+}
+
+/// As [`setup`], with the engine the proxy would check calls with.
+fn setup_with_engine() -> (Router, Manager, Arc<DefaultEngine>) {
     let store = Arc::new(MemoryStore::new());
     let enc = Arc::new(AesGcmEncryptor::new(MasterKey::generate().unwrap()).unwrap());
     let engine = Arc::new(DefaultEngine::new(
@@ -29,10 +36,10 @@ fn setup() -> (Router, Manager) {
         Arc::new(PriceTable::builtin()),
         Arc::new(SystemClock),
     ));
-    let ctx = VaultContext::builder(store, enc, engine).build();
+    let ctx = VaultContext::builder(store, enc, engine.clone()).build();
     let admin = Admin::new(ctx, Arc::new(PlanSet::seeded()));
     let manager = admin.manager().clone();
-    (ui_router(admin, UiOptions::default()), manager)
+    (ui_router(admin, UiOptions::default()), manager, engine)
 }
 
 async fn create(m: &Manager, body: &str) -> (String, String) {
@@ -127,4 +134,52 @@ async fn lifecycle_revoking_the_signing_key_ends_its_session() {
     // And the session is gone, not just refused once.
     let (status, _) = get(&router, "/ui/audit", &cookie).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn a_key_detail_shows_its_limit_windows_live() {
+    let (router, m, engine) = setup_with_engine();
+    let (_, admin) = create(&m, r#"{"name": "admin", "permissions": ["*"]}"#).await;
+    let (id, _) = create(
+        &m,
+        r#"{"name": "<b>ten</b>", "rate_limit": {"requests_per_minute": 10}, "max_parallel": 2}"#,
+    )
+    .await;
+    let rec = m
+        .store()
+        .get_key(&vault_core::key::KeyId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let chain = [Arc::new(rec)];
+    let facts = RequestFacts {
+        method: "GET",
+        provider: Provider::OpenAi,
+        path: "/v1/models",
+        model: None,
+        max_output_tokens: None,
+        body_chars: 0,
+        stream: false,
+        input_tokens_bound: 0,
+        input_unbounded: false,
+        output_multiplier: 0,
+        multipart: false,
+    };
+    for _ in 0..3 {
+        engine.check(&chain, &facts).await.unwrap();
+    }
+    let cookie = sign_in(&router, &admin).await;
+    let (status, html) = get(&router, &format!("/ui/keys/{id}"), &cookie).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("<h2>Limits</h2>"), "{html}");
+    assert!(html.contains("requests per minute"), "{html}");
+    assert!(html.contains("3 / 10"), "{html}");
+    // The grants were dropped: nothing is in flight.
+    assert!(html.contains("0 / 2"), "{html}");
+    assert!(!html.contains("<b>ten</b>"), "names are escaped");
+    // Showing the page counted nothing: the next call is the fourth.
+    let g = engine.check(&chain, &facts).await.unwrap();
+    assert_eq!((g.headers.limit, g.headers.remaining), (10, 6));
+    let (_, html) = get(&router, &format!("/ui/keys/{id}"), &cookie).await;
+    assert!(html.contains("4 / 10"), "{html}");
 }
