@@ -1440,6 +1440,18 @@ async fn lifecycle_postgres_stopped_under_load_fails_closed_and_recovers() {
         refused.is_some(),
         "no 503 store_unavailable while PostgreSQL was down"
     );
+    // The management API fails closed the same way.
+    let listed = get(cluster.addr(1), "/v1/keys", &cluster.admin).await;
+    assert_eq!(
+        (
+            listed.status,
+            listed.error_code(),
+            listed.header("retry-after")
+        ),
+        (503, "store_unavailable".to_owned(), Some("1")),
+        "{}",
+        listed.text()
+    );
     for i in 0..3 {
         let ready = readyz(cluster.addr(i)).await;
         assert_eq!(ready.status, 503, "{}", ready.text());

@@ -108,10 +108,19 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let e = self.0;
         let message = e.to_string();
-        json_response(
+        let mut response = json_response(
             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             &json!({"detail": message, "error": {"type": e.kind(), "code": e.code(), "message": message}}),
-        )
+        );
+        // A dependency that is away: worth retrying in a second, as the
+        // proxy's 503s say (docs/api.md#errors).
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
@@ -400,4 +409,22 @@ async fn not_found() -> Response {
         StatusCode::NOT_FOUND,
         &json!({"detail": "no such route", "error": {"type": "not_found_error", "code": "not_found", "message": "no such route"}}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A management call that found the store or Redis away says when to
+    /// retry, as the proxy's 503s do; other errors do not.
+    #[test]
+    fn boundary_unavailable_dependencies_answer_503_with_retry_after() {
+        for e in [ManageError::StoreUnavailable, ManageError::LimiterUnavailable] {
+            let r = ApiError(e).into_response();
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(r.headers().get(http::header::RETRY_AFTER).unwrap(), "1");
+        }
+        let r = ApiError(ManageError::Internal).into_response();
+        assert!(r.headers().get(http::header::RETRY_AFTER).is_none());
+    }
 }
