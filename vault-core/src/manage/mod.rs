@@ -40,6 +40,6 @@ pub use error::ManageError;
 pub use manager::{Actor, Change, ManageHook, Manager, ManagerBuilder};
 pub use wire::{
     AddProviderKeyRequest, AuditList, AuditQuery, CreateKeyRequest, IssuedKey, IssuedSecret,
-    KeyView, List, ProviderKeyView, RemovedProviderKey, RevokedKey, RotateKeyRequest, Ttl,
-    UsageList, UsageQuery, UsageTotals, UsageView,
+    KeyListQuery, KeyPageView, KeyView, List, ProviderKeyView, RemovedProviderKey, RevokedKey,
+    RotateKeyRequest, Ttl, UsageList, UsageQuery, UsageTotals, UsageView,
 };
