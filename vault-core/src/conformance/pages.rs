@@ -84,6 +84,7 @@ pub async fn keys_page_search_by_name_and_prefix(factory: impl StoreFactory) {
     let batch = named(&store, "prod-batch", "vpx_live_Rb2y", 2_000).await;
     let sale = named(&store, "50%_off", "vpx_test_AbCd", 3_000).await;
     let umlaut = named(&store, "Ärger", "vpx_test_Zz9x", 4_000).await;
+    let slash = named(&store, r"back\slash", "vpx_test_Yy8w", 5_000).await;
     let search = |s: &str| KeyPageQuery {
         search: Some(s.to_owned()),
         ..query(Some("alpha"))
@@ -97,6 +98,7 @@ pub async fn keys_page_search_by_name_and_prefix(factory: impl StoreFactory) {
         found(&[&agent])
     );
     assert_eq!(page_ids(&store, &search("%")).await.0, found(&[&sale]));
+    assert_eq!(page_ids(&store, &search(r"K\S")).await.0, found(&[&slash]));
     assert_eq!(page_ids(&store, &search("%_o")).await.0, found(&[&sale]));
     assert_eq!(page_ids(&store, &search("_")).await.0, found(&[&sale]));
     assert_eq!(
@@ -119,7 +121,7 @@ pub async fn keys_page_search_by_name_and_prefix(factory: impl StoreFactory) {
     );
     assert_eq!(
         page_ids(&store, &search("   ")).await.1,
-        4,
+        5,
         "blank: no search"
     );
     assert!(page_ids(&store, &search("nothing")).await.0.is_empty());

@@ -1,12 +1,14 @@
 //! [`KeyStore::list_keys_page`](crate::store::KeyStore::list_keys_page) in
-//! SQL: the same answer as [`page_of`](crate::store::page_of), counting and
-//! reading only the rows of the page (indexes of migration 5).
+//! SQL: the same answer as [`page_of`](crate::store::page_of), reading only
+//! the page's rows (indexes of migration 5); a search or status filter is
+//! evaluated once on each row of the project.
 
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
 use super::backend;
 use super::rows::{KEY_COLUMNS, count, key_from_row};
+use crate::record::KeyRecord;
 use crate::store::{KeyPage, KeyPageQuery, KeyStatusFilter, StoreError};
 
 /// A key whose non-zero `total` budget is spent
@@ -27,9 +29,9 @@ fn filter(q: &KeyPageQuery) -> (String, Vec<Value>) {
         clauses.push(format!("project = ?{}", params.len()));
     }
     if let Some(t) = q.search_text() {
-        // lower() folds ASCII letters only, as the reference does.
-        params.push(Value::Text(t.to_ascii_lowercase()));
-        let lowered = params.len();
+        // LIKE folds ASCII letters only, as the reference does.
+        params.push(Value::Text(format!("%{}%", escape_like(t))));
+        let pattern = params.len();
         params.push(Value::Text(t.to_owned()));
         let exact = params.len();
         params.push(Value::Integer(
@@ -37,7 +39,7 @@ fn filter(q: &KeyPageQuery) -> (String, Vec<Value>) {
         ));
         let len = params.len();
         clauses.push(format!(
-            "(instr(lower(name), ?{lowered}) > 0 OR substr(prefix, 1, ?{len}) = ?{exact})"
+            "(name LIKE ?{pattern} ESCAPE '\\' OR substr(prefix, 1, ?{len}) = ?{exact})"
         ));
     }
     if let Some(s) = q.status {
@@ -49,6 +51,18 @@ fn filter(q: &KeyPageQuery) -> (String, Vec<Value>) {
         format!("WHERE {}", clauses.join(" AND "))
     };
     (sql, params)
+}
+
+/// `t` with LIKE's wildcards and escape character escaped.
+fn escape_like(t: &str) -> String {
+    let mut out = String::with_capacity(t.len());
+    for c in t.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn status_clause(s: KeyStatusFilter, q: &KeyPageQuery, params: &mut Vec<Value>) -> String {
@@ -85,9 +99,21 @@ fn statements(q: &KeyPageQuery) -> (String, String, Vec<Value>) {
 
 /// The page `q` selects, and the total, read in one transaction.
 pub(super) fn key_page(c: &Connection, q: &KeyPageQuery) -> Result<KeyPage, StoreError> {
-    let (count_sql, page_sql, params) = statements(q);
     let tx = c.unchecked_transaction().map_err(backend)?;
-    let total: i64 = tx
+    let page = if q.search_text().is_some() || q.status.is_some() {
+        filtered_page(&tx, q)?
+    } else {
+        whole_page(&tx, q)?
+    };
+    tx.commit().map_err(backend)?;
+    Ok(page)
+}
+
+/// Without a search or status: the total is counted from the index alone,
+/// then the page's rows are read.
+fn whole_page(c: &Connection, q: &KeyPageQuery) -> Result<KeyPage, StoreError> {
+    let (count_sql, page_sql, params) = statements(q);
+    let total: i64 = c
         .prepare_cached(&count_sql)
         .and_then(|mut s| {
             s.query_row(
@@ -96,21 +122,52 @@ pub(super) fn key_page(c: &Connection, q: &KeyPageQuery) -> Result<KeyPage, Stor
             )
         })
         .map_err(backend)?;
-    let mut stmt = tx.prepare_cached(&page_sql).map_err(backend)?;
-    let mut rows = stmt
-        .query(rusqlite::params_from_iter(&params))
-        .map_err(backend)?;
-    let mut keys = Vec::new();
-    while let Some(row) = rows.next().map_err(backend)? {
-        keys.push(key_from_row(row)?);
-    }
-    drop(rows);
-    drop(stmt);
-    tx.commit().map_err(backend)?;
+    let keys = read_keys(c, &page_sql, rusqlite::params_from_iter(&params))?;
     Ok(KeyPage {
         keys,
         total: u64::try_from(total).unwrap_or(0),
     })
+}
+
+/// With a search or status, evaluated on every row of the project: one
+/// pass over the matching rows' ids in page order counts them and keeps
+/// the page's, whose rows are then read (one evaluation per row, not two).
+fn filtered_page(c: &Connection, q: &KeyPageQuery) -> Result<KeyPage, StoreError> {
+    let (filter, params) = filter(q);
+    let sql = format!("SELECT rowid FROM keys {filter} ORDER BY created_at DESC, id DESC");
+    let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(&params))
+        .map_err(backend)?;
+    let (mut total, mut page) = (0u64, Vec::new());
+    let end = q.offset.saturating_add(q.limit);
+    while let Some(row) = rows.next().map_err(backend)? {
+        if (q.offset..end).contains(&total) {
+            page.push(Value::Integer(row.get::<_, i64>(0).map_err(backend)?));
+        }
+        total += 1;
+    }
+    let mut keys = Vec::with_capacity(page.len());
+    // The page is at most MAX_PAGE_LIMIT rows: one lookup each, in order.
+    let one = format!("SELECT {KEY_COLUMNS} FROM keys WHERE rowid = ?1");
+    for rowid in page {
+        keys.extend(read_keys(c, &one, [rowid])?);
+    }
+    Ok(KeyPage { keys, total })
+}
+
+fn read_keys<P: rusqlite::Params>(
+    c: &Connection,
+    sql: &str,
+    params: P,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let mut stmt = c.prepare_cached(sql).map_err(backend)?;
+    let mut rows = stmt.query(params).map_err(backend)?;
+    let mut keys = Vec::new();
+    while let Some(row) = rows.next().map_err(backend)? {
+        keys.push(key_from_row(row)?);
+    }
+    Ok(keys)
 }
 
 #[cfg(test)]
