@@ -368,6 +368,18 @@ async fn boundary_other_projects_keys_are_403_project_mismatch() {
     let r = get(addr, "/v1/keys", &a_admin).await;
     assert_eq!(r.status, 200);
     assert!(!r.text().contains(&b_id), "{}", r.text());
+    // So does a page of it (docs/api.md#get-v1keys), with its total; a bad
+    // parameter is the caller's 400.
+    let r = get(addr, "/v1/keys?limit=10&status=active", &a_admin).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["total"], 1, "{}", r.text());
+    assert_eq!(r.json()["limit"], 10);
+    assert!(!r.text().contains(&b_id), "{}", r.text());
+    for bad in ["limit=0", "status=gone", "colour=red", "offset=-1"] {
+        let r = get(addr, &format!("/v1/keys?{bad}"), &a_admin).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "invalid_request", "{bad}");
+    }
     // B's key is untouched: neither revoked nor rotated.
     let r = get(addr, "/v1/usage", &b_key).await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use vault_core::audit::AuditLog;
 use vault_core::crypto::{AesGcmEncryptor, MasterKey};
 use vault_core::manage::{
-    Actor, Change, CreateKeyRequest, ManageError, ManageHook, Manager, RotateKeyRequest,
+    Actor, Change, CreateKeyRequest, KeyListQuery, ManageError, ManageHook, Manager,
+    RotateKeyRequest,
 };
 use vault_core::record::MAX_CHAIN_DEPTH;
 use vault_core::store::MemoryStore;
@@ -152,4 +153,65 @@ async fn lifecycle_hook_and_audit_before_mutation() {
     assert_eq!(e, ManageError::AuditUnavailable);
     assert_eq!(m.list_keys(&OP).await.unwrap().data.len(), 2);
     assert_eq!(hook.0.lock().unwrap().len(), 4);
+}
+
+/// docs/api.md#get-v1keys: a page of keys keeps `list_keys`'s rules — a
+/// project's key sees its project only, `keys:manage` is required — and a
+/// bad `limit` or `status` is the caller's 400.
+#[tokio::test]
+async fn boundary_key_pages_keep_the_project_and_permission_rules() {
+    let m = manager(None, None);
+    let mut ids = Vec::new();
+    for json in [
+        r#"{"name": "lead", "project": "alpha", "permissions": ["keys:manage"]}"#,
+        r#"{"name": "chatter", "project": "alpha", "permissions": ["chat:write"]}"#,
+        r#"{"name": "Alpha One", "project": "alpha"}"#,
+        r#"{"name": "beta one", "project": "beta"}"#,
+    ] {
+        ids.push(m.create_key(&OP, body(json)).await.unwrap().record.id);
+    }
+    let store = m.store().clone();
+    let lead = Actor::Key(Arc::new(store.get_key(&ids[0]).await.unwrap().unwrap()));
+    let chatter = Actor::Key(Arc::new(store.get_key(&ids[1]).await.unwrap().unwrap()));
+    let all = KeyListQuery::default();
+    let page = m.list_keys_page(&lead, &all).await.unwrap();
+    assert_eq!(page.total, 3);
+    assert!(page.data.iter().all(|k| k.project == "alpha"));
+    assert_eq!((page.offset, page.limit), (0, 50));
+    assert_eq!(m.list_keys_page(&OP, &all).await.unwrap().total, 4);
+
+    let one = |q: &str| KeyListQuery {
+        search: Some(q.to_owned()),
+        ..KeyListQuery::default()
+    };
+    let found = m.list_keys_page(&lead, &one("ONE")).await.unwrap();
+    assert_eq!(found.data.len(), 1, "beta one is another project's");
+    assert_eq!(found.data[0].name, "Alpha One");
+    let second = KeyListQuery {
+        limit: Some(1),
+        offset: Some(1),
+        ..KeyListQuery::default()
+    };
+    let p = m.list_keys_page(&lead, &second).await.unwrap();
+    assert_eq!((p.data.len(), p.total), (1, 3));
+
+    let e = m.list_keys_page(&chatter, &all).await.unwrap_err();
+    assert_eq!(e.status(), 403, "{e:?}");
+    for bad in [
+        KeyListQuery {
+            limit: Some(0),
+            ..KeyListQuery::default()
+        },
+        KeyListQuery {
+            limit: Some(1001),
+            ..KeyListQuery::default()
+        },
+        KeyListQuery {
+            status: Some("gone".into()),
+            ..KeyListQuery::default()
+        },
+    ] {
+        let e = m.list_keys_page(&lead, &bad).await.unwrap_err();
+        assert!(matches!(e, ManageError::Invalid(_)), "{bad:?}: {e:?}");
+    }
 }

@@ -38,6 +38,7 @@ mod connect;
 mod error;
 mod holders;
 mod import;
+mod page;
 mod rows;
 mod schema;
 mod store;

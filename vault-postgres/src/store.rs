@@ -32,7 +32,7 @@ use vault_core::record::{
     BudgetLine, BudgetUsage, KeyRecord, ProviderKeyRecord, Reservation, ReservationId, SettledBy,
     Settlement, UsageFilter, UsageRecord,
 };
-use vault_core::store::{KeyStore, StoreError};
+use vault_core::store::{KeyPage, KeyPageQuery, KeyStore, StoreError};
 
 use crate::PostgresStore;
 use crate::budget::{close_carve_out, floor, pass_through, reservable};
@@ -1058,6 +1058,10 @@ impl KeyStore for PostgresStore {
         }
         .await
         .map_err(Fail::into_store)
+    }
+
+    async fn list_keys_page(&self, query: &KeyPageQuery) -> Result<KeyPage, StoreError> {
+        self.key_page(query).await.map_err(Fail::into_store)
     }
 
     async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {

@@ -24,6 +24,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod cases;
+mod pages;
 mod records;
 mod threats;
 
@@ -32,6 +33,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 pub use cases::*;
+pub use pages::*;
 pub use records::{child_of, fresh_hash, key, key_at, line, provider_key_at, usage_of};
 pub use threats::*;
 
@@ -180,6 +182,9 @@ macro_rules! store_conformance_tests {
             budget_revoking_a_child_keeps_what_its_open_calls_hold,
             budget_expiring_a_child_keeps_what_its_open_calls_hold,
             budget_revoked_grandchild_open_call_reaches_the_root,
+            keys_page_newest_first_with_offset_limit_and_total,
+            keys_page_search_by_name_and_prefix,
+            keys_page_filters_by_status_at_now,
         }
     };
     (@names () $($case:ident,)*) => {

@@ -19,12 +19,13 @@ use crate::record::{
     DEFAULT_PROJECT, KeyRecord, KeyStatus, MAX_CHAIN_DEPTH, ProviderKeyRecord, UsageFilter,
 };
 use crate::scope::{Permission, Scopes};
-use crate::store::KeyStore;
+use crate::store::{KeyPageQuery, KeyStatusFilter, KeyStore, MAX_PAGE_LIMIT};
 
 use super::error::ManageError;
 use super::wire::{
-    AddProviderKeyRequest, AuditList, AuditQuery, CreateKeyRequest, IssuedKey, KeyLimits, KeyView,
-    List, ProviderKeyView, RemovedProviderKey, RevokedKey, RotateKeyRequest, UsageList, UsageQuery,
+    AddProviderKeyRequest, AuditList, AuditQuery, CreateKeyRequest, IssuedKey, KeyLimits,
+    KeyListQuery, KeyPageView, KeyView, List, ProviderKeyView, RemovedProviderKey, RevokedKey,
+    RotateKeyRequest, UsageList, UsageQuery,
 };
 
 /// Records returned by a usage query without `limit`, and the most with one
@@ -33,6 +34,9 @@ const USAGE_LIMIT: (usize, usize) = (1000, 10_000);
 /// Entries returned by an audit query without `limit`, and the most with one
 /// (docs/api.md#get-v1audit).
 const AUDIT_LIMIT: (usize, usize) = (100, 10_000);
+/// Keys on a page without `limit` (docs/api.md#get-v1keys); at most
+/// [`MAX_PAGE_LIMIT`] with one.
+const KEY_PAGE_LIMIT: u64 = 50;
 
 /// Who is asking: a virtual key, or the local operator (the CLI on the data
 /// directory), who may do anything in every project.
@@ -492,6 +496,50 @@ impl Manager {
         let now = self.now();
         let keys = self.store.list_keys(actor.project()).await?;
         Ok(List::of(keys.iter().map(|k| KeyView::of(k, now)).collect()))
+    }
+
+    /// One page of the caller's project's keys (every project's, for the
+    /// operator), newest first, with how many match: the store answers it
+    /// without reading the other pages (docs/api.md#get-v1keys).
+    pub async fn list_keys_page(
+        &self,
+        actor: &Actor,
+        query: &KeyListQuery,
+    ) -> Result<KeyPageView, ManageError> {
+        actor.require(Permission::KeysManage)?;
+        let limit = query.limit.unwrap_or(KEY_PAGE_LIMIT);
+        if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
+            return Err(ManageError::Invalid(format!(
+                "limit: must be between 1 and {MAX_PAGE_LIMIT}"
+            )));
+        }
+        let status = match query.status.as_deref() {
+            None => None,
+            Some(s) => Some(KeyStatusFilter::parse(s).ok_or_else(|| {
+                ManageError::Invalid(
+                    "status: must be active, revoked, expired or exhausted".to_owned(),
+                )
+            })?),
+        };
+        let now = self.now();
+        let page = self
+            .store
+            .list_keys_page(&KeyPageQuery {
+                project: actor.project().map(str::to_owned),
+                search: query.search.clone(),
+                status,
+                now,
+                offset: query.offset.unwrap_or(0),
+                limit,
+            })
+            .await?;
+        Ok(KeyPageView {
+            object: "list".to_owned(),
+            data: page.keys.iter().map(|k| KeyView::of(k, now)).collect(),
+            total: page.total,
+            offset: query.offset.unwrap_or(0),
+            limit,
+        })
     }
 
     /// One key (docs/api.md#get-v1keysid).

@@ -40,6 +40,7 @@ pub use error::ManageError;
 pub use manager::{Actor, Change, ManageHook, Manager, ManagerBuilder};
 pub use wire::{
     AddProviderKeyRequest, AuditList, AuditQuery, BudgetLineView, CreateKeyRequest, IssuedKey,
-    IssuedSecret, KeyLimits, KeyView, LimitWindowView, List, ProviderKeyView, RemovedProviderKey,
-    RevokedKey, RotateKeyRequest, Ttl, UsageList, UsageQuery, UsageTotals, UsageView,
+    IssuedSecret, KeyLimits, KeyListQuery, KeyPageView, KeyView, LimitWindowView, List,
+    ProviderKeyView, RemovedProviderKey, RevokedKey, RotateKeyRequest, Ttl, UsageList, UsageQuery,
+    UsageTotals, UsageView,
 };

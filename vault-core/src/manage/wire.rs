@@ -220,6 +220,48 @@ pub struct AuditQuery {
     pub limit: Option<usize>,
 }
 
+/// `GET /v1/keys` paging parameters (docs/api.md#get-v1keys): with any of
+/// them the answer is one page ([`KeyPageView`]), newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyListQuery {
+    /// At most this many (default 50, at most 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// Matching keys skipped before the page (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Part of a name (ASCII letters in any case) or the start of a prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<String>,
+    /// `active`, `revoked`, `expired` or `exhausted` (budget exhausted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+impl KeyListQuery {
+    /// Whether any parameter is given (otherwise `GET /v1/keys` answers
+    /// every key, as before paging existed).
+    pub fn is_empty(&self) -> bool {
+        self == &KeyListQuery::default()
+    }
+}
+
+/// One page of keys and how many match (docs/api.md#get-v1keys).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPageView {
+    /// `"list"`.
+    pub object: String,
+    /// The page, newest first.
+    pub data: Vec<KeyView>,
+    /// Keys matching the query over every page.
+    pub total: u64,
+    /// Keys skipped before this page.
+    pub offset: u64,
+    /// The page size asked for.
+    pub limit: u64,
+}
+
 /// `{"object": "list", "data": [...]}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct List<T> {

@@ -113,7 +113,7 @@ use async_trait::async_trait;
 
 use super::budget::reservable;
 use super::journal::{Journal, Record, recover_lease_journals};
-use super::{KeyStore, StoreError};
+use super::{KeyPage, KeyPageQuery, KeyStatusFilter, KeyStore, StoreError, page_of};
 
 mod replica;
 
@@ -741,6 +741,17 @@ impl<S: KeyStore> LeasedStore<S> {
         Ok(total)
     }
 
+    /// Whether any line holds spend charged here but not yet settled in
+    /// the inner store.
+    fn has_unsettled_spend(&self) -> Result<bool, StoreError> {
+        for (_, state) in self.all_lines()? {
+            if lock_line(&state)?.totals().1 > Micros::ZERO {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn with_unsettled_spend(&self, mut key: KeyRecord) -> Result<KeyRecord, StoreError> {
         key.spend = key.spend.saturating_add(self.unsettled_spend(&key.id)?);
         Ok(key)
@@ -797,6 +808,26 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
                 k
             })
             .collect())
+    }
+
+    async fn list_keys_page(&self, query: &KeyPageQuery) -> Result<KeyPage, StoreError> {
+        // Budget exhaustion counts what leases charged but the store has not
+        // settled yet; while any such spend exists, those filters are
+        // answered over every key (as `list_keys` reports them).
+        let by_spend = matches!(
+            query.status,
+            Some(KeyStatusFilter::Active | KeyStatusFilter::BudgetExhausted)
+        );
+        if by_spend && self.has_unsettled_spend()? {
+            let keys = self.list_keys(query.project.as_deref()).await?;
+            return Ok(page_of(keys, query));
+        }
+        let _gate = self.gate.read().await;
+        let mut page = self.inner.list_keys_page(query).await?;
+        for k in &mut page.keys {
+            k.spend = k.spend.saturating_add(self.unsettled_spend(&k.id)?);
+        }
+        Ok(page)
     }
 
     async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {

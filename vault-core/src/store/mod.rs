@@ -11,6 +11,7 @@ mod holders;
 mod journal;
 mod leased;
 mod memory;
+mod page;
 mod sqlite;
 
 pub use holders::{DEFAULT_STALE_AFTER, LeaseHolders};
@@ -20,6 +21,7 @@ pub use leased::{
     JOURNAL_COMPACT_BYTES, LeasedStore, MAX_LEASE_GROWTH,
 };
 pub use memory::MemoryStore;
+pub use page::{KeyPage, KeyPageQuery, KeyStatusFilter, MAX_PAGE_LIMIT, budget_exhausted, page_of};
 pub use sqlite::{DB_FILE_NAME, SqliteStore};
 
 use async_trait::async_trait;
@@ -89,6 +91,15 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Lists keys, of one project or all, oldest first.
     async fn list_keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// One page of keys, newest first, and how many match in all
+    /// ([`KeyPageQuery`]). The default filters [`list_keys`](Self::list_keys)
+    /// in memory ([`page_of`]); `SqliteStore` and `PostgresStore` answer in
+    /// SQL without reading the other pages' rows.
+    async fn list_keys_page(&self, query: &KeyPageQuery) -> Result<KeyPage, StoreError> {
+        let keys = self.list_keys(query.project.as_deref()).await?;
+        Ok(page_of(keys, query))
+    }
 
     /// Revokes a key and all its descendants in one transaction, settling the
     /// carve-outs they hold on their parents at their actual spend. Returns

@@ -17,7 +17,7 @@ use vault_core::record::{
     BudgetLine, BudgetUsage, KeyRecord, ProviderKeyRecord, Reservation, Settlement, UsageFilter,
     UsageRecord,
 };
-use vault_core::store::{KeyStore, StoreError};
+use vault_core::store::{KeyPage, KeyPageQuery, KeyStore, StoreError};
 
 /// The store being wrapped.
 pub(crate) type Store = std::sync::Arc<dyn KeyStore>;
@@ -69,6 +69,9 @@ impl KeyStore for Interfering {
     }
     async fn list_keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner.list_keys(project).await
+    }
+    async fn list_keys_page(&self, query: &KeyPageQuery) -> Result<KeyPage, StoreError> {
+        self.inner.list_keys_page(query).await
     }
     async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {
         self.inner.revoke_key(id, at).await

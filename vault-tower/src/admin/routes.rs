@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use vault_core::denial::Denial;
 use vault_core::key::{KeyId, ProviderKeyId};
 use vault_core::manage::wire::{
-    AddProviderKeyRequest, AuditQuery, CreateKeyRequest, RotateKeyRequest, UsageQuery,
+    AddProviderKeyRequest, AuditQuery, CreateKeyRequest, KeyListQuery, RotateKeyRequest, UsageQuery,
 };
 use vault_core::manage::{Actor, ManageError};
 use vault_core::record::KeyStatus;
@@ -239,10 +239,21 @@ async fn create_key(State(admin): State<Arc<Admin>>, req: Request) -> Answer {
     Ok(json_response(StatusCode::CREATED, &issued))
 }
 
-/// `GET /v1/keys` (docs/api.md#get-v1keys).
-async fn list_keys(State(admin): State<Arc<Admin>>, req: Request) -> Answer {
-    let list = admin.manager().list_keys(&actor(&req)?).await?;
-    Ok(json_response(StatusCode::OK, &list))
+/// `GET /v1/keys` (docs/api.md#get-v1keys): every key, or one page when
+/// any of `limit`, `offset`, `search`, `status` is given.
+async fn list_keys(
+    State(admin): State<Arc<Admin>>,
+    q: Result<Query<KeyListQuery>, QueryRejection>,
+    req: Request,
+) -> Answer {
+    let q = query(q)?;
+    let actor = actor(&req)?;
+    if q.is_empty() {
+        let list = admin.manager().list_keys(&actor).await?;
+        return Ok(json_response(StatusCode::OK, &list));
+    }
+    let page = admin.manager().list_keys_page(&actor, &q).await?;
+    Ok(json_response(StatusCode::OK, &page))
 }
 
 /// A key id in a path; one that is not `key_…` is no key's (404).
@@ -419,7 +430,10 @@ mod tests {
     /// retry, as the proxy's 503s do; other errors do not.
     #[test]
     fn boundary_unavailable_dependencies_answer_503_with_retry_after() {
-        for e in [ManageError::StoreUnavailable, ManageError::LimiterUnavailable] {
+        for e in [
+            ManageError::StoreUnavailable,
+            ManageError::LimiterUnavailable,
+        ] {
             let r = ApiError(e).into_response();
             assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(r.headers().get(http::header::RETRY_AFTER).unwrap(), "1");

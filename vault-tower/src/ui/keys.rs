@@ -15,8 +15,8 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::json;
 use vault_core::key::KeyId;
-use vault_core::manage::wire::{KeyView, RotateKeyRequest};
-use vault_core::manage::{ManageError, UsageQuery};
+use vault_core::manage::wire::{KeyListQuery, KeyPageView, KeyView, RotateKeyRequest};
+use vault_core::manage::{Actor, ManageError, Manager, UsageQuery};
 use vault_core::record::KeyStatus;
 use vault_core::scope::Permission;
 
@@ -33,7 +33,7 @@ pub(crate) const PAGE_SIZE: usize = 50;
 /// The table's query string.
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct ListQuery {
-    /// Part of a name or prefix.
+    /// Part of a name, or the start of a prefix.
     q: Option<String>,
     /// `active`, `revoked`, `expired` or `exhausted`.
     status: Option<String>,
@@ -84,18 +84,22 @@ fn spend_cell(k: &KeyView) -> Markup {
     }
 }
 
-fn matches(k: &KeyView, q: &ListQuery) -> bool {
-    let text = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
-    let by_text = text.is_none_or(|t| {
-        let t = t.to_lowercase();
-        k.name.to_lowercase().contains(&t) || k.prefix.as_str().to_lowercase().contains(&t)
-    });
-    let by_status = match q.status.as_deref() {
-        None | Some("" | "all") => true,
-        Some("exhausted") => shown_status(k) == "budget exhausted",
-        Some(s) => k.status.as_str() == s && shown_status(k) != "budget exhausted",
+/// Page `n` (1-based) of the keys `q` selects, searched, filtered and
+/// counted by the store (docs/dashboard.md#api-keys).
+async fn key_page(
+    m: &Manager,
+    actor: &Actor,
+    q: &ListQuery,
+    n: usize,
+) -> Result<KeyPageView, ManageError> {
+    let offset = n.saturating_sub(1).saturating_mul(PAGE_SIZE);
+    let query = KeyListQuery {
+        limit: Some(PAGE_SIZE as u64),
+        offset: Some(u64::try_from(offset).unwrap_or(u64::MAX)),
+        search: q.q.clone(),
+        status: q.status.clone().filter(|s| !s.is_empty() && s != "all"),
     };
-    by_text && by_status
+    m.list_keys_page(actor, &query).await
 }
 
 /// `GET /ui/keys`.
@@ -105,19 +109,28 @@ pub(crate) async fn list(
     Query(q): Query<ListQuery>,
 ) -> Response {
     let m = ui.admin.manager();
-    let keys = match m.list_keys(&signed.actor).await {
-        Ok(l) => l.data,
+    let want = q.page.unwrap_or(1).max(1);
+    let mut found = match key_page(m, &signed.actor, &q, want).await {
+        Ok(p) => p,
         Err(e) => return error_page(&signed, &e),
     };
+    let pages = usize::try_from(found.total)
+        .unwrap_or(usize::MAX)
+        .div_ceil(PAGE_SIZE)
+        .max(1);
+    let n = want.min(pages);
+    if n != want {
+        found = match key_page(m, &signed.actor, &q, n).await {
+            Ok(p) => p,
+            Err(e) => return error_page(&signed, &e),
+        };
+    }
     let pks = m
         .list_provider_keys(&signed.actor)
         .await
         .map(|l| l.data)
         .unwrap_or_default();
-    let found: Vec<&KeyView> = keys.iter().rev().filter(|k| matches(k, &q)).collect();
-    let pages = found.len().div_ceil(PAGE_SIZE).max(1);
-    let n = q.page.unwrap_or(1).clamp(1, pages);
-    let rows = found.iter().skip((n - 1) * PAGE_SIZE).take(PAGE_SIZE);
+    let rows = found.data.iter();
     let body = html! {
         div.actions {
             a.button.primary href="/ui/keys/new" data-dialog="create-key" { "Create API Key" }
@@ -134,7 +147,7 @@ pub(crate) async fn list(
             }
             button type="submit" { "Filter" }
         }
-        p { (found.len()) " keys · page " (n) " of " (pages) }
+        p { (found.total) " keys · page " (n) " of " (pages) }
         div.scroll {
             table {
                 thead { tr {

@@ -111,6 +111,12 @@ async fn boundary_ten_thousand_keys_paginate_and_a_page_answers_within_a_second(
     }
     let (_, html) = get(&router, "/ui/keys?page=150", &cookie).await;
     assert!(html.contains("10001 keys · page 150 of 201"));
+    // The store filters and counts; a page past the last shows the last.
+    let (_, html) = get(&router, "/ui/keys?status=revoked", &cookie).await;
+    assert!(html.contains("0 keys · page 1 of 1"), "{html}");
+    let (_, html) = get(&router, "/ui/keys?status=active&page=999", &cookie).await;
+    assert!(html.contains("10001 keys · page 201 of 201"));
+    assert_eq!(html.matches("<tr><td><a href=\"/ui/keys/key_").count(), 1);
 }
 
 #[tokio::test]

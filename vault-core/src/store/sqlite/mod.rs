@@ -16,6 +16,7 @@
 
 mod bulk;
 mod export;
+mod page;
 mod rows;
 mod schema;
 
@@ -32,7 +33,7 @@ use self::rows::{
     provider_key_from_row, read_money, to_json, usage_from_row,
 };
 use super::budget::{check_carve_out, close_carve_out, pass_through, reservable};
-use super::{KeyStore, StoreError};
+use super::{KeyPage, KeyPageQuery, KeyStore, StoreError};
 use crate::clock::UnixMillis;
 use crate::crypto::Sealed;
 use crate::key::{KeyHash, KeyId, KeyPrefix, ProviderKeyId};
@@ -635,6 +636,11 @@ impl KeyStore for SqliteStore {
             None => query_keys(c, "ORDER BY created_at, rowid", []),
         })
         .await
+    }
+
+    async fn list_keys_page(&self, query: &KeyPageQuery) -> Result<KeyPage, StoreError> {
+        let query = query.clone();
+        self.read(move |c| page::key_page(c, &query)).await
     }
 
     async fn revoke_key(&self, id: &KeyId, at: UnixMillis) -> Result<Vec<KeyId>, StoreError> {

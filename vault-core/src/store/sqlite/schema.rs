@@ -123,6 +123,12 @@ const MIGRATIONS: &[&str] = &[
         child_id   TEXT PRIMARY KEY REFERENCES carve_outs (child_id),
         chargeable INTEGER NOT NULL
     );",
+    // 5: the key list's pages, newest first with the id breaking ties, per
+    // project and across projects (docs/dashboard.md#api-keys); the first
+    // extends `keys_by_project`. Idempotent.
+    "CREATE INDEX IF NOT EXISTS keys_by_project_newest ON keys (project, created_at, id);
+    DROP INDEX IF EXISTS keys_by_project;
+    CREATE INDEX IF NOT EXISTS keys_by_created ON keys (created_at, id);",
 ];
 
 /// The schema version this build writes.

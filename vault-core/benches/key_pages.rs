@@ -1,0 +1,148 @@
+//! The dashboard's key list with 100,000 keys in SQLite: one page (the
+//! first and the last), a search by name and each status filter, through
+//! `Manager::list_keys_page` as the API Keys page calls it
+//! (docs/dashboard.md#api-keys). Results go in BENCHMARKS.md.
+//!
+//! Run: `cargo bench -p vault-core --bench key_pages -- --warm-up-time 1 --measurement-time 3`
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use vault_core::clock::UnixMillis;
+use vault_core::crypto::{AesGcmEncryptor, MasterKey};
+use vault_core::key::{KeyEnv, KeyHash, KeyId, KeyPrefix};
+use vault_core::manage::{Actor, KeyListQuery, Manager};
+use vault_core::money::Micros;
+use vault_core::policy::{Budget, BudgetPeriod, Policy};
+use vault_core::record::{KeyRecord, KeyStatus};
+use vault_core::scope::Scopes;
+use vault_core::store::{KeyStore, SqliteStore};
+
+const KEYS: usize = 100_000;
+const NEEDLES: usize = 10;
+
+fn key(name: &str, created_at: i64) -> KeyRecord {
+    let id = KeyId::generate().unwrap();
+    KeyRecord {
+        hash: KeyHash::of(id.as_str()),
+        prefix: KeyPrefix::new(format!("vpx_live_{}", &id.as_str()[4..8])),
+        previous_hash: None,
+        previous_valid_until: None,
+        name: name.to_owned(),
+        project: "default".into(),
+        env: KeyEnv::Live,
+        scopes: Scopes::parse(&["chat:write"]).unwrap(),
+        plan: None,
+        // A lifetime budget, so the status filters evaluate it on every row.
+        policy: Policy {
+            budget: Some(Budget {
+                limit: Micros(5_000_000),
+                period: BudgetPeriod::Total,
+                clamp_explicit_limits: false,
+            }),
+            ..Policy::default()
+        },
+        parent: None,
+        provider_keys: Vec::new(),
+        created_at: UnixMillis(created_at),
+        expires_at: None,
+        last_used_at: None,
+        request_count: 0,
+        status: KeyStatus::Active,
+        revoked_at: None,
+        spend: Micros::ZERO,
+        id,
+    }
+}
+
+/// 100,000 keys of one project: a template copied in one SQL transaction
+/// (`SqliteStore::copy_key_for_bench`; inserting each through the store API
+/// fsyncs each), plus ten `needle-<n>` keys inserted through the API.
+fn manager_with_keys(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Manager {
+    let started = Instant::now();
+    let store = SqliteStore::open_in_dir(dir).unwrap();
+    let mut template = key("bench template", 1);
+    // Some spend, under the budget: the status filters compare it on every
+    // row (a key that spent nothing cannot be exhausted).
+    template.spend = Micros(1_000_000);
+    rt.block_on(store.insert_key(&template, None)).unwrap();
+    let copies = KEYS - 1 - NEEDLES;
+    let stored = rt
+        .block_on(store.copy_key_for_bench(&template.id, Vec::new(), copies))
+        .unwrap();
+    for i in 0..NEEDLES {
+        let k = key(&format!("needle-{i}"), 2 + i as i64);
+        rt.block_on(store.insert_key(&k, None)).unwrap();
+    }
+    assert_eq!(stored + NEEDLES, KEYS);
+    eprintln!("stored {KEYS} keys in {:.1?}", started.elapsed());
+    let enc = AesGcmEncryptor::new(MasterKey::generate().unwrap()).unwrap();
+    Manager::builder(Arc::new(store), Arc::new(enc)).build()
+}
+
+fn lead() -> Actor {
+    let mut k = key("lead", 0);
+    k.scopes = Scopes::parse(&["keys:manage"]).unwrap();
+    Actor::Key(Arc::new(k))
+}
+
+fn key_pages(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager_with_keys(&rt, &dir.path().join("data"));
+    let actor = lead();
+    let page = |offset: u64| KeyListQuery {
+        limit: Some(50),
+        offset: Some(offset),
+        ..KeyListQuery::default()
+    };
+    let cases: Vec<(&str, KeyListQuery, u64)> = vec![
+        ("first_page", page(0), KEYS as u64),
+        ("last_page", page(KEYS as u64 - 50), KEYS as u64),
+        (
+            "search_name",
+            KeyListQuery {
+                search: Some("Needle-7".into()),
+                ..page(0)
+            },
+            1,
+        ),
+        (
+            "status_active",
+            KeyListQuery {
+                status: Some("active".into()),
+                ..page(0)
+            },
+            KEYS as u64,
+        ),
+        (
+            "status_exhausted",
+            KeyListQuery {
+                status: Some("exhausted".into()),
+                ..page(0)
+            },
+            0,
+        ),
+    ];
+    let mut group = c.benchmark_group("key_page_100k");
+    for (label, query, total) in cases {
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                let found = rt.block_on(m.list_keys_page(&actor, &query)).unwrap();
+                assert_eq!(found.total, total, "{label}");
+                found
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, key_pages);
+criterion_main!(benches);
