@@ -6,6 +6,8 @@
 //! counts nothing.
 
 use maud::{Markup, html};
+
+use super::keys::when;
 use vault_core::manage::ManageError;
 use vault_core::manage::wire::{KeyLimits, LimitWindowView};
 use vault_core::policy::BudgetPeriod;
@@ -29,7 +31,7 @@ pub(crate) fn limits_section(limits: &Result<KeyLimits, ManageError>) -> Markup 
                         "Budget (" (period_name(b.period)) (if b.inherited { ", a parent's" } else { "" }) "): $"
                         (b.remaining_usd) " remaining of $" (b.limit_usd)
                         " ($" (b.settled_usd) " settled, $" (b.reserved_usd) " reserved)"
-                        @if let Some(r) = &b.resets_at { "; resets at " (r) }
+                        @if let Some(r) = &b.resets_at { "; resets at " (when(Some(r))) " UTC" }
                     }
                 }
                 p.note { "Read at " (l.at) "." }
@@ -52,7 +54,11 @@ fn window_row(w: &LimitWindowView) -> Markup {
             td { @if w.inherited { a href={"/ui/keys/" (w.key_id.as_str())} { "parent " (w.key_id.as_str()) } } @else { "this key" } }
             td { (w.used) " / " (w.limit) }
             td { meter min="0" max="100" value=(pct) aria-label={(w.name) " used"} {} }
-            td { (w.resets_at.as_deref().unwrap_or(if w.name == "max_parallel" { "in flight now" } else { "—" })) }
+            td { (match w.resets_at.as_deref() {
+                Some(r) => format!("{} UTC", when(Some(r))),
+                None if w.name == "max_parallel" => "in flight now".to_owned(),
+                None => "—".to_owned(),
+            }) }
         }
     }
 }
