@@ -282,6 +282,16 @@ impl Cluster {
         }
     }
 
+    /// The upstream's provider key, added through replica 0.
+    async fn add_provider_key(&self) {
+        add_provider_key(self.addr(0), &self.admin, "openai", "sk-upstream-test").await;
+    }
+
+    /// A key made by the admin on replica 0: its id, secret and record.
+    async fn create_key(&self, body: &Value) -> (String, String, Value) {
+        create_key(self.addr(0), &self.admin, body).await
+    }
+
     /// A key's settled spend as the store holds it, in micro-dollars.
     fn settled_spend(&self, id: &str) -> u64 {
         let out = self.cli(&["keys", "show", id, "--output", "json"]);
@@ -336,13 +346,7 @@ async fn cap_holds_exactly(stream: bool) {
     let Some(mut cluster) = Cluster::start("") else {
         return;
     };
-    add_provider_key(
-        cluster.addr(0),
-        &cluster.admin,
-        "openai",
-        "sk-upstream-test",
-    )
-    .await;
+    cluster.add_provider_key().await;
     let (id, key, _) = create_key(
         cluster.addr(1),
         &cluster.admin,
@@ -410,13 +414,7 @@ async fn concurrency_60_per_minute_admits_exactly_60_across_three_replicas() {
     let Some(cluster) = Cluster::start("") else {
         return;
     };
-    add_provider_key(
-        cluster.addr(0),
-        &cluster.admin,
-        "openai",
-        "sk-upstream-test",
-    )
-    .await;
+    cluster.add_provider_key().await;
     let (_, key, _) = create_key(
         cluster.addr(2),
         &cluster.admin,
@@ -582,12 +580,9 @@ async fn lifecycle_a_revocation_from_the_cli_reaches_every_replica() {
     let Some(cluster) = Cluster::start("") else {
         return;
     };
-    let (id, key, _) = create_key(
-        cluster.addr(0),
-        &cluster.admin,
-        &json!({"name": "cli", "env": "test", "permissions": ["chat:write"]}),
-    )
-    .await;
+    let (id, key, _) = cluster
+        .create_key(&json!({"name": "cli", "env": "test", "permissions": ["chat:write"]}))
+        .await;
     let mut targets = Vec::new();
     let mut before = Vec::new();
     for i in 0..3 {
@@ -661,19 +656,10 @@ async fn boundary_a_limited_call_costs_one_redis_round_trip() {
     let Some(cluster) = Cluster::start("") else {
         return;
     };
-    add_provider_key(
-        cluster.addr(0),
-        &cluster.admin,
-        "openai",
-        "sk-upstream-test",
-    )
-    .await;
-    let (_, key, _) = create_key(
-        cluster.addr(0),
-        &cluster.admin,
-        &json!({"name": "limited", "rate_limit": {"requests_per_minute": 100000}}),
-    )
-    .await;
+    cluster.add_provider_key().await;
+    let (_, key, _) = cluster
+        .create_key(&json!({"name": "limited", "rate_limit": {"requests_per_minute": 100000}}))
+        .await;
     for i in 0..3 {
         // Loads the script on each replica's connection.
         assert_eq!(one_call(cluster.addr(i), &key).await, 200);
@@ -855,21 +841,11 @@ async fn lifecycle_redis_stopped_under_load_fails_closed_and_recovers() {
     let Some(mut cluster) = Cluster::start("") else {
         return;
     };
-    add_provider_key(
-        cluster.addr(0),
-        &cluster.admin,
-        "openai",
-        "sk-upstream-test",
-    )
-    .await;
-    let (_, limited, _) = create_key(
-        cluster.addr(0),
-        &cluster.admin,
-        &json!({"name": "limited", "rate_limit": {"requests_per_minute": 100000}}),
-    )
-    .await;
-    let (_, unlimited, _) =
-        create_key(cluster.addr(0), &cluster.admin, &json!({"name": "free"})).await;
+    cluster.add_provider_key().await;
+    let (_, limited, _) = cluster
+        .create_key(&json!({"name": "limited", "rate_limit": {"requests_per_minute": 100000}}))
+        .await;
+    let (_, unlimited, _) = cluster.create_key(&json!({"name": "free"})).await;
     for i in 0..3 {
         let r = readyz(cluster.addr(i)).await;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -946,19 +922,10 @@ async fn lifecycle_redis_stopped_with_on_error_local_limits_per_replica() {
     let Some(mut cluster) = Cluster::start("[redis]\non_error = \"local\"\n") else {
         return;
     };
-    add_provider_key(
-        cluster.addr(0),
-        &cluster.admin,
-        "openai",
-        "sk-upstream-test",
-    )
-    .await;
-    let (_, key, _) = create_key(
-        cluster.addr(0),
-        &cluster.admin,
-        &json!({"name": "limited", "rate_limit": {"requests_per_minute": 5}}),
-    )
-    .await;
+    cluster.add_provider_key().await;
+    let (_, key, _) = cluster
+        .create_key(&json!({"name": "limited", "rate_limit": {"requests_per_minute": 5}}))
+        .await;
     away_from_a_minute_boundary().await;
     cluster.redis.stop();
     // Each replica now limits on its own, counted from zero.
@@ -1021,7 +988,7 @@ async fn concurrency_sub_agent_carve_outs_are_conserved_across_replicas() {
         return;
     };
     let (r0, r1, r2) = (cluster.addr(0), cluster.addr(1), cluster.addr(2));
-    add_provider_key(r0, &cluster.admin, "openai", "sk-upstream-test").await;
+    cluster.add_provider_key().await;
     let (parent_id, parent, _) = create_key(
         r0,
         &cluster.admin,
@@ -1086,7 +1053,7 @@ async fn leak_database_and_redis_passwords_never_appear_in_output() {
     };
     let mut seen = String::new();
     let (r0, r1) = (cluster.addr(0), cluster.addr(1));
-    add_provider_key(r0, &cluster.admin, "openai", "sk-upstream-test").await;
+    cluster.add_provider_key().await;
     let (id, key, _) = create_key(
         r1,
         &cluster.admin,
@@ -1175,12 +1142,9 @@ async fn concurrency_three_replicas_write_one_audit_chain_that_verifies() {
     let Some(cluster) = Cluster::start("") else {
         return;
     };
-    let (_, tiny, _) = create_key(
-        cluster.addr(0),
-        &cluster.admin,
-        &json!({"name": "tiny", "budget": {"limit_usd": 0.001, "period": "total"}}),
-    )
-    .await;
+    let (_, tiny, _) = cluster
+        .create_key(&json!({"name": "tiny", "budget": {"limit_usd": 0.001, "period": "total"}}))
+        .await;
     let tasks: Vec<_> = (0..60)
         .map(|i| {
             let (addr, admin, tiny) = (cluster.addr(i), cluster.admin.clone(), tiny.clone());
@@ -1312,20 +1276,11 @@ async fn lifecycle_a_replica_killed_mid_load_frees_its_unused_lease_within_secon
     let Some(mut cluster) = Cluster::start("") else {
         return;
     };
-    add_provider_key(
-        cluster.addr(0),
-        &cluster.admin,
-        "openai",
-        "sk-upstream-test",
-    )
-    .await;
+    cluster.add_provider_key().await;
     const CALLS: u64 = 100;
-    let (id, key, _) = create_key(
-        cluster.addr(0),
-        &cluster.admin,
-        &json!({"name": "agent", "budget": {"limit_usd": 1.0, "period": "total"}}),
-    )
-    .await;
+    let (id, key, _) = cluster
+        .create_key(&json!({"name": "agent", "budget": {"limit_usd": 1.0, "period": "total"}}))
+        .await;
     let (live, victim) = ([cluster.addr(0), cluster.addr(1)], cluster.addr(2));
 
     // The victim takes the first lease (a quarter of the budget) with one
@@ -1405,19 +1360,10 @@ async fn lifecycle_postgres_stopped_under_load_fails_closed_and_recovers() {
         return;
     };
     let mut cluster = Cluster::start_on(&pg, redis, "", &Secrets::default());
-    add_provider_key(
-        cluster.addr(0),
-        &cluster.admin,
-        "openai",
-        "sk-upstream-test",
-    )
-    .await;
-    let (id, key, _) = create_key(
-        cluster.addr(0),
-        &cluster.admin,
-        &json!({"name": "agent", "budget": {"limit_usd": 100.0, "period": "total"}}),
-    )
-    .await;
+    cluster.add_provider_key().await;
+    let (id, key, _) = cluster
+        .create_key(&json!({"name": "agent", "budget": {"limit_usd": 100.0, "period": "total"}}))
+        .await;
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load: Vec<_> = (0..6)
