@@ -255,17 +255,12 @@ mod replica_failure {
     /// The budget of the SIGKILL test.
     const CHILD_CAP: u64 = 1_000_000_000;
 
-    /// Not a test of its own: the replica that
-    /// `lifecycle_replica_sigkilled_mid_load…` runs as a child process and
-    /// kills. It prints its holder id, then one line per call once the call
-    /// is settled (`vg-settled COST`) or left in flight (`vg-open HOLD`),
-    /// and serves until killed.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a child process of lifecycle_replica_sigkilled_mid_load_is_charged_at_least_what_it_acknowledged"]
-    async fn child_replica_serves_until_killed() {
-        let (Ok(url), Ok(key)) = (std::env::var(CHILD_URL), std::env::var(CHILD_KEY)) else {
-            return;
-        };
+    /// The replica that `lifecycle_replica_sigkilled_mid_load…` runs as a
+    /// child process (the same test, re-executed with [`CHILD_URL`] and
+    /// [`CHILD_KEY`] set) and kills. It prints its holder id, then one line
+    /// per call once the call is settled (`vg-settled COST`) or left in
+    /// flight (`vg-open HOLD`), and serves until killed.
+    async fn child_replica_serves_until_killed(url: String, key: String) {
         // Never outlive the parent: it holds our standard input.
         std::thread::spawn(|| {
             let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
@@ -329,6 +324,10 @@ mod replica_failure {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
 
+        if let (Ok(url), Ok(key)) = (std::env::var(CHILD_URL), std::env::var(CHILD_KEY)) {
+            return child_replica_serves_until_killed(url, key).await;
+        }
+
         let pg = TestPostgres::shared().expect("build.rs found PostgreSQL");
         let url = pg.fresh_database();
         let bare = PostgresStore::connect(&url, 2).await.unwrap();
@@ -337,9 +336,8 @@ mod replica_failure {
         let l = line(&k, CHILD_CAP, 0);
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
-                "--ignored",
                 "--exact",
-                "replica_failure::child_replica_serves_until_killed",
+                "replica_failure::lifecycle_replica_sigkilled_mid_load_is_charged_at_least_what_it_acknowledged",
                 "--nocapture",
             ])
             .env(CHILD_URL, &url)
