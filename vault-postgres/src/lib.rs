@@ -33,7 +33,6 @@
 #![forbid(unsafe_code)]
 
 mod audit;
-mod budget;
 mod connect;
 mod error;
 mod holders;

@@ -35,11 +35,11 @@ use vault_core::record::{
 use vault_core::store::{KeyPage, KeyPageQuery, KeyStore, StoreError};
 
 use crate::PostgresStore;
-use crate::budget::{close_carve_out, floor, pass_through, reservable};
 use crate::rows::{
     KEY_COLUMNS, PROVIDER_KEY_COLUMNS, USAGE_COLUMNS, count, key_from_row, money,
     provider_key_from_row, read_money, to_json, usage_from_row,
 };
+use vault_core::store::budget::{close_carve_out, floor, pass_through, reservable};
 
 /// Attempts of a transaction PostgreSQL aborted for a deadlock or a
 /// serialization failure.

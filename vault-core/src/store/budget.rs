@@ -1,5 +1,6 @@
-//! The budget arithmetic every backend shares, so that `MemoryStore` and
-//! `SqliteStore` decide identically.
+//! The budget arithmetic every backend shares, so that `MemoryStore`,
+//! `SqliteStore` and stores outside this crate (`PostgresStore`) decide
+//! identically; the conformance suite holds them to the same answers.
 //!
 //! The rules, as both backends implement them:
 //! - A line is (key, limit, period start). `settled` is kept per (key,
@@ -28,23 +29,28 @@ use crate::money::Micros;
 /// as much of `want` as fits, but at least `at_least` (at least one
 /// micro-dollar when `want` is not zero), else [`StoreError::BudgetExceeded`].
 /// A zero `want` is a zero reservation, which always fits.
-pub(super) fn reservable(
-    remaining: Micros,
-    want: Micros,
-    at_least: Micros,
-) -> Result<Micros, StoreError> {
+pub fn reservable(remaining: Micros, want: Micros, at_least: Micros) -> Result<Micros, StoreError> {
     if want == Micros::ZERO {
         return Ok(Micros::ZERO);
     }
-    let floor = at_least.max(Micros(1)).min(want);
-    if remaining < floor {
+    if remaining < floor(want, at_least) {
         return Err(StoreError::BudgetExceeded { remaining });
     }
     Ok(want.min(remaining))
 }
 
+/// The least a reservation of `want` may be granted: `at_least`, at least
+/// one micro-dollar, never above `want` (zero for a zero `want`, which
+/// always fits).
+pub fn floor(want: Micros, at_least: Micros) -> Micros {
+    if want == Micros::ZERO {
+        return Micros::ZERO;
+    }
+    at_least.max(Micros(1)).min(want)
+}
+
 /// Whether a carve-out of `amount` fits in `remaining`, else the error.
-pub(super) fn check_carve_out(remaining: Micros, amount: Micros) -> Result<(), StoreError> {
+pub fn check_carve_out(remaining: Micros, amount: Micros) -> Result<(), StoreError> {
     if remaining < amount {
         return Err(StoreError::BudgetExceeded { remaining });
     }
@@ -54,18 +60,18 @@ pub(super) fn check_carve_out(remaining: Micros, amount: Micros) -> Result<(), S
 /// What closing a child's carve-out of `carved` does, given the child's
 /// lifetime `spent` and the `open` amount its calls and carve-outs hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Closed {
+pub struct Closed {
     /// Charged to the parent now: the spend, capped at the carve-out.
-    pub(super) charge: Micros,
+    pub charge: Micros,
     /// Still held on the parent's line for the open calls (0: the
     /// carve-out is gone).
-    pub(super) residual: Micros,
+    pub residual: Micros,
     /// What the open calls may still charge the parent in all.
-    pub(super) chargeable: Micros,
+    pub chargeable: Micros,
 }
 
 /// Closes a carve-out of `carved` (see the module docs).
-pub(super) fn close_carve_out(carved: Micros, spent: Micros, open: Micros) -> Closed {
+pub fn close_carve_out(carved: Micros, spent: Micros, open: Micros) -> Closed {
     let charge = spent.min(carved);
     let chargeable = carved.saturating_sub(charge);
     Closed {
@@ -78,25 +84,20 @@ pub(super) fn close_carve_out(carved: Micros, spent: Micros, open: Micros) -> Cl
 /// What a hold of `held` settled at `actual` on a child whose carve-out is
 /// closed (holding `residual`, `chargeable` left) does to the parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Passed {
+pub struct Passed {
     /// Charged to the parent's line and spend.
-    pub(super) charge: Micros,
+    pub charge: Micros,
     /// Released from the parent's line (what the carve-out holds less).
-    pub(super) release: Micros,
+    pub release: Micros,
     /// The carve-out's new residual (0: it is gone).
-    pub(super) residual: Micros,
+    pub residual: Micros,
     /// What is left chargeable.
-    pub(super) chargeable: Micros,
+    pub chargeable: Micros,
 }
 
 /// Passes a settled hold through a closed carve-out (see the module docs).
 /// Once nothing more is chargeable, or nothing is held, the carve-out goes.
-pub(super) fn pass_through(
-    residual: Micros,
-    chargeable: Micros,
-    held: Micros,
-    actual: Micros,
-) -> Passed {
+pub fn pass_through(residual: Micros, chargeable: Micros, held: Micros, actual: Micros) -> Passed {
     let charge = actual.min(chargeable);
     let chargeable = chargeable.saturating_sub(charge);
     let mut release = held.min(residual);
@@ -129,6 +130,8 @@ mod tests {
         assert!(reservable(m(0), m(5), m(0)).is_err());
         // A floor above `want` is capped at `want`.
         assert_eq!(reservable(m(5), m(5), m(9)).unwrap(), m(5));
+        assert_eq!(floor(m(5), m(9)), m(5));
+        assert_eq!(floor(m(0), m(9)), m(0));
         assert!(check_carve_out(m(4), m(5)).is_err());
         assert!(check_carve_out(m(5), m(5)).is_ok());
     }

@@ -5,7 +5,7 @@
 //! default) both pass the same conformance suite (`vault_core::conformance`,
 //! behind the `conformance` feature; run by `tests/store_conformance.rs`).
 
-mod budget;
+pub mod budget;
 pub mod copy;
 mod holders;
 mod journal;
