@@ -75,6 +75,10 @@ pub(crate) enum Command {
         /// Only this key.
         #[arg(long)]
         key: Option<String>,
+        /// Only this project (an organisation-wide key's or the operator's
+        /// choice; a project's key may name only its own).
+        #[arg(long)]
+        project: Option<String>,
         /// At most this many records.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -140,7 +144,8 @@ pub(crate) struct CreateArgs {
     /// Make a test key (answered by the mock provider).
     #[arg(long)]
     test: bool,
-    /// The project.
+    /// The project; `*` makes an organisation-wide key, which manages and
+    /// reads every project (only the operator or another such key may).
     #[arg(long)]
     project: Option<String>,
     /// Parent key id, for a sub-agent key.
@@ -189,6 +194,9 @@ pub(crate) enum AuditCommand {
         /// How many.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
+        /// Only entries about this project.
+        #[arg(long)]
+        project: Option<String>,
     },
     /// Check the hash chain; names the first bad entry.
     Verify,

@@ -185,16 +185,24 @@ pub(crate) async fn run(m: &impl Management, command: Command, format: Output) -
             let id = request::provider_key_id(&id)?;
             output::removed_provider_key(format, &m.remove_provider_key(&id).await?);
         }
-        Command::Usage { key, limit } => {
+        Command::Usage {
+            key,
+            project,
+            limit,
+        } => {
             let q = UsageQuery {
                 key_id: key.as_deref().map(request::key_id).transpose()?,
-                since: None,
+                project,
                 limit: Some(limit),
+                ..UsageQuery::default()
             };
             output::usage(format, &m.usage(q).await?);
         }
-        Command::Audit(AuditCommand::Tail { lines }) => {
-            let q = AuditQuery { limit: Some(lines) };
+        Command::Audit(AuditCommand::Tail { lines, project }) => {
+            let q = AuditQuery {
+                limit: Some(lines),
+                project,
+            };
             output::audit(format, &m.audit(q).await?);
         }
         Command::Serve { .. }

@@ -383,6 +383,68 @@ async fn boundary_other_projects_keys_are_403_project_mismatch() {
     // B's key is untouched: neither revoked nor rotated.
     let r = get(addr, "/v1/usage", &b_key).await;
     assert_eq!(r.status, 200, "{}", r.text());
+
+    // Naming another project, or `*`, is the same 403 on every listing
+    // (docs/api.md#projects); naming its own narrows nothing away.
+    for (path, key) in [
+        ("/v1/keys?project=b", &a_admin),
+        ("/v1/keys?project=*", &a_admin),
+        ("/v1/usage?project=a", &b_key),
+    ] {
+        let r = get(addr, path, key).await;
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "project_mismatch", "{path}");
+    }
+    let r = get(addr, "/v1/projects", &a_admin).await;
+    assert_eq!(r.json()["data"], json!(["a"]), "{}", r.text());
+    let r = post(
+        addr,
+        "/v1/keys",
+        &a_admin,
+        &json!({"name": "org", "project": "*", "permissions": ["keys:manage"]}),
+    )
+    .await;
+    assert_eq!(
+        r.json()["error"]["code"],
+        "project_mismatch",
+        "{}",
+        r.text()
+    );
+
+    // An organisation-wide key (made by the operator) sees both and names either.
+    let org = cli(
+        dir.path(),
+        &[
+            "keys",
+            "create",
+            "--project",
+            "*",
+            "--scopes",
+            "*",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(org.code, 0, "{org:?}");
+    let org = org.json()["key"].as_str().unwrap().to_owned();
+    let r = get(addr, "/v1/projects", &org).await;
+    assert_eq!(
+        r.json()["data"],
+        json!(["a", "b", "default"]),
+        "{}",
+        r.text()
+    );
+    let r = get(addr, "/v1/keys?project=b", &org).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["total"], 1);
+    assert_eq!(r.json()["data"][0]["id"], b_id);
+    let r = get(addr, "/v1/audit?project=b", &org).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let entries = r.json()["data"].as_array().unwrap().clone();
+    assert!(
+        !entries.is_empty() && entries.iter().all(|e| e["project"] == "b"),
+        "{entries:?}"
+    );
 }
 
 /// docs/threat-model.md, A10: every route, alias, method and trailing-slash

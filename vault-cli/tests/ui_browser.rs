@@ -756,6 +756,80 @@ async fn dashboard_in_a_real_browser() {
     assert_eq!(r.status, 403, "nor act on it");
 }
 
+/// docs/dashboard.md#projects: an organisation-wide key (made by the
+/// operator with `--project '*'`) switches between projects with the
+/// header's **Project** select; each page then shows that project only,
+/// and a key made from the form lands in it.
+#[tokio::test]
+async fn an_organisation_wide_key_switches_projects_in_the_browser() {
+    let Some(b) = browser().await else { return };
+    let dir = tempdir();
+    let server = Server::start(dir.path());
+    let base = server.url();
+    let made = |args: &[&str]| {
+        let mut all = vec!["keys", "create", "--output", "json"];
+        all.extend_from_slice(args);
+        let out = cli(dir.path(), &all);
+        assert_eq!(out.code, 0, "{out:?}");
+        let v = out.json();
+        let text = |f: &str| v[f].as_str().unwrap().to_owned();
+        (text("id"), text("key"))
+    };
+    let (_, org) = made(&["--name", "org-admin", "--scopes", "*", "--project", "*"]);
+    let (search_id, _) = made(&["--name", "search-agent", "--project", "search", "--test"]);
+    let (billing_id, _) = made(&["--name", "billing-agent", "--project", "billing", "--test"]);
+
+    sign_in(&b, &base, &org).await;
+    wait_url(&b, "/ui/keys").await;
+    let all = b.source().await;
+    assert!(all.contains("search-agent") && all.contains("billing-agent"));
+    assert!(
+        all.contains("every project"),
+        "the header says what it sees"
+    );
+
+    b.js("document.getElementById('project-switch').value = 'search';")
+        .await;
+    b.click("form.switcher button[type=submit]").await;
+    wait_text(&b, "<option value=\"search\" selected=\"\">search</option>").await;
+    wait_url(&b, "/ui/keys").await;
+    let src = b.source().await;
+    assert!(
+        src.contains("search-agent") && !src.contains("billing-agent"),
+        "{src}"
+    );
+    b.shot("project-switcher").await;
+
+    // The dialog's Project field defaults to the project being viewed.
+    b.click("a[data-dialog=create-key]").await;
+    let project = b
+        .js("return document.querySelector('#create-key #f-project').value;")
+        .await;
+    assert_eq!(project, "search");
+    b.type_in("#create-key #f-name", "made-in-search").await;
+    b.js("document.querySelector('#create-key #f-env').value = 'test';")
+        .await;
+    b.click("#create-key button.primary").await;
+    shown_key(&b).await;
+    let listed = cli(dir.path(), &["keys", "list", "--output", "json"]).json();
+    let made_in = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "made-in-search")
+        .map(|k| k["project"].clone());
+    assert_eq!(made_in, Some(json!("search")), "{listed}");
+
+    // Audit follows the switch too.
+    b.goto(&format!("{base}/ui/audit")).await;
+    let audit = b.source().await;
+    assert!(audit.contains(&search_id), "{audit}");
+    assert!(
+        !audit.contains(&billing_id),
+        "another project's entries are hidden"
+    );
+}
+
 /// The CSRF token in a page's forms.
 fn csrf_of(html: &str) -> String {
     html.split("name=\"csrf\" value=\"")

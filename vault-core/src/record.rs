@@ -14,6 +14,12 @@ use crate::scope::Scopes;
 /// The project every key belongs to unless told otherwise.
 pub const DEFAULT_PROJECT: &str = "default";
 
+/// The project of an organisation-wide key (docs/api.md#projects): it
+/// manages and reads every project, as the operator does. Only the
+/// operator or another organisation-wide key may create one; no provider
+/// key belongs to it.
+pub const ALL_PROJECTS: &str = "*";
+
 /// Most ancestors a sub-agent key may have (docs/policy.md#sub-agent-keys):
 /// creating a key deeper than this is refused, and a chain longer than this
 /// is treated as corrupt wherever it is followed.

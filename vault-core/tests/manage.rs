@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use vault_core::audit::AuditLog;
 use vault_core::crypto::{AesGcmEncryptor, MasterKey};
 use vault_core::manage::{
-    Actor, Change, CreateKeyRequest, KeyListQuery, ManageError, ManageHook, Manager,
-    RotateKeyRequest,
+    Actor, AddProviderKeyRequest, Change, CreateKeyRequest, KeyListQuery, ManageError, ManageHook,
+    Manager, RotateKeyRequest, UsageQuery,
 };
 use vault_core::record::MAX_CHAIN_DEPTH;
 use vault_core::store::MemoryStore;
@@ -214,4 +214,109 @@ async fn boundary_key_pages_keep_the_project_and_permission_rules() {
         let e = m.list_keys_page(&lead, &bad).await.unwrap_err();
         assert!(matches!(e, ManageError::Invalid(_)), "{bad:?}: {e:?}");
     }
+}
+
+/// docs/api.md#projects: an organisation-wide key (project `*`) is made
+/// only by the operator or another such key; it lists, narrows to and acts
+/// in every project, while a project's key may name only its own; no
+/// provider key belongs to `*`.
+#[tokio::test]
+async fn boundary_organisation_wide_keys_see_every_project_and_project_keys_only_theirs() {
+    let m = manager(None, None);
+    let store = m.store().clone();
+    let actor = |id| {
+        let store = store.clone();
+        async move { Actor::Key(Arc::new(store.get_key(&id).await.unwrap().unwrap())) }
+    };
+    let org_id = m
+        .create_key(
+            &OP,
+            body(r#"{"name": "org", "project": "*", "permissions": ["*"]}"#),
+        )
+        .await
+        .unwrap()
+        .record
+        .id;
+    let org = actor(org_id).await;
+    let lead_id = m
+        .create_key(
+            &org,
+            body(r#"{"name": "lead", "project": "alpha", "permissions": ["keys:manage", "usage:read", "audit:read"]}"#),
+        )
+        .await
+        .unwrap()
+        .record
+        .id;
+    let lead = actor(lead_id).await;
+    m.create_key(&org, body(r#"{"name": "b", "project": "beta"}"#))
+        .await
+        .unwrap();
+    // Without a project, an organisation-wide key's new key is `default`'s.
+    let plain = m.create_key(&org, body(r#"{"name": "d"}"#)).await.unwrap();
+    assert_eq!(plain.record.project, "default");
+
+    // A project's key cannot make one, nor reach another project.
+    for json in [
+        r#"{"name": "x", "project": "*"}"#,
+        r#"{"name": "x", "project": "beta"}"#,
+    ] {
+        let e = m.create_key(&lead, body(json)).await.unwrap_err();
+        assert_eq!(e, ManageError::ProjectMismatch, "{json}");
+    }
+    let in_beta = |project: &str| KeyListQuery {
+        project: Some(project.to_owned()),
+        ..KeyListQuery::default()
+    };
+    let e = m.list_keys_page(&lead, &in_beta("beta")).await.unwrap_err();
+    assert_eq!(e, ManageError::ProjectMismatch);
+    let e = m
+        .usage(
+            &lead,
+            UsageQuery {
+                project: Some("beta".into()),
+                ..UsageQuery::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e, ManageError::ProjectMismatch);
+    assert_eq!(
+        m.list_keys_page(&lead, &in_beta("alpha"))
+            .await
+            .unwrap()
+            .total,
+        1
+    );
+    assert_eq!(m.list_projects(&lead).await.unwrap().data, ["alpha"]);
+
+    // The organisation-wide key sees every project and narrows to one.
+    assert_eq!(
+        m.list_keys_page(&org, &KeyListQuery::default())
+            .await
+            .unwrap()
+            .total,
+        4
+    );
+    let beta = m.list_keys_page(&org, &in_beta("beta")).await.unwrap();
+    assert_eq!(beta.total, 1);
+    assert_eq!(beta.data[0].name, "b");
+    assert_eq!(
+        m.list_projects(&org).await.unwrap().data,
+        ["alpha", "beta", "default"],
+        "`*` itself is not a project to switch to"
+    );
+    let revoked = m.revoke_key(&org, &beta.data[0].id).await.unwrap();
+    assert_eq!(revoked.revoked.len(), 1);
+
+    // No provider key belongs to `*`.
+    let pk: AddProviderKeyRequest = serde_json::from_str(
+        r#"{"provider": "openai", "api_key": "sk-test-1234567890", "project": "*"}"#,
+    )
+    .unwrap();
+    let e = m.add_provider_key(&org, pk).await.unwrap_err();
+    assert!(
+        matches!(&e, ManageError::Invalid(msg) if msg.starts_with("project")),
+        "{e:?}"
+    );
+    assert!(m.list_provider_keys(&OP).await.unwrap().data.is_empty());
 }

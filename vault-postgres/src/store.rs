@@ -1036,6 +1036,21 @@ impl KeyStore for PostgresStore {
         .map_err(Fail::into_store)
     }
 
+    async fn list_projects(&self) -> Result<Vec<String>, StoreError> {
+        async {
+            let conn = self.conn().await?;
+            let sql = "SELECT project COLLATE \"C\" FROM keys \
+                       UNION SELECT project FROM provider_keys ORDER BY 1";
+            let mut projects = Vec::new();
+            for r in rows(&conn, sql, &[]).await? {
+                projects.push(r.try_get::<_, String>(0)?);
+            }
+            Ok(projects)
+        }
+        .await
+        .map_err(Fail::into_store)
+    }
+
     async fn list_keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
         async {
             let conn = self.conn().await?;

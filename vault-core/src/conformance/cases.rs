@@ -293,6 +293,31 @@ pub async fn provider_keys_crud_and_compare_and_swap(factory: impl StoreFactory)
     assert_eq!(store.list_provider_keys(None).await.unwrap(), vec![b]);
 }
 
+/// Projects: every project with a key or a provider key, each once, in byte order.
+pub async fn projects_listed_once_in_byte_order(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
+    assert_eq!(store.list_projects().await.unwrap(), Vec::<String>::new());
+    for (project, at) in [
+        ("beta", 1_000),
+        ("alpha", 2_000),
+        ("alpha", 3_000),
+        ("*", 4_000),
+    ] {
+        inserted(&store, key_at(project, at)).await;
+    }
+    for (project, at) in [("gamma", 1_000), ("alpha", 2_000), ("Team-B", 3_000)] {
+        store
+            .insert_provider_key(&provider_key_at(project, at))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store.list_projects().await.unwrap(),
+        ["*", "Team-B", "alpha", "beta", "gamma"]
+    );
+}
+
 // ---------------------------------------------------------------- usage and meta
 
 /// Usage records list newest first and filter by key, project, time and limit; appending updates `request_count` and `last_used_at`.

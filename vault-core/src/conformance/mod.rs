@@ -166,6 +166,7 @@ macro_rules! store_conformance_tests {
             lifecycle_revoke_cascades_to_grandchildren,
             lifecycle_rotate_keeps_previous_hash_for_grace,
             provider_keys_crud_and_compare_and_swap,
+            projects_listed_once_in_byte_order,
             usage_append_list_filter_and_count,
             meta_round_trip,
             budget_reserve_settle_and_usage,

@@ -16,7 +16,8 @@ use crate::policy::{
     validate_policy,
 };
 use crate::record::{
-    DEFAULT_PROJECT, KeyRecord, KeyStatus, MAX_CHAIN_DEPTH, ProviderKeyRecord, UsageFilter,
+    ALL_PROJECTS, DEFAULT_PROJECT, KeyRecord, KeyStatus, MAX_CHAIN_DEPTH, ProviderKeyRecord,
+    UsageFilter,
 };
 use crate::scope::{Permission, Scopes};
 use crate::store::{KeyPageQuery, KeyStatusFilter, KeyStore, MAX_PAGE_LIMIT};
@@ -57,11 +58,23 @@ impl Actor {
         }
     }
 
-    /// The actor's project; `None` for the operator (every project).
+    /// The actor's project; `None` for the operator and an
+    /// organisation-wide key (every project, docs/api.md#projects).
     pub fn project(&self) -> Option<&str> {
         match self {
-            Actor::Key(k) => Some(&k.project),
-            Actor::Operator => None,
+            Actor::Key(k) if k.project != ALL_PROJECTS => Some(&k.project),
+            Actor::Key(_) | Actor::Operator => None,
+        }
+    }
+
+    /// The project a listing covers: the one `requested`, which a project's
+    /// key may name only if it is its own (403 `project_mismatch`
+    /// otherwise); else the actor's (`None`: every project).
+    fn narrow(&self, requested: Option<&str>) -> Result<Option<String>, ManageError> {
+        match (requested, self.project()) {
+            (Some(want), Some(mine)) if want != mine => Err(ManageError::ProjectMismatch),
+            (Some(want), _) => Ok(Some(want.to_owned())),
+            (None, mine) => Ok(mine.map(str::to_owned)),
         }
     }
 
@@ -374,7 +387,9 @@ impl Manager {
             (None, None, Some(mine)) => mine.to_owned(),
             (None, None, None) => DEFAULT_PROJECT.to_owned(),
         };
-        validate_project(&project)?;
+        if project != ALL_PROJECTS {
+            validate_project(&project)?;
+        }
         let name = req.name.clone().unwrap_or_default();
         validate_name(&name)?;
         let scopes = match &req.permissions {
@@ -489,6 +504,32 @@ impl Manager {
         })
     }
 
+    /// The projects the caller may look at, sorted: every project with a
+    /// key or a provider key for the operator and an organisation-wide key
+    /// (not `*` itself), else the caller's own. Needs `keys:manage`,
+    /// `usage:read` or `audit:read` (docs/api.md#get-v1projects).
+    pub async fn list_projects(&self, actor: &Actor) -> Result<List<String>, ManageError> {
+        if let Actor::Key(k) = actor
+            && ![
+                Permission::KeysManage,
+                Permission::UsageRead,
+                Permission::AuditRead,
+            ]
+            .into_iter()
+            .any(|p| k.scopes.allows(p))
+        {
+            return Err(ManageError::Forbidden(
+                "this key lacks keys:manage, usage:read and audit:read".to_owned(),
+            ));
+        }
+        if let Some(mine) = actor.project() {
+            return Ok(List::of(vec![mine.to_owned()]));
+        }
+        let mut projects = self.store.list_projects().await?;
+        projects.retain(|p| p != ALL_PROJECTS);
+        Ok(List::of(projects))
+    }
+
     /// Keys of the caller's project (every project's, for the operator),
     /// oldest first (docs/api.md#get-v1keys).
     pub async fn list_keys(&self, actor: &Actor) -> Result<List<KeyView>, ManageError> {
@@ -525,7 +566,7 @@ impl Manager {
         let page = self
             .store
             .list_keys_page(&KeyPageQuery {
-                project: actor.project().map(str::to_owned),
+                project: actor.narrow(query.project.as_deref())?,
                 search: query.search.clone(),
                 status,
                 now,
@@ -649,6 +690,11 @@ impl Manager {
             (None, Some(mine)) => mine.to_owned(),
             (None, None) => DEFAULT_PROJECT.to_owned(),
         };
+        if project == ALL_PROJECTS {
+            return Err(ManageError::Invalid(
+                "project: a provider key belongs to one project, not *".to_owned(),
+            ));
+        }
         validate_project(&project)?;
         if !api_key.is_well_formed() {
             return Err(ManageError::Invalid(
@@ -737,7 +783,7 @@ impl Manager {
     pub async fn usage(&self, actor: &Actor, q: UsageQuery) -> Result<UsageList, ManageError> {
         actor.require(Permission::UsageRead)?;
         let filter = UsageFilter {
-            project: actor.project().map(str::to_owned),
+            project: actor.narrow(q.project.as_deref())?,
             key_id: q.key_id,
             since: q.since.map(UnixMillis),
             limit: Some(q.limit.unwrap_or(USAGE_LIMIT.0).min(USAGE_LIMIT.1)),
@@ -787,7 +833,7 @@ impl Manager {
             return Ok(List::of(Vec::new()));
         };
         let filter = AuditFilter {
-            project: actor.project().map(str::to_owned),
+            project: actor.narrow(q.project.as_deref())?,
             before_seq: None,
             limit: q.limit.unwrap_or(AUDIT_LIMIT.0).min(AUDIT_LIMIT.1),
         };

@@ -203,6 +203,10 @@ pub struct UsageQuery {
     /// Only this key's records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<KeyId>,
+    /// Only this project's records: any project an organisation-wide
+    /// caller names, else the caller's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
     /// Only records at or after this time, in Unix milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<i64>,
@@ -212,12 +216,16 @@ pub struct UsageQuery {
 }
 
 /// `GET /v1/audit` query parameters (docs/api.md#get-v1audit).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// At most this many (default 100, at most 10000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// Only entries about this project: any project an organisation-wide
+    /// caller names, else the caller's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 /// `GET /v1/keys` paging parameters (docs/api.md#get-v1keys): with any of
@@ -237,6 +245,10 @@ pub struct KeyListQuery {
     /// `active`, `revoked`, `expired` or `exhausted` (budget exhausted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// Only this project's keys: any project an organisation-wide caller
+    /// names, else the caller's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 impl KeyListQuery {

@@ -810,6 +810,10 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
             .collect())
     }
 
+    async fn list_projects(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.list_projects().await
+    }
+
     async fn list_keys_page(&self, query: &KeyPageQuery) -> Result<KeyPage, StoreError> {
         // Budget exhaustion counts what leases charged but the store has not
         // settled yet; while any such spend exists, those filters are

@@ -101,6 +101,27 @@ pub trait KeyStore: Send + Sync + 'static {
         Ok(page_of(keys, query))
     }
 
+    /// Every project with a key or a provider key, sorted, each once. The
+    /// default reads every record; `SqliteStore` and `PostgresStore` read
+    /// the project indexes only.
+    async fn list_projects(&self) -> Result<Vec<String>, StoreError> {
+        let mut projects: Vec<String> = self
+            .list_keys(None)
+            .await?
+            .into_iter()
+            .map(|k| k.project)
+            .chain(
+                self.list_provider_keys(None)
+                    .await?
+                    .into_iter()
+                    .map(|p| p.project),
+            )
+            .collect();
+        projects.sort_unstable();
+        projects.dedup();
+        Ok(projects)
+    }
+
     /// Revokes a key and all its descendants in one transaction, settling the
     /// carve-outs they hold on their parents at their actual spend. Returns
     /// the ids newly revoked (empty if it was already revoked).

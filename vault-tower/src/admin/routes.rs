@@ -42,8 +42,8 @@ pub struct AdminOptions {
     pub protect_metrics: bool,
 }
 
-/// The management API: `/v1/keys…`, `/v1/provider-keys…`, `/v1/usage`,
-/// `/v1/audit`, `/healthz`, `/readyz`, `/metrics`.
+/// The management API: `/v1/keys…`, `/v1/provider-keys…`, `/v1/projects`,
+/// `/v1/usage`, `/v1/audit`, `/healthz`, `/readyz`, `/metrics`.
 pub fn admin_router(admin: Admin, options: AdminOptions) -> Router {
     let admin = Arc::new(admin);
     let authed = Router::new()
@@ -59,6 +59,7 @@ pub fn admin_router(admin: Admin, options: AdminOptions) -> Router {
             "/v1/provider-keys/{id}",
             axum::routing::delete(remove_provider_key),
         )
+        .route("/v1/projects", get(list_projects))
         .route("/v1/usage", get(usage))
         .route("/v1/audit", get(audit));
     let authed = if options.protect_metrics {
@@ -339,6 +340,12 @@ async fn remove_provider_key(
         .remove_provider_key(&actor(&req)?, &pk)
         .await?;
     Ok(json_response(StatusCode::OK, &removed))
+}
+
+/// `GET /v1/projects` (docs/api.md#get-v1projects).
+async fn list_projects(State(admin): State<Arc<Admin>>, req: Request) -> Answer {
+    let list = admin.manager().list_projects(&actor(&req)?).await?;
+    Ok(json_response(StatusCode::OK, &list))
 }
 
 /// A query string that does not parse is a JSON error (docs/api.md#errors)

@@ -61,6 +61,7 @@ pub(crate) async fn show(
 ) -> Response {
     let q = AuditQuery {
         limit: Some(f.limit.unwrap_or(500).min(10_000)),
+        project: signed.viewing().map(str::to_owned),
     };
     let entries = match ui.admin.manager().audit_entries(&signed.actor, q).await {
         Ok(l) => l.data,

@@ -99,6 +99,9 @@ pub(crate) struct Signed {
     pub(crate) actor: Actor,
     /// The key's record.
     pub(crate) record: Arc<KeyRecord>,
+    /// For an organisation-wide key, the projects the switcher offers;
+    /// empty for a project's key (docs/dashboard.md#projects).
+    pub(crate) projects: Vec<String>,
 }
 
 impl Signed {
@@ -110,6 +113,18 @@ impl Signed {
     /// The CSRF token for this session's forms.
     pub(crate) fn csrf(&self) -> &str {
         &self.session.csrf
+    }
+
+    /// Whether the key sees every project (and the pages show the project
+    /// switcher).
+    pub(crate) fn org_wide(&self) -> bool {
+        self.actor.project().is_none()
+    }
+
+    /// The project the pages show: the one chosen with the switcher, else
+    /// `None` (every project the key sees).
+    pub(crate) fn viewing(&self) -> Option<&str> {
+        self.session.project.as_deref()
     }
 }
 
@@ -127,12 +142,26 @@ impl FromRequestParts<Arc<Ui>> for Signed {
         let now = ctx.clock().now();
         let session = ui.sessions.touch(&cookie, now).ok_or_else(to_sign_in)?;
         match signing_key(ui, &session).await {
-            Some(record) => Ok(Signed {
-                session,
-                cookie,
-                actor: Actor::Key(record.clone()),
-                record,
-            }),
+            Some(record) => {
+                let actor = Actor::Key(record.clone());
+                let projects = match actor.project() {
+                    Some(_) => Vec::new(),
+                    None => ui
+                        .admin
+                        .manager()
+                        .list_projects(&actor)
+                        .await
+                        .map(|l| l.data)
+                        .unwrap_or_default(),
+                };
+                Ok(Signed {
+                    session,
+                    cookie,
+                    actor,
+                    record,
+                    projects,
+                })
+            }
             None => {
                 ui.sessions.close(&cookie);
                 Err(to_sign_in())

@@ -17,8 +17,8 @@ use vault_core::scope::Permission;
 
 use super::Ui;
 use super::guard::{Fields, Posted, Signed};
-use super::keys::when;
-use super::layout::{Nav, csrf_field, error_page, field, html_response, page};
+use super::keys::{provider_keys_viewed, when};
+use super::layout::{Nav, csrf_field, error_page, field, html_response, page, project_field};
 
 /// The scopes offered by the create form.
 const SCOPES: [&str; 5] = ["chat:write", "usage:read", "audit:read", "keys:manage", "*"];
@@ -36,6 +36,7 @@ pub(crate) fn create_form(
             (csrf_field(signed))
             @if let Some(p) = parent { input type="hidden" name="parent" value=(p); p { "Sub-agent key of " code { (p) } } }
             (field("name", "Name", "text", Some("A descriptive name, e.g. nightly-eval.")))
+            @if parent.is_none() { (project_field(signed, "f-project")) }
             fieldset {
                 legend { "Scopes" }
                 @for s in SCOPES {
@@ -92,6 +93,7 @@ fn yaml_form(signed: &Signed, parent: Option<&str>, yaml: Option<(&str, &str)>) 
             (csrf_field(signed))
             input type="hidden" name="mode" value="yaml";
             @if let Some(p) = parent { input type="hidden" name="parent" value=(p); }
+            @if parent.is_none() { (project_field(signed, "f-yaml-project")) }
             div.field {
                 label for="f-policy_yaml" { "Policy YAML" }
                 textarea #f-policy_yaml name="policy_yaml" rows="10" spellcheck="false"
@@ -121,13 +123,7 @@ pub(crate) async fn new_form(
     if let Err(e) = signed.actor.require(Permission::KeysManage) {
         return error_page(&signed, &e);
     }
-    let pks = ui
-        .admin
-        .manager()
-        .list_provider_keys(&signed.actor)
-        .await
-        .map(|l| l.data)
-        .unwrap_or_default();
+    let pks = provider_keys_viewed(ui.admin.manager(), &signed).await;
     let parent = q.get("parent").map(String::as_str);
     let body = create_form(&signed, &pks, parent, None);
     html_response(
@@ -176,6 +172,7 @@ pub(crate) fn create_request(f: &Fields) -> Result<CreateKeyRequest, ManageError
     put("plan", f.get("plan").map(Value::from));
     put("ttl", f.get("ttl").map(Value::from));
     put("parent", f.get("parent").map(Value::from));
+    put("project", f.get("project").map(Value::from));
     put("providers", list_of(f.get("providers")));
     put("models", list_of(f.get("models")));
     put("endpoints", list_of(f.get("endpoints")));
@@ -269,7 +266,7 @@ fn yaml_error(signed: &Signed, f: &Fields, text: &str, error: &str) -> Response 
 
 /// The "Policy YAML" form as the API's request: the file's name, TTL,
 /// scopes, plan and policy, as `vaultgate keys create --policy` reads a
-/// file; `env` and `parent` from the form.
+/// file; `env`, `parent` and `project` from the form.
 pub(crate) fn yaml_request(f: &Fields) -> Result<CreateKeyRequest, ManageError> {
     let text = f.get("policy_yaml").unwrap_or_default();
     let file = vault_core::policy::parse_policy_yaml(text, "policy.yaml")
@@ -290,6 +287,7 @@ pub(crate) fn yaml_request(f: &Fields) -> Result<CreateKeyRequest, ManageError> 
         serde_json::from_value(extra).map_err(|e| ManageError::Invalid(e.to_string()))?;
     req.env = extra.env;
     req.parent = extra.parent;
+    req.project = f.get("project").map(str::to_owned);
     Ok(req)
 }
 

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use vault_core::key::KeyId;
 use vault_core::manage::wire::{KeyListQuery, KeyPageView, KeyView, RotateKeyRequest};
-use vault_core::manage::{Actor, ManageError, Manager, UsageQuery};
+use vault_core::manage::{ManageError, Manager, ProviderKeyView, UsageQuery};
 use vault_core::record::KeyStatus;
 use vault_core::scope::Permission;
 
@@ -88,7 +88,7 @@ fn spend_cell(k: &KeyView) -> Markup {
 /// counted by the store (docs/dashboard.md#api-keys).
 async fn key_page(
     m: &Manager,
-    actor: &Actor,
+    signed: &Signed,
     q: &ListQuery,
     n: usize,
 ) -> Result<KeyPageView, ManageError> {
@@ -98,8 +98,9 @@ async fn key_page(
         offset: Some(u64::try_from(offset).unwrap_or(u64::MAX)),
         search: q.q.clone(),
         status: q.status.clone().filter(|s| !s.is_empty() && s != "all"),
+        project: signed.viewing().map(str::to_owned),
     };
-    m.list_keys_page(actor, &query).await
+    m.list_keys_page(&signed.actor, &query).await
 }
 
 /// `GET /ui/keys`.
@@ -110,7 +111,7 @@ pub(crate) async fn list(
 ) -> Response {
     let m = ui.admin.manager();
     let want = q.page.unwrap_or(1).max(1);
-    let mut found = match key_page(m, &signed.actor, &q, want).await {
+    let mut found = match key_page(m, &signed, &q, want).await {
         Ok(p) => p,
         Err(e) => return error_page(&signed, &e),
     };
@@ -120,17 +121,14 @@ pub(crate) async fn list(
         .max(1);
     let n = want.min(pages);
     if n != want {
-        found = match key_page(m, &signed.actor, &q, n).await {
+        found = match key_page(m, &signed, &q, n).await {
             Ok(p) => p,
             Err(e) => return error_page(&signed, &e),
         };
     }
-    let pks = m
-        .list_provider_keys(&signed.actor)
-        .await
-        .map(|l| l.data)
-        .unwrap_or_default();
+    let pks = provider_keys_viewed(m, &signed).await;
     let rows = found.data.iter();
+    let by_project = signed.org_wide() && signed.viewing().is_none();
     let body = html! {
         div.actions {
             a.button.primary href="/ui/keys/new" data-dialog="create-key" { "Create API Key" }
@@ -147,17 +145,18 @@ pub(crate) async fn list(
             }
             button type="submit" { "Filter" }
         }
-        p { (found.total) " keys · page " (n) " of " (pages) }
+        p { (found.total) @if found.total == 1 { " key" } @else { " keys" } " · page " (n) " of " (pages) }
         div.scroll {
             table {
                 thead { tr {
-                    th { "Name" } th { "Prefix" } th { "Env" } th { "Status" } th { "Scopes" }
+                    th { "Name" } @if by_project { th { "Project" } } th { "Prefix" } th { "Env" } th { "Status" } th { "Scopes" }
                     th { "Created" } th { "Last used" } th { "Requests" } th { "Spend" } th { "Expires" }
                 } }
                 tbody {
                     @for k in rows {
                         tr {
                             td { a href={"/ui/keys/" (k.id.as_str())} { @if k.name.is_empty() { "(unnamed)" } @else { (k.name) } } }
+                            @if by_project { td { (k.project) } }
                             td { code { (k.prefix.as_str()) "…" } }
                             td { (k.env.as_str()) }
                             td { span class={"status " (k.status.as_str())} { (shown_status(k)) } }
@@ -210,6 +209,20 @@ fn pager(q: &ListQuery, n: usize, pages: usize) -> Markup {
             @if n < pages { a href=(link(n + 1)) rel="next" { "Next" } }
         }
     }
+}
+
+/// The provider keys of the project being viewed (every project the key
+/// sees, when none is chosen), for the create forms and the Vault page.
+pub(crate) async fn provider_keys_viewed(m: &Manager, signed: &Signed) -> Vec<ProviderKeyView> {
+    let mut pks = m
+        .list_provider_keys(&signed.actor)
+        .await
+        .map(|l| l.data)
+        .unwrap_or_default();
+    if let Some(p) = signed.viewing() {
+        pks.retain(|pk| pk.project == p);
+    }
+    pks
 }
 
 /// A key id from a path; anything else is no key's (404).
@@ -273,8 +286,8 @@ pub(crate) async fn detail(
     let calls = if signed.may(Permission::UsageRead) {
         let q = UsageQuery {
             key_id: Some(k.id.clone()),
-            since: None,
             limit: Some(1000),
+            ..UsageQuery::default()
         };
         m.usage(&signed.actor, q)
             .await

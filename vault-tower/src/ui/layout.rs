@@ -70,7 +70,8 @@ pub(crate) fn page(title: &str, signed: Option<&Signed>, active: Nav, body: Mark
                             }
                         }
                         div.who {
-                            span { (s.record.name) " · " (s.record.project) }
+                            @if s.org_wide() { (project_switcher(s, active)) }
+                            span { (s.record.name) " · " (if s.org_wide() { "every project" } else { s.record.project.as_str() }) }
                             form method="post" action="/ui/sign-out" {
                                 input type="hidden" name="csrf" value=(s.csrf());
                                 button type="submit" { "Sign out" }
@@ -83,6 +84,51 @@ pub(crate) fn page(title: &str, signed: Option<&Signed>, active: Nav, body: Mark
                     (body)
                 }
             }
+        }
+    }
+}
+
+/// The project switcher of an organisation-wide key: a form posting the
+/// chosen project to `/ui/project`, which comes back to `active`'s page.
+fn project_switcher(s: &Signed, active: Nav) -> Markup {
+    let back = NAV
+        .iter()
+        .find(|(nav, ..)| *nav == active)
+        .map_or("/ui/", |(_, path, ..)| path);
+    let viewing = s.viewing();
+    let listed = viewing.is_none_or(|v| s.projects.iter().any(|p| p == v));
+    html! {
+        form.switcher method="post" action="/ui/project" {
+            (csrf_field(s))
+            input type="hidden" name="back" value=(back);
+            label for="project-switch" { "Project" }
+            select #project-switch name="project" {
+                option value="" selected[viewing.is_none()] { "All projects" }
+                @for p in &s.projects {
+                    option value=(p) selected[viewing == Some(p.as_str())] { (p) }
+                }
+                @if !listed { option value=[viewing] selected { (viewing.unwrap_or_default()) } }
+            }
+            button type="submit" { "Switch" }
+        }
+    }
+}
+
+/// The **Project** field of a create form, for an organisation-wide key:
+/// the project the new object goes to, the one being viewed by default
+/// (`default` when viewing every project); a project's key has none.
+pub(crate) fn project_field(s: &Signed, id: &str) -> Markup {
+    if !s.org_wide() {
+        return html! {};
+    }
+    let hint = format!("{id}-hint");
+    html! {
+        div.field {
+            label for=(id) { "Project" }
+            input id=(id) name="project" type="text" list="known-projects" autocomplete="off"
+                value=(s.viewing().unwrap_or(vault_core::record::DEFAULT_PROJECT)) aria-describedby=(hint);
+            datalist #known-projects { @for p in &s.projects { option value=(p) {} } }
+            small id=(hint) { "An existing project, or a new name: letters, digits, - and _." }
         }
     }
 }

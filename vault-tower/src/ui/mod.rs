@@ -12,7 +12,8 @@
 //! - `guard`: security headers, the session check on every request, the
 //!   exact `Origin` and CSRF token on every `POST`;
 //! - `layout`: the page shell; `signin`, `keys`, `key_form`, `vault_page`, `usage`,
-//!   `audit`: the pages (`limits`: a key's live limits on its detail page); `assets`: the stylesheet and script, embedded.
+//!   `audit`: the pages (`limits`: a key's live limits on its detail page;
+//!   `project`: the project switcher); `assets`: the stylesheet and script, embedded.
 //!
 //! No template or handler writes a secret into a page except the one
 //! response that issues a key (create, rotate), which shows it once.
@@ -24,6 +25,7 @@ mod key_form;
 mod keys;
 mod layout;
 mod limits;
+mod project;
 mod session;
 mod signin;
 mod usage;
@@ -87,6 +89,7 @@ pub fn ui_router(admin: Admin, options: UiOptions) -> Router {
         .route("/ui/", get(signin::home))
         .route("/ui/sign-in", get(signin::form).post(signin::sign_in))
         .route("/ui/sign-out", post(signin::sign_out))
+        .route("/ui/project", post(project::switch))
         .route("/ui/keys", get(keys::list).post(key_form::create))
         .route("/ui/keys/new", get(key_form::new_form))
         .route("/ui/keys/{id}", get(keys::detail))

@@ -36,6 +36,9 @@ pub(crate) struct Session {
     pub(crate) key_hash: KeyHash,
     /// The per-session CSRF token every form carries.
     pub(crate) csrf: String,
+    /// The project an organisation-wide key chose with the project
+    /// switcher; `None` shows every project (docs/dashboard.md#projects).
+    pub(crate) project: Option<String>,
     /// Sign-in time.
     created: UnixMillis,
     /// The last request.
@@ -100,6 +103,7 @@ impl Sessions {
         let session = Session {
             key_hash,
             csrf: random_token(&self.rng)?,
+            project: None,
             created: now,
             last_seen: now,
         };
@@ -129,6 +133,15 @@ impl Sessions {
         }
         s.last_seen = now;
         Some(s.clone())
+    }
+
+    /// Sets the project the session with this cookie value is looking at.
+    pub(crate) fn choose_project(&self, id: &str, project: Option<String>) {
+        if let Ok(mut open) = self.open.lock()
+            && let Some(s) = open.get_mut(&id_hash(id))
+        {
+            s.project = project;
+        }
     }
 
     /// Ends the session with this cookie value.

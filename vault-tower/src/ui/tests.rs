@@ -189,3 +189,161 @@ async fn a_key_detail_shows_its_limit_windows_live() {
     let (_, html) = get(&router, &format!("/ui/keys/{id}"), &cookie).await;
     assert!(html.contains("4 / 10"), "{html}");
 }
+
+/// The session's CSRF token, read from a page's form.
+fn csrf_of(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").unwrap() + 19;
+    html[at..at + 64].to_owned()
+}
+
+async fn post(
+    router: &Router,
+    path: &str,
+    cookie: &str,
+    form: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let r = router
+        .clone()
+        .oneshot(
+            Request::post(path)
+                .header("host", "dash.test")
+                .header("origin", "http://dash.test")
+                .header("cookie", cookie)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = r.status();
+    let location = r
+        .headers()
+        .get("location")
+        .map(|l| l.to_str().unwrap().to_owned());
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    (status, location.unwrap_or(text))
+}
+
+/// docs/dashboard.md#projects: an organisation-wide key's pages show every
+/// project until it switches to one, then only that project, and its create
+/// form makes the key there; a project's key has no switcher and cannot
+/// post one.
+#[tokio::test]
+async fn boundary_an_organisation_wide_key_switches_projects_and_a_project_key_cannot() {
+    let (router, m) = setup();
+    let (_, org) = create(
+        &m,
+        r#"{"name": "org", "project": "*", "permissions": ["*"]}"#,
+    )
+    .await;
+    let (_, lead) = create(
+        &m,
+        r#"{"name": "lead", "project": "alpha", "permissions": ["keys:manage"]}"#,
+    )
+    .await;
+    create(&m, r#"{"name": "alpha-agent", "project": "alpha"}"#).await;
+    create(&m, r#"{"name": "beta-agent", "project": "beta"}"#).await;
+
+    let cookie = sign_in(&router, &org).await;
+    let (_, html) = get(&router, "/ui/keys", &cookie).await;
+    assert!(
+        html.contains("<option value=\"\" selected>All projects</option>"),
+        "{html}"
+    );
+    assert!(html.contains("alpha-agent") && html.contains("beta-agent"));
+    assert!(html.contains("<th>Project</th>"));
+    let csrf = csrf_of(&html);
+
+    let (status, to) = post(
+        &router,
+        "/ui/project",
+        &cookie,
+        &[("csrf", &csrf), ("project", "beta"), ("back", "/ui/keys")],
+    )
+    .await;
+    assert_eq!((status, to.as_str()), (StatusCode::SEE_OTHER, "/ui/keys"));
+    let (_, html) = get(&router, "/ui/keys", &cookie).await;
+    assert!(
+        html.contains("beta-agent") && !html.contains("alpha-agent"),
+        "{html}"
+    );
+    assert!(html.contains("<option value=\"beta\" selected>beta</option>"));
+    assert!(
+        html.contains("value=\"beta\" aria-describedby=\"f-project-hint\""),
+        "the create form defaults to it"
+    );
+
+    // A key made from the form goes to the chosen project.
+    let (status, _) = post(
+        &router,
+        "/ui/keys",
+        &cookie,
+        &[
+            ("csrf", &csrf),
+            ("name", "made-in-beta"),
+            ("project", "beta"),
+            ("env", "test"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let beta = m
+        .list_keys(&Actor::Operator)
+        .await
+        .unwrap()
+        .data
+        .into_iter()
+        .find(|k| k.name == "made-in-beta")
+        .unwrap();
+    assert_eq!(beta.project, "beta");
+
+    // Not a project of this install, or a foreign `back`: refused / ignored.
+    let (status, _) = post(
+        &router,
+        "/ui/project",
+        &cookie,
+        &[("csrf", &csrf), ("project", "gamma")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, to) = post(
+        &router,
+        "/ui/project",
+        &cookie,
+        &[
+            ("csrf", &csrf),
+            ("project", ""),
+            ("back", "//evil.test/ui/"),
+        ],
+    )
+    .await;
+    assert_eq!(to, "/ui/");
+    let (_, html) = get(&router, "/ui/keys", &cookie).await;
+    assert!(
+        html.contains("alpha-agent") && html.contains("beta-agent"),
+        "every project again"
+    );
+
+    // A project's key: no switcher, no switching, its project only.
+    let cookie = sign_in(&router, &lead).await;
+    let (_, html) = get(&router, "/ui/keys", &cookie).await;
+    assert!(
+        !html.contains("project-switch") && !html.contains("beta-agent"),
+        "{html}"
+    );
+    let csrf = csrf_of(&html);
+    let (status, _) = post(
+        &router,
+        "/ui/project",
+        &cookie,
+        &[("csrf", &csrf), ("project", "beta")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, html) = get(&router, "/ui/keys", &cookie).await;
+    assert!(!html.contains("beta-agent"));
+}

@@ -91,6 +91,7 @@ async fn records(
     let since = f.since(ui.admin.context().clock().now().0);
     let q = UsageQuery {
         key_id,
+        project: signed.viewing().map(str::to_owned),
         since,
         limit: Some(MAX_RECORDS),
     };

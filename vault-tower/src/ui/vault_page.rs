@@ -14,12 +14,13 @@ use vault_core::key::ProviderKeyId;
 use vault_core::manage::ManageError;
 use vault_core::manage::wire::{AddProviderKeyRequest, CreateKeyRequest, KeyView, ProviderKeyView};
 use vault_core::provider::Provider;
+use vault_core::scope::Permission;
 
 use super::Ui;
 use super::guard::{Posted, Signed};
 use super::key_form::issued_page;
-use super::keys::when;
-use super::layout::{Nav, csrf_field, error_page, field, html_response, page};
+use super::keys::{provider_keys_viewed, when};
+use super::layout::{Nav, csrf_field, error_page, field, html_response, page, project_field};
 
 /// Keys that name `pk` in their `provider_keys`.
 fn users<'a>(keys: &'a [KeyView], pk: &ProviderKeyView) -> Vec<&'a KeyView> {
@@ -31,23 +32,25 @@ fn users<'a>(keys: &'a [KeyView], pk: &ProviderKeyView) -> Vec<&'a KeyView> {
 /// `GET /ui/vault`.
 pub(crate) async fn list(State(ui): State<Arc<Ui>>, signed: Signed) -> Response {
     let m = ui.admin.manager();
-    let pks = match m.list_provider_keys(&signed.actor).await {
-        Ok(l) => l.data,
-        Err(e) => return error_page(&signed, &e),
-    };
+    if let Err(e) = signed.actor.require(Permission::KeysManage) {
+        return error_page(&signed, &e);
+    }
+    let pks = provider_keys_viewed(m, &signed).await;
     let keys = m
         .list_keys(&signed.actor)
         .await
         .map(|l| l.data)
         .unwrap_or_default();
+    let by_project = signed.org_wide() && signed.viewing().is_none();
     let body = html! {
         div.scroll {
             table {
-                thead { tr { th { "Provider" } th { "Name" } th { "Hint" } th { "Created" } th { "Keys using it" } th { span.sr { "Actions" } } } }
+                thead { tr { th { "Provider" } @if by_project { th { "Project" } } th { "Name" } th { "Hint" } th { "Created" } th { "Keys using it" } th { span.sr { "Actions" } } } }
                 tbody {
                     @for pk in &pks {
                         tr {
                             td { (pk.provider.as_str()) }
+                            @if by_project { td { (pk.project) } }
                             td { (pk.name) }
                             td { code { (pk.hint.as_str()) } }
                             td { (when(Some(&pk.created_at))) }
@@ -77,6 +80,7 @@ pub(crate) async fn list(State(ui): State<Arc<Ui>>, signed: Signed) -> Response 
                         }
                     }
                     (field("name", "Name", "text", None))
+                    (project_field(&signed, "f-pk-project"))
                     div.field {
                         label for="f-api_key" { "Provider API key" }
                         input #f-api_key name="api_key" type="password" required autocomplete="off" spellcheck="false" aria-describedby="f-api_key-hint";
@@ -116,6 +120,7 @@ pub(crate) async fn add(State(ui): State<Arc<Ui>>, posted: Posted) -> Response {
         "provider": fields.get("provider").unwrap_or_default(),
         "api_key": fields.get("api_key").unwrap_or_default(),
         "name": fields.get("name").unwrap_or_default(),
+        "project": fields.get("project"),
     });
     drop(fields);
     let req: AddProviderKeyRequest = match serde_json::from_value(body) {
@@ -217,6 +222,7 @@ pub(crate) async fn proxy_key(State(ui): State<Arc<Ui>>, posted: Posted) -> Resp
         "env": "live",
         "provider_keys": [pk.id.as_str()],
         "providers": [pk.provider.as_str()],
+        "project": pk.project,
     });
     let req: CreateKeyRequest = match serde_json::from_value(body) {
         Ok(r) => r,

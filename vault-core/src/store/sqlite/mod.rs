@@ -628,6 +628,20 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn list_projects(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT project FROM keys UNION SELECT project FROM provider_keys ORDER BY 1",
+                )
+                .map_err(backend)?;
+            stmt.query_map([], |r| r.get::<_, String>(0))
+                .and_then(Iterator::collect)
+                .map_err(backend)
+        })
+        .await
+    }
+
     async fn list_keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
         let project = project.map(str::to_owned);
         // `rowid` (insertion order) breaks ties, as MemoryStore does.
