@@ -17,7 +17,7 @@ use vault_core::crypto::{
 use vault_core::manage::Manager;
 use vault_core::policy::{DefaultEngine, PlanSet};
 use vault_core::pricing::{ModelPrice, PriceTable};
-use vault_core::store::{KeyStore, LeasedStore, SqliteStore, recover_lease_journals};
+use vault_core::store::{KeyStore, LeasedStore, SessionStore, SqliteStore, recover_lease_journals};
 use vault_postgres::PostgresAudit;
 use vault_redis::Subscription;
 use vault_tower::admin::Admin;
@@ -47,6 +47,9 @@ pub(crate) struct Opened {
     pub(crate) store: Arc<dyn KeyStore>,
     pub(crate) encryptor: Arc<dyn Encryptor>,
     pub(crate) audit: Arc<dyn AuditTrail>,
+    /// Dashboard sessions, in the same database as the keys (shared by
+    /// every replica on PostgreSQL).
+    pub(crate) sessions: Arc<dyn SessionStore>,
     pub(crate) clock: SharedClock,
     pub(crate) plans: Arc<PlanSet>,
     pub(crate) data_dir: PathBuf,
@@ -205,7 +208,12 @@ async fn open_with(file: BinaryConfig, data_dir: PathBuf, leased: bool) -> Resul
         AesGcmEncryptor::with_previous(master, previous)
             .map_err(|e| anyhow::anyhow!("the master key cannot be used: {e}"))?,
     );
-    let (store, audit, location) = open_store(postgres.as_ref(), &data_dir, leased).await?;
+    let StoreParts {
+        store,
+        audit,
+        sessions,
+        location,
+    } = open_store(postgres.as_ref(), &data_dir, leased).await?;
     verify_master_keys(store.as_ref(), encryptor.as_ref())
         .await
         .map_err(|e| match e {
@@ -235,6 +243,7 @@ async fn open_with(file: BinaryConfig, data_dir: PathBuf, leased: bool) -> Resul
         store,
         encryptor,
         audit,
+        sessions,
         clock,
         plans: Arc::new(plans),
         data_dir,
@@ -257,7 +266,8 @@ fn open_audit(data_dir: &Path) -> Result<Arc<dyn AuditTrail>> {
     Ok(Arc::new(log))
 }
 
-/// The store, its audit trail and a description of it for messages:
+/// The store, its audit trail, the dashboard's sessions and a description
+/// of it for messages:
 /// embedded SQLite in the data directory (audit in `audit.jsonl`), or
 /// PostgreSQL (audit in its `audit_entries`, shared by every replica:
 /// docs/replicas.md#the-audit-chain). For `serve` (`leased`) it is wrapped in
@@ -270,24 +280,39 @@ async fn open_store(
     postgres: Option<&PostgresSettings>,
     data_dir: &Path,
     leased: bool,
-) -> Result<(Arc<dyn KeyStore>, Arc<dyn AuditTrail>, String)> {
+) -> Result<StoreParts> {
     let journals = data_dir.join(LEASE_JOURNAL_DIR);
     match postgres {
         None => {
             let sqlite = SqliteStore::open_in_dir(data_dir).map_err(|e| {
                 anyhow::anyhow!("cannot open the store in {}: {e}", data_dir.display())
             })?;
-            let store = with_leases(sqlite, &journals, leased).await?;
-            Ok((store, open_audit(data_dir)?, data_dir.display().to_string()))
+            Ok(StoreParts {
+                sessions: Arc::new(sqlite.clone()),
+                store: with_leases(sqlite, &journals, leased).await?,
+                audit: open_audit(data_dir)?,
+                location: data_dir.display().to_string(),
+            })
         }
         Some(settings) => {
             let pg = replicas::connect_postgres(settings).await?;
-            let location = pg.to_string();
-            let audit: Arc<dyn AuditTrail> = Arc::new(PostgresAudit::new(&pg));
-            let store = with_leases(pg, &journals, leased).await?;
-            Ok((store, audit, location))
+            Ok(StoreParts {
+                location: pg.to_string(),
+                audit: Arc::new(PostgresAudit::new(&pg)),
+                sessions: Arc::new(pg.clone()),
+                store: with_leases(pg, &journals, leased).await?,
+            })
         }
     }
+}
+
+/// What [`open_store`] opens.
+struct StoreParts {
+    store: Arc<dyn KeyStore>,
+    audit: Arc<dyn AuditTrail>,
+    sessions: Arc<dyn SessionStore>,
+    /// The data directory or the database, for messages.
+    location: String,
 }
 
 /// `store` in a [`LeasedStore`] journaling in `journals` (`serve`), or bare

@@ -170,7 +170,10 @@ async fn serve(file: BinaryConfig, data_dir: PathBuf, listen: String) -> Result<
     if ui.enabled {
         router = router.merge(ui_router(
             serving.admin.clone(),
-            UiOptions { origin: ui.origin },
+            UiOptions {
+                origin: ui.origin,
+                sessions: Some(opened.sessions.clone()),
+            },
         ));
     }
     let router = router.fallback_service(

@@ -175,11 +175,14 @@ async fn smuggling_mass_assignment_and_hostile_bodies_are_refused() {
     assert_eq!(r.error_code(), "project_mismatch");
 
     // Unknown query parameters on the read routes.
-    for path in ["/v1/usage?spend=1", "/v1/audit?project=tenant-b"] {
+    for path in ["/v1/usage?spend=1", "/v1/audit?tenant=b"] {
         let r = get(addr, path, admin).await;
         assert_eq!(r.status, 400, "{path}: {}", r.text());
         r.error_code();
     }
+    // `project` is known, and another project's is refused, not ignored.
+    let r = get(addr, "/v1/audit?project=tenant-b", admin).await;
+    assert_eq!(r.error_code(), "project_mismatch", "{}", r.text());
 
     assert_eq!(
         key_ids(addr, admin).await,

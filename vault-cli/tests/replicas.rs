@@ -1428,3 +1428,147 @@ async fn lifecycle_postgres_stopped_under_load_fails_closed_and_recovers() {
     );
     assert_eq!(cluster.upstream.calls() as u64, spent / CALL_MICROS);
 }
+
+/// A dashboard form post to replica `i`, from its own origin.
+async fn ui_post(
+    cluster: &Cluster,
+    i: usize,
+    path: &str,
+    cookie: Option<&str>,
+    body: String,
+) -> Resp {
+    let server = &cluster.replicas[i % cluster.replicas.len()];
+    let mut req = Req::new("POST", path)
+        .header("origin", &server.url())
+        .header("content-type", "application/x-www-form-urlencoded");
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    send(server.addr, req.raw(body.into_bytes())).await
+}
+
+/// The CSRF token in a dashboard page's forms.
+fn csrf_in(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// docs/dashboard.md#sessions: a session opened on one replica is the same
+/// session on the others (same CSRF token, same project choice), **Sign
+/// out** on one ends it on all, and failed sign-ins count across replicas:
+/// ten in a minute in all, then 429 on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_a_dashboard_session_is_shared_by_every_replica() {
+    let _turn = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start("") else {
+        return;
+    };
+    let org = cluster.cli(&[
+        "keys",
+        "create",
+        "--project",
+        "*",
+        "--scopes",
+        "*",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(org.code, 0, "{org:?}");
+    let org = org.json()["key"].as_str().unwrap().to_owned();
+    cluster.cli(&[
+        "keys",
+        "create",
+        "--name",
+        "team-a-agent",
+        "--project",
+        "team-a",
+        "--test",
+    ]);
+
+    let r = ui_post(&cluster, 0, "/ui/sign-in", None, format!("api_key={org}")).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let cookie = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = |i: usize| {
+        let cookie = cookie.clone();
+        let addr = cluster.addr(i);
+        async move { send(addr, Req::new("GET", "/ui/keys").header("cookie", &cookie)).await }
+    };
+    let first = page(1).await;
+    assert_eq!(first.status, 200, "another replica knows the session");
+    let csrf = csrf_in(&first.text());
+    assert_eq!(csrf.len(), 64);
+    assert_eq!(
+        csrf_in(&page(2).await.text()),
+        csrf,
+        "one session, one token"
+    );
+
+    // The project chosen on one replica is the one the others show.
+    let r = ui_post(
+        &cluster,
+        1,
+        "/ui/project",
+        Some(&cookie),
+        format!("csrf={csrf}&project=team-a&back=%2Fui%2Fkeys"),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let shown = page(2).await.text();
+    assert!(
+        shown.contains("<option value=\"team-a\" selected>team-a</option>"),
+        "{shown}"
+    );
+    assert!(shown.contains("team-a-agent"));
+
+    // Signed out on replica 2: gone on 0 and 1 at once.
+    let r = ui_post(
+        &cluster,
+        2,
+        "/ui/sign-out",
+        Some(&cookie),
+        format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    for i in 0..3 {
+        let r = page(i).await;
+        assert_eq!(
+            r.status, 303,
+            "replica {i} still knows a signed-out session"
+        );
+    }
+
+    // Failed sign-ins from one address, spread over the replicas, inside
+    // one one-minute window (the burst takes well under 5 s).
+    let into_window = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 60_000;
+    if into_window > 55_000 {
+        tokio::time::sleep(Duration::from_millis((60_000 - into_window + 200) as u64)).await;
+    }
+    let mut statuses = Vec::new();
+    for attempt in 0..12 {
+        let r = ui_post(
+            &cluster,
+            attempt,
+            "/ui/sign-in",
+            None,
+            "api_key=vpx_live_AAAAAAAAAAAAAAAAAAAAAAAA".to_owned(),
+        )
+        .await;
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses[..10], [401; 10], "{statuses:?}");
+    assert_eq!(statuses[10..], [429, 429], "{statuses:?}");
+}

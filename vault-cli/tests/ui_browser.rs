@@ -940,3 +940,61 @@ async fn lifecycle_a_key_revoked_elsewhere_ends_its_session_within_a_second() {
         "the session outlived the revocation by a second"
     );
 }
+
+/// docs/dashboard.md#sessions: sessions live in the data directory's
+/// database, so a restarted server keeps its browsers signed in (and
+/// **Sign out** still ends them).
+#[tokio::test]
+async fn lifecycle_a_session_outlives_a_restart_of_the_server() {
+    let dir = tempdir();
+    let server = Server::start(dir.path());
+    let admin = server.admin().to_owned();
+    let r = send(
+        server.addr,
+        Req::new("POST", "/ui/sign-in")
+            .header("origin", &server.url())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .raw(format!("api_key={admin}").into_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let cookie = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(server.terminate(Duration::from_secs(30)).is_some());
+
+    let server = Server::start(dir.path());
+    let r = send(
+        server.addr,
+        Req::new("GET", "/ui/keys").header("cookie", &cookie),
+    )
+    .await;
+    assert_eq!(r.status, 200, "signed out by a restart");
+    let csrf = csrf_of(&r.text());
+    let r = send(
+        server.addr,
+        Req::new("POST", "/ui/sign-out")
+            .header("origin", &server.url())
+            .header("cookie", &cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .raw(format!("csrf={csrf}").into_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 303);
+    let r = send(
+        server.addr,
+        Req::new("GET", "/ui/keys").header("cookie", &cookie),
+    )
+    .await;
+    assert_eq!(r.status, 303, "signed out");
+    // The database holds the session's hash, never the cookie's value.
+    let id = cookie.trim_start_matches("vg_session=");
+    for file in ["vaultgate.db", "vaultgate.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&bytes).contains(id), "{file}");
+    }
+}

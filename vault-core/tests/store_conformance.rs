@@ -39,6 +39,26 @@ mod leased_sqlite {
     });
 }
 
+/// Dashboard sessions (docs/dashboard.md#sessions), in memory and in the
+/// data directory's database.
+mod sessions {
+    use vault_core::store::MemorySessions;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn memory() {
+        conformance::session_store_keeps_purges_and_counts(Arc::new(MemorySessions::default()))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn sqlite() {
+        let (store, _dir) = sqlite_in_temp_dir();
+        conformance::session_store_keeps_purges_and_counts(Arc::new(store)).await;
+    }
+}
+
 /// What only the SQLite store promises: persistence, sharing one file
 /// between handles (as between processes), and refusing bad rows.
 mod sqlite_only {

@@ -40,6 +40,7 @@ mod import;
 mod page;
 mod rows;
 mod schema;
+mod sessions;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

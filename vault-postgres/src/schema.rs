@@ -13,10 +13,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../migrations/0002_audit.sql")),
     (3, include_str!("../migrations/0003_lease_holders.sql")),
     (4, include_str!("../migrations/0004_key_pages.sql")),
+    (5, include_str!("../migrations/0005_ui_sessions.sql")),
 ];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The versions of this build's migrations, in the order they apply.
 pub fn migration_versions() -> Vec<i32> {

@@ -34,3 +34,13 @@ mod leased_postgres {
     vault_core::store_conformance_tests!(|| LeasedStore::new(super::fresh()));
     vault_core::threat_conformance_tests!(|| LeasedStore::new(super::fresh()));
 }
+
+/// Dashboard sessions shared by every replica (docs/dashboard.md#sessions).
+#[cfg(postgres_installed)]
+#[test]
+fn sessions() {
+    let store = fresh();
+    vault_core::conformance::run(
+        vault_core::conformance::session_store_keeps_purges_and_counts(std::sync::Arc::new(store)),
+    );
+}

@@ -18,6 +18,9 @@
 //! [`DefaultEngine`](crate::policy::DefaultEngine) over a store in the same
 //! way; [`threat_conformance_tests!`](crate::threat_conformance_tests) expands them.
 //!
+//! A dashboard's [`SessionStore`](crate::store::SessionStore) has one case,
+//! [`session_store_keeps_purges_and_counts`].
+//!
 //! How to run it against your own store: `docs/conformance.md`.
 
 // Test support: a failed promise is a panic with a clear message.
@@ -26,6 +29,7 @@
 mod cases;
 mod pages;
 mod records;
+mod sessions;
 mod threats;
 
 use std::any::Any;
@@ -35,6 +39,7 @@ use std::sync::Arc;
 pub use cases::*;
 pub use pages::*;
 pub use records::{child_of, fresh_hash, key, key_at, line, provider_key_at, usage_of};
+pub use sessions::session_store_keeps_purges_and_counts;
 pub use threats::*;
 
 use crate::store::KeyStore;

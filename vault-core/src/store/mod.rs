@@ -12,6 +12,7 @@ mod journal;
 mod leased;
 mod memory;
 mod page;
+pub mod sessions;
 mod sqlite;
 
 pub use holders::{DEFAULT_STALE_AFTER, LeaseHolders};
@@ -22,6 +23,7 @@ pub use leased::{
 };
 pub use memory::MemoryStore;
 pub use page::{KeyPage, KeyPageQuery, KeyStatusFilter, MAX_PAGE_LIMIT, budget_exhausted, page_of};
+pub use sessions::{MemorySessions, SessionPurge, SessionRecord, SessionStore};
 pub use sqlite::{DB_FILE_NAME, SqliteStore};
 
 use async_trait::async_trait;

@@ -20,7 +20,7 @@ use vault_core::scope::Permission;
 
 use super::Ui;
 use super::layout::message_page;
-use super::session::Session;
+use super::session::{Session, csrf_matches};
 
 /// The session cookie's name.
 pub(crate) const COOKIE_NAME: &str = "vg_session";
@@ -128,6 +128,20 @@ impl Signed {
     }
 }
 
+/// 503 with a page saying sessions cannot be read or written now (the
+/// store is down); the browser keeps its cookie and may retry.
+pub(crate) fn store_unavailable(e: &vault_core::store::StoreError) -> Response {
+    tracing::warn!(error = %e, "dashboard sessions are unavailable");
+    let mut r = message_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Try again shortly",
+        "The dashboard cannot reach its store right now. Nothing was changed.",
+    );
+    r.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 /// Why a request is not signed in: the browser goes to the sign-in page.
 fn to_sign_in() -> Response {
     Redirect::to("/ui/sign-in").into_response()
@@ -140,7 +154,12 @@ impl FromRequestParts<Arc<Ui>> for Signed {
         let cookie = session_cookie(&parts.headers).ok_or_else(to_sign_in)?;
         let ctx = ui.admin.context();
         let now = ctx.clock().now();
-        let session = ui.sessions.touch(&cookie, now).ok_or_else(to_sign_in)?;
+        let session = ui
+            .sessions
+            .touch(&cookie, now)
+            .await
+            .map_err(|e| store_unavailable(&e))?
+            .ok_or_else(to_sign_in)?;
         match signing_key(ui, &session).await {
             Some(record) => {
                 let actor = Actor::Key(record.clone());
@@ -163,7 +182,10 @@ impl FromRequestParts<Arc<Ui>> for Signed {
                 })
             }
             None => {
-                ui.sessions.close(&cookie);
+                ui.sessions
+                    .close(&cookie)
+                    .await
+                    .map_err(|e| store_unavailable(&e))?;
                 Err(to_sign_in())
             }
         }
@@ -281,7 +303,7 @@ impl FromRequest<Arc<Ui>> for Posted {
         let signed = Signed::from_request_parts(&mut parts, ui).await?;
         let fields = read_form(body).await?;
         match fields.get("csrf") {
-            Some(t) if signed.session.csrf_matches(t) => Ok(Posted { signed, fields }),
+            Some(t) if csrf_matches(&signed.session, t) => Ok(Posted { signed, fields }),
             _ => Err(forbidden_form()),
         }
     }

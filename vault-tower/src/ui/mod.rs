@@ -7,8 +7,8 @@
 //! `/v1/*` routes are: a signed-in browser acts as the key it signed in
 //! with (`Actor::Key`), so permissions, project checks, validation errors
 //! and audit entries are the API's. Its own parts are the web ones:
-//! - `session`: sessions (256-bit ids kept hashed, in memory) and the
-//!   failed-sign-in limiter;
+//! - `session`: sessions (256-bit ids kept hashed, in the shared store) and
+//!   the failed-sign-in limiter;
 //! - `guard`: security headers, the session check on every request, the
 //!   exact `Origin` and CSRF token on every `POST`;
 //! - `layout`: the page shell; `signin`, `keys`, `key_form`, `vault_page`, `usage`,
@@ -40,6 +40,7 @@ use axum::Router;
 use axum::middleware;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use vault_core::store::{MemorySessions, SessionStore};
 
 pub use guard::CSP;
 pub use session::{ABSOLUTE_TIMEOUT_MS, IDLE_TIMEOUT_MS, SIGN_IN_FAILURES_ALLOWED};
@@ -47,13 +48,26 @@ pub use session::{ABSOLUTE_TIMEOUT_MS, IDLE_TIMEOUT_MS, SIGN_IN_FAILURES_ALLOWED
 use crate::admin::Admin;
 
 /// How the dashboard is served.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct UiOptions {
     /// The dashboard's public origin, e.g. `https://gate.example.com`, when
     /// it is not `http://` + the request's `Host` (behind a TLS-terminating
     /// proxy). A `POST` must come from exactly this origin; an `https`
     /// origin also marks the session cookie `Secure`.
     pub origin: Option<String>,
+    /// Where sessions and failed sign-ins are kept: the store every replica
+    /// shares (`SqliteStore`, `PostgresStore`); this process's memory when
+    /// `None` (docs/dashboard.md#sessions).
+    pub sessions: Option<Arc<dyn SessionStore>>,
+}
+
+impl std::fmt::Debug for UiOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UiOptions")
+            .field("origin", &self.origin)
+            .field("shared_sessions", &self.sessions.is_some())
+            .finish()
+    }
 }
 
 /// What the dashboard's handlers share.
@@ -61,7 +75,6 @@ pub struct UiOptions {
 pub(crate) struct Ui {
     admin: Admin,
     sessions: session::Sessions,
-    limiter: session::SignInLimiter,
     options: UiOptions,
 }
 
@@ -78,10 +91,13 @@ impl Ui {
 /// The dashboard's routes: `/` (a redirect to `/ui/`) and everything under
 /// `/ui`. Merge it into the router that serves the management API.
 pub fn ui_router(admin: Admin, options: UiOptions) -> Router {
+    let store = options
+        .sessions
+        .clone()
+        .unwrap_or_else(|| Arc::new(MemorySessions::default()));
     let ui = Arc::new(Ui {
         admin,
-        sessions: session::Sessions::default(),
-        limiter: session::SignInLimiter::default(),
+        sessions: session::Sessions::new(store),
         options,
     });
     let pages = Router::new()

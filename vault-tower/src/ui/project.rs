@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use vault_core::manage::ManageError;
 
 use super::Ui;
-use super::guard::Posted;
+use super::guard::{Posted, store_unavailable};
 use super::layout::error_page;
 
 /// `POST /ui/project`: `project` (empty for every project) and `back`, the
@@ -28,7 +28,13 @@ pub(crate) async fn switch(State(ui): State<Arc<Ui>>, posted: Posted) -> Respons
             &ManageError::Invalid(format!("project: no key or provider key belongs to {p}")),
         );
     }
-    ui.sessions.choose_project(&signed.cookie, chosen);
+    if let Err(e) = ui
+        .sessions
+        .choose_project(&signed.cookie, chosen.as_deref())
+        .await
+    {
+        return store_unavailable(&e);
+    }
     let back = fields
         .get("back")
         .filter(|b| b.starts_with("/ui/") && !b.contains("//") && !b.contains('\\'))

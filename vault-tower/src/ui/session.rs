@@ -1,22 +1,24 @@
-//! Dashboard sessions and the failed-sign-in limiter, both in this
-//! process's memory (docs/dashboard.md#sessions): a restart signs everyone
-//! out, and with several replicas a browser must come back to the one it
-//! signed in on (or sign in again).
+//! Dashboard sessions and the failed-sign-in limiter, kept in a
+//! [`SessionStore`] (docs/dashboard.md#sessions): `vaultgate serve` passes
+//! its store (the data directory's database, or PostgreSQL shared by every
+//! replica), so a restart signs nobody out and a browser may land on any
+//! replica; an embedding without one keeps them in memory.
 //!
 //! A session id is 256 random bits, sent to the browser once in its cookie
-//! and kept here only as its SHA-256, so a dump of this table opens no
-//! session. A session holds the *hash* of the key it was opened with, never
-//! the key, and is re-checked against that key's record on every request.
+//! and stored only as its SHA-256, so a dump of the table opens no session.
+//! A session holds the *hash* of the key it was opened with, never the
+//! key, and is re-checked against that key's record on every request.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
 use vault_core::clock::UnixMillis;
 use vault_core::key::KeyHash;
+use vault_core::store::sessions::SessionId;
+use vault_core::store::{SessionPurge, SessionRecord, SessionStore, StoreError};
 
 /// A session ends after this long without a request.
 pub const IDLE_TIMEOUT_MS: i64 = 60 * 60 * 1000;
@@ -26,38 +28,18 @@ pub const ABSOLUTE_TIMEOUT_MS: i64 = 12 * 60 * 60 * 1000;
 pub const SIGN_IN_FAILURES_ALLOWED: u32 = 10;
 /// The failed-sign-in window.
 const SIGN_IN_WINDOW_MS: i64 = 60 * 1000;
-/// Most sessions held at once; the oldest go first beyond it.
+/// Most sessions held at once; the least recently seen go first beyond it.
 const MAX_SESSIONS: usize = 10_000;
+/// A request moves the stored `last_seen` only when it is at least this old,
+/// so a busy session writes once a minute, not once a request.
+const TOUCH_EVERY_MS: i64 = 60 * 1000;
 
-/// One signed-in browser.
-#[derive(Clone)]
-pub(crate) struct Session {
-    /// The hash of the key it was opened with.
-    pub(crate) key_hash: KeyHash,
-    /// The per-session CSRF token every form carries.
-    pub(crate) csrf: String,
-    /// The project an organisation-wide key chose with the project
-    /// switcher; `None` shows every project (docs/dashboard.md#projects).
-    pub(crate) project: Option<String>,
-    /// Sign-in time.
-    created: UnixMillis,
-    /// The last request.
-    last_seen: UnixMillis,
-}
+/// One signed-in browser, as stored.
+pub(crate) type Session = SessionRecord;
 
-impl std::fmt::Debug for Session {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
-            .field("created", &self.created)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Session {
-    /// Whether the form's token is this session's, in constant time.
-    pub(crate) fn csrf_matches(&self, token: &str) -> bool {
-        self.csrf.as_bytes().ct_eq(token.as_bytes()).into()
-    }
+/// Whether the form's token is the session's, in constant time.
+pub(crate) fn csrf_matches(session: &Session, token: &str) -> bool {
+    session.csrf.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
 /// 32 random bytes, hex.
@@ -67,26 +49,22 @@ fn random_token(rng: &SystemRandom) -> Option<String> {
     Some(hex::encode(b))
 }
 
-/// What the table is keyed by: the SHA-256 of the cookie's value.
-fn id_hash(id: &str) -> [u8; 32] {
+/// What a session is stored under: the SHA-256 of the cookie's value.
+fn id_hash(id: &str) -> SessionId {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest(&SHA256, id.as_bytes()).as_ref());
     out
 }
 
-/// The open sessions.
-pub(crate) struct Sessions {
-    rng: SystemRandom,
-    open: Mutex<HashMap<[u8; 32], Session>>,
+/// Not idle for an hour, and under twelve hours old.
+fn live(s: &Session, now: UnixMillis) -> bool {
+    now.0 - s.last_seen.0 < IDLE_TIMEOUT_MS && now.0 - s.created.0 < ABSOLUTE_TIMEOUT_MS
 }
 
-impl Default for Sessions {
-    fn default() -> Self {
-        Sessions {
-            rng: SystemRandom::new(),
-            open: Mutex::default(),
-        }
-    }
+/// The dashboard's sessions, over a [`SessionStore`].
+pub(crate) struct Sessions {
+    rng: SystemRandom,
+    store: Arc<dyn SessionStore>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -96,139 +74,199 @@ impl std::fmt::Debug for Sessions {
 }
 
 impl Sessions {
+    /// Sessions kept in `store`.
+    pub(crate) fn new(store: Arc<dyn SessionStore>) -> Sessions {
+        Sessions {
+            rng: SystemRandom::new(),
+            store,
+        }
+    }
+
     /// Opens a session for the key hashing to `key_hash`; returns the
-    /// cookie value (the only copy of the id) and the session.
-    pub(crate) fn open(&self, key_hash: KeyHash, now: UnixMillis) -> Option<(String, Session)> {
-        let id = random_token(&self.rng)?;
+    /// cookie value (the only copy of the id). Expired sessions, and beyond
+    /// [`MAX_SESSIONS`] the least recently seen, are removed first.
+    pub(crate) async fn open(
+        &self,
+        key_hash: KeyHash,
+        now: UnixMillis,
+    ) -> Result<String, StoreError> {
+        let no_randomness = || StoreError::Backend("no randomness for a session id".to_owned());
+        let id = random_token(&self.rng).ok_or_else(no_randomness)?;
         let session = Session {
             key_hash,
-            csrf: random_token(&self.rng)?,
+            csrf: random_token(&self.rng).ok_or_else(no_randomness)?,
             project: None,
             created: now,
             last_seen: now,
         };
-        let mut open = self.open.lock().ok()?;
-        open.retain(|_, s| live(s, now));
-        if open.len() >= MAX_SESSIONS
-            && let Some(oldest) = open
-                .iter()
-                .min_by_key(|(_, s)| s.last_seen.0)
-                .map(|(k, _)| *k)
-        {
-            open.remove(&oldest);
-        }
-        open.insert(id_hash(&id), session.clone());
-        Some((id, session))
+        let purge = SessionPurge {
+            idle_before: UnixMillis(now.0 - IDLE_TIMEOUT_MS),
+            created_before: UnixMillis(now.0 - ABSOLUTE_TIMEOUT_MS),
+            keep: MAX_SESSIONS,
+        };
+        self.store
+            .open_session(&id_hash(&id), &session, purge)
+            .await?;
+        Ok(id)
     }
 
-    /// The live session with this cookie value, its idle clock restarted;
-    /// an expired one is removed.
-    pub(crate) fn touch(&self, id: &str, now: UnixMillis) -> Option<Session> {
-        let mut open = self.open.lock().ok()?;
+    /// The live session with this cookie value, its idle clock restarted
+    /// (stored at most once a minute); an expired one is removed.
+    pub(crate) async fn touch(
+        &self,
+        id: &str,
+        now: UnixMillis,
+    ) -> Result<Option<Session>, StoreError> {
         let h = id_hash(id);
-        let s = open.get_mut(&h)?;
-        if !live(s, now) {
-            open.remove(&h);
-            return None;
+        let Some(mut s) = self.store.session(&h).await? else {
+            return Ok(None);
+        };
+        if !live(&s, now) {
+            self.store.close_session(&h).await?;
+            return Ok(None);
         }
-        s.last_seen = now;
-        Some(s.clone())
+        if now.0 - s.last_seen.0 >= TOUCH_EVERY_MS {
+            self.store.touch_session(&h, now).await?;
+            s.last_seen = now;
+        }
+        Ok(Some(s))
     }
 
     /// Sets the project the session with this cookie value is looking at.
-    pub(crate) fn choose_project(&self, id: &str, project: Option<String>) {
-        if let Ok(mut open) = self.open.lock()
-            && let Some(s) = open.get_mut(&id_hash(id))
-        {
-            s.project = project;
-        }
+    pub(crate) async fn choose_project(
+        &self,
+        id: &str,
+        project: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.store.set_session_project(&id_hash(id), project).await
     }
 
     /// Ends the session with this cookie value.
-    pub(crate) fn close(&self, id: &str) {
-        if let Ok(mut open) = self.open.lock() {
-            open.remove(&id_hash(id));
-        }
+    pub(crate) async fn close(&self, id: &str) -> Result<(), StoreError> {
+        self.store.close_session(&id_hash(id)).await
+    }
+
+    /// Whether `ip` has used up its failed sign-ins in the current window.
+    pub(crate) async fn sign_ins_blocked(
+        &self,
+        ip: IpAddr,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .store
+            .sign_in_failures(&ip.to_string(), window(now))
+            .await?;
+        Ok(n >= SIGN_IN_FAILURES_ALLOWED)
+    }
+
+    /// Counts a failed sign-in of `ip`.
+    pub(crate) async fn sign_in_failed(
+        &self,
+        ip: IpAddr,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        self.store
+            .count_sign_in_failure(&ip.to_string(), window(now))
+            .await
     }
 }
 
-/// Not idle for an hour, and under twelve hours old.
-fn live(s: &Session, now: UnixMillis) -> bool {
-    now.0 - s.last_seen.0 < IDLE_TIMEOUT_MS && now.0 - s.created.0 < ABSOLUTE_TIMEOUT_MS
-}
-
-/// Failed sign-ins per client address in fixed one-minute windows.
-#[derive(Debug, Default)]
-pub(crate) struct SignInLimiter {
-    failures: Mutex<HashMap<IpAddr, (i64, u32)>>,
-}
-
-impl SignInLimiter {
-    /// Whether `ip` has used up its failures in the current window.
-    pub(crate) fn blocked(&self, ip: IpAddr, now: UnixMillis) -> bool {
-        let Ok(map) = self.failures.lock() else {
-            return true;
-        };
-        map.get(&ip).is_some_and(|(start, n)| {
-            now.0 - start < SIGN_IN_WINDOW_MS && *n >= SIGN_IN_FAILURES_ALLOWED
-        })
-    }
-
-    /// Counts a failure of `ip`.
-    pub(crate) fn failed(&self, ip: IpAddr, now: UnixMillis) {
-        let Ok(mut map) = self.failures.lock() else {
-            return;
-        };
-        if map.len() > 100_000 {
-            map.retain(|_, (start, _)| now.0 - *start < SIGN_IN_WINDOW_MS);
-        }
-        let entry = map.entry(ip).or_insert((now.0, 0));
-        if now.0 - entry.0 >= SIGN_IN_WINDOW_MS {
-            *entry = (now.0, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-    }
+/// The start of the fixed one-minute window holding `now`.
+fn window(now: UnixMillis) -> UnixMillis {
+    UnixMillis(now.0 - now.0.rem_euclid(SIGN_IN_WINDOW_MS))
 }
 
 #[cfg(test)]
 mod tests {
+    use vault_core::store::MemorySessions;
+
     use super::*;
 
-    #[test]
-    fn lifecycle_sessions_expire_when_idle_and_at_twelve_hours() {
-        let s = Sessions::default();
+    fn sessions() -> (Sessions, Arc<MemorySessions>) {
+        let store = Arc::new(MemorySessions::default());
+        (Sessions::new(store.clone()), store)
+    }
+
+    #[tokio::test]
+    async fn lifecycle_sessions_expire_when_idle_and_at_twelve_hours() {
+        let (s, store) = sessions();
         let h = KeyHash::of("vpx_test_abc");
-        let (id, _) = s.open(h, UnixMillis(0)).unwrap();
+        let id = s.open(h, UnixMillis(0)).await.unwrap();
         assert_eq!(id.len(), 64);
-        assert!(s.touch(&id, UnixMillis(IDLE_TIMEOUT_MS - 1)).is_some());
+        assert!(
+            s.touch(&id, UnixMillis(IDLE_TIMEOUT_MS - 1))
+                .await
+                .unwrap()
+                .is_some()
+        );
         // Kept busy, it still ends at twelve hours.
         let mut t = IDLE_TIMEOUT_MS - 1;
         while t + IDLE_TIMEOUT_MS / 2 < ABSOLUTE_TIMEOUT_MS {
             t += IDLE_TIMEOUT_MS / 2;
-            assert!(s.touch(&id, UnixMillis(t)).is_some());
+            assert!(s.touch(&id, UnixMillis(t)).await.unwrap().is_some());
         }
-        assert!(s.touch(&id, UnixMillis(ABSOLUTE_TIMEOUT_MS)).is_none());
-        let (id2, _) = s.open(h, UnixMillis(0)).unwrap();
-        assert!(s.touch(&id2, UnixMillis(IDLE_TIMEOUT_MS)).is_none());
-        let (id3, sess) = s.open(h, UnixMillis(0)).unwrap();
-        assert!(sess.csrf_matches(&sess.csrf.clone()));
-        assert!(!sess.csrf_matches(""));
-        s.close(&id3);
-        assert!(s.touch(&id3, UnixMillis(1)).is_none());
-        // The table holds hashes, not ids.
-        assert!(!s.open.lock().unwrap().keys().any(|k| hex::encode(k) == id));
+        assert!(
+            s.touch(&id, UnixMillis(ABSOLUTE_TIMEOUT_MS))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let id2 = s.open(h, UnixMillis(0)).await.unwrap();
+        assert!(
+            s.touch(&id2, UnixMillis(IDLE_TIMEOUT_MS))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let id3 = s.open(h, UnixMillis(0)).await.unwrap();
+        let sess = s.touch(&id3, UnixMillis(1)).await.unwrap().unwrap();
+        assert!(csrf_matches(&sess, &sess.csrf.clone()));
+        assert!(!csrf_matches(&sess, ""));
+        s.close(&id3).await.unwrap();
+        assert!(s.touch(&id3, UnixMillis(1)).await.unwrap().is_none());
+        // The store holds hashes, not ids.
+        assert!(store.session(&id_hash(&id3)).await.unwrap().is_none());
+        let id4 = s.open(h, UnixMillis(0)).await.unwrap();
+        let mut raw = [0u8; 32];
+        hex::decode_to_slice(&id4, &mut raw).unwrap();
+        assert!(store.session(&raw).await.unwrap().is_none());
+        assert!(store.session(&id_hash(&id4)).await.unwrap().is_some());
     }
 
-    #[test]
-    fn boundary_eleventh_failure_in_a_minute_is_blocked() {
-        let l = SignInLimiter::default();
+    #[tokio::test]
+    async fn lifecycle_a_busy_session_writes_last_seen_once_a_minute() {
+        let (s, store) = sessions();
+        let id = s
+            .open(KeyHash::of("vpx_test_abc"), UnixMillis(0))
+            .await
+            .unwrap();
+        s.touch(&id, UnixMillis(TOUCH_EVERY_MS - 1)).await.unwrap();
+        let stored = |store: Arc<MemorySessions>, id: String| async move {
+            store
+                .session(&id_hash(&id))
+                .await
+                .unwrap()
+                .unwrap()
+                .last_seen
+        };
+        assert_eq!(stored(store.clone(), id.clone()).await, UnixMillis(0));
+        s.touch(&id, UnixMillis(TOUCH_EVERY_MS)).await.unwrap();
+        assert_eq!(stored(store, id).await, UnixMillis(TOUCH_EVERY_MS));
+    }
+
+    #[tokio::test]
+    async fn boundary_eleventh_failure_in_a_minute_is_blocked() {
+        let (s, _) = sessions();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let at = UnixMillis(61_000);
         for _ in 0..SIGN_IN_FAILURES_ALLOWED {
-            assert!(!l.blocked(ip, UnixMillis(1000)));
-            l.failed(ip, UnixMillis(1000));
+            assert!(!s.sign_ins_blocked(ip, at).await.unwrap());
+            s.sign_in_failed(ip, at).await.unwrap();
         }
-        assert!(l.blocked(ip, UnixMillis(1000)));
-        assert!(!l.blocked("127.0.0.2".parse().unwrap(), UnixMillis(1000)));
-        assert!(!l.blocked(ip, UnixMillis(1000 + SIGN_IN_WINDOW_MS)));
+        assert!(s.sign_ins_blocked(ip, at).await.unwrap());
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        assert!(!s.sign_ins_blocked(other, at).await.unwrap());
+        let next = UnixMillis(at.0 + SIGN_IN_WINDOW_MS);
+        assert!(!s.sign_ins_blocked(ip, next).await.unwrap());
     }
 }

@@ -20,7 +20,7 @@ use vault_core::record::KeyStatus;
 use super::Ui;
 use super::guard::{
     COOKIE_NAME, Posted, Signed, client_ip, dashboard_scope, forbidden_form, read_form,
-    same_origin, session_cookie,
+    same_origin, session_cookie, store_unavailable,
 };
 use super::layout::{Nav, home as home_path, html_response, page};
 
@@ -88,24 +88,32 @@ pub(crate) async fn sign_in(State(ui): State<Arc<Ui>>, req: Request) -> Response
     if !same_origin(&ui, req.headers()) {
         return forbidden_form();
     }
-    if ui.limiter.blocked(ip, now) {
-        return sign_in_page(
-            StatusCode::TOO_MANY_REQUESTS,
-            Some("Too many failed sign-ins from this address. Wait a minute and try again."),
-        );
+    match ui.sessions.sign_ins_blocked(ip, now).await {
+        Ok(false) => {}
+        Ok(true) => {
+            return sign_in_page(
+                StatusCode::TOO_MANY_REQUESTS,
+                Some("Too many failed sign-ins from this address. Wait a minute and try again."),
+            );
+        }
+        Err(e) => return store_unavailable(&e),
     }
     // A new sign-in ends the session this browser had (no fixation).
-    if let Some(old) = session_cookie(req.headers()) {
-        ui.sessions.close(&old);
+    if let Some(old) = session_cookie(req.headers())
+        && let Err(e) = ui.sessions.close(&old).await
+    {
+        return store_unavailable(&e);
     }
     let fields = match read_form(req.into_body()).await {
         Ok(f) => f,
         Err(r) => return r,
     };
     match check_key(&ui, fields.get("api_key").unwrap_or_default()).await {
-        Ok(hash) => open_session(&ui, hash),
+        Ok(hash) => open_session(&ui, hash).await,
         Err((refused, target)) => {
-            ui.limiter.failed(ip, now);
+            if let Err(e) = ui.sessions.sign_in_failed(ip, now).await {
+                tracing::warn!(error = %e, "a failed sign-in could not be counted");
+            }
             audit_refusal(&ui, &refused, target, ip).await;
             let (status, message) = match refused {
                 Refused::NoDashboardScope => (
@@ -119,7 +127,6 @@ pub(crate) async fn sign_in(State(ui): State<Arc<Ui>>, req: Request) -> Response
         }
     }
 }
-
 /// The key a refused sign-in presented, when it is one: its id and project
 /// (so the project's `audit:read` keys see the attempt).
 type Target = Option<(String, String)>;
@@ -184,13 +191,11 @@ async fn audit_refusal(ui: &Ui, refused: &Refused, target: Target, ip: IpAddr) {
 }
 
 /// A new session for `hash` and its cookie; then the first page.
-fn open_session(ui: &Ui, hash: vault_core::key::KeyHash) -> Response {
+async fn open_session(ui: &Ui, hash: vault_core::key::KeyHash) -> Response {
     let now = ui.admin.context().clock().now();
-    let Some((id, _)) = ui.sessions.open(hash, now) else {
-        return sign_in_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Some("A session could not be opened."),
-        );
+    let id = match ui.sessions.open(hash, now).await {
+        Ok(id) => id,
+        Err(e) => return store_unavailable(&e),
     };
     let secure = if ui.secure() { "; Secure" } else { "" };
     let cookie = format!("{COOKIE_NAME}={id}; Path=/ui; HttpOnly; SameSite=Strict{secure}");
@@ -203,7 +208,9 @@ fn open_session(ui: &Ui, hash: vault_core::key::KeyHash) -> Response {
 
 /// `POST /ui/sign-out`: ends the session and clears the cookie.
 pub(crate) async fn sign_out(State(ui): State<Arc<Ui>>, posted: Posted) -> Response {
-    ui.sessions.close(&posted.signed.cookie);
+    if let Err(e) = ui.sessions.close(&posted.signed.cookie).await {
+        return store_unavailable(&e);
+    }
     let secure = if ui.secure() { "; Secure" } else { "" };
     let mut r = Redirect::to("/ui/sign-in").into_response();
     if let Ok(v) = HeaderValue::from_str(&format!(

@@ -19,6 +19,7 @@ mod export;
 mod page;
 mod rows;
 mod schema;
+mod sessions;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

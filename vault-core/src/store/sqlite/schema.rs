@@ -129,6 +129,22 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS keys_by_project_newest ON keys (project, created_at, id);
     DROP INDEX IF EXISTS keys_by_project;
     CREATE INDEX IF NOT EXISTS keys_by_created ON keys (created_at, id);",
+    // 6: dashboard sessions, under the SHA-256 of the cookie's value, and
+    // failed sign-ins per client address (docs/dashboard.md#sessions).
+    "CREATE TABLE IF NOT EXISTS ui_sessions (
+        id        TEXT PRIMARY KEY,
+        key_hash  TEXT NOT NULL,
+        csrf      TEXT NOT NULL,
+        project   TEXT,
+        created   INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS ui_sessions_by_last_seen ON ui_sessions (last_seen);
+    CREATE TABLE IF NOT EXISTS ui_sign_in_failures (
+        client       TEXT PRIMARY KEY,
+        window_start INTEGER NOT NULL,
+        failures     INTEGER NOT NULL
+    );",
 ];
 
 /// The schema version this build writes.
