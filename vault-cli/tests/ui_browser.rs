@@ -488,6 +488,55 @@ async fn dashboard_in_a_real_browser() {
         assert_eq!(cells[10], row["cost_usd"].as_str().unwrap());
     }
 
+    // Dates picked in the form (whole UTC days, both included): yesterday
+    // to today holds the call, and its CSV is /v1/usage for that span; a
+    // day long ago holds nothing.
+    let days = b
+        .js("var d = new Date(); var y = new Date(d.getTime() - 86400000); return [y.toISOString().slice(0, 10), d.toISOString().slice(0, 10)];")
+        .await;
+    let (yesterday, today) = (days[0].as_str().unwrap(), days[1].as_str().unwrap());
+    b.js(&format!(
+        "document.getElementById('u-from').value = '{yesterday}'; document.getElementById('u-to').value = '{today}';"
+    ))
+    .await;
+    b.click("form.filters button[type=submit]").await;
+    wait_url(&b, &format!("to={today}&bucket=hour")).await;
+    assert!(
+        b.source().await.contains(&id),
+        "the call is inside the dates"
+    );
+    let href = b
+        .js("return document.querySelector('a[download]').getAttribute('href');")
+        .await;
+    let href = href.as_str().unwrap().replace("&amp;", "&");
+    let span = href.split_once("since=").unwrap().1;
+    assert!(span.contains("&until="), "{href}");
+    let csv = send(
+        addr,
+        Req::new("GET", &href).header("cookie", &format!("vg_session={session}")),
+    )
+    .await;
+    let api = support::get(addr, &format!("/v1/usage?since={span}&limit=10000"), &admin)
+        .await
+        .json();
+    assert_eq!(
+        csv.text().lines().count() - 1,
+        api["data"].as_array().unwrap().len(),
+        "{}",
+        csv.text()
+    );
+    assert!(csv.text().contains(&id));
+    b.goto(&format!("{base}/ui/usage?from=2020-01-01&to=2020-01-01"))
+        .await;
+    let empty = b.source().await;
+    assert!(
+        !empty.contains(&format!("/ui/keys/{id}")),
+        "nothing on a day long ago"
+    );
+    b.goto(&format!("{base}/ui/usage?from=2020-01-02&to=2020-01-01"))
+        .await;
+    wait_text(&b, "to: must not be before from").await;
+
     // Revoke in the UI: the next proxied call is 401 within 1 s.
     // Its sub-agent key goes with it, and the confirmation says so.
     let (_, child, _) = create_key(addr, &admin, &json!({"name": "sub-agent", "parent": id})).await;

@@ -230,6 +230,8 @@ pub struct UsageFilter {
     pub key_id: Option<KeyId>,
     /// Only records at or after this time.
     pub since: Option<UnixMillis>,
+    /// Only records before this time.
+    pub until: Option<UnixMillis>,
     /// At most this many, newest first.
     pub limit: Option<usize>,
 }

@@ -846,7 +846,7 @@ async fn append_usage_tx(tx: &Transaction<'_>, records: &[UsageRecord]) -> Resul
 
 /// The usage listing's query with only the filters given, bound in the order
 /// project, key, since, then the limit.
-fn usage_listing_sql(project: bool, key: bool, since: bool, limit: bool) -> String {
+fn usage_listing_sql(project: bool, key: bool, since: bool, until: bool, limit: bool) -> String {
     let mut n = 0;
     let mut next = || {
         n += 1;
@@ -861,6 +861,9 @@ fn usage_listing_sql(project: bool, key: bool, since: bool, limit: bool) -> Stri
     }
     if since {
         conditions.push(format!("at >= ${}", next()));
+    }
+    if until {
+        conditions.push(format!("at < ${}", next()));
     }
     let filter = if conditions.is_empty() {
         "TRUE".to_owned()
@@ -1305,6 +1308,7 @@ impl KeyStore for PostgresStore {
             let conn = self.conn().await?;
             let key_id = filter.key_id.as_ref().map(KeyId::as_str);
             let since = filter.since.map(|t| t.0);
+            let until = filter.until.map(|t| t.0);
             let limit = filter.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
             let mut values: Vec<&(dyn ToSql + Sync)> = Vec::new();
             if let Some(project) = &filter.project {
@@ -1316,6 +1320,9 @@ impl KeyStore for PostgresStore {
             if let Some(since) = &since {
                 values.push(since);
             }
+            if let Some(until) = &until {
+                values.push(until);
+            }
             if let Some(limit) = &limit {
                 values.push(limit);
             }
@@ -1323,6 +1330,7 @@ impl KeyStore for PostgresStore {
                 filter.project.is_some(),
                 key_id.is_some(),
                 since.is_some(),
+                until.is_some(),
                 limit.is_some(),
             );
             Ok(rows(&conn, &sql, &values)
@@ -1370,10 +1378,16 @@ mod tests {
 
     #[test]
     fn usage_listing_numbers_only_the_filters_given() {
-        let sql = usage_listing_sql(true, false, true, true);
+        let sql = usage_listing_sql(true, false, true, false, true);
         assert!(sql.contains("project = $1 AND at >= $2"), "{sql}");
         assert!(sql.ends_with("LIMIT $3"), "{sql}");
-        let sql = usage_listing_sql(false, false, false, false);
+        let sql = usage_listing_sql(false, true, true, true, true);
+        assert!(
+            sql.contains("key_id = $1 AND at >= $2 AND at < $3"),
+            "{sql}"
+        );
+        assert!(sql.ends_with("LIMIT $4"), "{sql}");
+        let sql = usage_listing_sql(false, false, false, false, false);
         assert!(
             sql.contains("WHERE TRUE ORDER BY at DESC, id DESC"),
             "{sql}"

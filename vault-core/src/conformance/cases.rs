@@ -320,7 +320,7 @@ pub async fn projects_listed_once_in_byte_order(factory: impl StoreFactory) {
 
 // ---------------------------------------------------------------- usage and meta
 
-/// Usage records list newest first and filter by key, project, time and limit; appending updates `request_count` and `last_used_at`.
+/// Usage records list newest first and filter by key, project, time (`since` inclusive, `until` exclusive) and limit; appending updates `request_count` and `last_used_at`.
 pub async fn usage_append_list_filter_and_count(factory: impl StoreFactory) {
     let fresh = factory.fresh();
     let store = fresh.store();
@@ -371,6 +371,21 @@ pub async fn usage_append_list_filter_and_count(factory: impl StoreFactory) {
         .map(|r| r.at.0)
         .collect();
     assert_eq!(times, vec![300, 200]);
+    // `until` excludes its own instant: [100, 300) of key a.
+    let between = UsageFilter {
+        key_id: Some(a.id.clone()),
+        since: Some(UnixMillis(100)),
+        until: Some(UnixMillis(300)),
+        ..UsageFilter::default()
+    };
+    let times: Vec<i64> = store
+        .list_usage(&between)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.at.0)
+        .collect();
+    assert_eq!(times, vec![100]);
 
     let a_now = store.get_key(&a.id).await.unwrap().unwrap();
     assert_eq!(

@@ -786,6 +786,7 @@ impl Manager {
             project: actor.narrow(q.project.as_deref())?,
             key_id: q.key_id,
             since: q.since.map(UnixMillis),
+            until: q.until.map(UnixMillis),
             limit: Some(q.limit.unwrap_or(USAGE_LIMIT.0).min(USAGE_LIMIT.1)),
         };
         let records = self.store.list_usage(&filter).await?;

@@ -210,6 +210,9 @@ pub struct UsageQuery {
     /// Only records at or after this time, in Unix milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<i64>,
+    /// Only records before this time, in Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<i64>,
     /// At most this many (default 1000, at most 10000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,

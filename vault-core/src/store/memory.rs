@@ -610,6 +610,7 @@ impl KeyStore for MemoryStore {
             .filter(|r| filter.project.as_ref().is_none_or(|p| &r.project == p))
             .filter(|r| filter.key_id.as_ref().is_none_or(|k| &r.key_id == k))
             .filter(|r| filter.since.is_none_or(|t| r.at >= t))
+            .filter(|r| filter.until.is_none_or(|t| r.at < t))
             .cloned()
             .collect();
         // Newest first; among equal times, the later append first (stable sort

@@ -1,7 +1,7 @@
 //! **Usage**: spend, tokens and requests over time (a server-rendered SVG
 //! chart), by key, model and provider, recent calls, and the CSV export of
 //! the current filter. The records are those `GET /v1/usage` returns for
-//! the same `key_id` and `since` (the manager's `usage`); the model,
+//! the same `key_id`, `since` and `until` (the manager's `usage`); the model,
 //! provider and status filters narrow them further, on the page and in the
 //! CSV alike.
 
@@ -33,8 +33,14 @@ pub(crate) struct Filter {
     key_id: Option<String>,
     /// `1h`, `24h`, `7d`, `30d` or `all` (the page); resolved to `since`.
     range: Option<String>,
+    /// The first day shown, `YYYY-MM-DD` in UTC; with `to`, replaces `range`.
+    from: Option<String>,
+    /// The last day shown, `YYYY-MM-DD` in UTC, included.
+    to: Option<String>,
     /// Unix milliseconds, as `/v1/usage` takes it (the CSV link).
     since: Option<i64>,
+    /// Unix milliseconds, excluded, as `/v1/usage` takes it (the CSV link).
+    until: Option<i64>,
     /// A model name.
     model: Option<String>,
     /// A provider name.
@@ -49,16 +55,47 @@ fn blank(s: &Option<String>) -> Option<&str> {
     s.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// Midnight UTC starting the day `YYYY-MM-DD`, in Unix milliseconds.
+fn day_start(field: &str, day: &str) -> Result<i64, ManageError> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(day, format)
+        .map(|d| d.midnight().assume_utc().unix_timestamp() * 1000)
+        .map_err(|_| ManageError::Invalid(format!("{field}: expected a date like 2026-12-05")))
+}
+
 impl Filter {
-    /// `since` as given, or from `range` relative to `now_ms`.
-    fn since(&self, now_ms: i64) -> Option<i64> {
-        self.since.or(match blank(&self.range) {
-            Some("1h") => Some(now_ms - 3_600_000),
-            Some("7d") => Some(now_ms - 7 * 86_400_000),
-            Some("30d") => Some(now_ms - 30 * 86_400_000),
-            Some("all") => None,
-            _ => Some(now_ms - 86_400_000),
-        })
+    /// The records' time span `[since, until)` in Unix milliseconds: the
+    /// days `from`..=`to` (either may be open), else `since`/`until` as
+    /// given, else `range` back from `now_ms`.
+    fn span(&self, now_ms: i64) -> Result<(Option<i64>, Option<i64>), ManageError> {
+        let (from, to) = (blank(&self.from), blank(&self.to));
+        if from.is_some() || to.is_some() {
+            let since = from.map(|d| day_start("from", d)).transpose()?;
+            let until = to
+                .map(|d| day_start("to", d).map(|t| t + 86_400_000))
+                .transpose()?;
+            if let (Some(s), Some(u)) = (since, until)
+                && s >= u
+            {
+                return Err(ManageError::Invalid(
+                    "to: must not be before from".to_owned(),
+                ));
+            }
+            return Ok((since, until));
+        }
+        if self.since.is_some() || self.until.is_some() {
+            return Ok((self.since, self.until));
+        }
+        Ok((
+            match blank(&self.range) {
+                Some("1h") => Some(now_ms - 3_600_000),
+                Some("7d") => Some(now_ms - 7 * 86_400_000),
+                Some("30d") => Some(now_ms - 30 * 86_400_000),
+                Some("all") => None,
+                _ => Some(now_ms - 86_400_000),
+            },
+            None,
+        ))
     }
 
     fn keeps(&self, u: &UsageView) -> bool {
@@ -75,12 +112,13 @@ impl Filter {
     }
 }
 
-/// The records of the filter, newest first, and the `since` used.
+/// The records of the filter, newest first, the span `[since, until)`
+/// used, and whether the store had more than [`MAX_RECORDS`] to give.
 async fn records(
     ui: &Ui,
     signed: &Signed,
     f: &Filter,
-) -> Result<(Vec<UsageView>, Option<i64>), ManageError> {
+) -> Result<(Vec<UsageView>, (Option<i64>, Option<i64>), bool), ManageError> {
     let key_id = match blank(&f.key_id) {
         Some(id) => Some(
             KeyId::parse(id)
@@ -88,17 +126,20 @@ async fn records(
         ),
         None => None,
     };
-    let since = f.since(ui.admin.context().clock().now().0);
+    let (since, until) = f.span(ui.admin.context().clock().now().0)?;
     let q = UsageQuery {
         key_id,
         project: signed.viewing().map(str::to_owned),
         since,
+        until,
         limit: Some(MAX_RECORDS),
     };
     let list = ui.admin.manager().usage(&signed.actor, q).await?;
+    let capped = list.data.len() >= MAX_RECORDS;
     Ok((
         list.data.into_iter().filter(|u| f.keeps(u)).collect(),
-        since,
+        (since, until),
+        capped,
     ))
 }
 
@@ -220,7 +261,7 @@ pub(crate) async fn show(
     signed: Signed,
     Query(f): Query<Filter>,
 ) -> Response {
-    let (data, since) = match records(&ui, &signed, &f).await {
+    let (data, (since, until), capped) = match records(&ui, &signed, &f).await {
         Ok(r) => r,
         Err(e) => return error_page(&signed, &e),
     };
@@ -241,6 +282,9 @@ pub(crate) async fn show(
     if let Some(s) = since {
         csv.append_pair("since", &s.to_string());
     }
+    if let Some(u) = until {
+        csv.append_pair("until", &u.to_string());
+    }
     let csv_href = format!("/ui/usage.csv?{}", csv.finish());
     let body = html! {
         form.filters method="get" action="/ui/usage" {
@@ -249,8 +293,14 @@ pub(crate) async fn show(
             div.field { label for="u-provider" { "Provider" } input #u-provider name="provider" type="text" value=[blank(&f.provider)]; }
             (select("status", "Status", blank(&f.status), &[("", "All"), ("ok", "Succeeded"), ("denied", "Denied"), ("error", "Failed")]))
             (select("range", "Date range", blank(&f.range), &[("24h", "Last 24 hours"), ("1h", "Last hour"), ("7d", "Last 7 days"), ("30d", "Last 30 days"), ("all", "All")]))
+            div.field { label for="u-from" { "From (UTC)" } input #u-from name="from" type="date" value=[blank(&f.from)] aria-describedby="u-dates-hint"; }
+            div.field { label for="u-to" { "To (UTC)" } input #u-to name="to" type="date" value=[blank(&f.to)] aria-describedby="u-dates-hint"; }
             (select("bucket", "Per", blank(&f.bucket), &[("hour", "hour"), ("day", "day")]))
             button type="submit" { "Filter" }
+        }
+        p.note #u-dates-hint { "From and To (whole days, UTC, both included) replace the date range when either is set." }
+        @if capped {
+            p.notice role="status" { "These are the newest " (MAX_RECORDS) " calls of this filter; older ones in the span are not counted. Narrow the dates to see them." }
         }
         p.totals { strong { (total.requests) } " requests · " strong { (total.tokens) } " tokens · " strong { "$" (format!("{:.6}", total.cost)) } " spent" }
         p { a.button href=(csv_href) download="usage.csv" { "Export CSV" } }
@@ -294,7 +344,7 @@ pub(crate) async fn csv(
     Query(f): Query<Filter>,
 ) -> Response {
     let data = match records(&ui, &signed, &f).await {
-        Ok((d, _)) => d,
+        Ok((d, ..)) => d,
         Err(e) => return error_page(&signed, &e),
     };
     let mut out = String::from(CSV_HEADER);
@@ -341,5 +391,42 @@ mod tests {
         assert_eq!(cell("a,b"), "\"a,b\"");
         assert_eq!(cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
         assert_eq!(cell("gpt-4o"), "gpt-4o");
+    }
+
+    fn filter(query: &str) -> Filter {
+        let uri: http::Uri = format!("/ui/usage?{query}").parse().unwrap();
+        Query::<Filter>::try_from_uri(&uri).unwrap().0
+    }
+
+    #[test]
+    fn boundary_from_and_to_are_whole_utc_days_and_replace_the_range() {
+        const DAY: i64 = 86_400_000;
+        // 2026-12-05T00:00:00Z.
+        let dec5 = 1_796_428_800_000;
+        let now = dec5 + 10 * DAY;
+        let span = |q: &str| filter(q).span(now);
+        assert_eq!(
+            span("from=2026-12-05&to=2026-12-06&range=1h").unwrap(),
+            (Some(dec5), Some(dec5 + 2 * DAY))
+        );
+        assert_eq!(span("from=2026-12-05").unwrap(), (Some(dec5), None));
+        assert_eq!(span("to=2026-12-05").unwrap(), (None, Some(dec5 + DAY)));
+        assert_eq!(
+            span("from=2026-12-05&to=2026-12-05").unwrap(),
+            (Some(dec5), Some(dec5 + DAY))
+        );
+        // The CSV link's resolved span, and the presets.
+        assert_eq!(span("since=5&until=9").unwrap(), (Some(5), Some(9)));
+        assert_eq!(span("range=1h").unwrap(), (Some(now - 3_600_000), None));
+        assert_eq!(span("").unwrap(), (Some(now - DAY), None));
+        assert_eq!(span("range=all&from=").unwrap(), (None, None));
+        for bad in [
+            "from=2026-13-01",
+            "to=05.12.2026",
+            "from=2026-12-06&to=2026-12-05",
+        ] {
+            let e = span(bad).unwrap_err();
+            assert!(matches!(e, ManageError::Invalid(_)), "{bad}: {e:?}");
+        }
     }
 }

@@ -1085,6 +1085,7 @@ impl KeyStore for SqliteStore {
                 .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
             let key_id = filter.key_id.as_ref().map(KeyId::as_str);
             let since = filter.since.map(|t| t.0);
+            let until = filter.until.map(|t| t.0);
             let mut values: Vec<&dyn rusqlite::ToSql> = Vec::new();
             if let Some(project) = &filter.project {
                 values.push(project);
@@ -1095,9 +1096,16 @@ impl KeyStore for SqliteStore {
             if let Some(since) = &since {
                 values.push(since);
             }
+            if let Some(until) = &until {
+                values.push(until);
+            }
             values.push(&limit);
-            let sql =
-                usage_listing_sql(filter.project.is_some(), key_id.is_some(), since.is_some());
+            let sql = usage_listing_sql(
+                filter.project.is_some(),
+                key_id.is_some(),
+                since.is_some(),
+                until.is_some(),
+            );
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
             let mut rows = stmt
                 .query(rusqlite::params_from_iter(values))
@@ -1137,10 +1145,10 @@ impl KeyStore for SqliteStore {
 }
 
 /// The usage listing's query with only the filters given, bound in the order
-/// project, key, since, then the limit. `?n IS NULL OR …` terms would hide
+/// project, key, since, until, then the limit. `?n IS NULL OR …` terms would hide
 /// `usage_by_key` and `usage_by_project` from SQLite's planner and make every
 /// filtered listing scan the table.
-pub(super) fn usage_listing_sql(project: bool, key: bool, since: bool) -> String {
+pub(super) fn usage_listing_sql(project: bool, key: bool, since: bool, until: bool) -> String {
     let conditions: Vec<&str> = [
         // A key belongs to one project: with both given, `+` keeps the
         // project term off the index so the narrower key index is walked.
@@ -1148,6 +1156,7 @@ pub(super) fn usage_listing_sql(project: bool, key: bool, since: bool) -> String
         (project && !key, "project = ?"),
         (key, "key_id = ?"),
         (since, "at >= ?"),
+        (until, "at < ?"),
     ]
     .into_iter()
     .filter_map(|(given, condition)| given.then_some(condition))

@@ -206,14 +206,17 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
         let cases = [
-            ((true, true, false), "usage_by_key"),
-            ((false, true, true), "usage_by_key"),
-            ((true, false, true), "usage_by_project"),
-            ((true, false, false), "usage_by_project"),
-            ((false, false, false), "usage_by_time"),
+            ((true, true, false, false), "usage_by_key"),
+            ((false, true, true, false), "usage_by_key"),
+            ((false, true, true, true), "usage_by_key"),
+            ((true, false, true, false), "usage_by_project"),
+            ((true, false, true, true), "usage_by_project"),
+            ((true, false, false, false), "usage_by_project"),
+            ((false, false, false, false), "usage_by_time"),
+            ((false, false, true, true), "usage_by_time"),
         ];
-        for ((project, key, since), index) in cases {
-            let sql = super::super::usage_listing_sql(project, key, since).replace('?', "1");
+        for ((project, key, since, until), index) in cases {
+            let sql = super::super::usage_listing_sql(project, key, since, until).replace('?', "1");
             let plan = plan(&conn, &sql);
             assert!(plan.contains(index), "{sql}: {plan}");
             assert!(!plan.contains("TEMP B-TREE"), "{sql} sorts: {plan}");
