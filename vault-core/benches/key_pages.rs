@@ -1,7 +1,9 @@
 //! The dashboard's key list with 100,000 keys in SQLite: one page (the
 //! first and the last), a search by name and each status filter, through
 //! `Manager::list_keys_page` as the API Keys page calls it
-//! (docs/dashboard.md#api-keys). Results go in BENCHMARKS.md.
+//! (docs/dashboard.md#api-keys); and what every dashboard request adds:
+//! the session read and touch, and the project switcher's list. Results go
+//! in BENCHMARKS.md.
 //!
 //! Run: `cargo bench -p vault-core --bench key_pages -- --warm-up-time 1 --measurement-time 3`
 
@@ -17,9 +19,9 @@ use vault_core::key::{KeyEnv, KeyHash, KeyId, KeyPrefix};
 use vault_core::manage::{Actor, KeyListQuery, Manager};
 use vault_core::money::Micros;
 use vault_core::policy::{Budget, BudgetPeriod, Policy};
-use vault_core::record::{KeyRecord, KeyStatus};
+use vault_core::record::{ALL_PROJECTS, KeyRecord, KeyStatus};
 use vault_core::scope::Scopes;
-use vault_core::store::{KeyStore, SqliteStore};
+use vault_core::store::{KeyStore, SessionPurge, SessionRecord, SessionStore, SqliteStore};
 
 const KEYS: usize = 100_000;
 const NEEDLES: usize = 10;
@@ -61,7 +63,10 @@ fn key(name: &str, created_at: i64) -> KeyRecord {
 /// 100,000 keys of one project: a template copied in one SQL transaction
 /// (`SqliteStore::copy_key_for_bench`; inserting each through the store API
 /// fsyncs each), plus ten `needle-<n>` keys inserted through the API.
-fn manager_with_keys(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Manager {
+fn manager_with_keys(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> (Manager, SqliteStore) {
     let started = Instant::now();
     let store = SqliteStore::open_in_dir(dir).unwrap();
     let mut template = key("bench template", 1);
@@ -80,7 +85,8 @@ fn manager_with_keys(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Man
     assert_eq!(stored + NEEDLES, KEYS);
     eprintln!("stored {KEYS} keys in {:.1?}", started.elapsed());
     let enc = AesGcmEncryptor::new(MasterKey::generate().unwrap()).unwrap();
-    Manager::builder(Arc::new(store), Arc::new(enc)).build()
+    let m = Manager::builder(Arc::new(store.clone()), Arc::new(enc)).build();
+    (m, store)
 }
 
 fn lead() -> Actor {
@@ -96,7 +102,7 @@ fn key_pages(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let m = manager_with_keys(&rt, &dir.path().join("data"));
+    let (m, store) = manager_with_keys(&rt, &dir.path().join("data"));
     let actor = lead();
     let page = |offset: u64| KeyListQuery {
         limit: Some(50),
@@ -141,6 +147,56 @@ fn key_pages(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+
+    // What a dashboard request adds on top of its page
+    // (docs/dashboard.md#sessions): reading its session (written at most
+    // once a minute), and for an organisation-wide key the switcher's
+    // project list, over 100,000 keys and 1,000 open sessions.
+    let org = {
+        let mut k = key("org", 0);
+        k.project = ALL_PROJECTS.into();
+        k.scopes = Scopes::parse(&["*"]).unwrap();
+        Actor::Key(Arc::new(k))
+    };
+    let keep_all = SessionPurge {
+        idle_before: UnixMillis(0),
+        created_before: UnixMillis(0),
+        keep: 10_000,
+    };
+    for i in 0..1000u32 {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        let s = SessionRecord {
+            key_hash: KeyHash::of(&i.to_string()),
+            csrf: "0".repeat(64),
+            project: None,
+            created: UnixMillis(1),
+            last_seen: UnixMillis(1),
+        };
+        rt.block_on(store.open_session(&id, &s, keep_all)).unwrap();
+    }
+    let mut id = [0u8; 32];
+    id[..4].copy_from_slice(&500u32.to_be_bytes());
+    let mut group = c.benchmark_group("dashboard_request_100k");
+    group.bench_function("list_projects", |b| {
+        b.iter(|| {
+            let projects = rt.block_on(m.list_projects(&org)).unwrap();
+            assert_eq!(projects.data, ["default"]);
+            projects
+        })
+    });
+    group.bench_function("session_read", |b| {
+        b.iter(|| rt.block_on(store.session(&id)).unwrap().unwrap())
+    });
+    let mut now = 1;
+    group.bench_function("session_touch", |b| {
+        b.iter(|| {
+            now += 1;
+            rt.block_on(store.touch_session(&id, UnixMillis(now)))
+                .unwrap()
+        })
+    });
     group.finish();
 }
 

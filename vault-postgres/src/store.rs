@@ -1042,7 +1042,14 @@ impl KeyStore for PostgresStore {
     async fn list_projects(&self) -> Result<Vec<String>, StoreError> {
         async {
             let conn = self.conn().await?;
-            let sql = "SELECT project COLLATE \"C\" FROM keys \
+            // A walk of the `(project, …)` index, one step per project (a
+            // plain `DISTINCT` would read every key's entry).
+            let sql = "WITH RECURSIVE p(project) AS (
+                           SELECT MIN(project) FROM keys
+                           UNION ALL
+                           SELECT (SELECT MIN(project) FROM keys WHERE project > p.project)
+                             FROM p WHERE p.project IS NOT NULL)
+                       SELECT project COLLATE \"C\" FROM p WHERE project IS NOT NULL
                        UNION SELECT project FROM provider_keys ORDER BY 1";
             let mut projects = Vec::new();
             for r in rows(&conn, sql, &[]).await? {

@@ -631,9 +631,17 @@ impl KeyStore for SqliteStore {
 
     async fn list_projects(&self) -> Result<Vec<String>, StoreError> {
         self.read(|c| {
+            // A walk of the `(project, …)` index, one step per project (a
+            // plain `DISTINCT` would read every key's entry).
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT project FROM keys UNION SELECT project FROM provider_keys ORDER BY 1",
+                    "WITH RECURSIVE p(project) AS (
+                         SELECT MIN(project) FROM keys
+                         UNION ALL
+                         SELECT (SELECT MIN(project) FROM keys WHERE project > p.project)
+                           FROM p WHERE p.project IS NOT NULL)
+                     SELECT project FROM p WHERE project IS NOT NULL
+                     UNION SELECT project FROM provider_keys ORDER BY 1",
                 )
                 .map_err(backend)?;
             stmt.query_map([], |r| r.get::<_, String>(0))
