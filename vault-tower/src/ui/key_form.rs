@@ -59,8 +59,10 @@ pub(crate) fn create_form(
             div.row {
                 (field("requests_per_minute", "Requests per minute", "number", None))
                 (field("requests_per_day", "Requests per day", "number", None))
+                (field("requests_per_month", "Requests per month", "number", None))
                 (field("tokens_per_minute", "Tokens per minute", "number", None))
             }
+            (field("max_parallel", "Calls at once (max_parallel)", "number", Some("Calls in flight at once, sub-agent keys' included; empty for no limit.")))
             (field("providers", "Providers allowed", "text", Some("Comma-separated, e.g. openai, anthropic; empty for all.")))
             (field("models", "Models allowed", "text", Some("Comma-separated patterns, e.g. gpt-4o-mini, claude-*; empty for all.")))
             (field("endpoints", "Endpoints allowed", "text", Some("Comma-separated, e.g. POST /v1/chat/completions; empty for all.")))
@@ -191,6 +193,7 @@ pub(crate) fn create_request(f: &Fields) -> Result<CreateKeyRequest, ManageError
     for name in [
         "requests_per_minute",
         "requests_per_day",
+        "requests_per_month",
         "tokens_per_minute",
     ] {
         if let Some(v) = number(f, name)? {
@@ -199,6 +202,9 @@ pub(crate) fn create_request(f: &Fields) -> Result<CreateKeyRequest, ManageError
     }
     if !rate.is_empty() {
         o.insert("rate_limit".to_owned(), Value::Object(rate));
+    }
+    if let Some(n) = number(f, "max_parallel")? {
+        o.insert("max_parallel".to_owned(), n);
     }
     serde_json::from_value(Value::Object(o)).map_err(|e| ManageError::Invalid(e.to_string()))
 }
@@ -298,13 +304,15 @@ mod tests {
     #[test]
     fn boundary_the_form_becomes_the_api_request() {
         let f = Fields::parse(
-            b"name=ci&scopes=chat%3Awrite&scopes=usage%3Aread&ttl=1h&budget_usd=5&budget_period=daily&requests_per_minute=60&models=gpt-4o-mini%2C+claude-*",
+            b"name=ci&scopes=chat%3Awrite&scopes=usage%3Aread&ttl=1h&budget_usd=5&budget_period=daily&requests_per_minute=60&requests_per_month=9000&max_parallel=4&models=gpt-4o-mini%2C+claude-*",
         );
         let r = create_request(&f).unwrap();
         assert_eq!(r.name.as_deref(), Some("ci"));
         assert_eq!(r.permissions.as_ref().map(Vec::len), Some(2));
         assert_eq!(r.models.as_ref().map(Vec::len), Some(2));
         assert!(r.budget.is_some() && r.rate_limit.is_some() && r.ttl.is_some());
+        assert_eq!(r.max_parallel, Some(4));
+        assert_eq!(r.rate_limit.and_then(|l| l.requests_per_month), Some(9000));
         for bad in [
             &b"ttl=forever"[..],
             b"budget_usd=lots",

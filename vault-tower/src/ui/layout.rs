@@ -71,7 +71,7 @@ pub(crate) fn page(title: &str, signed: Option<&Signed>, active: Nav, body: Mark
                         }
                         div.who {
                             @if s.org_wide() { (project_switcher(s, active)) }
-                            span { (s.record.name) " · " (if s.org_wide() { "every project" } else { s.record.project.as_str() }) }
+                            span { (s.record.name) " · " (if s.org_wide() { s.viewing().unwrap_or("every project") } else { s.record.project.as_str() }) }
                             form method="post" action="/ui/sign-out" {
                                 input type="hidden" name="csrf" value=(s.csrf());
                                 button type="submit" { "Sign out" }
@@ -122,12 +122,13 @@ pub(crate) fn project_field(s: &Signed, id: &str) -> Markup {
         return html! {};
     }
     let hint = format!("{id}-hint");
+    let known = format!("{id}-known");
     html! {
         div.field {
             label for=(id) { "Project" }
-            input id=(id) name="project" type="text" list="known-projects" autocomplete="off"
+            input id=(id) name="project" type="text" list=(known) autocomplete="off"
                 value=(s.viewing().unwrap_or(vault_core::record::DEFAULT_PROJECT)) aria-describedby=(hint);
-            datalist #known-projects { @for p in &s.projects { option value=(p) {} } }
+            datalist id=(known) { @for p in &s.projects { option value=(p) {} } }
             small id=(hint) { "An existing project, or a new name: letters, digits, - and _." }
         }
     }

@@ -22,6 +22,7 @@ pub(crate) async fn switch(State(ui): State<Arc<Ui>>, posted: Posted) -> Respons
     let chosen = fields.get("project").map(str::to_owned);
     if let Some(p) = &chosen
         && !signed.projects.contains(p)
+        && signed.viewing() != Some(p.as_str())
     {
         return error_page(
             &signed,

@@ -185,16 +185,56 @@ fn sums_table(caption: &str, rows: &[(String, Sum)]) -> Markup {
     }
 }
 
-/// Spend per hour or day as bars; the tallest bar is the largest bucket.
-pub(crate) fn chart(data: &[UsageView], hourly: bool) -> Markup {
-    let width = if hourly { 13 } else { 10 };
-    let mut buckets: BTreeMap<String, Sum> = BTreeMap::new();
-    for u in data {
-        buckets
-            .entry(u.at.get(..width).unwrap_or(&u.at).to_owned())
-            .or_default()
-            .add(u);
+/// Most periods the chart draws with empty ones filled in (30 days of
+/// hours); a longer span shows only the periods that had calls.
+const MAX_FILLED_PERIODS: i64 = 24 * 31;
+
+/// A period's start as the chart labels it: `2026-12-05 16:00` or
+/// `2026-12-05`.
+fn period_label(start_ms: i64, hourly: bool) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp(start_ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let day = format!(
+        "{:04}-{:02}-{:02}",
+        at.year(),
+        u8::from(at.month()),
+        at.day()
+    );
+    if hourly {
+        format!("{day} {:02}:00", at.hour())
+    } else {
+        day
     }
+}
+
+/// Spend per hour or day as bars on a time axis: every period from the
+/// first call's to the last's has its place, empty ones included; the
+/// tallest bar is the largest period.
+pub(crate) fn chart(data: &[UsageView], hourly: bool) -> Markup {
+    let step: i64 = if hourly { 3_600_000 } else { 86_400_000 };
+    let mut periods: BTreeMap<i64, Sum> = BTreeMap::new();
+    for u in data {
+        let Ok(at) =
+            time::OffsetDateTime::parse(&u.at, &time::format_description::well_known::Rfc3339)
+        else {
+            continue;
+        };
+        let ms = at.unix_timestamp() * 1000;
+        periods.entry(ms - ms.rem_euclid(step)).or_default().add(u);
+    }
+    if let (Some(&first), Some(&last)) = (periods.keys().next(), periods.keys().next_back())
+        && (last - first) / step < MAX_FILLED_PERIODS
+    {
+        let mut t = first;
+        while t < last {
+            periods.entry(t).or_default();
+            t += step;
+        }
+    }
+    let buckets: BTreeMap<String, Sum> = periods
+        .into_iter()
+        .map(|(start, sum)| (period_label(start, hourly), sum))
+        .collect();
     let max = buckets.values().map(|s| s.cost).fold(0.0_f64, f64::max);
     let n = buckets.len().max(1);
     // At most 40 units wide: a period or two must not fill the chart.
@@ -206,12 +246,12 @@ pub(crate) fn chart(data: &[UsageView], hourly: bool) -> Markup {
                     @let h = if max > 0.0 { s.cost / max * 140.0 } else { 0.0 };
                     rect x=(format!("{:.1}", i as f64 * bar + 1.0)) y=(format!("{:.1}", 145.0 - h))
                         width=(format!("{:.1}", (bar - 2.0).max(1.0))) height=(format!("{h:.1}")) {
-                        title { (label.replace('T', " ")) ": $" (format!("{:.6}", s.cost)) ", " (s.requests) " requests" }
+                        title { (label) ": $" (format!("{:.6}", s.cost)) ", " (s.requests) " requests" }
                     }
                 }
                 line x1="0" y1="145" x2="600" y2="145" {}
-                @if let Some(first) = buckets.keys().next() { text x="2" y="162" { (first.replace('T', " ")) } }
-                @if let Some(last) = buckets.keys().next_back() { text x="598" y="162" text-anchor="end" { (last.replace('T', " ")) } }
+                @if let Some(first) = buckets.keys().next() { text x="2" y="162" { (first) } }
+                @if let Some(last) = buckets.keys().next_back() { text x="598" y="162" text-anchor="end" { (last) } }
             }
             figcaption { "Spend per " (if hourly { "hour" } else { "day" }) "; the tallest bar is $" (format!("{max:.6}")) "." }
         }
@@ -292,7 +332,8 @@ pub(crate) async fn show(
             div.field { label for="u-model" { "Model" } input #u-model name="model" type="text" value=[blank(&f.model)]; }
             div.field { label for="u-provider" { "Provider" } input #u-provider name="provider" type="text" value=[blank(&f.provider)]; }
             (select("status", "Status", blank(&f.status), &[("", "All"), ("ok", "Succeeded"), ("denied", "Denied"), ("error", "Failed")]))
-            (select("range", "Date range", blank(&f.range), &[("24h", "Last 24 hours"), ("1h", "Last hour"), ("7d", "Last 7 days"), ("30d", "Last 30 days"), ("all", "All")]))
+            @let dates = blank(&f.from).is_some() || blank(&f.to).is_some();
+            (select("range", "Date range", if dates { Some("dates") } else { blank(&f.range) }, &[("24h", "Last 24 hours"), ("1h", "Last hour"), ("7d", "Last 7 days"), ("30d", "Last 30 days"), ("all", "All"), ("dates", "From and To below")]))
             div.field { label for="u-from" { "From (UTC)" } input #u-from name="from" type="date" value=[blank(&f.from)] aria-describedby="u-dates-hint"; }
             div.field { label for="u-to" { "To (UTC)" } input #u-to name="to" type="date" value=[blank(&f.to)] aria-describedby="u-dates-hint"; }
             (select("bucket", "Per", blank(&f.bucket), &[("hour", "hour"), ("day", "day")]))
@@ -391,6 +432,48 @@ mod tests {
         assert_eq!(cell("a,b"), "\"a,b\"");
         assert_eq!(cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
         assert_eq!(cell("gpt-4o"), "gpt-4o");
+    }
+
+    fn call_at(at: &str, cost: &str) -> UsageView {
+        serde_json::from_value(serde_json::json!({
+            "at": at, "key_id": "key_AAAAAAAAAAAAAAAA", "project": "default",
+            "provider": "openai", "endpoint": "POST /v1/chat/completions", "model": "gpt-4o-mini",
+            "tokens_in": 1, "tokens_out": 1, "cached_tokens": 0, "cache_write_tokens": 0,
+            "reasoning_tokens": 0, "audio_tokens": 0, "cost_usd": cost, "settlement": null,
+            "latency_ms": 1, "status": 200, "denial": null, "shadow": false
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn boundary_the_chart_is_a_time_axis_with_empty_periods_in_place() {
+        let calls = [
+            call_at("2026-12-05T16:59:59.999Z", "0.000003"),
+            call_at("2026-12-05T13:00:00.000Z", "0.000001"),
+            call_at("2026-12-05T13:30:00.000Z", "0.000001"),
+        ];
+        let svg = chart(&calls, true).into_string();
+        assert_eq!(
+            svg.matches("<rect").count(),
+            4,
+            "13, 14, 15 and 16 o'clock: {svg}"
+        );
+        assert!(
+            svg.contains("2026-12-05 14:00: $0.000000, 0 requests"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("2026-12-05 13:00: $0.000002, 2 requests"),
+            "{svg}"
+        );
+        let daily = chart(&calls, false).into_string();
+        assert_eq!(daily.matches("<rect").count(), 1);
+        // Beyond a month of hours only the periods with calls are drawn.
+        let far = [
+            call_at("2026-01-01T00:00:00Z", "0.000001"),
+            call_at("2026-12-01T00:00:00Z", "0.000001"),
+        ];
+        assert_eq!(chart(&far, true).into_string().matches("<rect").count(), 2);
     }
 
     fn filter(query: &str) -> Filter {
