@@ -320,3 +320,66 @@ async fn boundary_organisation_wide_keys_see_every_project_and_project_keys_only
     );
     assert!(m.list_provider_keys(&OP).await.unwrap().data.is_empty());
 }
+
+/// A key's page lists its sub-agent keys through the parent index: the
+/// whole subtree, each after its parent, and nothing of other trees; another
+/// project's key is 403 as for `get_key`.
+#[tokio::test]
+async fn boundary_a_key_tree_is_its_descendants_only() {
+    let m = manager(None, None);
+    let id = |r: vault_core::manage::IssuedKey| r.record.id;
+    let root = id(m
+        .create_key(&OP, body(r#"{"name": "root"}"#))
+        .await
+        .unwrap());
+    let child = id(m
+        .create_key(
+            &OP,
+            body(&format!(r#"{{"name": "child", "parent": "{root}"}}"#)),
+        )
+        .await
+        .unwrap());
+    let grandchild = id(m
+        .create_key(
+            &OP,
+            body(&format!(r#"{{"name": "grandchild", "parent": "{child}"}}"#)),
+        )
+        .await
+        .unwrap());
+    let other = id(m
+        .create_key(&OP, body(r#"{"name": "other"}"#))
+        .await
+        .unwrap());
+    m.create_key(
+        &OP,
+        body(&format!(
+            r#"{{"name": "other-child", "parent": "{other}"}}"#
+        )),
+    )
+    .await
+    .unwrap();
+    let tree: Vec<_> = m
+        .key_tree(&OP, &root)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(tree, [child.clone(), grandchild.clone()]);
+    assert!(m.key_tree(&OP, &grandchild).await.unwrap().is_empty());
+
+    let outsider = id(m
+        .create_key(
+            &OP,
+            body(r#"{"name": "x", "project": "beta", "permissions": ["keys:manage"]}"#),
+        )
+        .await
+        .unwrap());
+    let outsider = Actor::Key(Arc::new(
+        m.store().get_key(&outsider).await.unwrap().unwrap(),
+    ));
+    assert_eq!(
+        m.key_tree(&outsider, &root).await.unwrap_err(),
+        ManageError::ProjectMismatch
+    );
+}

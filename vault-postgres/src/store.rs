@@ -1039,6 +1039,22 @@ impl KeyStore for PostgresStore {
         .map_err(Fail::into_store)
     }
 
+    async fn list_children(&self, parent: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        async {
+            let conn = self.conn().await?;
+            let sql = format!(
+                "SELECT {KEY_COLUMNS} FROM keys WHERE parent = $1 ORDER BY created_at, seq"
+            );
+            Ok(rows(&conn, &sql, &[&parent.as_str()])
+                .await?
+                .iter()
+                .map(key_from_row)
+                .collect::<Result<Vec<_>, _>>()?)
+        }
+        .await
+        .map_err(Fail::into_store)
+    }
+
     async fn list_projects(&self) -> Result<Vec<String>, StoreError> {
         async {
             let conn = self.conn().await?;

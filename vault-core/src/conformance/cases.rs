@@ -293,6 +293,35 @@ pub async fn provider_keys_crud_and_compare_and_swap(factory: impl StoreFactory)
     assert_eq!(store.list_provider_keys(None).await.unwrap(), vec![b]);
 }
 
+/// Children: the keys whose parent is the given key, oldest first, not their children.
+pub async fn keys_children_listed_oldest_first(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
+    let root = inserted(&store, key()).await;
+    let mut second = child_of(&root);
+    second.created_at = UnixMillis(root.created_at.0 + 5);
+    // Inserted after the second, created before it.
+    let second = inserted(&store, second).await;
+    let first = inserted(&store, child_of(&root)).await;
+    let grandchild = inserted(&store, child_of(&second)).await;
+    inserted(&store, key()).await;
+    assert_eq!(
+        ids(&store.list_children(&root.id).await.unwrap()),
+        vec![first.id.clone(), second.id.clone()]
+    );
+    assert_eq!(
+        ids(&store.list_children(&second.id).await.unwrap()),
+        vec![grandchild.id.clone()]
+    );
+    assert!(
+        store
+            .list_children(&grandchild.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 /// Projects: every project with a key or a provider key, each once, in byte order.
 pub async fn projects_listed_once_in_byte_order(factory: impl StoreFactory) {
     let fresh = factory.fresh();

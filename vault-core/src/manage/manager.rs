@@ -583,6 +583,31 @@ impl Manager {
         })
     }
 
+    /// Every key below `id` (its sub-agent keys, theirs, and so on), each
+    /// after its parent, read through the parent index: what a key's page
+    /// and its revoke confirmation show, without reading the project's
+    /// other keys. The same rules as [`Manager::get_key`].
+    pub async fn key_tree(&self, actor: &Actor, id: &KeyId) -> Result<Vec<KeyView>, ManageError> {
+        self.visible_key(actor, id).await?;
+        let now = self.now();
+        let mut below = Vec::new();
+        let mut level = vec![id.clone()];
+        for _ in 0..=MAX_CHAIN_DEPTH {
+            let mut next = Vec::new();
+            for parent in &level {
+                for child in self.store.list_children(parent).await? {
+                    next.push(child.id.clone());
+                    below.push(KeyView::of(&child, now));
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            level = next;
+        }
+        Ok(below)
+    }
+
     /// One key (docs/api.md#get-v1keysid).
     pub async fn get_key(&self, actor: &Actor, id: &KeyId) -> Result<KeyView, ManageError> {
         let rec = self.visible_key(actor, id).await?;

@@ -814,6 +814,15 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         self.inner.list_projects().await
     }
 
+    async fn list_children(&self, parent: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        let _gate = self.gate.read().await;
+        let mut keys = self.inner.list_children(parent).await?;
+        for k in &mut keys {
+            k.spend = k.spend.saturating_add(self.unsettled_spend(&k.id)?);
+        }
+        Ok(keys)
+    }
+
     async fn list_keys_page(&self, query: &KeyPageQuery) -> Result<KeyPage, StoreError> {
         // Budget exhaustion counts what leases charged but the store has not
         // settled yet; while any such spend exists, those filters are

@@ -103,6 +103,15 @@ pub trait KeyStore: Send + Sync + 'static {
         Ok(page_of(keys, query))
     }
 
+    /// The keys whose parent is `parent`, oldest first. The default filters
+    /// [`list_keys`](Self::list_keys); `SqliteStore` and `PostgresStore`
+    /// read the parent index.
+    async fn list_children(&self, parent: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut keys = self.list_keys(None).await?;
+        keys.retain(|k| k.parent.as_ref() == Some(parent));
+        Ok(keys)
+    }
+
     /// Every project with a key or a provider key, sorted, each once. The
     /// default reads every record; `SqliteStore` and `PostgresStore` read
     /// the project indexes only.

@@ -230,19 +230,6 @@ fn key_id(id: &str) -> Result<KeyId, ManageError> {
     KeyId::parse(id).ok_or(ManageError::NotFound("key"))
 }
 
-/// Every key below `id`, by the `parent` links of `keys`.
-fn descendants<'a>(keys: &'a [KeyView], id: &KeyId) -> Vec<&'a KeyView> {
-    let mut out: Vec<&KeyView> = Vec::new();
-    let mut frontier = vec![id.clone()];
-    while let Some(p) = frontier.pop() {
-        for k in keys.iter().filter(|k| k.parent.as_ref() == Some(&p)) {
-            frontier.push(k.id.clone());
-            out.push(k);
-        }
-    }
-    out
-}
-
 fn tree(keys: &[KeyView], id: &KeyId) -> Markup {
     let children: Vec<&KeyView> = keys
         .iter()
@@ -278,11 +265,7 @@ pub(crate) async fn detail(
         Ok(k) => k,
         Err(e) => return error_page(&signed, &e),
     };
-    let all = m
-        .list_keys(&signed.actor)
-        .await
-        .map(|l| l.data)
-        .unwrap_or_default();
+    let all = m.key_tree(&signed.actor, &k.id).await.unwrap_or_default();
     let calls = if signed.may(Permission::UsageRead) {
         let q = UsageQuery {
             key_id: Some(k.id.clone()),
@@ -372,12 +355,10 @@ pub(crate) async fn revoke(
         Err(e) => return error_page(&signed, &e),
     };
     if fields.get("confirm") != Some("yes") {
-        let all = m
-            .list_keys(&signed.actor)
+        let below: Vec<KeyView> = m
+            .key_tree(&signed.actor, &id)
             .await
-            .map(|l| l.data)
-            .unwrap_or_default();
-        let below: Vec<&KeyView> = descendants(&all, &id)
+            .unwrap_or_default()
             .into_iter()
             .filter(|d| d.status == KeyStatus::Active)
             .collect();

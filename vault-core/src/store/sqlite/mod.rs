@@ -629,6 +629,12 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn list_children(&self, parent: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
+        let parent = parent.as_str().to_owned();
+        self.read(move |c| query_keys(c, "WHERE parent = ?1 ORDER BY created_at, rowid", [parent]))
+            .await
+    }
+
     async fn list_projects(&self) -> Result<Vec<String>, StoreError> {
         self.read(|c| {
             // A walk of the `(project, …)` index, one step per project (a
