@@ -1039,6 +1039,37 @@ impl KeyStore for PostgresStore {
         .map_err(Fail::into_store)
     }
 
+    async fn list_keys_with_provider_keys(
+        &self,
+        project: Option<&str>,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        async {
+            let conn = self.conn().await?;
+            let found = match project {
+                Some(p) => {
+                    let sql = format!(
+                        "SELECT {KEY_COLUMNS} FROM keys WHERE project = $1 \
+                         AND provider_keys <> '[]' ORDER BY created_at, seq"
+                    );
+                    rows(&conn, &sql, &[&p]).await?
+                }
+                None => {
+                    let sql = format!(
+                        "SELECT {KEY_COLUMNS} FROM keys WHERE provider_keys <> '[]' \
+                         ORDER BY created_at, seq"
+                    );
+                    rows(&conn, &sql, &[]).await?
+                }
+            };
+            Ok(found
+                .iter()
+                .map(key_from_row)
+                .collect::<Result<Vec<_>, _>>()?)
+        }
+        .await
+        .map_err(Fail::into_store)
+    }
+
     async fn list_children(&self, parent: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
         async {
             let conn = self.conn().await?;

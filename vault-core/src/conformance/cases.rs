@@ -322,6 +322,30 @@ pub async fn keys_children_listed_oldest_first(factory: impl StoreFactory) {
     );
 }
 
+/// Keys limited to named provider keys: only those, of one project or all, oldest first.
+pub async fn keys_with_provider_keys_listed_by_project(factory: impl StoreFactory) {
+    let fresh = factory.fresh();
+    let store = fresh.store();
+    let pk = provider_key_at("alpha", 1);
+    let limited = |project: &str, at: i64| {
+        let mut k = key_at(project, at);
+        k.provider_keys = vec![pk.id.clone()];
+        k
+    };
+    let beta = inserted(&store, limited("beta", 1_000)).await;
+    let alpha = inserted(&store, limited("alpha", 2_000)).await;
+    inserted(&store, key_at("alpha", 3_000)).await;
+    assert_eq!(
+        ids(&store.list_keys_with_provider_keys(None).await.unwrap()),
+        vec![beta.id.clone(), alpha.id.clone()]
+    );
+    let in_alpha = store
+        .list_keys_with_provider_keys(Some("alpha"))
+        .await
+        .unwrap();
+    assert_eq!(in_alpha, vec![alpha]);
+}
+
 /// Projects: every project with a key or a provider key, each once, in byte order.
 pub async fn projects_listed_once_in_byte_order(factory: impl StoreFactory) {
     let fresh = factory.fresh();

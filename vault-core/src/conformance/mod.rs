@@ -173,6 +173,7 @@ macro_rules! store_conformance_tests {
             provider_keys_crud_and_compare_and_swap,
             projects_listed_once_in_byte_order,
             keys_children_listed_oldest_first,
+            keys_with_provider_keys_listed_by_project,
             usage_append_list_filter_and_count,
             meta_round_trip,
             budget_reserve_settle_and_usage,

@@ -772,6 +772,23 @@ impl Manager {
         Ok(List::of(list.iter().map(ProviderKeyView::of).collect()))
     }
 
+    /// Keys of the caller's project (every project's, for the operator and
+    /// an organisation-wide key) limited to named provider keys: what the
+    /// dashboard counts per provider key and lists before a removal,
+    /// without reading the other keys.
+    pub async fn list_keys_with_provider_keys(
+        &self,
+        actor: &Actor,
+    ) -> Result<List<KeyView>, ManageError> {
+        actor.require(Permission::KeysManage)?;
+        let now = self.now();
+        let keys = self
+            .store
+            .list_keys_with_provider_keys(actor.project())
+            .await?;
+        Ok(List::of(keys.iter().map(|k| KeyView::of(k, now)).collect()))
+    }
+
     /// Removes a provider key (docs/api.md#delete-v1provider-keysid).
     pub async fn remove_provider_key(
         &self,

@@ -814,6 +814,18 @@ impl<S: KeyStore> KeyStore for LeasedStore<S> {
         self.inner.list_projects().await
     }
 
+    async fn list_keys_with_provider_keys(
+        &self,
+        project: Option<&str>,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let _gate = self.gate.read().await;
+        let mut keys = self.inner.list_keys_with_provider_keys(project).await?;
+        for k in &mut keys {
+            k.spend = k.spend.saturating_add(self.unsettled_spend(&k.id)?);
+        }
+        Ok(keys)
+    }
+
     async fn list_children(&self, parent: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
         let _gate = self.gate.read().await;
         let mut keys = self.inner.list_children(parent).await?;

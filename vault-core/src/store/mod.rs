@@ -103,6 +103,19 @@ pub trait KeyStore: Send + Sync + 'static {
         Ok(page_of(keys, query))
     }
 
+    /// The keys, of one project or all, limited to named provider keys (a
+    /// non-empty `provider_keys`), oldest first. The default filters
+    /// [`list_keys`](Self::list_keys); `SqliteStore` and `PostgresStore`
+    /// decode only those rows.
+    async fn list_keys_with_provider_keys(
+        &self,
+        project: Option<&str>,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut keys = self.list_keys(project).await?;
+        keys.retain(|k| !k.provider_keys.is_empty());
+        Ok(keys)
+    }
+
     /// The keys whose parent is `parent`, oldest first. The default filters
     /// [`list_keys`](Self::list_keys); `SqliteStore` and `PostgresStore`
     /// read the parent index.

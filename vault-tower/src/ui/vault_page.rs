@@ -37,7 +37,7 @@ pub(crate) async fn list(State(ui): State<Arc<Ui>>, signed: Signed) -> Response 
     }
     let pks = provider_keys_viewed(m, &signed).await;
     let keys = m
-        .list_keys(&signed.actor)
+        .list_keys_with_provider_keys(&signed.actor)
         .await
         .map(|l| l.data)
         .unwrap_or_default();
@@ -171,7 +171,7 @@ pub(crate) async fn remove(
         return error_page(&signed, &ManageError::NotFound("provider key"));
     };
     let keys = m
-        .list_keys(&signed.actor)
+        .list_keys_with_provider_keys(&signed.actor)
         .await
         .map(|l| l.data)
         .unwrap_or_default();

@@ -629,6 +629,26 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn list_keys_with_provider_keys(
+        &self,
+        project: Option<&str>,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let project = project.map(str::to_owned);
+        self.read(move |c| match project {
+            Some(p) => query_keys(
+                c,
+                "WHERE project = ?1 AND provider_keys != '[]' ORDER BY created_at, rowid",
+                [p],
+            ),
+            None => query_keys(
+                c,
+                "WHERE provider_keys != '[]' ORDER BY created_at, rowid",
+                [],
+            ),
+        })
+        .await
+    }
+
     async fn list_children(&self, parent: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
         let parent = parent.as_str().to_owned();
         self.read(move |c| query_keys(c, "WHERE parent = ?1 ORDER BY created_at, rowid", [parent]))
