@@ -334,7 +334,9 @@ pub async fn keys_with_provider_keys_listed_by_project(factory: impl StoreFactor
     };
     let beta = inserted(&store, limited("beta", 1_000)).await;
     let alpha = inserted(&store, limited("alpha", 2_000)).await;
-    inserted(&store, key_at("alpha", 3_000)).await;
+    let mut unlimited = key_at("alpha", 3_000);
+    unlimited.provider_keys = Vec::new();
+    inserted(&store, unlimited).await;
     assert_eq!(
         ids(&store.list_keys_with_provider_keys(None).await.unwrap()),
         vec![beta.id.clone(), alpha.id.clone()]
