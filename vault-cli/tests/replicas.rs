@@ -1438,22 +1438,7 @@ async fn ui_post(
     body: String,
 ) -> Resp {
     let server = &cluster.replicas[i % cluster.replicas.len()];
-    let mut req = Req::new("POST", path)
-        .header("origin", &server.url())
-        .header("content-type", "application/x-www-form-urlencoded");
-    if let Some(c) = cookie {
-        req = req.header("cookie", c);
-    }
-    send(server.addr, req.raw(body.into_bytes())).await
-}
-
-/// The CSRF token in a dashboard page's forms.
-fn csrf_in(html: &str) -> String {
-    html.split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .unwrap_or_default()
-        .to_owned()
+    ui_form(server.addr, &server.url(), path, cookie, body).await
 }
 
 /// docs/dashboard.md#sessions: a session opened on one replica is the same
@@ -1488,15 +1473,7 @@ async fn lifecycle_a_dashboard_session_is_shared_by_every_replica() {
         "--test",
     ]);
 
-    let r = ui_post(&cluster, 0, "/ui/sign-in", None, format!("api_key={org}")).await;
-    assert_eq!(r.status, 303, "{}", r.text());
-    let cookie = r
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let cookie = ui_sign_in(cluster.addr(0), &cluster.replicas[0].url(), &org).await;
     let page = |i: usize| {
         let cookie = cookie.clone();
         let addr = cluster.addr(i);
@@ -1504,10 +1481,10 @@ async fn lifecycle_a_dashboard_session_is_shared_by_every_replica() {
     };
     let first = page(1).await;
     assert_eq!(first.status, 200, "another replica knows the session");
-    let csrf = csrf_in(&first.text());
+    let csrf = csrf_of(&first.text());
     assert_eq!(csrf.len(), 64);
     assert_eq!(
-        csrf_in(&page(2).await.text()),
+        csrf_of(&page(2).await.text()),
         csrf,
         "one session, one token"
     );

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use support::{Req, Resp, Server, chat, cli, create_key, send, tempdir};
+use support::{
+    Req, Resp, Server, chat, cli, create_key, csrf_of, send, tempdir, ui_form, ui_sign_in,
+};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -879,15 +881,6 @@ async fn an_organisation_wide_key_switches_projects_in_the_browser() {
     );
 }
 
-/// The CSRF token in a page's forms.
-fn csrf_of(html: &str) -> String {
-    html.split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .unwrap_or_default()
-        .to_owned()
-}
-
 /// Failed sign-ins: 429 after ten a minute from one address, each audited.
 #[tokio::test]
 async fn failed_sign_ins_are_rate_limited_and_audited() {
@@ -958,23 +951,7 @@ async fn lifecycle_a_key_revoked_elsewhere_ends_its_session_within_a_second() {
         &json!({"name": "lead", "permissions": ["keys:manage"]}),
     )
     .await;
-    let body = format!("api_key={key}");
-    let r = send(
-        addr,
-        Req::new("POST", "/ui/sign-in")
-            .header("origin", &base)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .raw(body.into_bytes()),
-    )
-    .await;
-    assert_eq!(r.status, 303, "{}", r.text());
-    let cookie = r
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let cookie = ui_sign_in(addr, &base, &key).await;
     let page = || async {
         send(addr, Req::new("GET", "/ui/keys").header("cookie", &cookie))
             .await
@@ -997,23 +974,7 @@ async fn lifecycle_a_key_revoked_elsewhere_ends_its_session_within_a_second() {
 async fn lifecycle_a_session_outlives_a_restart_of_the_server() {
     let dir = tempdir();
     let server = Server::start(dir.path());
-    let admin = server.admin().to_owned();
-    let r = send(
-        server.addr,
-        Req::new("POST", "/ui/sign-in")
-            .header("origin", &server.url())
-            .header("content-type", "application/x-www-form-urlencoded")
-            .raw(format!("api_key={admin}").into_bytes()),
-    )
-    .await;
-    assert_eq!(r.status, 303, "{}", r.text());
-    let cookie = r
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let cookie = ui_sign_in(server.addr, &server.url(), server.admin()).await;
     assert!(server.terminate(Duration::from_secs(30)).is_some());
 
     let server = Server::start(dir.path());
@@ -1024,13 +985,12 @@ async fn lifecycle_a_session_outlives_a_restart_of_the_server() {
     .await;
     assert_eq!(r.status, 200, "signed out by a restart");
     let csrf = csrf_of(&r.text());
-    let r = send(
+    let r = ui_form(
         server.addr,
-        Req::new("POST", "/ui/sign-out")
-            .header("origin", &server.url())
-            .header("cookie", &cookie)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .raw(format!("csrf={csrf}").into_bytes()),
+        &server.url(),
+        "/ui/sign-out",
+        Some(&cookie),
+        format!("csrf={csrf}"),
     )
     .await;
     assert_eq!(r.status, 303);

@@ -31,6 +31,14 @@ impl Permission {
         Permission::KeysManage,
     ];
 
+    /// The permissions that read or change what the management API and the
+    /// dashboard show: a key holding none of them can only make calls.
+    pub const MANAGEMENT: [Permission; 3] = [
+        Permission::KeysManage,
+        Permission::UsageRead,
+        Permission::AuditRead,
+    ];
+
     /// The scope string, e.g. `chat:write`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -140,6 +148,11 @@ impl Scopes {
     /// Whether any grant covers `perm`.
     pub fn allows(&self, perm: Permission) -> bool {
         self.0.iter().any(|s| s.allows(perm))
+    }
+
+    /// Whether any of `perms` is granted.
+    pub fn allows_any(&self, perms: &[Permission]) -> bool {
+        perms.iter().any(|p| self.allows(*p))
     }
 
     /// Whether every permission `self` allows is allowed by `parent`.

@@ -10,11 +10,6 @@ use vault_core::store::{SessionPurge, SessionRecord, SessionStore, StoreError};
 use crate::PostgresStore;
 use crate::store::{Fail, MAX_ATTEMPTS, backoff, exec, get, in_transaction, opt};
 
-/// Saturating conversion for a `keep` count.
-fn count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 impl PostgresStore {
     /// One statement on a pooled connection.
     async fn session_exec(
@@ -42,7 +37,7 @@ impl SessionStore for PostgresStore {
     ) -> Result<(), StoreError> {
         let id = hex::encode(id);
         let hash = session.key_hash.to_hex();
-        let older = count(purge.keep.max(1) - 1);
+        let older = i64::try_from(purge.kept_beside_new()).unwrap_or(i64::MAX);
         in_transaction!(self, |tx| {
             exec(
                 &tx,

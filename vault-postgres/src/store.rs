@@ -157,6 +157,28 @@ macro_rules! in_transaction {
 pub(crate) use in_transaction;
 
 impl PostgresStore {
+    /// The keys matching `condition`, oldest first (insertion order breaks
+    /// ties, as `MemoryStore` does).
+    async fn keys_where(
+        &self,
+        condition: &str,
+        p: &Params<'_>,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        async {
+            let conn = self.conn().await?;
+            let sql = format!(
+                "SELECT {KEY_COLUMNS} FROM keys WHERE {condition} ORDER BY created_at, seq"
+            );
+            Ok(rows(&conn, &sql, p)
+                .await?
+                .iter()
+                .map(key_from_row)
+                .collect::<Result<Vec<_>, _>>()?)
+        }
+        .await
+        .map_err(Fail::into_store)
+    }
+
     pub(crate) async fn conn(&self) -> Result<Object, Fail> {
         self.inner
             .pool
@@ -1043,47 +1065,17 @@ impl KeyStore for PostgresStore {
         &self,
         project: Option<&str>,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        async {
-            let conn = self.conn().await?;
-            let found = match project {
-                Some(p) => {
-                    let sql = format!(
-                        "SELECT {KEY_COLUMNS} FROM keys WHERE project = $1 \
-                         AND provider_keys <> '[]' ORDER BY created_at, seq"
-                    );
-                    rows(&conn, &sql, &[&p]).await?
-                }
-                None => {
-                    let sql = format!(
-                        "SELECT {KEY_COLUMNS} FROM keys WHERE provider_keys <> '[]' \
-                         ORDER BY created_at, seq"
-                    );
-                    rows(&conn, &sql, &[]).await?
-                }
-            };
-            Ok(found
-                .iter()
-                .map(key_from_row)
-                .collect::<Result<Vec<_>, _>>()?)
+        match project {
+            Some(p) => {
+                self.keys_where("project = $1 AND provider_keys <> '[]'", &[&p])
+                    .await
+            }
+            None => self.keys_where("provider_keys <> '[]'", &[]).await,
         }
-        .await
-        .map_err(Fail::into_store)
     }
 
     async fn list_children(&self, parent: &KeyId) -> Result<Vec<KeyRecord>, StoreError> {
-        async {
-            let conn = self.conn().await?;
-            let sql = format!(
-                "SELECT {KEY_COLUMNS} FROM keys WHERE parent = $1 ORDER BY created_at, seq"
-            );
-            Ok(rows(&conn, &sql, &[&parent.as_str()])
-                .await?
-                .iter()
-                .map(key_from_row)
-                .collect::<Result<Vec<_>, _>>()?)
-        }
-        .await
-        .map_err(Fail::into_store)
+        self.keys_where("parent = $1", &[&parent.as_str()]).await
     }
 
     async fn list_projects(&self) -> Result<Vec<String>, StoreError> {
@@ -1109,27 +1101,10 @@ impl KeyStore for PostgresStore {
     }
 
     async fn list_keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
-        async {
-            let conn = self.conn().await?;
-            let found = match project {
-                Some(p) => {
-                    let sql = format!(
-                        "SELECT {KEY_COLUMNS} FROM keys WHERE project = $1 ORDER BY created_at, seq"
-                    );
-                    rows(&conn, &sql, &[&p]).await?
-                }
-                None => {
-                    let sql = format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY created_at, seq");
-                    rows(&conn, &sql, &[]).await?
-                }
-            };
-            Ok(found
-                .iter()
-                .map(key_from_row)
-                .collect::<Result<Vec<_>, _>>()?)
+        match project {
+            Some(p) => self.keys_where("project = $1", &[&p]).await,
+            None => self.keys_where("TRUE", &[]).await,
         }
-        .await
-        .map_err(Fail::into_store)
     }
 
     async fn list_keys_page(&self, query: &KeyPageQuery) -> Result<KeyPage, StoreError> {

@@ -495,6 +495,44 @@ pub async fn delete(addr: SocketAddr, path: &str, key: &str) -> Resp {
     send(addr, Req::new("DELETE", path).bearer(key)).await
 }
 
+/// A dashboard form posted to `path` from the page's own `origin`, with
+/// the session `cookie` (`vg_session=…`) when given.
+pub async fn ui_form(
+    addr: SocketAddr,
+    origin: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: String,
+) -> Resp {
+    let mut req = Req::new("POST", path)
+        .header("origin", origin)
+        .header("content-type", "application/x-www-form-urlencoded");
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    send(addr, req.raw(body.into_bytes())).await
+}
+
+/// Signs in to the dashboard with `key`; the session cookie as a `Cookie`
+/// header sends it (`vg_session=…`).
+pub async fn ui_sign_in(addr: SocketAddr, origin: &str, key: &str) -> String {
+    let r = ui_form(addr, origin, "/ui/sign-in", None, format!("api_key={key}")).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    r.header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned()
+}
+
+/// The CSRF token in a dashboard page's forms.
+pub fn csrf_of(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// A small chat completion through the proxy.
 pub async fn chat(addr: SocketAddr, key: &str, model: &str) -> Resp {
     post(

@@ -510,13 +510,7 @@ impl Manager {
     /// `usage:read` or `audit:read` (docs/api.md#get-v1projects).
     pub async fn list_projects(&self, actor: &Actor) -> Result<List<String>, ManageError> {
         if let Actor::Key(k) = actor
-            && ![
-                Permission::KeysManage,
-                Permission::UsageRead,
-                Permission::AuditRead,
-            ]
-            .into_iter()
-            .any(|p| k.scopes.allows(p))
+            && !k.scopes.allows_any(&Permission::MANAGEMENT)
         {
             return Err(ManageError::Forbidden(
                 "this key lacks keys:manage, usage:read and audit:read".to_owned(),

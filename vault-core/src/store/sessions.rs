@@ -59,6 +59,14 @@ pub struct SessionPurge {
     pub keep: usize,
 }
 
+impl SessionPurge {
+    /// How many stored sessions stay beside the one being opened (the most
+    /// recently seen): `keep - 1`, at least none.
+    pub fn kept_beside_new(&self) -> usize {
+        self.keep.max(1) - 1
+    }
+}
+
 /// Dashboard sessions and failed sign-ins, shared by every process that
 /// serves one dashboard.
 #[async_trait]
@@ -127,7 +135,7 @@ impl SessionStore for MemorySessions {
     ) -> Result<(), StoreError> {
         let mut open = self.open.lock().map_err(|_| poisoned())?;
         open.retain(|_, s| s.last_seen >= purge.idle_before && s.created >= purge.created_before);
-        while open.len() >= purge.keep.max(1) {
+        while open.len() > purge.kept_beside_new() {
             let Some(oldest) = open
                 .iter()
                 .min_by_key(|(_, s)| s.last_seen)

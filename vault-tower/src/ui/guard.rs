@@ -216,13 +216,7 @@ async fn signing_key(ui: &Ui, session: &Session) -> Option<Arc<KeyRecord>> {
 /// Whether a key may sign in: it holds `keys:manage`, `usage:read` or
 /// `audit:read` (`*` holds all three).
 pub(crate) fn dashboard_scope(record: &KeyRecord) -> bool {
-    [
-        Permission::KeysManage,
-        Permission::UsageRead,
-        Permission::AuditRead,
-    ]
-    .into_iter()
-    .any(|p| record.scopes.allows(p))
+    record.scopes.allows_any(&Permission::MANAGEMENT)
 }
 
 /// A form's fields, in order; a field may repeat (checkboxes). A form may

@@ -228,12 +228,9 @@ async fn post(
     (status, location.unwrap_or(text))
 }
 
-/// docs/dashboard.md#projects: an organisation-wide key's pages show every
-/// project until it switches to one, then only that project, and its create
-/// form makes the key there; a project's key has no switcher and cannot
-/// post one.
-#[tokio::test]
-async fn boundary_an_organisation_wide_key_switches_projects_and_a_project_key_cannot() {
+/// Two projects, `alpha` and `beta`, one agent key in each; the router, its
+/// manager, an organisation-wide key and `alpha`'s `keys:manage` key.
+async fn two_projects() -> (Router, Manager, String, String) {
     let (router, m) = setup();
     let (_, org) = create(
         &m,
@@ -247,7 +244,15 @@ async fn boundary_an_organisation_wide_key_switches_projects_and_a_project_key_c
     .await;
     create(&m, r#"{"name": "alpha-agent", "project": "alpha"}"#).await;
     create(&m, r#"{"name": "beta-agent", "project": "beta"}"#).await;
+    (router, m, org, lead)
+}
 
+/// docs/dashboard.md#projects: an organisation-wide key's pages show every
+/// project until it switches to one, then only that project, and its create
+/// form makes the key there.
+#[tokio::test]
+async fn boundary_an_organisation_wide_key_switches_projects() {
+    let (router, m, org, _) = two_projects().await;
     let cookie = sign_in(&router, &org).await;
     let (_, html) = get(&router, "/ui/keys", &cookie).await;
     assert!(
@@ -327,8 +332,13 @@ async fn boundary_an_organisation_wide_key_switches_projects_and_a_project_key_c
         html.contains("alpha-agent") && html.contains("beta-agent"),
         "every project again"
     );
+}
 
-    // A project's key: no switcher, no switching, its project only.
+/// docs/dashboard.md#projects: a project's key has no switcher, cannot post
+/// one, and sees its project only.
+#[tokio::test]
+async fn boundary_a_project_key_cannot_switch_projects() {
+    let (router, _, _, lead) = two_projects().await;
     let cookie = sign_in(&router, &lead).await;
     let (_, html) = get(&router, "/ui/keys", &cookie).await;
     assert!(

@@ -13,11 +13,6 @@ use crate::key::KeyHash;
 use crate::store::StoreError;
 use crate::store::sessions::{SessionId, SessionPurge, SessionRecord, SessionStore};
 
-/// Saturating conversion for a `keep` count.
-fn count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 #[async_trait]
 impl SessionStore for SqliteStore {
     async fn open_session(
@@ -37,7 +32,7 @@ impl SessionStore for SqliteStore {
             tx.execute(
                 "DELETE FROM ui_sessions WHERE id IN (SELECT id FROM ui_sessions \
                  ORDER BY last_seen DESC LIMIT -1 OFFSET ?1)",
-                params![count(purge.keep.max(1) - 1)],
+                params![i64::try_from(purge.kept_beside_new()).unwrap_or(i64::MAX)],
             )
             .map_err(backend)?;
             tx.execute(
